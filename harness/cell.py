@@ -1,0 +1,116 @@
+"""One run, inside its own process: load, evaluate, prepare, train, evaluate, export, record.
+
+Everything measured is written to the record even when a later stage fails, so a ``failed`` record still
+says how far the run got (e.g. the accuracy before training, or the step whose loss went non-finite).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import RunConfig
+from harness.data import encode, evaluate, train_batches
+from harness.loop import DTYPES, set_seed, train
+from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
+from harness.models import head_module_names, load_model
+from harness.records import EvalMetrics, ExportRecord, RunRecord, environment, now_iso, write_record
+from harness.registry import ModelContext, get_method
+from harness.tasks import load_task
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(err).lower()
+
+
+def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
+    """The run's stages in order; each writes what it measured into ``rec`` as soon as it has it."""
+    device = _device()
+    task = load_task(cfg.task)
+    rec["task_info"] = task.info()
+    loaded = load_model(cfg.model.name, len(task.labels), cfg.seed, cfg.model.trust_remote_code)
+    rec["model_info"] = loaded.info
+    tok, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    train_enc = encode(task.train, tok, cfg.train.max_seq_len)
+    test_enc = encode(task.test, tok, cfg.train.max_seq_len)
+
+    method_cls = get_method(cfg.method)
+    method = method_cls(method_cls.Config.model_validate(cfg.method_config))
+    ctx = ModelContext(task_type="seq_cls", num_labels=len(task.labels), model_type=loaded.info["model_type"],
+                       head_names=head_module_names(loaded.model))
+    model = method.prepare(loaded.model, ctx).to(device)
+    rec.update(parameter_counts(model))
+
+    dtype = DTYPES[cfg.train.dtype]
+    before, _ = evaluate(model, test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
+    rec["eval_before"] = EvalMetrics(**before)
+
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    batches = train_batches(train_enc, cfg.train.batch_size, cfg.seed, pad_id)
+    res = train(model, method, batches, cfg.train, cfg.seed, device)
+    rec["train_time_s"] = time.perf_counter() - t0
+    measured = res.measured_step_times_s
+    n_warm = res.timing_warmup_steps
+    rec.update(
+        losses=res.losses, lrs=res.lrs, grad_norms=res.grad_norms, step_times_s=res.step_times_s,
+        timing_warmup_steps=n_warm, step_time_stats=step_time_stats(measured), final_loss=res.losses[-1],
+        tokens_per_s=sum(res.tokens_per_step[n_warm:]) / sum(measured) if measured else None,
+        samples_per_s=sum(res.samples_per_step[n_warm:]) / sum(measured) if measured else None,
+        peak_live_tensor_bytes=res.peak_live_tensor_bytes, optimizer_state_bytes=res.optimizer_state_bytes,
+        cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
+        cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
+    )
+    rec["memory_methods"] = {
+        "peak_live_tensor_bytes": "TorchDispatchMode + storage weakrefs over the timing warm-up steps (CPU)",
+        "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
+        "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
+    }
+    if device.type == "cuda":
+        rec["memory_methods"]["cuda_max_allocated_bytes"] = "torch.cuda.max_memory_allocated over training"
+        rec["memory_methods"]["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
+
+    after, logits = evaluate(model, test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
+    rec["eval_after"] = EvalMetrics(**after)
+
+    if cfg.export:
+        exports = method.export(model, results_dir / "exports" / cfg.cell_id)
+        out = []
+        for e in exports:
+            er = ExportRecord(kind=e.kind, path=str(e.path), bytes_on_disk=e.bytes_on_disk, notes=e.notes)
+            if e.model is not None:
+                m, elogits = evaluate(e.model.to(device), test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
+                er.eval = EvalMetrics(**m)
+                er.max_abs_logit_diff = float((elogits - logits).abs().max())
+            out.append(er)
+        rec["exports"] = out
+        rec["export_bytes"] = sum(e.bytes_on_disk for e in exports)
+
+
+def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
+    """Execute one cell and write its record (ok, failed or oom). Never raises for a failing run."""
+    started, t0 = now_iso(), time.perf_counter()
+    rec: dict[str, Any] = {}
+    status, error = "ok", None
+    try:
+        _stages(cfg, results_dir, rec)
+    except Exception as err:  # a failing run is a result, not a crash of the suite
+        status = "oom" if _is_oom(err) else "failed"
+        tb = traceback.format_exc(limit=-3)
+        error = f"{type(err).__name__}: {err}\n{tb}"
+    record = RunRecord(
+        cell_id=cfg.cell_id, suite=cfg.suite, method=cfg.method, variant=cfg.variant, model=cfg.model.name,
+        task=cfg.task.name, seed=cfg.seed, status=status, error=error, started_at=started,
+        wall_time_s=time.perf_counter() - t0, config=cfg.model_dump(mode="json"), environment=environment(),
+        peak_rss_bytes=peak_rss_bytes(), **rec,
+    )
+    write_record(results_dir, record)
+    return record

@@ -1,0 +1,156 @@
+"""Command line: ``ftbench run | methods | models | tasks | summary``.
+
+User errors (bad suite, unknown names, unusable paths) print one line and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from harness.config import ConfigError
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_libraries() -> None:
+    # bitsandbytes and transformers log advisory noise at import on CPU machines; keep the terminal for results.
+    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _results_dir(arg: str | None, suite_name: str) -> Path:
+    path = Path(arg) if arg else Path("results") / suite_name
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--results {path}: exists and is not a directory")
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"--results {path}: {probe} is not writable")
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import load_suite
+    from harness.records import read_record
+    from harness.runner import run_suite
+    from reports.summary import to_rich_table
+
+    suite = load_suite(args.suite)
+    results = _results_dir(args.results, suite.name)
+    records = run_suite(suite, Path(args.suite).read_text(), results, retry_failed=args.retry_failed)
+    from rich.console import Console
+
+    console = Console()
+    console.print(to_rich_table(records, title=f"ftbench · {suite.name}"))
+    console.print(f"records: {results / 'records'}")
+    return 0 if all(r.status == "ok" for r in records) else 1
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from harness.registry import available_methods, describe_config
+
+    console = Console()
+    for name, cls in available_methods().items():
+        table = Table(title=f"{name} — {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}",
+                      title_justify="left")
+        for col in ("field", "type", "default", "help"):
+            table.add_column(col, overflow="fold")
+        for row in describe_config(cls.Config):
+            table.add_row(*(escape(str(row[c])) for c in ("field", "type", "default", "help")))
+        console.print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from harness.models import ALIASES
+
+    for k, v in ALIASES.items():
+        print(f"{k:12s} {v}")
+    print("(or any local path / hub id that AutoModelForSequenceClassification loads)")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from harness.tasks import TASKS
+
+    for k, fn in TASKS.items():
+        print(f"{k:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from harness.records import read_record
+    from reports.summary import to_markdown, to_rich_table
+
+    recdir = Path(args.results) / "records"
+    if not recdir.is_dir():
+        raise ConfigError(f"{args.results}: no records/ folder; is this an ftbench results directory?")
+    records = [read_record(p) for p in sorted(recdir.glob("*.json"))]
+    if args.format == "md":
+        print(to_markdown(records))
+    elif args.format == "csv":
+        import pandas as pd
+
+        from reports.summary import summary_rows
+
+        print(pd.DataFrame(summary_rows(records)).to_csv(index=False), end="")
+    else:
+        from rich.console import Console
+
+        Console().print(to_rich_table(records))
+    return 0
+
+
+def cmd_cell(args: argparse.Namespace) -> int:
+    """Internal: run one cell (the runner starts this in a subprocess)."""
+    from harness.cell import run_cell
+    from harness.config import RunConfig
+
+    cfg = RunConfig.model_validate_json(Path(args.cell_file).read_text())
+    rec = run_cell(cfg, Path(args.results))
+    return 0 if rec.status == "ok" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftbench", description="Compare fine-tuning methods on one model and task.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a suite (resumes: cells with a record are skipped)")
+    r.add_argument("suite", help="suite YAML file")
+    r.add_argument("--results", help="results directory (default: results/<suite name>)")
+    r.add_argument("--retry-failed", action="store_true", help="rerun cells whose record is not ok")
+    r.set_defaults(fn=cmd_run)
+    sub.add_parser("methods", help="list methods with their config fields").set_defaults(fn=cmd_methods)
+    sub.add_parser("models", help="list model aliases").set_defaults(fn=cmd_models)
+    sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)
+    s = sub.add_parser("summary", help="print the summary table of a results directory")
+    s.add_argument("results")
+    s.add_argument("--format", choices=["table", "md", "csv"], default="table")
+    s.set_defaults(fn=cmd_summary)
+    c = sub.add_parser("_cell", help=argparse.SUPPRESS)
+    c.add_argument("cell_file")
+    c.add_argument("--results", required=True)
+    c.set_defaults(fn=cmd_cell)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"ftbench: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("ftbench: interrupted; finished runs are recorded, `ftbench run` again resumes", file=sys.stderr)
+        return 130

@@ -1,0 +1,230 @@
+"""Typed, validated suite configuration.
+
+A suite YAML names models, tasks, shared training settings, methods (with named variants and their own
+config) and seeds. :func:`load_suite` validates everything — including each method's own config against
+that method's ``Config`` model — before anything trains, and turns every problem into a one-line
+:class:`ConfigError` naming the file, the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from harness.optim import OPTIMIZERS
+
+
+class ConfigError(Exception):
+    """A user error in a suite or on the command line: shown as one line, exit code 2, no traceback."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(Strict):
+    """Training settings shared by every method of a suite (a method entry may override any of them)."""
+
+    steps: PositiveInt = Field(100, description="optimizer steps")
+    batch_size: PositiveInt = Field(16, description="examples per micro-batch")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    lr: PositiveFloat = Field(5e-5, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="clip total grad norm; null disables")
+    grad_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype (bf16 = autocast)")
+    optimizer: str = Field("adamw", description=f"one of {', '.join(OPTIMIZERS)}")
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    max_seq_len: PositiveInt = 128
+    eval_batch_size: PositiveInt = 64
+    timing_warmup_steps: int = Field(2, ge=0, description="first steps excluded from step-time statistics")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; allowed: {', '.join(OPTIMIZERS)}")
+        return v
+
+
+class ModelSpec(Strict):
+    name: str = Field(description="alias (see `ftbench models`), local path, or hub id")
+    trust_remote_code: bool = False
+
+
+class TaskSpec(Strict):
+    name: str
+    train_examples: PositiveInt | None = Field(None, description="subsample the train split")
+    eval_examples: PositiveInt | None = Field(None, description="cap the test split used for evaluation")
+    split_seed: int = 0
+
+
+class MethodEntry(Strict):
+    method: str
+    variant: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    config: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train settings")
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    models: list[ModelSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    train: TrainConfig = TrainConfig()
+    methods: list[MethodEntry] = Field(min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    timeout_s: PositiveFloat = Field(3600, description="per-run wall-clock limit")
+    export: bool = True
+
+    @field_validator("models", "tasks", mode="before")
+    @classmethod
+    def _names_as_specs(cls, v: Any) -> Any:
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+
+class RunConfig(Strict):
+    """One cell of the suite grid, fully resolved: everything a run needs, and what its record stores."""
+
+    suite: str
+    model: ModelSpec
+    task: TaskSpec
+    method: str
+    variant: str
+    method_config: dict[str, Any]
+    train: TrainConfig
+    seed: int
+    timeout_s: float
+    export: bool = True
+
+    @property
+    def cell_id(self) -> str:
+        """Readable identity plus a hash of the whole resolved config: changing any setting makes a new cell."""
+        digest = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+        raw = f"{self.model.name}__{self.task.name}__{self.method}-{self.variant}__s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[-120:] + "__" + digest
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Walk ``model`` along ``loc`` (minus the offending key) to list the keys allowed there."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return None
+
+
+def format_validation_error(source: str, err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
+    """First error of a pydantic ValidationError as one line: file: field: value — what is allowed."""
+    e = err.errors(include_url=False)[0]
+    loc = prefix + tuple(e["loc"])
+    where = _loc(loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_fields(model, tuple(e["loc"]))
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{source}: {where}: unknown key{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "missing":
+        return f"{source}: {where}: required field is missing"
+    return f"{source}: {where}: {msg} (got {e.get('input')!r})"
+
+
+def parse_suite(data: Any, source: str) -> Suite:
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; a suite needs name, models, tasks and methods")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping (name:, models:, ...), got a {type(data).__name__}")
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err, Suite)) from None
+    _check_names(suite, source)
+    return suite
+
+
+def _check_names(suite: Suite, source: str) -> None:
+    """Resolve method names and validate each method's own config against its Config model."""
+    from harness.registry import available_methods
+
+    known = available_methods()
+    seen: set[tuple[str, str]] = set()
+    for i, m in enumerate(suite.methods):
+        where = f"{source}: methods[{i}]"
+        if m.method not in known:
+            raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}")
+        if (m.method, m.variant) in seen:
+            raise ConfigError(f"{where}: duplicate cell identity {m.method}/{m.variant}; give each entry a distinct variant")
+        seen.add((m.method, m.variant))
+        try:
+            known[m.method].Config.model_validate(m.config)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(source, err, known[m.method].Config, ("methods", i, "config"))) from None
+        try:
+            TrainConfig.model_validate({**suite.train.model_dump(), **m.train})
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(source, err, TrainConfig, ("methods", i, "train"))) from None
+    from harness.models import check_model_name
+    from harness.tasks import check_task_name
+
+    for i, spec in enumerate(suite.models):
+        check_model_name(spec.name, f"{source}: models[{i}].name")
+    for i, t in enumerate(suite.tasks):
+        check_task_name(t.name, f"{source}: tasks[{i}].name")
+    if len(set(suite.seeds)) != len(suite.seeds):
+        raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such suite file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    return parse_suite(data, str(path))
+
+
+def expand(suite: Suite) -> list[RunConfig]:
+    """The suite grid: models × tasks × methods (variants) × seeds, in a stable order."""
+    cells = []
+    for model in suite.models:
+        for task in suite.tasks:
+            for m in suite.methods:
+                from harness.registry import get_method
+
+                cfg = get_method(m.method).Config.model_validate(m.config).model_dump(mode="json")
+                train = TrainConfig.model_validate({**suite.train.model_dump(), **m.train})
+                for seed in suite.seeds:
+                    cells.append(
+                        RunConfig(
+                            suite=suite.name, model=model, task=task, method=m.method, variant=m.variant,
+                            method_config=cfg, train=train, seed=seed, timeout_s=suite.timeout_s, export=suite.export,
+                        )
+                    )
+    return cells

@@ -1,0 +1,124 @@
+"""THE training loop: one loop for every method, no method-specific branches.
+
+Read it top to bottom: seed, optimizer over the parameters the method names, LR schedule, then for each
+optimizer step ``grad_accum`` micro-batches of forward/backward, clipping, the optimizer and scheduler
+steps, and the method's ``on_step_end`` hook. The first ``timing_warmup_steps`` steps are real training
+steps but are excluded from the step-time statistics (allocator growth, lazy initialisation and the first
+optimizer-state allocation make them slow); memory is tracked *during* those steps so that the tracker's
+own overhead never touches a measured step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.config import TrainConfig
+from harness.measure import LiveTensorTracker, cuda_memory_peaks, cuda_memory_reset, model_tensors, sync
+from harness.optim import build_optimizer, lr_lambda, optimizer_state_bytes
+from harness.registry import Method
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the run stops at once rather than report numbers from garbage."""
+
+
+@dataclass
+class LoopResult:
+    losses: list[float] = field(default_factory=list)  # per optimizer step, mean over micro-batches
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_times_s: list[float] = field(default_factory=list)  # every step, warm-up included (see measured)
+    tokens_per_step: list[int] = field(default_factory=list)  # non-pad tokens
+    samples_per_step: list[int] = field(default_factory=list)
+    timing_warmup_steps: int = 0
+    peak_live_tensor_bytes: int | None = None  # CPU: from the tensors themselves, over the warm-up steps
+    optimizer_state_bytes: int = 0
+    cuda: dict = field(default_factory=dict)
+
+    @property
+    def measured_step_times_s(self) -> list[float]:
+        return self.step_times_s[self.timing_warmup_steps :]
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing needs no input gradients, so it works the same for frozen bases."""
+    target = model
+    while not hasattr(target, "gradient_checkpointing_enable") and hasattr(target, "base_model"):
+        target = target.base_model
+    if not hasattr(target, "gradient_checkpointing_enable"):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def train(
+    model: torch.nn.Module,
+    method: Method,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+) -> LoopResult:
+    set_seed(seed)
+    named = method.trainable_parameters(model)
+    params = [p for _, p in named]
+    if not params:
+        raise ValueError(f"method {method.name!r} left no trainable parameters")
+    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.optimizer_args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.steps))
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    dtype = DTYPES[cfg.dtype]
+    # Mixed precision: weights and optimizer stay float32, matmuls run in bf16 where autocast allows.
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps))
+    model.train()
+    cuda_memory_reset(device)
+    for step in range(cfg.steps):
+        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+        tracking = step < res.timing_warmup_steps and device.type == "cpu"
+        roots = model_tensors(model, optimizer) + [t for b in micro for t in b.values()] if tracking else []
+        tracker = LiveTensorTracker(roots) if tracking else None
+        sync(device)
+        t0 = time.perf_counter()
+        with tracker or contextlib.nullcontext():
+            loss_sum = 0.0
+            for batch in micro:
+                with autocast:
+                    loss = model(**batch).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLoss(f"non-finite loss {loss_sum} at step {step}")
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.on_step_end(model, step)
+        sync(device)
+        res.step_times_s.append(time.perf_counter() - t0)
+        if tracker is not None:
+            res.peak_live_tensor_bytes = max(res.peak_live_tensor_bytes or 0, tracker.peak_bytes)
+        res.losses.append(loss_sum)
+        res.lrs.append(lr)
+        res.grad_norms.append(float(norm))
+        res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
+        res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
+    res.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    res.cuda = cuda_memory_peaks(device)
+    return res

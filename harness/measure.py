@@ -1,0 +1,128 @@
+"""Measurements: peak memory (named for what it is), step-time statistics, and parameter counts.
+
+Memory on CPU has no allocator statistics, so ftbench measures the *peak of live tensor bytes* from the
+tensors themselves: a ``TorchDispatchMode`` sees every tensor an operator creates (forward, backward —
+autograd carries the mode into the engine — and optimizer), counts each storage once, and a ``weakref``
+finaliser on the storage subtracts it when it dies. Tensors that existed before tracking began (parameters,
+buffers, gradients, optimizer state, the batch) are passed in as roots. This is what the program's tensors
+really held, not what the allocator or the OS reserved; the process peak RSS is recorded beside it.
+On CUDA the allocator's own ``max_memory_allocated`` / ``max_memory_reserved`` are recorded instead.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import weakref
+from collections.abc import Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Peak bytes of live tensor storages on ``device_type`` while the mode is active."""
+
+    def __init__(self, roots: Iterable[torch.Tensor] = (), device_type: str = "cpu") -> None:
+        super().__init__()
+        self.device_type = device_type
+        self._live: dict[int, int] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        for t in roots:
+            self._track(t)
+
+    def _free(self, key: int) -> None:
+        self.current_bytes -= self._live.pop(key, 0)
+
+    def _track(self, t: object) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.is_meta:
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            return
+        key = st._cdata
+        if key in self._live:
+            return
+        self._live[key] = st.nbytes()
+        self.current_bytes += st.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        weakref.finalize(st, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._track(t)
+        return out
+
+
+def model_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
+    """Every tensor a training step starts with: parameters, their gradients, buffers, optimizer state."""
+    out = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    out += list(model.buffers())
+    if optimizer is not None:
+        out += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def step_time_stats(times_s: list[float]) -> dict[str, float | int | None]:
+    """Count, mean, median, p90 and stdev of measured step times (warm-up steps already excluded)."""
+    if not times_s:
+        return {"count": 0, "mean_s": None, "median_s": None, "p90_s": None, "stdev_s": None, "min_s": None}
+    xs = sorted(times_s)
+    p90 = xs[min(len(xs) - 1, max(0, int(round(0.9 * (len(xs) - 1)))))]
+    return {
+        "count": len(xs),
+        "mean_s": statistics.fmean(xs),
+        "median_s": statistics.median(xs),
+        "p90_s": p90,
+        "stdev_s": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min_s": xs[0],
+    }
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int | float]:
+    """Total and trainable parameters. bitsandbytes 4-bit weights pack two values per byte: count the
+    logical number of weights (``quant_state.shape``) so totals compare across methods."""
+    total = trainable = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        qs = getattr(p, "quant_state", None)
+        n = int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"total_params": total, "trainable_params": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def cuda_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_memory_peaks(device: torch.device) -> dict[str, int]:
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    return {
+        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+    }
+
+
+def sync(device: torch.device) -> None:
+    """Step timing must wait for queued GPU work; on CPU work is synchronous."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

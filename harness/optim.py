@@ -1,0 +1,77 @@
+"""Optimizers by name and the learning-rate schedule.
+
+torch's optimizers and bitsandbytes' 8-bit / paged ones are chosen by the same kind of name. bitsandbytes is
+imported only when one of its optimizers is asked for (its import is slow and chatty on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+def _torch(name: str) -> Callable[..., torch.optim.Optimizer]:
+    return lambda params, **kw: getattr(torch.optim, name)(params, **kw)
+
+
+def _bnb(name: str, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
+    def make(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+        import bitsandbytes.optim as bnb_optim
+
+        return getattr(bnb_optim, name)(params, **{**fixed, **kw})
+
+    return make
+
+
+# name -> (factory, library). Paging on CPU silently falls back to ordinary buffers: see `paging_effective`.
+OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], str]] = {
+    "adamw": (_torch("AdamW"), "torch"),
+    "adam": (_torch("Adam"), "torch"),
+    "sgd": (_torch("SGD"), "torch"),
+    "adagrad": (_torch("Adagrad"), "torch"),
+    "rmsprop": (_torch("RMSprop"), "torch"),
+    "adamw_8bit": (_bnb("AdamW8bit"), "bitsandbytes"),
+    "adam_8bit": (_bnb("Adam8bit"), "bitsandbytes"),
+    "paged_adamw_32bit": (_bnb("PagedAdamW32bit"), "bitsandbytes"),
+    "paged_adamw_8bit": (_bnb("PagedAdamW8bit"), "bitsandbytes"),
+    "lion_8bit": (_bnb("Lion8bit"), "bitsandbytes"),
+}
+
+
+def build_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, extra: dict[str, Any]
+) -> torch.optim.Optimizer:
+    factory, _ = OPTIMIZERS[name]
+    return factory(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at a step: linear warmup, then linear decay to 0, cosine to 0, or constant."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (moments, quantization statistics)."""
+    seen: set[int] = set()
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                total += v.untyped_storage().nbytes()
+    return total

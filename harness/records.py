@@ -1,0 +1,184 @@
+"""Run records: one JSON file per run, typed, with units in field names, written atomically.
+
+Raw values are kept (every step's loss and time); statistics are derived from them and stored beside them
+for convenience. Failures (``failed``, ``oom``, ``timeout``) are records too, with the error text. Every
+record carries the full resolved config and the environment it ran in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+Status = Literal["ok", "failed", "oom", "timeout"]
+
+
+class EvalMetrics(BaseModel):
+    accuracy: float
+    macro_f1: float
+    loss: float
+    examples: int
+
+
+class ExportRecord(BaseModel):
+    kind: str
+    path: str
+    bytes_on_disk: int
+    eval: EvalMetrics | None = None
+    max_abs_logit_diff: float | None = Field(None, description="vs the trained in-memory model, on the test split")
+    notes: str = ""
+
+
+class RunRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    cell_id: str
+    suite: str
+    method: str
+    variant: str
+    model: str
+    task: str
+    seed: int
+    status: Status
+    error: str | None = None
+    started_at: str
+    wall_time_s: float
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    model_info: dict[str, Any] = Field(default_factory=dict)
+    task_info: dict[str, Any] = Field(default_factory=dict)
+    # parameters
+    total_params: int | None = None
+    trainable_params: int | None = None
+    trainable_pct: float | None = None
+    # training
+    losses: list[float] = Field(default_factory=list)
+    lrs: list[float] = Field(default_factory=list)
+    grad_norms: list[float] = Field(default_factory=list)
+    step_times_s: list[float] = Field(default_factory=list, description="every step, warm-up included")
+    timing_warmup_steps: int = 0
+    step_time_stats: dict[str, float | int | None] = Field(default_factory=dict, description="measured steps only")
+    final_loss: float | None = None
+    tokens_per_s: float | None = Field(None, description="non-pad tokens over measured steps")
+    samples_per_s: float | None = None
+    train_time_s: float | None = None
+    # memory, each named for what it is
+    peak_live_tensor_bytes: int | None = Field(None, description="CPU: peak of live tensor storages in a step")
+    peak_rss_bytes: int | None = Field(None, description="process peak resident set size (whole run)")
+    cuda_max_allocated_bytes: int | None = None
+    cuda_max_reserved_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    memory_methods: dict[str, str] = Field(default_factory=dict)
+    # quality
+    eval_before: EvalMetrics | None = None
+    eval_after: EvalMetrics | None = None
+    exports: list[ExportRecord] = Field(default_factory=list)
+    export_bytes: int | None = Field(None, description="total bytes of every export on disk")
+
+
+def _v(pkg: str) -> str | None:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Where a record was produced: enough to judge whether two records are comparable."""
+    import torch
+
+    dirty = _git("status", "--porcelain")
+    env = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": {p: _v(p) for p in ("ftbench", "torch", "transformers", "peft", "bitsandbytes", "safetensors",
+                                        "scikit-learn", "numpy")},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if dirty is None else bool(dirty),
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+    }
+    return env
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, rename: a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def record_path(results_dir: Path, cell_id: str) -> Path:
+    return Path(results_dir) / "records" / f"{cell_id}.json"
+
+
+def write_record(results_dir: Path, rec: RunRecord) -> Path:
+    path = record_path(results_dir, rec.cell_id)
+    atomic_write_text(path, rec.model_dump_json(indent=1))
+    return path
+
+
+def read_record(path: Path) -> RunRecord:
+    return RunRecord.model_validate_json(Path(path).read_text())
+
+
+def load_records(results_dir: Path) -> pd.DataFrame:
+    """All records of a results dir as a DataFrame: one row per run, nested fields flattened with dots."""
+    rows = []
+    for p in sorted((Path(results_dir) / "records").glob("*.json")):
+        rows.append(json.loads(p.read_text()))
+    if not rows:
+        return pd.DataFrame()
+    return pd.json_normalize(rows, max_level=1)

@@ -1,0 +1,150 @@
+"""The method contract and the method registry.
+
+A *method* is the only thing that differs between two cells of a comparison. It transforms the model
+(freeze, inject adapters, quantize), says which parameters train, and exports what it produced. It never
+owns the training loop: the loop in :mod:`harness.loop` is shared by every method and has no
+method-specific branches. When a method needs to act inside the loop, it does so through the hooks of
+this contract (``on_step_end``), and a new need widens this contract rather than adding an ``if`` there.
+
+Built-in methods live one per file in ``methods/`` and register with :func:`register_method`.
+Third-party packages register through the entry-point group ``ftbench.methods``::
+
+    [project.entry-points."ftbench.methods"]
+    my_method = "my_pkg.my_method:MyMethod"
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel
+
+ENTRY_POINT_GROUP = "ftbench.methods"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+@dataclass
+class ModelContext:
+    """What a method may need to know about the model it transforms (and nothing about the loop)."""
+
+    task_type: str  # "seq_cls" for now; decoder tasks add "causal_lm"
+    num_labels: int
+    model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
+    head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
+
+
+@dataclass
+class Export:
+    """One artifact a method wrote. ``model`` (optional) is the in-memory model the artifact represents
+    (e.g. the merged model), so the runner can evaluate it and measure merge fidelity."""
+
+    kind: str  # "full", "adapter", "merged", ...
+    path: Path
+    bytes_on_disk: int
+    model: torch.nn.Module | None = None
+    notes: str = ""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """Contract every fine-tuning method satisfies. ``Config`` is a pydantic model (unknown keys forbidden)
+    whose fields are the method's options; ``ftbench methods`` lists them."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: BaseModel) -> None: ...
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        """Transform the model for training and return it (may wrap it, e.g. in a PeftModel)."""
+        ...
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """The (name, parameter) pairs the optimizer updates. Everything else must be frozen."""
+        ...
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        """Called by the loop after each optimizer step. Most methods do nothing."""
+        ...
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        """Write the method's result (safetensors) under ``out_dir`` and describe each artifact."""
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+_ORIGIN: dict[str, str] = {}
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: register a method under ``cls.name``. Rejects malformed and duplicate names and
+    classes missing part of the contract, at import time, so a broken plug-in fails loudly and early."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(
+            f"method class {cls.__qualname__} has malformed name {name!r}: use lowercase letters, digits and _, "
+            "starting with a letter, at most 40 characters"
+        )
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise RegistryError(f"method {name!r}: Config must be a pydantic BaseModel subclass")
+    missing = [m for m in ("prepare", "trainable_parameters", "on_step_end", "export") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise RegistryError(f"method {name!r} lacks {', '.join(missing)} of the method contract")
+    origin = f"{cls.__module__}.{cls.__qualname__}"
+    if name in _REGISTRY and _ORIGIN[name] != origin:
+        raise RegistryError(f"method name {name!r} is already registered by {_ORIGIN[name]}; {origin} cannot reuse it")
+    _REGISTRY[name] = cls
+    _ORIGIN[name] = origin
+    return cls
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    """Import the built-in methods and the entry-point plug-ins once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import methods  # noqa: F401  (importing registers the built-ins)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if getattr(cls, "name", None) != ep.name:
+            raise RegistryError(f"entry point {ep.name!r} ({ep.value}) loads a method named {getattr(cls, 'name', None)!r}")
+        if ep.name not in _REGISTRY:
+            register_method(cls)
+
+
+def available_methods() -> dict[str, type]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type:
+    methods_ = available_methods()
+    if name not in methods_:
+        raise KeyError(name)
+    return methods_[name]
+
+
+def describe_config(config: type[BaseModel]) -> list[dict[str, Any]]:
+    """Fields of a method config as (name, type, default, description) rows for ``ftbench methods``."""
+    rows = []
+    for fname, f in config.model_fields.items():
+        ann = f.annotation
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        rows.append({"field": fname, "type": tname, "default": default, "help": f.description or ""})
+    return rows

@@ -1,0 +1,126 @@
+"""Suite runner: expand the grid, run each cell in its own subprocess, record, resume, summarise.
+
+Each cell runs in a fresh ``python -m harness _cell`` process so that one crash cannot take the suite down
+and peak memory (RSS) belongs to exactly one run. The child writes its own record; if it dies without one
+(killed, segfault, timeout), the parent writes a ``failed`` / ``timeout`` record for it. Cells that already
+have a record are skipped (resume); ``--retry-failed`` reruns those whose status is not ``ok``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.config import RunConfig, Suite, expand
+from harness.records import RunRecord, atomic_write_text, environment, now_iso, read_record, record_path, write_record
+
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",  # offline unless the user's environment says otherwise
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def failure_record(cfg: RunConfig, status: str, error: str, started_at: str, wall_time_s: float) -> RunRecord:
+    return RunRecord(
+        cell_id=cfg.cell_id, suite=cfg.suite, method=cfg.method, variant=cfg.variant, model=cfg.model.name,
+        task=cfg.task.name, seed=cfg.seed, status=status, error=error, started_at=started_at,
+        wall_time_s=wall_time_s, config=cfg.model_dump(mode="json"), environment=environment(),
+    )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_cell_subprocess(cfg: RunConfig, results_dir: Path) -> RunRecord:
+    """Run one cell in a child process with a wall-clock limit; always returns a record (and it is on disk)."""
+    cell_file = results_dir / "cells" / f"{cfg.cell_id}.json"
+    atomic_write_text(cell_file, cfg.model_dump_json(indent=1))
+    log = results_dir / "logs" / f"{cfg.cell_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rec_path = record_path(results_dir, cfg.cell_id)
+    rec_path.unlink(missing_ok=True)  # a retried cell must not leave the old record behind on a crash
+    env = {**CHILD_ENV, **os.environ}
+    started, t0 = now_iso(), time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness", "_cell", str(cell_file), "--results", str(results_dir)],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=cfg.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no orphaned workers keep running
+            proc.wait()
+            rec = failure_record(cfg, "timeout", f"run exceeded timeout_s={cfg.timeout_s:g}", started,
+                                 time.perf_counter() - t0)
+            write_record(results_dir, rec)
+            return rec
+    if rec_path.exists():
+        return read_record(rec_path)
+    if rc < 0:
+        sig = signal.Signals(-rc).name
+        why = f"run process killed by {sig}" + (" (possibly the kernel's out-of-memory killer)" if sig == "SIGKILL" else "")
+    else:
+        why = f"run process exited with code {rc} without writing a record"
+    rec = failure_record(cfg, "failed", f"{why}\n{_tail(log)}".strip(), started, time.perf_counter() - t0)
+    write_record(results_dir, rec)
+    return rec
+
+
+def pending_cells(cells: list[RunConfig], results_dir: Path, retry_failed: bool) -> list[RunConfig]:
+    out = []
+    for c in cells:
+        p = record_path(results_dir, c.cell_id)
+        if not p.exists():
+            out.append(c)
+        elif retry_failed:
+            try:
+                if read_record(p).status != "ok":
+                    out.append(c)
+            except ValueError:  # unreadable record: run again
+                out.append(c)
+    return out
+
+
+def run_suite(suite: Suite, suite_text: str, results_dir: Path, retry_failed: bool = False,
+              quiet: bool = False) -> list[RunRecord]:
+    """Run every pending cell of ``suite``; return the records of all its cells (old and new)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results_dir / "suite.yaml", suite_text)
+    cells = expand(suite)
+    todo = pending_cells(cells, results_dir, retry_failed)
+    console = Console(stderr=True, quiet=quiet)
+    skipped = len(cells) - len(todo)
+    console.print(f"[bold]{suite.name}[/]: {len(cells)} cells, {skipped} already recorded, {len(todo)} to run "
+                  f"→ {results_dir}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task("", total=len(todo))
+        for cfg in todo:
+            label = f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"
+            progress.update(bar, description=label)
+            rec = run_cell_subprocess(cfg, results_dir)
+            mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
+            progress.console.print(f"{mark} {label} ({rec.wall_time_s:.1f} s)")
+            progress.advance(bar)
+    records = []
+    for c in cells:
+        p = record_path(results_dir, c.cell_id)
+        if p.exists():
+            records.append(read_record(p))
+    atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
+    return records

@@ -1,0 +1,8 @@
+"""Built-in fine-tuning methods: one file per method, one registered class each.
+
+Importing this package registers them. To add a method, add a file here that defines one class decorated
+with :func:`harness.registry.register_method` and import it below (third parties use the entry-point group
+``ftbench.methods`` instead; see README "Adding a method").
+"""
+
+from methods import full, lora, peft_generic  # noqa: F401

@@ -1,0 +1,41 @@
+"""Full fine-tuning: every parameter trains (optionally keeping the embeddings frozen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from harness.config import Strict
+from harness.registry import Export, ModelContext, register_method
+from methods.common import dir_bytes, requires_grad_parameters
+
+
+@register_method
+class Full:
+    name = "full"
+
+    class Config(Strict):
+        freeze_embeddings: bool = Field(False, description="keep the input embedding matrix frozen")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if self.config.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return requires_grad_parameters(model)
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        path = out_dir / "model"
+        model.save_pretrained(path, safe_serialization=True)
+        return [Export("full", path, dir_bytes(path))]

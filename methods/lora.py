@@ -1,0 +1,81 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) through peft's ``LoraConfig``.
+
+A frozen weight W (d_out × d_in) gets a trainable low-rank update: h = W x + (alpha / r) · B A x, with
+A ∈ R^{r × d_in} (random init) and B ∈ R^{d_out × r} (zero init), so training starts from the base model.
+Trainable parameters per targeted layer: r · (d_in + d_out); the classification head trains in full.
+Any other ``LoraConfig`` field (``use_dora``, ``use_rslora``, ``init_lora_weights``, ...) is passed through
+by name and validated by peft when the suite is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from pydantic import ConfigDict, Field, model_validator
+
+from harness.config import Strict
+from harness.registry import Export, ModelContext, register_method
+from methods.common import export_peft, requires_grad_parameters
+
+# Fields ftbench sets itself; a suite must not.
+_RESERVED = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+             "peft_version", "r", "lora_alpha", "lora_dropout"}
+LORA_PASSTHROUGH = sorted({f.name for f in dataclasses.fields(LoraConfig)} - _RESERVED)
+
+
+class LoraOptions(Strict):
+    """Options shared by every LoRA-style method (lora, qlora): named fields plus LoraConfig pass-through."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = Field(None, description="module names, 'all-linear', or peft's default")
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @model_validator(mode="after")
+    def _passthrough_known(self) -> LoraOptions:
+        extra = dict(self.model_extra or {})
+        unknown = sorted(set(extra) - set(LORA_PASSTHROUGH))
+        if unknown:
+            raise ValueError(
+                f"unknown key {unknown[0]!r}; allowed: r, alpha, dropout, target_modules, bias, or a LoraConfig "
+                f"field ({', '.join(LORA_PASSTHROUGH)})"
+            )
+        try:
+            self.lora_config()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"LoraConfig rejects these options: {err}") from None
+        return self
+
+    def lora_config(self, task_type: str | None = TaskType.SEQ_CLS, **overrides: Any) -> LoraConfig:
+        return LoraConfig(
+            task_type=task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self.target_modules, bias=self.bias, **{**(self.model_extra or {}), **overrides},
+        )
+
+
+@register_method
+class Lora:
+    name = "lora"
+    Config = LoraOptions
+
+    def __init__(self, config: LoraOptions) -> None:
+        self.config = config
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        return get_peft_model(model, self.config.lora_config())
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return requires_grad_parameters(model)
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        return export_peft(model, out_dir, mergeable=True)

@@ -1,0 +1,81 @@
+"""The summary table: one row per run, the figures a reader compares first."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from harness.records import RunRecord
+
+COLUMNS = ["method", "variant", "model", "task", "seed", "status", "trainable", "trainable %", "peak memory",
+           "step time (median)", "tokens/s", "accuracy before → after", "export", "merge Δlogit"]
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or pd.isna(n):
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "—"
+
+
+def fmt_count(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+def peak_memory_label(r: RunRecord) -> str:
+    """CUDA allocator peak where there is one, else CPU live-tensor peak; always says which it is."""
+    if r.cuda_max_allocated_bytes is not None:
+        return f"{fmt_bytes(r.cuda_max_allocated_bytes)} (CUDA allocated)"
+    if r.peak_live_tensor_bytes is not None:
+        return f"{fmt_bytes(r.peak_live_tensor_bytes)} (CPU tensors)"
+    return "—"
+
+
+def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
+    rows = []
+    for r in records:
+        b, a = r.eval_before, r.eval_after
+        acc = "—"
+        if b is not None:
+            acc = f"{b.accuracy:.3f} → {a.accuracy:.3f}" if a is not None else f"{b.accuracy:.3f} → —"
+        merged = next((e for e in r.exports if e.max_abs_logit_diff is not None), None)
+        rows.append({
+            "method": r.method, "variant": r.variant, "model": r.model, "task": r.task, "seed": str(r.seed),
+            "status": r.status if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:80]}",
+            "trainable": fmt_count(r.trainable_params),
+            "trainable %": f"{r.trainable_pct:.2f}" if r.trainable_pct is not None else "—",
+            "peak memory": peak_memory_label(r),
+            "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms"
+            if r.step_time_stats.get("median_s") else "—",
+            "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+            "accuracy before → after": acc,
+            "export": fmt_bytes(r.export_bytes),
+            "merge Δlogit": f"{merged.max_abs_logit_diff:.1e}" if merged else "—",
+        })
+    return rows
+
+
+def to_markdown(records: Iterable[RunRecord]) -> str:
+    rows = summary_rows(records)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(row[c].replace("|", "\\|") for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def to_rich_table(records: Iterable[RunRecord], title: str = ""):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, overflow="fold")
+    for row in summary_rows(records):
+        table.add_row(*(escape(row[c]) for c in COLUMNS))
+    return table
