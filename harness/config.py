@@ -138,7 +138,8 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
 
 def format_validation_error(source: str, err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
     """First error of a pydantic ValidationError as one line: file: field: value — what is allowed."""
-    e = err.errors(include_url=False)[0]
+    # A typo'd key is the likeliest root cause of the other errors (e.g. "modelz" → "models missing"): show it first.
+    e = sorted(err.errors(include_url=False), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = prefix + tuple(e["loc"])
     where = _loc(loc) or "(top level)"
     if e["type"] == "extra_forbidden":
@@ -148,7 +149,8 @@ def format_validation_error(source: str, err: ValidationError, model: type[BaseM
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "missing":
         return f"{source}: {where}: required field is missing"
-    return f"{source}: {where}: {msg} (got {e.get('input')!r})"
+    got = e.get("input")
+    return f"{source}: {where}: {msg}" + ("" if isinstance(got, (dict, list)) else f" (got {got!r})")
 
 
 def parse_suite(data: Any, source: str) -> Suite:

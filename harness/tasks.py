@@ -25,6 +25,7 @@ from harness.config import ConfigError, TaskSpec
 class Example:
     text: str
     label: int
+    group: str = ""  # e.g. the movie: splits never share a group
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _group_split(
     for text, label, group in rows:
         u = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
         idx = 0 if u < fractions[0] else (1 if u < fractions[1] else 2)
-        splits[idx].append(Example(text, label))
+        splits[idx].append(Example(text, label, group))
     for i, s in enumerate(splits):
         random.Random(seed * 1000 + i).shuffle(s)
     return splits

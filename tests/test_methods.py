@@ -1,0 +1,134 @@
+"""Methods through the real cell pipeline: analytic parameter counts, frozen bases, PEFT configs, exports."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.cell import run_cell
+from harness.models import load_model
+from harness.registry import ModelContext, get_method
+from tests.conftest import cells
+
+
+def _prepared(method: str, config: dict, model_name: str = "tiny-bert"):
+    loaded = load_model(model_name, num_labels=2, seed=0)
+    cls = get_method(method)
+    m = cls(cls.Config.model_validate(config))
+    ctx = ModelContext("seq_cls", 2, loaded.info["model_type"], ["classifier"])
+    return m, m.prepare(loaded.model, ctx), loaded
+
+
+def _lora_analytic(model, targets, r) -> int:
+    """r·(d_in + d_out) per targeted Linear, plus the classifier head (weight + bias), which trains in full."""
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and "classifier" not in name:
+            n += r * (mod.in_features + mod.out_features)
+    head = model.classifier
+    return n + head.weight.numel() + head.bias.numel()
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], ["query", "key", "value", "dense"]])
+def test_lora_trainable_count_is_analytic_tiny(targets):
+    base = load_model("tiny-bert", 2, 0).model
+    expected = _lora_analytic(base, targets, r=4)
+    m, model, _ = _prepared("lora", {"r": 4, "target_modules": targets})
+    got = sum(p.numel() for _, p in m.trainable_parameters(model))
+    assert got == expected
+
+
+@pytest.mark.real_model
+def test_lora_trainable_count_is_analytic_minilm():
+    base = load_model("minilm-l6", 2, 0).model
+    assert sum(p.numel() for p in base.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    expected = _lora_analytic(base, ["query", "value"], r=8)
+    assert expected == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+    m, model, _ = _prepared("lora", {"r": 8, "target_modules": ["query", "value"]}, "minilm-l6")
+    assert sum(p.numel() for _, p in m.trainable_parameters(model)) == expected
+
+
+def test_lora_passthrough_fields_reach_peft():
+    m, model, _ = _prepared("lora", {"r": 4, "use_rslora": True, "use_dora": True})
+    cfg = model.peft_config["default"]
+    assert cfg.use_rslora and cfg.use_dora
+    assert any("lora_magnitude_vector" in n for n, _ in m.trainable_parameters(model))
+
+
+def _train(tmp_path, method, config, steps=4, export=True):
+    cfg = cells(methods=[{"method": method, "config": config}], train={
+        "steps": steps, "batch_size": 8, "lr": 5e-3, "max_seq_len": 32, "timing_warmup_steps": 1})[0]
+    rec = run_cell(cfg.model_copy(update={"export": export}), tmp_path)
+    assert rec.status == "ok", rec.error
+    return rec
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"peft_type": "IA3", "target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
+        {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4},
+        {"peft_type": "LOHA", "r": 2, "target_modules": ["query", "value"]},
+    ],
+    ids=["ia3", "prompt_tuning", "loha"],
+)
+def test_peft_generic_trains_only_its_parameters(tmp_path, config):
+    m, model, loaded = _prepared("peft", config)
+    trainable = dict(m.trainable_parameters(model))
+    assert trainable and all(p.requires_grad for p in trainable.values())
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    rec = _train(tmp_path, "peft", config)
+    assert rec.trainable_params == sum(p.numel() for p in trainable.values())
+    assert rec.trainable_pct < 10
+    assert len(rec.losses) == 4 and rec.eval_after is not None
+    kinds = {e.kind for e in rec.exports}
+    assert "adapter" in kinds
+    assert ("merged" in kinds) == (config["peft_type"] != "PROMPT_TUNING")
+    assert frozen_before  # a PEFT method leaves most of the model frozen
+
+
+def test_frozen_base_unchanged_and_adapter_changed_by_training(tmp_path):
+    """Train through the real loop and compare weights: LoRA may only move adapters and the head."""
+    from harness.data import encode, train_batches
+    from harness.loop import train
+    from harness.tasks import load_task
+    from tests.conftest import cells as mk
+
+    cfg = mk()[0]
+    m, model, loaded = _prepared("lora", {"r": 4})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = load_task(cfg.task)
+    enc = encode(task.train, loaded.tokenizer, 32)
+    train(model, m, train_batches(enc, 8, 0, 0), cfg.train, 0, torch.device("cpu"))
+    for n, p in model.named_parameters():
+        moved = not torch.equal(before[n], p.detach())
+        if p.requires_grad and "lora_B" in n:
+            assert moved, n
+        if not p.requires_grad:
+            assert not moved, n
+
+
+def test_lora_export_adapter_and_merged_match(tmp_path):
+    rec = _train(tmp_path, "lora", {"r": 4}, steps=6)
+    adapter = next(e for e in rec.exports if e.kind == "adapter")
+    merged = next(e for e in rec.exports if e.kind == "merged")
+    weights = load_file(f"{adapter.path}/adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and adapter.bytes_on_disk < merged.bytes_on_disk
+    assert json.loads(open(f"{adapter.path}/adapter_config.json").read())["r"] == 4
+    assert merged.max_abs_logit_diff < 1e-4
+    assert merged.eval.accuracy == rec.eval_after.accuracy
+
+
+def test_full_export_is_safetensors(tmp_path):
+    rec = _train(tmp_path, "full", {}, steps=2)
+    (exp,) = rec.exports
+    assert exp.kind == "full" and exp.bytes_on_disk > 4 * rec.total_params
+    assert load_file(f"{exp.path}/model.safetensors")
+
+
+def test_tiny_llama_lora(tmp_path):
+    cfg = cells(models=["tiny-llama"], methods=[{"method": "lora", "config": {"r": 4}}])[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.model_info["model_type"] == "llama"
