@@ -39,16 +39,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.config import load_suite
     from harness.records import read_record
     from harness.runner import run_suite
-    from reports.summary import to_rich_table
+    from reports.summary import console, to_rich_table
 
     suite = load_suite(args.suite)
     results = _results_dir(args.results, suite.name)
     records = run_suite(suite, Path(args.suite).read_text(), results, retry_failed=args.retry_failed)
-    from rich.console import Console
-
-    console = Console()
-    console.print(to_rich_table(records, title=f"ftbench · {suite.name}"))
-    console.print(f"records: {results / 'records'}")
+    out = console()
+    out.print(to_rich_table(records, title=f"ftbench · {suite.name}"))
+    out.print(f"records: {results / 'records'}")
     return 0 if all(r.status == "ok" for r in records) else 1
 
 
@@ -105,9 +103,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
         print(pd.DataFrame(summary_rows(records)).to_csv(index=False), end="")
     else:
-        from rich.console import Console
+        from reports.summary import console
 
-        Console().print(to_rich_table(records))
+        console().print(to_rich_table(records))
     return 0
 
 

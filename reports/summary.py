@@ -70,12 +70,25 @@ def to_markdown(records: Iterable[RunRecord]) -> str:
 
 
 def to_rich_table(records: Iterable[RunRecord], title: str = ""):
+    """Terminal table; columns whose value is the same in every row (model, task, seed) move to the title."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
-    for c in COLUMNS:
+    rows = summary_rows(records)
+    constant = [c for c in ("model", "task", "seed") if rows and len({r[c] for r in rows}) == 1]
+    shown = [c for c in COLUMNS if c not in constant]
+    extra = " · ".join(f"{c} {rows[0][c]}" for c in constant)
+    table = Table(title=escape(" · ".join(x for x in (title, extra) if x)))
+    for c in shown:
         table.add_column(c, overflow="fold")
-    for row in summary_rows(records):
-        table.add_row(*(escape(row[c]) for c in COLUMNS))
+    for row in rows:
+        table.add_row(*(escape(row[c]) for c in shown))
     return table
+
+
+def console():
+    """A rich console that keeps tables whole in logs and pipes (rich assumes 80 columns when not a terminal)."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=220)

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from harness.measure import LiveTensorTracker, parameter_counts, step_time_stats
+
+
+def test_live_tensor_tracker_exact_peak():
+    root = torch.zeros(256)  # 1,024 bytes that exist before tracking
+    with LiveTensorTracker([root]) as t:
+        a = torch.ones(1000)  # +4,000
+        b = a * 2  # +4,000 → 9,024 (the peak)
+        del a  # −4,000
+        c = b[:10]  # a view: no new storage
+        d = b + 1  # +4,000 → 9,024 again, not more
+    assert t.peak_bytes == 1024 + 8000
+    assert t.current_bytes == 1024 + 8000
+    del b, c, d
+    assert t.current_bytes == 1024
+
+
+def test_tracker_sees_backward_and_optimizer_state():
+    """Autograd carries the dispatch mode into backward; AdamW's two moments appear as new tensors."""
+    lin = torch.nn.Linear(128, 128, bias=False)  # 65,536 bytes of weight
+    opt = torch.optim.AdamW(lin.parameters(), foreach=False)
+    x = torch.randn(4, 128)
+    with LiveTensorTracker(list(lin.parameters()) + [x]) as t:
+        lin(x).pow(2).sum().backward()
+        opt.step()
+    w = 128 * 128 * 4
+    # weight + grad + exp_avg + exp_avg_sq, plus the two weight-sized temporaries AdamW's step allocates
+    # (sqrt(v) + eps, and the update), plus small activations and the step counter
+    assert 6 * w <= t.peak_bytes < 6 * w + 8_000
+
+
+def test_step_time_stats():
+    s = step_time_stats([0.3, 0.1, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert s["count"] == 10 and s["median_s"] == pytest.approx(0.55) and s["p90_s"] == pytest.approx(0.9)
+    assert s["mean_s"] == pytest.approx(0.55) and s["stdev_s"] > 0
+    assert step_time_stats([])["count"] == 0
+
+
+def test_parameter_counts():
+    lin = torch.nn.Linear(10, 5)
+    lin.bias.requires_grad_(False)
+    c = parameter_counts(lin)
+    assert c["total_params"] == 55 and c["trainable_params"] == 50

@@ -1,0 +1,69 @@
+"""The suite runner with real subprocesses: crash isolation, timeout, resume, summary."""
+
+import json
+
+from harness.config import expand, parse_suite
+from harness.records import load_records, read_record
+from harness.runner import pending_cells, run_suite
+from tests.conftest import ftbench, tiny_suite
+
+CRASH = {"method": "peft", "variant": "crash", "config": {"peft_type": "IA3", "target_modules": ["no_such_module"],
+                                                          "feedforward_modules": []}}
+
+
+def test_crash_recorded_as_failed_and_suite_goes_on(tmp_path, write_suite):
+    path = write_suite(tiny_suite(methods=[CRASH, {"method": "lora"}]))
+    out = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    assert out.returncode == 1, out.stderr  # not every run ok
+    df = load_records(tmp_path / "r")
+    status = dict(zip(df["variant"], df["status"], strict=True))
+    assert status == {"crash": "failed", "default": "ok"}
+    err = df.set_index("variant").loc["crash", "error"]
+    assert err.startswith("NoMatchingPeftModuleError") and "Traceback" in err
+    assert "| failed" in ftbench("summary", str(tmp_path / "r"), "--format", "md").stdout
+
+
+def test_resume_skips_recorded_cells(tmp_path, write_suite):
+    path = write_suite(tiny_suite(methods=[{"method": "lora"}, {"method": "full"}]))
+    first = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    assert first.returncode == 0, first.stderr
+    recs = {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")}
+    assert len(recs) == 2
+    second = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    assert second.returncode == 0 and "2 already recorded, 0 to run" in second.stderr
+    assert {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")} == recs
+    assert "lora" in second.stdout and "full" in second.stdout  # the summary still shows both
+
+
+def test_resume_runs_only_missing_cells_and_retry_failed(tmp_path):
+    suite = parse_suite(tiny_suite(methods=[{"method": "lora"}, CRASH]), "<t>")
+    cells = expand(suite)
+    recs = run_suite(suite, "", tmp_path, quiet=True)
+    assert sorted(r.status for r in recs) == ["failed", "ok"]
+    assert pending_cells(cells, tmp_path, retry_failed=False) == []
+    (retry,) = pending_cells(cells, tmp_path, retry_failed=True)
+    assert retry.variant == "crash"
+
+
+def test_timeout_is_a_record(tmp_path, write_suite):
+    path = write_suite(tiny_suite(timeout_s=1.5, train={"steps": 100000, "batch_size": 8}))
+    out = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    (rec,) = [read_record(p) for p in (tmp_path / "r" / "records").glob("*.json")]
+    assert out.returncode == 1 and rec.status == "timeout" and "timeout_s=1.5" in rec.error
+    assert rec.environment["torch_threads"] >= 1 and rec.config["timeout_s"] == 1.5
+
+
+def test_record_has_every_field(tmp_path, write_suite):
+    path = write_suite(tiny_suite())
+    assert ftbench("run", str(path), "--results", str(tmp_path / "r")).returncode == 0
+    (p,) = (tmp_path / "r" / "records").glob("*.json")
+    rec = json.loads(p.read_text())
+    for key in ("schema_version", "status", "config", "environment", "total_params", "trainable_params",
+                "trainable_pct", "losses", "step_time_stats", "tokens_per_s", "samples_per_s", "peak_live_tensor_bytes",
+                "peak_rss_bytes", "eval_before", "eval_after", "exports", "export_bytes", "wall_time_s", "final_loss"):
+        assert rec[key] is not None, key
+    env = rec["environment"]
+    assert env["versions"]["torch"] and env["versions"]["peft"] and env["cpu_model"] and env["git_commit"]
+    assert set(rec["step_time_stats"]) >= {"count", "mean_s", "median_s", "p90_s", "stdev_s"}
+    assert rec["task_info"]["split_sizes"]["train"] == 128 and len(rec["task_info"]["examples_sha256"]["test"]) == 64
+    assert not list((tmp_path / "r" / "records").glob(".*.tmp"))  # atomic writes leave no temp files
