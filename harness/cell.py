@@ -44,8 +44,12 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
 
     method_cls = get_method(cfg.method)
     method = method_cls(method_cls.Config.model_validate(cfg.method_config))
-    ctx = ModelContext(task_type="seq_cls", num_labels=len(task.labels), model_type=loaded.info["model_type"],
-                       head_names=head_module_names(loaded.model))
+    ctx = ModelContext(
+        task_type="seq_cls",
+        num_labels=len(task.labels),
+        model_type=loaded.info["model_type"],
+        head_names=head_module_names(loaded.model),
+    )
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))
 
@@ -61,11 +65,17 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     measured = res.measured_step_times_s
     n_warm = res.timing_warmup_steps
     rec.update(
-        losses=res.losses, lrs=res.lrs, grad_norms=res.grad_norms, step_times_s=res.step_times_s,
-        timing_warmup_steps=n_warm, step_time_stats=step_time_stats(measured), final_loss=res.losses[-1],
+        losses=res.losses,
+        lrs=res.lrs,
+        grad_norms=res.grad_norms,
+        step_times_s=res.step_times_s,
+        timing_warmup_steps=n_warm,
+        step_time_stats=step_time_stats(measured),
+        final_loss=res.losses[-1],
         tokens_per_s=sum(res.tokens_per_step[n_warm:]) / sum(measured) if measured else None,
         samples_per_s=sum(res.samples_per_step[n_warm:]) / sum(measured) if measured else None,
-        peak_live_tensor_bytes=res.peak_live_tensor_bytes, optimizer_state_bytes=res.optimizer_state_bytes,
+        peak_live_tensor_bytes=res.peak_live_tensor_bytes,
+        optimizer_state_bytes=res.optimizer_state_bytes,
         cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
         cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
     )
@@ -107,10 +117,21 @@ def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
         tb = traceback.format_exc(limit=-3)
         error = f"{type(err).__name__}: {err}\n{tb}"
     record = RunRecord(
-        cell_id=cfg.cell_id, suite=cfg.suite, method=cfg.method, variant=cfg.variant, model=cfg.model.name,
-        task=cfg.task.name, seed=cfg.seed, status=status, error=error, started_at=started,
-        wall_time_s=time.perf_counter() - t0, config=cfg.model_dump(mode="json"), environment=environment(),
-        peak_rss_bytes=peak_rss_bytes(), **rec,
+        cell_id=cfg.cell_id,
+        suite=cfg.suite,
+        method=cfg.method,
+        variant=cfg.variant,
+        model=cfg.model.name,
+        task=cfg.task.name,
+        seed=cfg.seed,
+        status=status,
+        error=error,
+        started_at=started,
+        wall_time_s=time.perf_counter() - t0,
+        config=cfg.model_dump(mode="json"),
+        environment=environment(),
+        peak_rss_bytes=peak_rss_bytes(),
+        **rec,
     )
     write_record(results_dir, record)
     return record

@@ -37,7 +37,6 @@ def _results_dir(arg: str | None, suite_name: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.config import load_suite
-    from harness.records import read_record
     from harness.runner import run_suite
     from reports.summary import console, to_rich_table
 
@@ -59,8 +58,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     console = Console()
     for name, cls in available_methods().items():
-        table = Table(title=f"{name} — {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}",
-                      title_justify="left")
+        table = Table(
+            title=f"{name} — {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}", title_justify="left"
+        )
         for col in ("field", "type", "default", "help"):
             table.add_column(col, overflow="fold")
         for row in describe_config(cls.Config):

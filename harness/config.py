@@ -177,12 +177,16 @@ def _check_names(suite: Suite, source: str) -> None:
         if m.method not in known:
             raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}")
         if (m.method, m.variant) in seen:
-            raise ConfigError(f"{where}: duplicate cell identity {m.method}/{m.variant}; give each entry a distinct variant")
+            raise ConfigError(
+                f"{where}: duplicate cell identity {m.method}/{m.variant}; give each entry a distinct variant"
+            )
         seen.add((m.method, m.variant))
         try:
             known[m.method].Config.model_validate(m.config)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(source, err, known[m.method].Config, ("methods", i, "config"))) from None
+            raise ConfigError(
+                format_validation_error(source, err, known[m.method].Config, ("methods", i, "config"))
+            ) from None
         try:
             TrainConfig.model_validate({**suite.train.model_dump(), **m.train})
         except ValidationError as err:
@@ -225,8 +229,16 @@ def expand(suite: Suite) -> list[RunConfig]:
                 for seed in suite.seeds:
                     cells.append(
                         RunConfig(
-                            suite=suite.name, model=model, task=task, method=m.method, variant=m.variant,
-                            method_config=cfg, train=train, seed=seed, timeout_s=suite.timeout_s, export=suite.export,
+                            suite=suite.name,
+                            model=model,
+                            task=task,
+                            method=m.method,
+                            variant=m.variant,
+                            method_config=cfg,
+                            train=train,
+                            seed=seed,
+                            timeout_s=suite.timeout_s,
+                            export=suite.export,
                         )
                     )
     return cells

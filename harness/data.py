@@ -44,8 +44,9 @@ def train_batches(encoded: list[dict], batch_size: int, seed: int, pad_id: int) 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype,
-             device: torch.device) -> tuple[dict, torch.Tensor]:
+def evaluate(
+    model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype, device: torch.device
+) -> tuple[dict, torch.Tensor]:
     """Accuracy, macro-F1 (scikit-learn) and mean loss on ``encoded``; also returns the logits (for fidelity
     checks between a trained model and its exports). Examples are sorted by length to waste little padding."""
     was_training = model.training

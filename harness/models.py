@@ -39,8 +39,16 @@ def _minilm_dir() -> Path:
 
 
 def _tiny_config(kind: str, num_labels: int):
-    common = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=512, num_labels=num_labels, pad_token_id=0)
+    common = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     if kind == "tiny-bert":
         return BertConfig(**common)
     return LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False)
@@ -113,8 +121,11 @@ def load_model(name: str, num_labels: int, seed: int, trust_remote_code: bool = 
         tok.pad_token = tok.eos_token or tok.unk_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    info.update(model_type=model.config.model_type, architecture=type(model).__name__,
-                total_params=sum(p.numel() for p in model.parameters()))
+    info.update(
+        model_type=model.config.model_type,
+        architecture=type(model).__name__,
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
     return LoadedModel(model, tok, info)
 
 

@@ -97,8 +97,9 @@ def _v(pkg: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -127,8 +128,19 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": {p: _v(p) for p in ("ftbench", "torch", "transformers", "peft", "bitsandbytes", "safetensors",
-                                        "scikit-learn", "numpy")},
+        "versions": {
+            p: _v(p)
+            for p in (
+                "ftbench",
+                "torch",
+                "transformers",
+                "peft",
+                "bitsandbytes",
+                "safetensors",
+                "scikit-learn",
+                "numpy",
+            )
+        },
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if dirty is None else bool(dirty),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),

@@ -97,7 +97,9 @@ def register_method(cls: type) -> type:
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, BaseModel)):
         raise RegistryError(f"method {name!r}: Config must be a pydantic BaseModel subclass")
-    missing = [m for m in ("prepare", "trainable_parameters", "on_step_end", "export") if not callable(getattr(cls, m, None))]
+    missing = [
+        m for m in ("prepare", "trainable_parameters", "on_step_end", "export") if not callable(getattr(cls, m, None))
+    ]
     if missing:
         raise RegistryError(f"method {name!r} lacks {', '.join(missing)} of the method contract")
     origin = f"{cls.__module__}.{cls.__qualname__}"
@@ -122,7 +124,9 @@ def _load_all() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         cls = ep.load()
         if getattr(cls, "name", None) != ep.name:
-            raise RegistryError(f"entry point {ep.name!r} ({ep.value}) loads a method named {getattr(cls, 'name', None)!r}")
+            raise RegistryError(
+                f"entry point {ep.name!r} ({ep.value}) loads a method named {getattr(cls, 'name', None)!r}"
+            )
         if ep.name not in _REGISTRY:
             register_method(cls)
 
@@ -141,10 +145,22 @@ def get_method(name: str) -> type:
 
 def describe_config(config: type[BaseModel]) -> list[dict[str, Any]]:
     """Fields of a method config as (name, type, default, description) rows for ``ftbench methods``."""
+    from typing import get_origin
+
     rows = []
     for fname, f in config.model_fields.items():
         ann = f.annotation
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        plain = isinstance(ann, type) and get_origin(ann) is None
+        tname = ann.__name__ if plain else str(ann).replace("typing.", "")
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append({"field": fname, "type": tname, "default": default, "help": f.description or ""})
+    if config.model_config.get("extra") == "allow":
+        rows.append(
+            {
+                "field": "…",
+                "type": "",
+                "default": "",
+                "help": "any other field of the underlying peft config, by name (e.g. use_dora, use_rslora)",
+            }
+        )
     return rows

@@ -28,9 +28,19 @@ CHILD_ENV = {
 
 def failure_record(cfg: RunConfig, status: str, error: str, started_at: str, wall_time_s: float) -> RunRecord:
     return RunRecord(
-        cell_id=cfg.cell_id, suite=cfg.suite, method=cfg.method, variant=cfg.variant, model=cfg.model.name,
-        task=cfg.task.name, seed=cfg.seed, status=status, error=error, started_at=started_at,
-        wall_time_s=wall_time_s, config=cfg.model_dump(mode="json"), environment=environment(),
+        cell_id=cfg.cell_id,
+        suite=cfg.suite,
+        method=cfg.method,
+        variant=cfg.variant,
+        model=cfg.model.name,
+        task=cfg.task.name,
+        seed=cfg.seed,
+        status=status,
+        error=error,
+        started_at=started_at,
+        wall_time_s=wall_time_s,
+        config=cfg.model_dump(mode="json"),
+        environment=environment(),
     )
 
 
@@ -54,22 +64,28 @@ def run_cell_subprocess(cfg: RunConfig, results_dir: Path) -> RunRecord:
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness", "_cell", str(cell_file), "--results", str(results_dir)],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         try:
             rc = proc.wait(timeout=cfg.timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no orphaned workers keep running
             proc.wait()
-            rec = failure_record(cfg, "timeout", f"run exceeded timeout_s={cfg.timeout_s:g}", started,
-                                 time.perf_counter() - t0)
+            rec = failure_record(
+                cfg, "timeout", f"run exceeded timeout_s={cfg.timeout_s:g}", started, time.perf_counter() - t0
+            )
             write_record(results_dir, rec)
             return rec
     if rec_path.exists():
         return read_record(rec_path)
     if rc < 0:
         sig = signal.Signals(-rc).name
-        why = f"run process killed by {sig}" + (" (possibly the kernel's out-of-memory killer)" if sig == "SIGKILL" else "")
+        why = f"run process killed by {sig}" + (
+            " (possibly the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+        )
     else:
         why = f"run process exited with code {rc} without writing a record"
     rec = failure_record(cfg, "failed", f"{why}\n{_tail(log)}".strip(), started, time.perf_counter() - t0)
@@ -92,8 +108,9 @@ def pending_cells(cells: list[RunConfig], results_dir: Path, retry_failed: bool)
     return out
 
 
-def run_suite(suite: Suite, suite_text: str, results_dir: Path, retry_failed: bool = False,
-              quiet: bool = False) -> list[RunRecord]:
+def run_suite(
+    suite: Suite, suite_text: str, results_dir: Path, retry_failed: bool = False, quiet: bool = False
+) -> list[RunRecord]:
     """Run every pending cell of ``suite``; return the records of all its cells (old and new)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -105,10 +122,17 @@ def run_suite(suite: Suite, suite_text: str, results_dir: Path, retry_failed: bo
     todo = pending_cells(cells, results_dir, retry_failed)
     console = Console(stderr=True, quiet=quiet)
     skipped = len(cells) - len(todo)
-    console.print(f"[bold]{suite.name}[/]: {len(cells)} cells, {skipped} already recorded, {len(todo)} to run "
-                  f"→ {results_dir}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    console.print(
+        f"[bold]{suite.name}[/]: {len(cells)} cells, {skipped} already recorded, {len(todo)} to run → {results_dir}"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         bar = progress.add_task("", total=len(todo))
         for cfg in todo:
             label = f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"

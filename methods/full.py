@@ -14,6 +14,8 @@ from methods.common import dir_bytes, requires_grad_parameters
 
 @register_method
 class Full:
+    """Full fine-tuning: every parameter trains."""
+
     name = "full"
 
     class Config(Strict):

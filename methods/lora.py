@@ -22,8 +22,18 @@ from harness.registry import Export, ModelContext, register_method
 from methods.common import export_peft, requires_grad_parameters
 
 # Fields ftbench sets itself; a suite must not.
-_RESERVED = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
-             "peft_version", "r", "lora_alpha", "lora_dropout"}
+_RESERVED = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+}
 LORA_PASSTHROUGH = sorted({f.name for f in dataclasses.fields(LoraConfig)} - _RESERVED)
 
 
@@ -55,13 +65,20 @@ class LoraOptions(Strict):
 
     def lora_config(self, task_type: str | None = TaskType.SEQ_CLS, **overrides: Any) -> LoraConfig:
         return LoraConfig(
-            task_type=task_type, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=self.target_modules, bias=self.bias, **{**(self.model_extra or {}), **overrides},
+            task_type=task_type,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            **{**(self.model_extra or {}), **overrides},
         )
 
 
 @register_method
 class Lora:
+    """LoRA (Hu et al. 2021) through peft's LoraConfig."""
+
     name = "lora"
     Config = LoraOptions
 

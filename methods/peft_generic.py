@@ -23,8 +23,15 @@ from harness.registry import Export, ModelContext, register_method
 from methods.common import export_peft, requires_grad_parameters
 
 PEFT_TYPES = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
-_RESERVED = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
-             "peft_version"}
+_RESERVED = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+}
 
 
 def _config_class(peft_type: str):
@@ -33,6 +40,8 @@ def _config_class(peft_type: str):
 
 @register_method
 class PeftGeneric:
+    """Any PEFT method by peft_type plus that config's own fields."""
+
     name = "peft"
 
     class Config(Strict):

@@ -8,8 +8,22 @@ import pandas as pd
 
 from harness.records import RunRecord
 
-COLUMNS = ["method", "variant", "model", "task", "seed", "status", "trainable", "trainable %", "peak memory",
-           "step time (median)", "tokens/s", "accuracy before → after", "export", "merge Δlogit"]
+COLUMNS = [
+    "method",
+    "variant",
+    "model",
+    "task",
+    "seed",
+    "status",
+    "trainable",
+    "trainable %",
+    "peak memory",
+    "step time (median)",
+    "tokens/s",
+    "accuracy before → after",
+    "export",
+    "merge Δlogit",
+]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -45,19 +59,26 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
         if b is not None:
             acc = f"{b.accuracy:.3f} → {a.accuracy:.3f}" if a is not None else f"{b.accuracy:.3f} → —"
         merged = next((e for e in r.exports if e.max_abs_logit_diff is not None), None)
-        rows.append({
-            "method": r.method, "variant": r.variant, "model": r.model, "task": r.task, "seed": str(r.seed),
-            "status": r.status if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:80]}",
-            "trainable": fmt_count(r.trainable_params),
-            "trainable %": f"{r.trainable_pct:.2f}" if r.trainable_pct is not None else "—",
-            "peak memory": peak_memory_label(r),
-            "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms"
-            if r.step_time_stats.get("median_s") else "—",
-            "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
-            "accuracy before → after": acc,
-            "export": fmt_bytes(r.export_bytes),
-            "merge Δlogit": f"{merged.max_abs_logit_diff:.1e}" if merged else "—",
-        })
+        rows.append(
+            {
+                "method": r.method,
+                "variant": r.variant,
+                "model": r.model,
+                "task": r.task,
+                "seed": str(r.seed),
+                "status": r.status if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:80]}",
+                "trainable": fmt_count(r.trainable_params),
+                "trainable %": f"{r.trainable_pct:.2f}" if r.trainable_pct is not None else "—",
+                "peak memory": peak_memory_label(r),
+                "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms"
+                if r.step_time_stats.get("median_s")
+                else "—",
+                "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                "accuracy before → after": acc,
+                "export": fmt_bytes(r.export_bytes),
+                "merge Δlogit": f"{merged.max_abs_logit_diff:.1e}" if merged else "—",
+            }
+        )
     return rows
 
 

@@ -57,8 +57,10 @@ def test_lora_passthrough_fields_reach_peft():
 
 
 def _train(tmp_path, method, config, steps=4, export=True):
-    cfg = cells(methods=[{"method": method, "config": config}], train={
-        "steps": steps, "batch_size": 8, "lr": 5e-3, "max_seq_len": 32, "timing_warmup_steps": 1})[0]
+    cfg = cells(
+        methods=[{"method": method, "config": config}],
+        train={"steps": steps, "batch_size": 8, "lr": 5e-3, "max_seq_len": 32, "timing_warmup_steps": 1},
+    )[0]
     rec = run_cell(cfg.model_copy(update={"export": export}), tmp_path)
     assert rec.status == "ok", rec.error
     return rec
@@ -67,7 +69,11 @@ def _train(tmp_path, method, config, steps=4, export=True):
 @pytest.mark.parametrize(
     "config",
     [
-        {"peft_type": "IA3", "target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
+        {
+            "peft_type": "IA3",
+            "target_modules": ["key", "value", "output.dense"],
+            "feedforward_modules": ["output.dense"],
+        },
         {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4},
         {"peft_type": "LOHA", "r": 2, "target_modules": ["query", "value"]},
     ],

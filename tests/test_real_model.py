@@ -22,5 +22,6 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
     assert rec.losses[-1] < rec.losses[0]
     if method == "lora":
         merged = next(e for e in rec.exports if e.kind == "merged")
-        assert merged.max_abs_logit_diff < 1e-3 and merged.eval.accuracy == pytest.approx(rec.eval_after.accuracy,
-                                                                                          abs=0.004)
+        assert merged.max_abs_logit_diff < 1e-3 and merged.eval.accuracy == pytest.approx(
+            rec.eval_after.accuracy, abs=0.004
+        )

@@ -1,19 +1,30 @@
+import json
+import os
+import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from harness.registry import RegistryError, available_methods, describe_config, register_method
+from tests.conftest import ROOT, tiny_suite
 
 
 def _method_class(name, **attrs):
     class Config(BaseModel):
         pass
 
-    body = {"name": name, "Config": Config, "prepare": lambda s, m, c: m, "trainable_parameters": lambda s, m: [],
-            "on_step_end": lambda s, m, i: None, "export": lambda s, m, d: [], **attrs}
+    body = {
+        "name": name,
+        "Config": Config,
+        "prepare": lambda s, m, c: m,
+        "trainable_parameters": lambda s, m: [],
+        "on_step_end": lambda s, m, i: None,
+        "export": lambda s, m, d: [],
+        **attrs,
+    }
     return type(f"M_{abs(hash(name))}", (), body)
 
 
@@ -46,29 +57,29 @@ def test_describe_config_lists_fields_types_defaults():
     assert "target_modules" in rows
 
 
-def test_entry_point_plugin_is_registered(tmp_path):
-    """A third-party package registers through the `ftbench.methods` entry-point group, with no ftbench edit."""
-    (tmp_path / "myplugin.py").write_text(textwrap.dedent('''
-        from methods.full import Full
-        class Frozen:
-            """Train nothing but the classifier head."""
-            name = "head_only"
-            Config = Full.Config
-            def __init__(self, config): self.config = config
-            def prepare(self, model, ctx):
-                for n, p in model.named_parameters():
-                    p.requires_grad_(n.split(".")[0] in ctx.head_names)
-                return model
-            def trainable_parameters(self, model):
-                return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            def on_step_end(self, model, step): pass
-            def export(self, model, out_dir): return []
-    '''))
-    dist = tmp_path / "myplugin-0.1.dist-info"
+def test_entry_point_plugin_is_registered_and_runs(tmp_path):
+    """The README's worked example, installed as a third-party package through the `ftbench.methods`
+    entry-point group, is listed by `ftbench methods` and runs a suite: no ftbench file edited."""
+    shutil.copy(ROOT / "examples" / "head_only.py", tmp_path / "head_only.py")
+    dist = tmp_path / "head_only-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[ftbench.methods]\nhead_only = myplugin:Frozen\n")
-    out = subprocess.run([sys.executable, "-m", "harness", "methods"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: head-only\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ftbench.methods]\nhead_only = head_only:HeadOnly\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "harness", "methods"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert "head_only" in out.stdout and "lora" in out.stdout
+    assert "head_only" in out.stdout and "train_bias_terms" in out.stdout
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump(tiny_suite(methods=[{"method": "head_only"}])))
+    run = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(suite), "--results", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr + run.stdout
+    (rec,) = (tmp_path / "r" / "records").glob("*.json")
+    data = json.loads(rec.read_text())
+    assert data["trainable_params"] == 32 * 2 + 2  # tiny-bert head: hidden 32 × 2 labels + bias
+    assert data["exports"][0]["kind"] == "head"

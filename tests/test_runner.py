@@ -7,8 +7,11 @@ from harness.records import load_records, read_record
 from harness.runner import pending_cells, run_suite
 from tests.conftest import ftbench, tiny_suite
 
-CRASH = {"method": "peft", "variant": "crash", "config": {"peft_type": "IA3", "target_modules": ["no_such_module"],
-                                                          "feedforward_modules": []}}
+CRASH = {
+    "method": "peft",
+    "variant": "crash",
+    "config": {"peft_type": "IA3", "target_modules": ["no_such_module"], "feedforward_modules": []},
+}
 
 
 def test_crash_recorded_as_failed_and_suite_goes_on(tmp_path, write_suite):
@@ -58,9 +61,27 @@ def test_record_has_every_field(tmp_path, write_suite):
     assert ftbench("run", str(path), "--results", str(tmp_path / "r")).returncode == 0
     (p,) = (tmp_path / "r" / "records").glob("*.json")
     rec = json.loads(p.read_text())
-    for key in ("schema_version", "status", "config", "environment", "total_params", "trainable_params",
-                "trainable_pct", "losses", "step_time_stats", "tokens_per_s", "samples_per_s", "peak_live_tensor_bytes",
-                "peak_rss_bytes", "eval_before", "eval_after", "exports", "export_bytes", "wall_time_s", "final_loss"):
+    for key in (
+        "schema_version",
+        "status",
+        "config",
+        "environment",
+        "total_params",
+        "trainable_params",
+        "trainable_pct",
+        "losses",
+        "step_time_stats",
+        "tokens_per_s",
+        "samples_per_s",
+        "peak_live_tensor_bytes",
+        "peak_rss_bytes",
+        "eval_before",
+        "eval_after",
+        "exports",
+        "export_bytes",
+        "wall_time_s",
+        "final_loss",
+    ):
         assert rec[key] is not None, key
     env = rec["environment"]
     assert env["versions"]["torch"] and env["versions"]["peft"] and env["cpu_model"] and env["git_commit"]
