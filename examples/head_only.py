@@ -44,6 +44,9 @@ class HeadOnly:
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         pass
 
+    def report(self, model: torch.nn.Module) -> dict:
+        return {}
+
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "head.safetensors"

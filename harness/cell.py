@@ -76,6 +76,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         samples_per_s=sum(res.samples_per_step[n_warm:]) / sum(measured) if measured else None,
         peak_live_tensor_bytes=res.peak_live_tensor_bytes,
         optimizer_state_bytes=res.optimizer_state_bytes,
+        optimizer=cfg.train.optimizer,
+        paging_effective=res.paging_effective,
         cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
         cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
     )
@@ -103,6 +105,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
             out.append(er)
         rec["exports"] = out
         rec["export_bytes"] = sum(e.bytes_on_disk for e in exports)
+    rec["method_metrics"] = method.report(model)
 
 
 def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:

@@ -20,7 +20,7 @@ import torch
 
 from harness.config import TrainConfig
 from harness.measure import LiveTensorTracker, cuda_memory_peaks, cuda_memory_reset, model_tensors, sync
-from harness.optim import build_optimizer, lr_lambda, optimizer_state_bytes
+from harness.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
 from harness.registry import Method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,6 +41,7 @@ class LoopResult:
     timing_warmup_steps: int = 0
     peak_live_tensor_bytes: int | None = None  # CPU: from the tensors themselves, over the warm-up steps
     optimizer_state_bytes: int = 0
+    paging_effective: bool | None = None  # None: no paged optimizer asked for
     cuda: dict = field(default_factory=dict)
 
     @property
@@ -120,5 +121,7 @@ def train(
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
     res.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    if cfg.optimizer.startswith("paged_"):
+        res.paging_effective = paged_state_in_use(optimizer)
     res.cuda = cuda_memory_peaks(device)
     return res

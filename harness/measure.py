@@ -93,7 +93,7 @@ def step_time_stats(times_s: list[float]) -> dict[str, float | int | None]:
 def parameter_counts(model: torch.nn.Module) -> dict[str, int | float]:
     """Total and trainable parameters. bitsandbytes 4-bit weights pack two values per byte: count the
     logical number of weights (``quant_state.shape``) so totals compare across methods."""
-    total = trainable = 0
+    total = trainable = weight_bytes = 0
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) in seen:
@@ -103,7 +103,23 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int | float]:
         n = int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
         total += n
         trainable += n if p.requires_grad else 0
-    return {"total_params": total, "trainable_params": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
+        weight_bytes += p.untyped_storage().nbytes() + (_quant_state_bytes(qs) if qs is not None else 0)
+    return {
+        "total_params": total,
+        "trainable_params": trainable,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "weight_bytes": weight_bytes,
+    }
+
+
+def _quant_state_bytes(qs) -> int:
+    """Quantization constants that live beside packed weights (absmax, nested absmax, code tables)."""
+    n = 0
+    for name in ("absmax", "code", "offset"):
+        t = getattr(qs, name, None)
+        n += t.numel() * t.element_size() if torch.is_tensor(t) else 0
+    state2 = getattr(qs, "state2", None)
+    return n + (_quant_state_bytes(state2) if state2 is not None else 0)
 
 
 def cuda_memory_reset(device: torch.device) -> None:

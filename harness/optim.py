@@ -21,6 +21,10 @@ def _bnb(name: str, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
     def make(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
         import bitsandbytes.optim as bnb_optim
 
+        # bitsandbytes keeps 32-bit state for tensors under min_8bit_size (default 4096 elements), which would
+        # leave most LoRA matrices with 32-bit state; ftbench asks for 8-bit state everywhere unless told not to.
+        if "8bit" in name:
+            kw.setdefault("min_8bit_size", 1)
         return getattr(bnb_optim, name)(params, **{**fixed, **kw})
 
     return make
@@ -75,3 +79,13 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
                 seen.add(v.untyped_storage().data_ptr())
                 total += v.untyped_storage().nbytes()
     return total
+
+
+def paged_state_in_use(opt: torch.optim.Optimizer) -> bool:
+    """True only if some optimizer state really lives in paged (CUDA unified) memory. bitsandbytes falls back
+    to ordinary buffers on CPU (it only warns), so a paged optimizer on CPU reports False."""
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and getattr(v, "is_paged", False) and v.device.type == "cuda":
+                return True
+    return False

@@ -63,6 +63,7 @@ class RunRecord(BaseModel):
     total_params: int | None = None
     trainable_params: int | None = None
     trainable_pct: float | None = None
+    weight_bytes: int | None = Field(None, description="parameter storage incl. packed 4-bit weights + constants")
     # training
     losses: list[float] = Field(default_factory=list)
     lrs: list[float] = Field(default_factory=list)
@@ -80,11 +81,14 @@ class RunRecord(BaseModel):
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None
     optimizer_state_bytes: int | None = None
+    optimizer: str | None = None
+    paging_effective: bool | None = Field(None, description="true only where optimizer state really was paged")
     memory_methods: dict[str, str] = Field(default_factory=dict)
     # quality
     eval_before: EvalMetrics | None = None
     eval_after: EvalMetrics | None = None
     exports: list[ExportRecord] = Field(default_factory=list)
+    method_metrics: dict[str, Any] = Field(default_factory=dict, description="figures the method reports itself")
     export_bytes: int | None = Field(None, description="total bytes of every export on disk")
 
 

@@ -76,7 +76,13 @@ class Method(Protocol):
         """Write the method's result (safetensors) under ``out_dir`` and describe each artifact."""
         ...
 
+    def report(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Figures the method measured about itself (e.g. bits per quantized parameter), stored in the record's
+        ``method_metrics``. Called once, after training and export. Most methods return ``{}``."""
+        ...
 
+
+CONTRACT = ("prepare", "trainable_parameters", "on_step_end", "export", "report")
 _REGISTRY: dict[str, type] = {}
 _ORIGIN: dict[str, str] = {}
 
@@ -97,9 +103,7 @@ def register_method(cls: type) -> type:
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, BaseModel)):
         raise RegistryError(f"method {name!r}: Config must be a pydantic BaseModel subclass")
-    missing = [
-        m for m in ("prepare", "trainable_parameters", "on_step_end", "export") if not callable(getattr(cls, m, None))
-    ]
+    missing = [m for m in CONTRACT if not callable(getattr(cls, m, None))]
     if missing:
         raise RegistryError(f"method {name!r} lacks {', '.join(missing)} of the method contract")
     origin = f"{cls.__module__}.{cls.__qualname__}"

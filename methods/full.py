@@ -37,6 +37,9 @@ class Full:
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         pass
 
+    def report(self, model: torch.nn.Module) -> dict:
+        return {}
+
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         path = out_dir / "model"
         model.save_pretrained(path, safe_serialization=True)

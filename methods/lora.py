@@ -94,5 +94,8 @@ class Lora:
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         pass
 
+    def report(self, model: torch.nn.Module) -> dict:
+        return {}
+
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         return export_peft(model, out_dir, mergeable=True)

@@ -83,6 +83,9 @@ class PeftGeneric:
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         pass
 
+    def report(self, model: torch.nn.Module) -> dict:
+        return {}
+
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         # Prompt-learning methods (prompt/prefix tuning) have nothing to merge into the weights.
         mergeable = isinstance(model.base_model, BaseTuner) and hasattr(model.base_model, "merge_and_unload")

@@ -17,12 +17,14 @@ COLUMNS = [
     "status",
     "trainable",
     "trainable %",
+    "weights",
     "peak memory",
+    "optimizer",
     "step time (median)",
     "tokens/s",
     "accuracy before → after",
     "export",
-    "merge Δlogit",
+    "merged exports: accuracy (max Δlogit)",
 ]
 
 
@@ -51,6 +53,14 @@ def peak_memory_label(r: RunRecord) -> str:
     return "—"
 
 
+def optimizer_label(r: RunRecord) -> str:
+    """The optimizer, and for paged ones whether paging really happened (it cannot on CPU)."""
+    name = r.optimizer or (r.config.get("train", {}) or {}).get("optimizer") or "—"
+    if r.paging_effective is False:
+        return f"{name} (not paged: no CUDA)"
+    return name
+
+
 def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
     rows = []
     for r in records:
@@ -58,7 +68,7 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
         acc = "—"
         if b is not None:
             acc = f"{b.accuracy:.3f} → {a.accuracy:.3f}" if a is not None else f"{b.accuracy:.3f} → —"
-        merged = next((e for e in r.exports if e.max_abs_logit_diff is not None), None)
+        merged = [e for e in r.exports if e.max_abs_logit_diff is not None and e.eval is not None]
         rows.append(
             {
                 "method": r.method,
@@ -69,14 +79,19 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "status": r.status if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:80]}",
                 "trainable": fmt_count(r.trainable_params),
                 "trainable %": f"{r.trainable_pct:.2f}" if r.trainable_pct is not None else "—",
+                "weights": fmt_bytes(r.weight_bytes),
                 "peak memory": peak_memory_label(r),
+                "optimizer": optimizer_label(r),
                 "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms"
                 if r.step_time_stats.get("median_s")
                 else "—",
                 "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
                 "accuracy before → after": acc,
                 "export": fmt_bytes(r.export_bytes),
-                "merge Δlogit": f"{merged.max_abs_logit_diff:.1e}" if merged else "—",
+                "merged exports: accuracy (max Δlogit)": "; ".join(
+                    f"{e.kind} {e.eval.accuracy:.3f} ({e.max_abs_logit_diff:.1e})" for e in merged
+                )
+                or "—",
             }
         )
     return rows

@@ -23,6 +23,7 @@ def _method_class(name, **attrs):
         "trainable_parameters": lambda s, m: [],
         "on_step_end": lambda s, m, i: None,
         "export": lambda s, m, d: [],
+        "report": lambda s, m: {},
         **attrs,
     }
     return type(f"M_{abs(hash(name))}", (), body)

@@ -1,0 +1,232 @@
+"""QLoRA (Dettmers et al. 2023, arXiv 2305.14314): LoRA adapters on a frozen base quantized to 4 bits.
+
+Each linear weight is quantized block-wise (``blocksize`` consecutive values share one absmax scale) to
+4-bit NF4 (quantiles of a normal distribution, information-theoretically optimal for normally distributed
+weights) or FP4. Double quantization quantizes the fp32 absmax constants again, to 8 bits in blocks of 256
+with one fp32 scale each, cutting the constants from 32/64 = 0.5 to 8/64 + 32/(64·256) ≈ 0.127 bits per
+parameter (blocksize 64). The forward pass dequantizes on the fly to ``compute_dtype``; LoRA's update is
+added in full precision: h = dequant(W_q) x + (alpha / r) · B A x.
+
+The base is quantized from the *same* weights the other methods start from (not a separately quantized
+checkpoint), so the comparison is like for like. The classification head and embeddings stay unquantized.
+
+Merging a LoRA update into a 4-bit base is lossy: W' = quant(dequant(W_q) + ΔW) re-rounds every weight.
+``export`` writes (a) the adapter, (b) the merged-and-requantized 4-bit model and (c) the adapter merged
+into 32-bit weights, and the runner evaluates (b) and (c) beside the unmerged model (a).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import get_peft_model
+from pydantic import Field
+from safetensors.torch import save_file
+
+from harness.registry import Export, ModelContext, register_method
+from methods.common import dir_bytes, export_peft, requires_grad_parameters
+from methods.lora import LoraOptions
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QLoraOptions(LoraOptions):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the absmax constants again (8-bit, blocks of 256)")
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="values per absmax")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dequantize to this")
+    skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
+
+
+def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) -> list[str]:
+    """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component or the full path) by
+    a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names."""
+    import bitsandbytes as bnb
+
+    done = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            path = f"{parent_name}.{name}" if parent_name else name
+            if not isinstance(child, torch.nn.Linear) or name in skip or path in skip:
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype],
+                compress_statistics=cfg.double_quant,
+                quant_type=cfg.quant_type,
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data.detach().clone().float(),
+                requires_grad=False,
+                compress_statistics=cfg.double_quant,
+                quant_type=cfg.quant_type,
+                blocksize=cfg.blocksize,
+                module=q,
+            )
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.detach().clone(), requires_grad=False)
+            q = q.to(child.weight.device)  # moving a Params4bit quantizes it
+            # bitsandbytes repacks 4-bit weights for a faster inference kernel on AVX512-BF16 CPUs at the first
+            # eval-mode forward; training afterwards breaks (in-place error with a bias, silently None LoRA grads
+            # without one). ftbench evaluates before training, so the repacking must never happen.
+            q.support_avx512bf16_for_cpu = False
+            setattr(parent, name, q)
+            done.append(path)
+    return done
+
+
+def quantized_storage(model: torch.nn.Module) -> dict[str, Any]:
+    """Bytes of packed 4-bit weights and of quantization constants, and bits per quantized parameter.
+    Constants = absmax (fp32 per block, or uint8 with double quantization) + the nested fp32 absmax and offset;
+    the fixed lookup tables (16 NF4/FP4 codes, 256 nested codes per layer) are counted separately, as the
+    paper does, because they do not grow with the layer."""
+    import bitsandbytes as bnb
+
+    packed = consts = codes = n = 0
+    for mod in model.modules():
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            continue
+        w, qs = mod.weight, mod.weight.quant_state
+        n += torch.Size(qs.shape).numel()
+        packed += w.untyped_storage().nbytes()
+        consts += qs.absmax.numel() * qs.absmax.element_size()
+        codes += qs.code.numel() * qs.code.element_size()
+        if qs.nested:
+            consts += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + qs.offset.numel() * 4
+            codes += qs.state2.code.numel() * qs.state2.code.element_size()
+    return {
+        "quantized_params": n,
+        "packed_weight_bytes": packed,
+        "quant_constant_bytes": consts,
+        "quant_code_table_bytes": codes,
+        "bits_per_quantized_param": 8 * (packed + consts) / n if n else None,
+    }
+
+
+def _dequantized_linear(layer: torch.nn.Module, delta: torch.Tensor | None = None) -> torch.nn.Linear:
+    import bitsandbytes.functional as F
+
+    lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    w = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    lin.weight.data = w if delta is None else w + delta.float()
+    if layer.bias is not None:
+        lin.bias.data = layer.bias.data.detach().float().clone()
+    return lin.requires_grad_(False)
+
+
+def merged_full_precision(model: torch.nn.Module) -> torch.nn.Module:
+    """The adapter merged into 32-bit weights: W' = dequant(W_q) + ΔW for adapted layers, dequant(W_q) elsewhere.
+    Only float rounding separates it from the unmerged model."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    m = copy.deepcopy(model)
+    for mod in list(m.modules()):
+        if isinstance(mod, LoraLayer) and isinstance(mod.get_base_layer(), bnb.nn.Linear4bit):
+            deltas = [mod.get_delta_weight(a) for a in mod.active_adapters]
+            mod.base_layer = _dequantized_linear(mod.get_base_layer(), sum(deltas))
+    m = m.unload()  # adapters are already folded in: drop the wrappers without merging again
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                setattr(parent, name, _dequantized_linear(child))
+    return m
+
+
+def relative_quantization_error(original: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    """||dequant(W_q) − W||_F / ||W||_F over all quantized weights together."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    err = ref = 0.0
+    for name, mod in model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and name in original:
+            w = original[name]
+            deq = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+            err += float((deq - w).pow(2).sum())
+            ref += float(w.pow(2).sum())
+    return (err / ref) ** 0.5 if ref else float("nan")
+
+
+@register_method
+class QLora:
+    """QLoRA (Dettmers et al. 2023): LoRA on a 4-bit NF4/FP4 base, optional double quantization."""
+
+    name = "qlora"
+    Config = QLoraOptions
+
+    def __init__(self, config: QLoraOptions) -> None:
+        self.config = config
+        self._metrics: dict[str, Any] = {}
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        skip = set(ctx.head_names) | set(self.config.skip_modules)
+        originals = {
+            n: m.weight.detach().clone().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        }
+        names = quantize_linears(model, skip, self.config)
+        if not names:
+            raise ValueError("qlora: no Linear layer left to quantize (check skip_modules)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._metrics = {
+            **quantized_storage(model),
+            "quantized_modules": len(names),
+            "quant_relative_error": relative_quantization_error(originals, model),
+            "quant_type": self.config.quant_type,
+            "double_quant": self.config.double_quant,
+            "blocksize": self.config.blocksize,
+            "compute_dtype": self.config.compute_dtype,
+        }
+        model.is_loaded_in_4bit = True  # tells peft to wrap the bnb layers with its 4-bit-aware LoRA layers
+        # LoraConfig's own default would target only query/value; keep the user's choice as is.
+        return get_peft_model(model, self.config.lora_config())
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return requires_grad_parameters(model)
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        """(a) adapter; (b) merged + requantized 4-bit (bitsandbytes state dict, safetensors); (c) merged fp32."""
+        out = export_peft(model, out_dir, mergeable=False)
+        merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
+        path4 = out_dir / "merged_4bit"
+        path4.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in merged4.state_dict().items() if torch.is_tensor(v)}
+        save_file(
+            sd,
+            path4 / "model.safetensors",
+            metadata={"format": "bitsandbytes-4bit", "quant_type": self.config.quant_type},
+        )
+        out.append(
+            Export(
+                "merged_4bit",
+                path4,
+                dir_bytes(path4),
+                model=merged4,
+                notes="dequantize → add ΔW → requantize to the same 4-bit format (lossy)",
+            )
+        )
+        merged32 = merged_full_precision(model)
+        path32 = out_dir / "merged_fp32"
+        merged32.save_pretrained(path32, safe_serialization=True)
+        out.append(
+            Export(
+                "merged_fp32",
+                path32,
+                dir_bytes(path32),
+                model=merged32,
+                notes="adapter merged into dequantized 32-bit weights (exact up to float rounding)",
+            )
+        )
+        return out
+
+    def report(self, model: torch.nn.Module) -> dict[str, Any]:
+        return dict(self._metrics)
