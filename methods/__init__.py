@@ -5,4 +5,4 @@ with :func:`harness.registry.register_method` and import it below (third parties
 ``ftbench.methods`` instead; see README "Adding a method").
 """
 
-from methods import full, lora, peft_generic, qlora  # noqa: F401
+from methods import full, lora, peft_generic, qalora, qlora  # noqa: F401

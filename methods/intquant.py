@@ -1,0 +1,147 @@
+"""Group-wise asymmetric INT-N weight quantization, bit packing, and the quantized linear layer QA-LoRA uses.
+
+A weight W (d_out × d_in) is cut into groups of ``group_size`` consecutive input channels per output row.
+Each group j of row i has a scale s_ij and a floating-point zero point z_ij, and its weights are integers
+q ∈ [0, 2^bits − 1]:
+
+    w = s · q + z                      (min-max round-to-nearest: s = (max − min) / (2^bits − 1), z = min)
+
+Zero points are stored as floats, not integers: QA-LoRA's merge adds a per-(row, group) constant to them,
+which is no longer an integer multiple of the scale. Integers are bit-packed (8 values into ``bits`` bytes),
+so storage is exactly ``bits`` bits per weight plus 2 × 16 / group_size bits of fp16 scale and zero
+(INT4, group 32: 4 + 1 = 5.0 bits per parameter).
+
+For INT4 inference torch ships a CPU kernel with group-wise scale and float zero,
+``_weight_int4pack_mm_for_cpu`` (w = (q − 8) · scale + zero'), so a merged model runs on it as is,
+with zero' = z + 8 · s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (16, 32, 64, 128)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max round-to-nearest per group. Returns integer q (d_out × d_in, uint8), scale and zero (d_out × groups)."""
+    d_out, d_in = w.shape
+    g = w.float().reshape(d_out, d_in // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp(min=1e-10)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, levels)
+    return q.reshape(d_out, d_in).to(torch.uint8), scale, lo
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    d_out, d_in = q.shape
+    g = q.reshape(d_out, d_in // group_size, group_size).to(dtype)
+    return (g * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).reshape(d_out, d_in)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers < 2^bits, 8 at a time, into ``bits`` bytes (exactly ``bits`` bits per value)."""
+    flat = q.reshape(-1).to(torch.int64)
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8)
+    word = (flat << (torch.arange(8) * bits)).sum(-1)  # up to 64 bits: 8 values × bits
+    return ((word[:, None] >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    b = packed.reshape(-1, bits).to(torch.int64)
+    word = (b << (torch.arange(bits) * 8)).sum(-1)
+    vals = (word[:, None] >> (torch.arange(8) * bits)) & (2**bits - 1)
+    return vals.reshape(-1)[:numel].to(torch.uint8)
+
+
+class QuantLinear(torch.nn.Module):
+    """A frozen group-wise INT-N linear layer (packed integers, fp16/fp32 scale and float zero per group)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        param_dtype: torch.dtype = torch.float16,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.compute_dtype = compute_dtype
+        groups = in_features // group_size
+        n = in_features * out_features
+        self.register_buffer("qweight", torch.zeros((n + 7) // 8 * bits, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=param_dtype))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=param_dtype))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._int4 = None  # lazily built int4pack weight for the CPU INT4 kernel
+        self.kernel = "dequant"  # or "int4": torch's CPU weight-only INT4 matmul (inference only)
+
+    @classmethod
+    def from_linear(
+        cls, lin: torch.nn.Linear, bits: int, group_size: int, param_dtype: torch.dtype, compute_dtype: torch.dtype
+    ) -> QuantLinear:
+        m = cls(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, param_dtype, compute_dtype)
+        q, scale, zero = quantize_rtn(lin.weight.detach(), bits, group_size)
+        m.set_quantized(q, scale, zero)
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().float().clone()
+        return m
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.qweight = pack(q, self.bits)
+        self.scales = scale.to(self.scales.dtype)
+        self.zeros = zero.to(self.zeros.dtype)
+        self._int4 = None
+
+    def int_weight(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits, self.in_features * self.out_features).reshape(
+            self.out_features, self.in_features
+        )
+
+    def weight_dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.int_weight(), self.scales, self.zeros, self.group_size, dtype or self.compute_dtype)
+
+    def storage_bytes(self) -> dict[str, int]:
+        return {
+            "packed_weight_bytes": self.qweight.numel(),
+            "scale_zero_bytes": self.scales.numel() * self.scales.element_size() * 2,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4":
+            return self.forward_int4_kernel(x)
+        w = self.weight_dequantized()
+        b = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return torch.nn.functional.linear(x.to(self.compute_dtype), w, b).to(x.dtype)
+
+    def forward_int4_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """INT4 only: torch's CPU weight-only INT4 matmul (bf16 activations); w = (q − 8)·s + (z + 8·s)."""
+        if self.bits != 4:
+            raise ValueError("the INT4 kernel needs bits=4")
+        if self._int4 is None:
+            q = self.int_weight().to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            s, z = self.scales.float(), self.zeros.float()
+            sz = torch.stack([s, z + 8 * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._int4 = (packed, sz)
+        packed, sz = self._int4
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), packed, self.group_size, sz
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"

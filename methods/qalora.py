@@ -1,0 +1,279 @@
+"""QA-LoRA (Xu et al., ICLR 2024, arXiv 2309.14717): quantization-aware LoRA with an exact, still-quantized merge.
+
+The base is quantized group-wise to INT-N (see :mod:`methods.intquant`): w_ik = s_ij · q_ik + z_ij for input
+channel k in group j = k // g. The adapter sees the input *pooled over each group*,
+
+    h = W̃ x + (alpha / r) · B A P x,     P ∈ R^{(d_in/g) × d_in},  (P x)_j = Σ_{k ∈ group j} x_k,
+
+so A is r × (d_in / g) and the update B A P is constant within each group: ΔW_ik = (alpha / r) · (B A)_{i, j(k)}.
+That constant folds exactly into the group's zero point, z'_ij = z_ij + (alpha / r) · (B A)_ij: the merged
+model keeps the same integers and scales, is still INT-N, and runs on quantized kernels.
+
+Pooling constant: ftbench sums over the group, as the paper does (P has ones). peft's ``use_qalora`` takes
+the mean and multiplies by d_in / g, i.e. its P has entries (d_in / g) / g; an adapter trained under one
+convention merges under the same one only. The merge below uses the sum, matching the forward.
+
+On-disk format of the merged model (``merged_int/``): ``model.safetensors`` holds, per quantized layer,
+``qweight`` (uint8, 8 integers packed into ``bits`` bytes, row-major over d_out × d_in), ``scales`` and
+``zeros`` (d_out × d_in/g, fp16 by default; zeros are floats since merged zero points are not integers) and
+``bias``; every other tensor as is. ``config.json`` is the transformers config; ``ftbench_quant.json`` names
+the quantized layers, bits, group size and the formula. :func:`load_merged` reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from harness.config import Strict
+from harness.registry import Export, ModelContext, register_method
+from methods.common import dir_bytes, requires_grad_parameters
+from methods.intquant import QuantLinear
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+FORMAT = "ftbench-int-groupwise-v1"
+
+
+class QALoraLinear(torch.nn.Module):
+    """A frozen QuantLinear plus a LoRA adapter on the group-pooled input."""
+
+    def __init__(self, base: QuantLinear, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.groups = base.in_features // base.group_size
+        self.lora_A = torch.nn.Linear(self.groups, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False)
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as LoRA: random A, zero B
+        torch.nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*x.shape[:-1], self.groups, self.base.group_size).sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.lora_B(self.lora_A(self.pool(self.dropout(x)).to(self.lora_A.weight.dtype)))
+        return self.base(x) + (update * self.scaling).to(x.dtype)
+
+    def merged(self) -> QuantLinear:
+        """The base with the adapter folded into its zero points; integers and scales untouched."""
+        out = copy.deepcopy(self.base)
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # d_out × groups
+        out.zeros = (out.zeros.float() + delta).to(out.zeros.dtype)
+        return out
+
+
+class QALoraOptions(Strict):
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="updates are scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="Linear names to quantize+adapt; None = all but head")
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Literal[16, 32, 64, 128] = 32
+    quantizer: Literal["rtn"] = Field("rtn", description="rtn: min-max round-to-nearest (GPTQ: not yet)")
+    param_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored scales and zeros")
+    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dequantize to this")
+
+
+def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None) -> list[tuple[str, torch.nn.Linear]]:
+    out = []
+    for path, mod in model.named_modules():
+        last = path.split(".")[-1]
+        if not isinstance(mod, torch.nn.Linear) or path.split(".")[0] in ctx_heads or last in ctx_heads:
+            continue
+        if names is None or last in names or path in names:
+            out.append((path, mod))
+    return out
+
+
+def _set(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def load_merged(path: Path) -> torch.nn.Module:
+    """ftbench's loader for a merged QA-LoRA export: rebuild the architecture, put QuantLinear layers where the
+    JSON says, load every tensor strictly."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    meta = json.loads((Path(path) / "ftbench_quant.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} export")
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    for name in meta["layers"]:
+        lin = model.get_submodule(name)
+        _set(
+            model,
+            name,
+            QuantLinear(
+                lin.in_features,
+                lin.out_features,
+                meta["bits"],
+                meta["group_size"],
+                lin.bias is not None,
+                DTYPES[meta["param_dtype"]],
+                DTYPES[meta["compute_dtype"]],
+            ),
+        )
+    model.load_state_dict(load_file(Path(path) / "model.safetensors"), strict=True)
+    return model.eval()
+
+
+def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5) -> float:
+    with torch.no_grad():
+        model(**batch)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@register_method
+class QALora:
+    """QA-LoRA (Xu et al. 2024): group-wise INT-N base, group-pooled LoRA, exact merge into zero points."""
+
+    name = "qalora"
+    Config = QALoraOptions
+
+    def __init__(self, config: QALoraOptions) -> None:
+        self.config = config
+        self._metrics: dict[str, Any] = {}
+        self._layers: list[str] = []
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        c = self.config
+        targets = _targets(model, set(ctx.head_names), c.target_modules)
+        if not targets:
+            raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
+        for path, lin in targets:
+            if lin.in_features % c.group_size:
+                raise ValueError(
+                    f"qalora: group_size {c.group_size} does not divide d_in={lin.in_features} of layer "
+                    f"{path!r}; choose a group_size that divides every targeted layer's d_in"
+                )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        err = ref = 0.0
+        n = packed = consts = 0
+        for path, lin in targets:
+            q = QuantLinear.from_linear(lin, c.bits, c.group_size, DTYPES[c.param_dtype], DTYPES[c.compute_dtype])
+            w = lin.weight.detach().float()
+            err += float((q.weight_dequantized(torch.float32) - w).pow(2).sum())
+            ref += float(w.pow(2).sum())
+            n += w.numel()
+            packed += q.storage_bytes()["packed_weight_bytes"]
+            consts += q.storage_bytes()["scale_zero_bytes"]
+            _set(model, path, QALoraLinear(q, c.r, c.alpha, c.dropout))
+        for name in ctx.head_names:  # the classifier head trains in full, as with LoRA
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        self._layers = [p for p, _ in targets]
+        self._metrics = {
+            "quantized_params": n,
+            "packed_weight_bytes": packed,
+            "scale_zero_bytes": consts,
+            "bits_per_quantized_param": 8 * (packed + consts) / n,
+            "quant_relative_error": (err / ref) ** 0.5,
+            "quantized_modules": len(targets),
+            "bits": c.bits,
+            "group_size": c.group_size,
+            "pooling": "sum over each group (paper)",
+        }
+        return model
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return requires_grad_parameters(model)
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    def merged_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        merged = copy.deepcopy(model)
+        for path in self._layers:
+            _set(merged, path, merged.get_submodule(path).merged())
+        return merged.eval()
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        adapter_dir = out_dir / "adapter"
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {n: p.detach().contiguous() for n, p in self.trainable_parameters(model)},
+            adapter_dir / "adapter.safetensors",
+        )
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(self.config.model_dump(), indent=1))
+
+        merged = self.merged_model(model)
+        same_ints = all(
+            torch.equal(merged.get_submodule(p).qweight, model.get_submodule(p).base.qweight)
+            and torch.equal(merged.get_submodule(p).scales, model.get_submodule(p).base.scales)
+            for p in self._layers
+        )
+        path = out_dir / "merged_int"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, path / "model.safetensors")
+        merged.config.save_pretrained(path)
+        c = self.config
+        (path / "ftbench_quant.json").write_text(
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "bits": c.bits,
+                    "group_size": c.group_size,
+                    "param_dtype": c.param_dtype,
+                    "compute_dtype": c.compute_dtype,
+                    "layers": self._layers,
+                    "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]",
+                },
+                indent=1,
+            )
+        )
+        reloaded = load_merged(path)
+
+        batch = {"input_ids": torch.randint(1000, 2000, (8, 64)), "attention_mask": torch.ones(8, 64, dtype=torch.long)}
+        model.eval()
+        with torch.no_grad():
+            ref = model(**batch).logits.float()
+            diff = float((reloaded(**batch).logits.float() - ref).abs().max())
+        self._metrics.update(
+            integer_weights_unchanged=same_ints,
+            merged_vs_unmerged_max_abs_diff_random=diff,
+            bits_per_quantized_param_merged=self._bits(reloaded),
+            latency_unmerged_s=_latency_s(model, batch),
+            latency_merged_s=_latency_s(reloaded, batch),
+        )
+        if c.bits == 4 and c.group_size >= 32:  # torch's INT4 CPU kernel takes groups of 32, 64, 128, 256
+            fast = copy.deepcopy(reloaded)
+            for p in self._layers:
+                fast.get_submodule(p).kernel = "int4"
+            self._metrics["latency_merged_int4_kernel_s"] = _latency_s(fast, batch)
+        return [
+            Export("adapter", adapter_dir, dir_bytes(adapter_dir)),
+            Export(
+                "merged_int",
+                path,
+                dir_bytes(path),
+                model=reloaded,
+                notes="adapter folded into float zero points; integers unchanged; reloaded from disk",
+            ),
+        ]
+
+    def _bits(self, model: torch.nn.Module) -> float:
+        n = b = 0
+        for p in self._layers:
+            q = model.get_submodule(p)
+            n += q.in_features * q.out_features
+            b += sum(q.storage_bytes().values())
+        return 8 * b / n
+
+    def report(self, model: torch.nn.Module) -> dict[str, Any]:
+        return dict(self._metrics)
