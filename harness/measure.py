@@ -91,8 +91,11 @@ def step_time_stats(times_s: list[float]) -> dict[str, float | int | None]:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int | float]:
-    """Total and trainable parameters. bitsandbytes 4-bit weights pack two values per byte: count the
-    logical number of weights (``quant_state.shape``) so totals compare across methods."""
+    """Total and trainable parameters, and the bytes the weights occupy as stored.
+
+    Quantized weights count by their logical number of values so totals compare across methods: bitsandbytes
+    4-bit parameters by ``quant_state.shape``; modules that keep integer weights in buffers (QA-LoRA's
+    QuantLinear) by their ``quantized_numel()``, their buffers (packed integers, scales, zeros, bias) as storage."""
     total = trainable = weight_bytes = 0
     seen: set[int] = set()
     for p in model.parameters():
@@ -104,6 +107,10 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int | float]:
         total += n
         trainable += n if p.requires_grad else 0
         weight_bytes += p.untyped_storage().nbytes() + (_quant_state_bytes(qs) if qs is not None else 0)
+    for mod in model.modules():
+        if callable(getattr(mod, "quantized_numel", None)):
+            total += mod.quantized_numel()
+            weight_bytes += sum(b.untyped_storage().nbytes() for b in mod.buffers(recurse=False))
     return {
         "total_params": total,
         "trainable_params": trainable,

@@ -82,7 +82,8 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("qweight", torch.zeros((n + 7) // 8 * bits, dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=param_dtype))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=param_dtype))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # the bias stays a float parameter (frozen), as in any Linear
+        self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._int4 = None  # lazily built int4pack weight for the CPU INT4 kernel
         self.kernel = "dequant"  # or "int4": torch's CPU weight-only INT4 matmul (inference only)
 
@@ -94,7 +95,7 @@ class QuantLinear(torch.nn.Module):
         q, scale, zero = quantize_rtn(lin.weight.detach(), bits, group_size)
         m.set_quantized(q, scale, zero)
         if lin.bias is not None:
-            m.bias = lin.bias.detach().float().clone()
+            m.bias.data = lin.bias.detach().float().clone()
         return m
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
@@ -111,7 +112,11 @@ class QuantLinear(torch.nn.Module):
     def weight_dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.int_weight(), self.scales, self.zeros, self.group_size, dtype or self.compute_dtype)
 
+    def quantized_numel(self) -> int:
+        return self.in_features * self.out_features
+
     def storage_bytes(self) -> dict[str, int]:
+        """Packed integers + scales and zeros (what bits per parameter counts; the bias is apart)."""
         return {
             "packed_weight_bytes": self.qweight.numel(),
             "scale_zero_bytes": self.scales.numel() * self.scales.element_size() * 2,

@@ -99,6 +99,18 @@ def _set(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
+def save_int_model(model: torch.nn.Module, layers: list[str], path: Path, bits: int, group_size: int,
+                   param_dtype: str, compute_dtype: str) -> None:
+    """Write a model whose ``layers`` are QuantLinear in the format :func:`load_merged` reads."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    model.config.save_pretrained(path)
+    meta = {"format": FORMAT, "bits": bits, "group_size": group_size, "param_dtype": param_dtype,
+            "compute_dtype": compute_dtype, "layers": layers,
+            "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]"}
+    (path / "ftbench_quant.json").write_text(json.dumps(meta, indent=1))
+
+
 def load_merged(path: Path) -> torch.nn.Module:
     """ftbench's loader for a merged QA-LoRA export: rebuild the architecture, put QuantLinear layers where the
     JSON says, load every tensor strictly."""
@@ -219,24 +231,8 @@ class QALora:
             for p in self._layers
         )
         path = out_dir / "merged_int"
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, path / "model.safetensors")
-        merged.config.save_pretrained(path)
         c = self.config
-        (path / "ftbench_quant.json").write_text(
-            json.dumps(
-                {
-                    "format": FORMAT,
-                    "bits": c.bits,
-                    "group_size": c.group_size,
-                    "param_dtype": c.param_dtype,
-                    "compute_dtype": c.compute_dtype,
-                    "layers": self._layers,
-                    "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]",
-                },
-                indent=1,
-            )
-        )
+        save_int_model(merged, self._layers, path, c.bits, c.group_size, c.param_dtype, c.compute_dtype)
         reloaded = load_merged(path)
 
         batch = {"input_ids": torch.randint(1000, 2000, (8, 64)), "attention_mask": torch.ones(8, 64, dtype=torch.long)}

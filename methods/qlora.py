@@ -39,6 +39,10 @@ class QLoraOptions(LoraOptions):
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="values per absmax")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dequantize to this")
     skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
+    export_int_bits: Literal[2, 3, 4, 8] | None = Field(
+        None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format"
+    )
+    export_int_group_size: Literal[16, 32, 64, 128] = Field(32, description="group size of that INT-N export")
 
 
 def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) -> list[str]:
@@ -163,6 +167,7 @@ class QLora:
     def __init__(self, config: QLoraOptions) -> None:
         self.config = config
         self._metrics: dict[str, Any] = {}
+        self._quantized: list[str] = []
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         skip = set(ctx.head_names) | set(self.config.skip_modules)
@@ -170,6 +175,7 @@ class QLora:
             n: m.weight.detach().clone().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
         }
         names = quantize_linears(model, skip, self.config)
+        self._quantized = names
         if not names:
             raise ValueError("qlora: no Linear layer left to quantize (check skip_modules)")
         for p in model.parameters():
@@ -226,7 +232,30 @@ class QLora:
                 notes="adapter merged into dequantized 32-bit weights (exact up to float rounding)",
             )
         )
+        if self.config.export_int_bits:
+            out.append(self._export_int(merged32, out_dir))
         return out
+
+    def _export_int(self, merged32: torch.nn.Module, out_dir: Path) -> Export:
+        """QLoRA's deployment route to an integer model: merge in full precision, then quantize group-wise to
+        INT-N with RTN — the point of comparison for QA-LoRA's exact merge (paper: QLoRA + GPTQ vs QA-LoRA)."""
+        from methods.intquant import QuantLinear
+        from methods.qalora import load_merged, save_int_model
+
+        c = self.config
+        bits, g = c.export_int_bits, c.export_int_group_size
+        m = copy.deepcopy(merged32)
+        for name in self._quantized:
+            lin = m.get_submodule(name)
+            if lin.in_features % g:
+                raise ValueError(f"qlora: export_int_group_size {g} does not divide d_in={lin.in_features} of {name!r}")
+            parent, _, attr = name.rpartition(".")
+            q = QuantLinear.from_linear(lin, bits, g, torch.float16, torch.float32)
+            setattr(m.get_submodule(parent) if parent else m, attr, q)
+        path = out_dir / f"merged_int{bits}"
+        save_int_model(m, self._quantized, path, bits, g, "float16", "float32")
+        return Export(f"merged_int{bits}", path, dir_bytes(path), model=load_merged(path),
+                      notes=f"merged in fp32, then requantized to INT{bits} group {g} (RTN)")
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:
         return dict(self._metrics)

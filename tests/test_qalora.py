@@ -123,3 +123,17 @@ def test_export_reload_and_run_record(tmp_path):
 def test_group_size_must_divide_every_layer():
     with pytest.raises(ValueError, match=r"group_size 64 does not divide d_in=32 of layer 'bert\.encoder"):
         _prepared(group_size=64)
+
+
+def test_parameter_counts_include_quantized_weights():
+    from harness.measure import parameter_counts
+
+    base = load_model("tiny-bert", 2, 0).model
+    n_base = sum(p.numel() for p in base.parameters())
+    m, model = _prepared(bits=4, group_size=32)
+    c = parameter_counts(model)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert c["total_params"] == n_base + adapters
+    assert c["trainable_pct"] < 1
+    fp32_linear_bytes = 4 * m.report(model)["quantized_params"]
+    assert c["weight_bytes"] < 4 * n_base + 4 * adapters - fp32_linear_bytes * 0.8
