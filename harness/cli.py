@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = console()
     out.print(to_rich_table(records, title=f"ftbench · {suite.name}"))
     out.print(f"records: {results / 'records'}")
+    from reports.html import write_report
+
+    out.print(f"report: {write_report(results)}")
     return 0 if all(r.status == "ok" for r in records) else 1
 
 
@@ -86,26 +89,70 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_summary(args: argparse.Namespace) -> int:
-    from harness.records import read_record
-    from reports.summary import to_markdown, to_rich_table
+def _records_dir(path: str) -> Path:
+    if not (Path(path) / "records").is_dir():
+        raise ConfigError(f"{path}: no records/ folder; is this an ftbench results directory?")
+    return Path(path)
 
-    recdir = Path(args.results) / "records"
-    if not recdir.is_dir():
-        raise ConfigError(f"{args.results}: no records/ folder; is this an ftbench results directory?")
-    records = [read_record(p) for p in sorted(recdir.glob("*.json"))]
-    if args.format == "md":
-        print(to_markdown(records))
-    elif args.format == "csv":
-        import pandas as pd
 
-        from reports.summary import summary_rows
+def cmd_report(args: argparse.Namespace) -> int:
+    """HTML by default (self-contained); md / csv / json print the summary table to stdout."""
+    from reports.html import load_results, write_report
 
-        print(pd.DataFrame(summary_rows(records)).to_csv(index=False), end="")
+    results = _records_dir(args.results)
+    if args.format == "html":
+        print(write_report(results, Path(args.output) if args.output else None))
+        return 0
+    records, _, _ = load_results(results)
+    text = _tabular(records, args.format)
+    if args.output:
+        from harness.records import atomic_write_text
+
+        atomic_write_text(Path(args.output), text)
     else:
-        from reports.summary import console
+        print(text, end="" if text.endswith("\n") else "\n")
+    return 0
 
-        console().print(to_rich_table(records))
+
+def _tabular(records, fmt: str) -> str:
+    import json
+
+    import pandas as pd
+
+    from reports.compare import flat_rows
+    from reports.summary import to_markdown
+
+    if fmt == "md":
+        return to_markdown(records)
+    rows = flat_rows(records)
+    return pd.DataFrame(rows).to_csv(index=False) if fmt == "csv" else json.dumps(rows, indent=1)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from reports.html import load_results
+    from reports.summary import console, to_rich_table
+
+    records, _, name = load_results(_records_dir(args.results))
+    console().print(to_rich_table(records, title=f"ftbench · {name}"))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from reports.compare import compare, fmt
+    from reports.html import load_results
+
+    old, _, _ = load_results(_records_dir(args.old))
+    new, _, _ = load_results(_records_dir(args.new))
+    rows, notes = compare(old, new)
+    cols = ["cell", "metric", "old", "new", "delta", "relative", "status"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        rel = f"{r['relative'] * 100:+.1f}%" if r["relative"] is not None else "—"
+        vals = [r["cell"], r["metric"], fmt(r["old"]), fmt(r["new"]), fmt(r["delta"]), rel, r["status"]]
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
+    print("\n".join(lines))
+    for n in notes:
+        print(f"warning: environments differ: {n}" if "→" in n else f"note: {n}", file=sys.stderr)
     return 0
 
 
@@ -132,8 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)
     s = sub.add_parser("summary", help="print the summary table of a results directory")
     s.add_argument("results")
-    s.add_argument("--format", choices=["table", "md", "csv"], default="table")
     s.set_defaults(fn=cmd_summary)
+    rp = sub.add_parser("report", help="write the HTML report of a results directory (or md / csv / json)")
+    rp.add_argument("results")
+    rp.add_argument("-o", "--output", help="output file (default: RESULTS/report.html; stdout for md/csv/json)")
+    rp.add_argument("--format", choices=["html", "md", "csv", "json"], default="html")
+    rp.set_defaults(fn=cmd_report)
+    cp = sub.add_parser("compare", help="compare two results directories cell by cell")
+    cp.add_argument("old")
+    cp.add_argument("new")
+    cp.set_defaults(fn=cmd_compare)
     c = sub.add_parser("_cell", help=argparse.SUPPRESS)
     c.add_argument("cell_file")
     c.add_argument("--results", required=True)

@@ -160,6 +160,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Temp file in the same directory, fsync, rename: a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

@@ -99,15 +99,28 @@ def _set(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def save_int_model(model: torch.nn.Module, layers: list[str], path: Path, bits: int, group_size: int,
-                   param_dtype: str, compute_dtype: str) -> None:
+def save_int_model(
+    model: torch.nn.Module,
+    layers: list[str],
+    path: Path,
+    bits: int,
+    group_size: int,
+    param_dtype: str,
+    compute_dtype: str,
+) -> None:
     """Write a model whose ``layers`` are QuantLinear in the format :func:`load_merged` reads."""
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
     model.config.save_pretrained(path)
-    meta = {"format": FORMAT, "bits": bits, "group_size": group_size, "param_dtype": param_dtype,
-            "compute_dtype": compute_dtype, "layers": layers,
-            "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]"}
+    meta = {
+        "format": FORMAT,
+        "bits": bits,
+        "group_size": group_size,
+        "param_dtype": param_dtype,
+        "compute_dtype": compute_dtype,
+        "layers": layers,
+        "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]",
+    }
     (path / "ftbench_quant.json").write_text(json.dumps(meta, indent=1))
 
 

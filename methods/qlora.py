@@ -254,8 +254,13 @@ class QLora:
             setattr(m.get_submodule(parent) if parent else m, attr, q)
         path = out_dir / f"merged_int{bits}"
         save_int_model(m, self._quantized, path, bits, g, "float16", "float32")
-        return Export(f"merged_int{bits}", path, dir_bytes(path), model=load_merged(path),
-                      notes=f"merged in fp32, then requantized to INT{bits} group {g} (RTN)")
+        return Export(
+            f"merged_int{bits}",
+            path,
+            dir_bytes(path),
+            model=load_merged(path),
+            notes=f"merged in fp32, then requantized to INT{bits} group {g} (RTN)",
+        )
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:
         return dict(self._metrics)

@@ -141,8 +141,10 @@ def test_run_records_quantization_and_merge_fidelity(tmp_path):
 
 
 def test_int_export_for_the_qalora_comparison(tmp_path):
-    cfg = cells(methods=[{"method": "qlora", "config": {"r": 4, "export_int_bits": 3, "export_int_group_size": 16}}],
-                train={"steps": 4, "batch_size": 8, "lr": 5e-3, "max_seq_len": 32, "timing_warmup_steps": 1})[0]
+    cfg = cells(
+        methods=[{"method": "qlora", "config": {"r": 4, "export_int_bits": 3, "export_int_group_size": 16}}],
+        train={"steps": 4, "batch_size": 8, "lr": 5e-3, "max_seq_len": 32, "timing_warmup_steps": 1},
+    )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
     ex = {e.kind: e for e in rec.exports}

@@ -1,0 +1,193 @@
+"""Plotly figures of a results set. Every user-supplied string is HTML-escaped before it reaches a figure."""
+
+from __future__ import annotations
+
+import html
+import statistics
+from collections import defaultdict
+
+import plotly.graph_objects as go
+
+from harness.records import RunRecord
+
+MIB = 2**20
+COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff"]
+
+
+def label(r: RunRecord) -> str:
+    return html.escape(f"{r.method}/{r.variant}")
+
+
+def peak_bytes(r: RunRecord) -> tuple[int | None, str]:
+    """The peak-memory figure a record has, and what it is (never call CPU memory VRAM)."""
+    if r.cuda_max_allocated_bytes is not None:
+        return r.cuda_max_allocated_bytes, "CUDA max allocated"
+    return r.peak_live_tensor_bytes, "CPU live tensors"
+
+
+def groups(records: list[RunRecord]) -> dict[tuple, list[RunRecord]]:
+    """ok runs grouped by everything but the seed."""
+    out: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.eval_after is not None:
+            out[(r.model, r.task, r.method, r.variant)].append(r)
+    return dict(out)
+
+
+def _layout(title: str, x: str, y: str, **kw) -> dict:
+    return dict(
+        title=title,
+        xaxis_title=x,
+        yaxis_title=y,
+        template="plotly_white",
+        height=420,
+        margin=dict(l=60, r=20, t=50, b=60),
+        **kw,
+    )
+
+
+def pareto(records: list[RunRecord]) -> go.Figure:
+    """Peak memory vs accuracy (mean over seeds); the frontier joins runs no other run beats on both."""
+    pts = []
+    for (_, _, method, variant), rs in groups(records).items():
+        mem = [peak_bytes(r)[0] for r in rs if peak_bytes(r)[0] is not None]
+        if not mem:
+            continue
+        acc = [r.eval_after.accuracy for r in rs]
+        pts.append((statistics.fmean(mem) / MIB, statistics.fmean(acc), html.escape(f"{method}/{variant}")))
+    kind = peak_bytes(records[0])[1] if records else ""
+    fig = go.Figure()
+    fig.add_scatter(
+        x=[p[0] for p in pts],
+        y=[p[1] for p in pts],
+        text=[p[2] for p in pts],
+        mode="markers+text",
+        textposition="top center",
+        name="runs",
+        marker=dict(size=11),
+    )
+    frontier, best = [], -1.0
+    for p in sorted(pts, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            frontier.append(p)
+            best = p[1]
+    fig.add_scatter(
+        x=[p[0] for p in frontier],
+        y=[p[1] for p in frontier],
+        mode="lines+markers",
+        name="Pareto frontier (no run is both cheaper and better)",
+        line=dict(dash="dash"),
+        marker=dict(symbol="star", size=16, color="rgba(0,0,0,0)", line=dict(width=2, color="#d62728")),
+    )
+    fig.update_layout(
+        **_layout(
+            f"Peak memory vs accuracy ({kind}; lower-left is cheaper, up is better)",
+            f"peak memory, MiB ({kind})",
+            "test accuracy after training",
+        )
+    )
+    return fig
+
+
+def memory_breakdown(records: list[RunRecord]) -> go.Figure:
+    """Weights and optimizer state as recorded; the rest of the step's peak is gradients, activations and
+    temporaries together (a finer split needs the per-category tracker)."""
+    ok = [r for r in records if r.status == "ok" and peak_bytes(r)[0] is not None]
+    names = [f"{label(r)} s{r.seed}" for r in ok]
+    weights = [(r.weight_bytes or 0) / MIB for r in ok]
+    opt = [(r.optimizer_state_bytes or 0) / MIB for r in ok]
+    rest = [max(0.0, peak_bytes(r)[0] / MIB - w - o) for r, w, o in zip(ok, weights, opt, strict=True)]
+    fig = go.Figure()
+    for name, ys in (("weights", weights), ("optimizer state", opt), ("gradients + activations + temporaries", rest)):
+        fig.add_bar(x=names, y=ys, name=name)
+    fig.update_layout(barmode="stack", **_layout("Where the peak memory goes", "run", "MiB at the step's peak"))
+    return fig
+
+
+def throughput(records: list[RunRecord]) -> go.Figure:
+    ok = [r for r in records if r.status == "ok" and r.tokens_per_s]
+    fig = go.Figure()
+    fig.add_bar(
+        x=[f"{label(r)} s{r.seed}" for r in ok],
+        y=[r.tokens_per_s for r in ok],
+        name="tokens/s",
+        text=[f"{r.step_time_stats.get('median_s', 0) * 1000:.0f} ms/step" for r in ok],
+        textposition="auto",
+    )
+    fig.update_layout(**_layout("Training throughput (measured steps, warm-up excluded)", "run", "non-pad tokens / s"))
+    return fig
+
+
+def _moving_average(xs: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def loss_curves(records: list[RunRecord]) -> go.Figure:
+    """Per-step losses of small batches are noisy: show a moving average, raw curves one click away."""
+    fig = go.Figure()
+    window = 10
+    for i, r in enumerate(r for r in records if r.losses):
+        steps = list(range(1, len(r.losses) + 1))
+        name = f"{label(r)} s{r.seed}"
+        fig.add_scatter(
+            x=steps,
+            y=_moving_average(r.losses, window),
+            mode="lines",
+            name=f"{name} (avg {window})",
+            legendgroup=name,
+            line=dict(color=COLORS[i % len(COLORS)]),
+        )
+        fig.add_scatter(
+            x=steps,
+            y=r.losses,
+            mode="lines",
+            name=f"{name} (raw)",
+            legendgroup=name,
+            visible="legendonly",
+            line=dict(width=1, color=COLORS[i % len(COLORS)]),
+            opacity=0.4,
+        )
+    fig.update_layout(
+        **_layout(f"Training loss per optimizer step (moving average over {window} steps)", "step", "loss")
+    )
+    return fig
+
+
+def seed_spread(records: list[RunRecord]) -> tuple[go.Figure, list[str]]:
+    """Accuracy mean ± std over seeds, and plain sentences on which differences are within noise."""
+    stats = []
+    for (_, _, method, variant), rs in groups(records).items():
+        acc = [r.eval_after.accuracy for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        stats.append((f"{method}/{variant}", statistics.fmean(acc), sd, len(acc)))
+    fig = go.Figure()  # dots, not bars: bars would anchor at 0 and hide differences of a point or two
+    fig.add_scatter(
+        x=[html.escape(s[0]) for s in stats],
+        y=[s[1] for s in stats],
+        mode="markers+text",
+        error_y=dict(type="data", array=[s[2] for s in stats], visible=True),
+        marker=dict(size=12),
+        text=[f"n={s[3]}" for s in stats],
+        textposition="middle right",
+    )
+    fig.update_layout(**_layout("Accuracy after training, mean ± std over seeds", "method/variant", "accuracy"))
+    notes = []
+    if stats and all(s[3] < 2 for s in stats):
+        notes.append(
+            "Each configuration ran with one seed, so no difference between them can be told apart from "
+            "seed-to-seed noise. Add seeds to the suite to judge differences."
+        )
+        return fig, notes
+    for i, a in enumerate(stats):
+        for b in stats[i + 1 :]:
+            if a[3] < 2 or b[3] < 2:
+                continue
+            se = (a[2] ** 2 / a[3] + b[2] ** 2 / b[3]) ** 0.5
+            diff = a[1] - b[1]
+            verdict = "within noise" if abs(diff) <= 2 * se else "larger than the noise"
+            notes.append(f"{a[0]} vs {b[0]}: difference {diff:+.3f}, 2 × standard error {2 * se:.3f} → {verdict}.")
+    return fig, notes

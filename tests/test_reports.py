@@ -1,0 +1,59 @@
+"""Report formats and comparisons from real (tiny) runs."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from harness.cell import run_cell
+from harness.cli import main
+from harness.records import read_record, write_record
+from tests.conftest import cells
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("r")
+    for cfg in cells(methods=[{"method": "lora"}, {"method": "full"}]):
+        run_cell(cfg.model_copy(update={"export": False}), d)
+    return d
+
+
+def test_markdown_csv_json(results, capsys):
+    assert main(["report", str(results), "--format", "md"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| method |") and md.count("\n| lora") + md.count("\n| full") == 2
+    assert main(["report", str(results), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["method"] for r in rows} == {"lora", "full"} and all(float(r["accuracy_after"]) >= 0 for r in rows)
+    assert main(["report", str(results), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    full = next(d for d in data if d["method"] == "full")
+    assert full["trainable_params"] == full["total_params"]
+    assert all(d["peak_kind"] == "CPU live tensors" for d in data)
+
+
+def test_html_report_written(results, capsys):
+    assert main(["report", str(results)]) == 0
+    path = capsys.readouterr().out.strip()
+    html = open(path).read()
+    assert html.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in html and html.count('class="plot"') == 5
+
+
+def test_compare_reports_deltas_and_environment_changes(results, tmp_path, capsys):
+    new = tmp_path / "new"
+    for p in (results / "records").glob("*.json"):
+        rec = read_record(p)
+        env = {**rec.environment, "versions": {**rec.environment["versions"], "torch": "9.9.9"}}
+        write_record(new, rec.model_copy(update={"tokens_per_s": rec.tokens_per_s * 2, "environment": env}))
+    assert main(["compare", str(results), str(new)]) == 0
+    out = capsys.readouterr()
+    tps = [line for line in out.out.splitlines() if "| tokens_per_s |" in line]
+    assert len(tps) == 2 and all("+100.0%" in line for line in tps)
+    assert "warning: environments differ: torch" in out.err
+
+
+def test_report_of_a_non_results_dir_is_a_user_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no records/ folder" in capsys.readouterr().err
