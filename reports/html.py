@@ -88,8 +88,10 @@ def _table(records: list[RunRecord]) -> str:
 
 def _figure(fig, fid: str) -> str:
     data = pio.to_json(fig, validate=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return (f'<div id="{fid}" class="plot"></div>'
-            f'<script type="application/json" class="fig" data-target="{fid}">{data}</script>')
+    return (
+        f'<div id="{fid}" class="plot"></div>'
+        f'<script type="application/json" class="fig" data-target="{fid}">{data}</script>'
+    )
 
 
 def _failures(records: list[RunRecord]) -> str:
