@@ -32,6 +32,9 @@ class HeadOnly:
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        pass
+
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         for name, p in model.named_parameters():
             in_head = name.split(".")[0] in ctx.head_names

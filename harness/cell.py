@@ -15,7 +15,7 @@ import torch
 
 from harness.config import RunConfig
 from harness.data import encode, evaluate, train_batches
-from harness.loop import DTYPES, set_seed, train
+from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
 from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
 from harness.models import head_module_names, load_model
 from harness.records import EvalMetrics, ExportRecord, RunRecord, environment, now_iso, write_record
@@ -28,7 +28,11 @@ def _device() -> torch.device:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(err).lower()
+    """CUDA raises OutOfMemoryError; on CPU an allocation over the limit raises MemoryError or a RuntimeError
+    from the allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    text = str(err).lower()
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
 def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
@@ -60,7 +64,12 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     batches = train_batches(train_enc, cfg.train.batch_size, cfg.seed, pad_id)
-    res = train(model, method, batches, cfg.train, cfg.seed, device)
+    try:
+        res = train(model, method, batches, cfg.train, cfg.seed, device)
+    except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
+        rec.update(losses=err.result.losses, lrs=err.result.lrs, grad_norms=err.result.grad_norms,
+                   step_times_s=err.result.step_times_s)
+        raise
     rec["train_time_s"] = time.perf_counter() - t0
     measured = res.measured_step_times_s
     n_warm = res.timing_warmup_steps

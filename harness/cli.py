@@ -42,7 +42,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite)
     results = _results_dir(args.results, suite.name)
-    records = run_suite(suite, Path(args.suite).read_text(), results, retry_failed=args.retry_failed)
+    from harness.runner import ResultsLocked
+
+    try:
+        records = run_suite(suite, Path(args.suite).read_text(), results, retry_failed=args.retry_failed)
+    except ResultsLocked as err:
+        raise ConfigError(str(err)) from None
     out = console()
     out.print(to_rich_table(records, title=f"ftbench · {suite.name}"))
     out.print(f"records: {results / 'records'}")

@@ -83,6 +83,8 @@ class Suite(Strict):
     methods: list[MethodEntry] = Field(min_length=1)
     seeds: list[int] = Field([0], min_length=1)
     timeout_s: PositiveFloat = Field(3600, description="per-run wall-clock limit")
+    memory_limit_mb: PositiveInt | None = Field(None, description="per-run address-space limit (RLIMIT_AS)")
+    allow_network: bool = Field(False, description="let runs reach the Hugging Face hub (default: offline)")
     export: bool = True
 
     @field_validator("models", "tasks", mode="before")
@@ -103,6 +105,8 @@ class RunConfig(Strict):
     train: TrainConfig
     seed: int
     timeout_s: float
+    memory_limit_mb: int | None = None
+    allow_network: bool = False
     export: bool = True
 
     @property
@@ -195,11 +199,29 @@ def _check_names(suite: Suite, source: str) -> None:
     from harness.tasks import check_task_name
 
     for i, spec in enumerate(suite.models):
-        check_model_name(spec.name, f"{source}: models[{i}].name")
+        check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network)
     for i, t in enumerate(suite.tasks):
         check_task_name(t.name, f"{source}: tasks[{i}].name")
     if len(set(suite.seeds)) != len(suite.seeds):
         raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
+    _check_methods_fit_models(suite, source, known)
+
+
+def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
+    """Each method checks its config against each model's architecture (built on the meta device: no weights,
+    no memory), so e.g. a QA-LoRA group size that does not divide a layer's d_in fails before any training."""
+    from harness.models import skeleton
+
+    for spec in suite.models:
+        model = skeleton(spec.name, spec.trust_remote_code)
+        if model is None:  # architecture unknown without the network; the run will say
+            continue
+        for i, m in enumerate(suite.methods):
+            method = known[m.method](known[m.method].Config.model_validate(m.config))
+            try:
+                method.check_model(model)
+            except ValueError as err:
+                raise ConfigError(f"{source}: methods[{i}].config: {err} (model {spec.name})") from None
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -238,6 +260,8 @@ def expand(suite: Suite) -> list[RunConfig]:
                             train=train,
                             seed=seed,
                             timeout_s=suite.timeout_s,
+                            memory_limit_mb=suite.memory_limit_mb,
+                            allow_network=suite.allow_network,
                             export=suite.export,
                         )
                     )

@@ -27,7 +27,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss; the run stops at once rather than report numbers from garbage."""
+    """Training produced a NaN/inf loss; the run stops at once rather than report numbers from garbage.
+    ``result`` holds what was measured up to that step."""
+
+    def __init__(self, message: str, result: LoopResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -104,7 +109,8 @@ def train(
                 loss.backward()
                 loss_sum += float(loss.detach())
             if not math.isfinite(loss_sum):
-                raise NonFiniteLoss(f"non-finite loss {loss_sum} at step {step}")
+                res.losses.append(loss_sum)
+                raise NonFiniteLoss(f"non-finite loss {loss_sum} at step {step}", res)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()

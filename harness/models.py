@@ -72,7 +72,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
 
 
-def check_model_name(name: str, where: str) -> None:
+def check_model_name(name: str, where: str, allow_network: bool = False) -> None:
     """Fail at validation time, before anything trains, for names that cannot possibly load."""
     if name in ALIASES:
         if name == "minilm-l6" or name.startswith("tiny-"):
@@ -85,15 +85,34 @@ def check_model_name(name: str, where: str) -> None:
         return
     if path.is_dir():
         return
-    if os.environ.get("HF_HUB_OFFLINE", "1") != "0":
+    if not allow_network:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             raise ConfigError(
                 f"{where}: {name!r} is not an alias ({', '.join(ALIASES)}), not a local path, and not in the "
-                "local Hugging Face cache; runs are offline (HF_HUB_OFFLINE=1). Use a local path, or set "
-                "HF_HUB_OFFLINE=0 where the hub is reachable"
+                "local Hugging Face cache; runs are offline. Use a local path, or set `allow_network: true` in the "
+                "suite where the hub is reachable"
             )
+
+
+def _config(name: str, num_labels: int, trust_remote_code: bool):
+    if name in ("tiny-bert", "tiny-llama"):
+        return _tiny_config(name, num_labels)
+    src = _minilm_dir() if name == "minilm-l6" else Path(name).expanduser()
+    src_s = str(src) if (name == "minilm-l6" or src.exists()) else name
+    return AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
+
+
+def skeleton(name: str, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The model's architecture on the meta device (no weights, no memory), for validating method configs
+    before anything trains. None where the architecture cannot be known offline."""
+    try:
+        config = _config(name, 2, trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_model(name: str, num_labels: int, seed: int, trust_remote_code: bool = False) -> LoadedModel:

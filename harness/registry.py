@@ -60,6 +60,11 @@ class Method(Protocol):
 
     def __init__(self, config: BaseModel) -> None: ...
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError if this config cannot apply to this architecture (given on the meta device, before
+        any training: e.g. a group size that does not divide a layer's d_in). Most methods accept any model."""
+        ...
+
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         """Transform the model for training and return it (may wrap it, e.g. in a PeftModel)."""
         ...
@@ -82,7 +87,7 @@ class Method(Protocol):
         ...
 
 
-CONTRACT = ("prepare", "trainable_parameters", "on_step_end", "export", "report")
+CONTRACT = ("check_model", "prepare", "trainable_parameters", "on_step_end", "export", "report")
 _REGISTRY: dict[str, type] = {}
 _ORIGIN: dict[str, str] = {}
 

@@ -20,7 +20,6 @@ from harness.config import RunConfig, Suite, expand
 from harness.records import RunRecord, atomic_write_text, environment, now_iso, read_record, record_path, write_record
 
 CHILD_ENV = {
-    "HF_HUB_OFFLINE": "1",  # offline unless the user's environment says otherwise
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
@@ -44,6 +43,45 @@ def failure_record(cfg: RunConfig, status: str, error: str, started_at: str, wal
     )
 
 
+def _child_setup(memory_limit_mb: int | None) -> None:
+    """In the child, before exec: die with the runner (a killed runner must not leave a run that writes its
+    record behind the next runner's back), and cap the address space when the suite asks."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if memory_limit_mb:
+        import resource
+
+        limit = memory_limit_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+class ResultsLocked(Exception):
+    """Another runner holds the results directory."""
+
+
+def lock_results(results_dir: Path):
+    """An exclusive, non-blocking lock on the results dir for the whole suite; released when the process ends
+    (even by SIGKILL), so a stale lock cannot outlive its runner."""
+    import fcntl
+
+    fh = open(results_dir / ".ftbench.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise ResultsLocked(f"{results_dir} is in use by another ftbench run (pid {holder}); wait for it to finish "
+                            "or use another --results directory") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -60,6 +98,11 @@ def run_cell_subprocess(cfg: RunConfig, results_dir: Path) -> RunRecord:
     rec_path = record_path(results_dir, cfg.cell_id)
     rec_path.unlink(missing_ok=True)  # a retried cell must not leave the old record behind on a crash
     env = {**CHILD_ENV, **os.environ}
+    # Offline unless the suite opts in; with the network, fail in seconds rather than hang on an unreachable hub.
+    env["HF_HUB_OFFLINE"] = "0" if cfg.allow_network else "1"
+    if cfg.allow_network:
+        env.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        env.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     started, t0 = now_iso(), time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
@@ -68,6 +111,7 @@ def run_cell_subprocess(cfg: RunConfig, results_dir: Path) -> RunRecord:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=lambda: _child_setup(cfg.memory_limit_mb),
         )
         try:
             rc = proc.wait(timeout=cfg.timeout_s)
@@ -117,6 +161,7 @@ def run_suite(
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_results(results_dir)  # held until this function returns (or the process dies)
     atomic_write_text(results_dir / "suite.yaml", suite_text)
     cells = expand(suite)
     todo = pending_cells(cells, results_dir, retry_failed)
@@ -147,4 +192,5 @@ def run_suite(
         if p.exists():
             records.append(read_record(p))
     atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
+    lock.close()
     return records

@@ -24,6 +24,9 @@ class Full:
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        pass
+
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -85,6 +85,9 @@ class Lora:
     def __init__(self, config: LoraOptions) -> None:
         self.config = config
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        pass
+
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         return get_peft_model(model, self.config.lora_config())
 

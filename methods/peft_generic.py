@@ -74,6 +74,9 @@ class PeftGeneric:
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        pass
+
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         return get_peft_model(model, self.config.peft_config())
 

@@ -175,9 +175,9 @@ class QALora:
         self._metrics: dict[str, Any] = {}
         self._layers: list[str] = []
 
-    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+    def check_model(self, model: torch.nn.Module, heads: set[str] | None = None) -> None:
         c = self.config
-        targets = _targets(model, set(ctx.head_names), c.target_modules)
+        targets = _targets(model, {"classifier", "score"} if heads is None else heads, c.target_modules)
         if not targets:
             raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
         for path, lin in targets:
@@ -186,6 +186,11 @@ class QALora:
                     f"qalora: group_size {c.group_size} does not divide d_in={lin.in_features} of layer "
                     f"{path!r}; choose a group_size that divides every targeted layer's d_in"
                 )
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        c = self.config
+        self.check_model(model, set(ctx.head_names))
+        targets = _targets(model, set(ctx.head_names), c.target_modules)
         for p in model.parameters():
             p.requires_grad_(False)
         err = ref = 0.0

@@ -169,6 +169,9 @@ class QLora:
         self._metrics: dict[str, Any] = {}
         self._quantized: list[str] = []
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        pass
+
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         skip = set(ctx.head_names) | set(self.config.skip_modules)
         originals = {

@@ -24,6 +24,7 @@ def _method_class(name, **attrs):
         "on_step_end": lambda s, m, i: None,
         "export": lambda s, m, d: [],
         "report": lambda s, m: {},
+        "check_model": lambda s, m: None,
         **attrs,
     }
     return type(f"M_{abs(hash(name))}", (), body)
