@@ -15,8 +15,10 @@ import torch
 
 from harness.config import RunConfig
 from harness.data import encode, evaluate, train_batches
+from harness.flops import flops_per_token, peak_flops
 from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
 from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
+from harness.memory import nvml_process_bytes
 from harness.models import head_module_names, load_model
 from harness.records import EvalMetrics, ExportRecord, RunRecord, environment, now_iso, write_record
 from harness.registry import ModelContext, get_method
@@ -32,7 +34,8 @@ def _is_oom(err: BaseException) -> bool:
     from the allocator ("DefaultCPUAllocator: can't allocate memory")."""
     text = str(err).lower()
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
 
 
 def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
@@ -67,8 +70,12 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     try:
         res = train(model, method, batches, cfg.train, cfg.seed, device)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
-        rec.update(losses=err.result.losses, lrs=err.result.lrs, grad_norms=err.result.grad_norms,
-                   step_times_s=err.result.step_times_s)
+        rec.update(
+            losses=err.result.losses,
+            lrs=err.result.lrs,
+            grad_norms=err.result.grad_norms,
+            step_times_s=err.result.step_times_s,
+        )
         raise
     rec["train_time_s"] = time.perf_counter() - t0
     measured = res.measured_step_times_s
@@ -85,19 +92,34 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         samples_per_s=sum(res.samples_per_step[n_warm:]) / sum(measured) if measured else None,
         peak_live_tensor_bytes=res.peak_live_tensor_bytes,
         optimizer_state_bytes=res.optimizer_state_bytes,
+        memory_at_peak_bytes=res.memory_at_peak_bytes,
+        memory_category_max_bytes=res.memory_category_max_bytes,
+        nvml_process_bytes=nvml_process_bytes() if device.type == "cuda" else None,
         optimizer=cfg.train.optimizer,
         paging_effective=res.paging_effective,
         cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
         cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
     )
+    fpt = flops_per_token(model)
+    if measured:
+        computed = res.computed_tokens_per_step[n_warm:]
+        peak = peak_flops(results_dir, cfg.train.dtype, device)
+        rec.update(
+            flops_per_token=fpt,
+            model_flops_per_step=fpt["total"] * sum(computed) / len(computed),
+            peak_matmul_flops=peak["peak_matmul_flops"],
+            mfu=fpt["total"] * sum(computed) / sum(measured) / peak["peak_matmul_flops"],
+        )
     rec["memory_methods"] = {
-        "peak_live_tensor_bytes": "TorchDispatchMode + storage weakrefs over the timing warm-up steps (CPU)",
+        "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the timing warm-up steps",
+        "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/memory.py)",
         "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
         "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
     }
     if device.type == "cuda":
         rec["memory_methods"]["cuda_max_allocated_bytes"] = "torch.cuda.max_memory_allocated over training"
         rec["memory_methods"]["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
+        rec["memory_methods"]["nvml_process_bytes"] = "NVML compute-process usedGpuMemory for this pid"
 
     after, logits = evaluate(model, test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
     rec["eval_after"] = EvalMetrics(**after)

@@ -10,7 +10,6 @@ own overhead never touches a measured step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.config import TrainConfig
-from harness.measure import LiveTensorTracker, cuda_memory_peaks, cuda_memory_reset, model_tensors, sync
+from harness.measure import cuda_memory_peaks, cuda_memory_reset, sync
+from harness.memory import MemoryTracker, NullTracker, step_roots
 from harness.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
 from harness.registry import Method
 
@@ -42,9 +42,12 @@ class LoopResult:
     grad_norms: list[float] = field(default_factory=list)
     step_times_s: list[float] = field(default_factory=list)  # every step, warm-up included (see measured)
     tokens_per_step: list[int] = field(default_factory=list)  # non-pad tokens
+    computed_tokens_per_step: list[int] = field(default_factory=list)  # batch × padded length (what costs FLOPs)
     samples_per_step: list[int] = field(default_factory=list)
     timing_warmup_steps: int = 0
-    peak_live_tensor_bytes: int | None = None  # CPU: from the tensors themselves, over the warm-up steps
+    peak_live_tensor_bytes: int | None = None  # from the tensors themselves, over the warm-up steps
+    memory_at_peak_bytes: dict = field(default_factory=dict)  # category -> bytes at that peak
+    memory_category_max_bytes: dict = field(default_factory=dict)  # category -> its own maximum
     optimizer_state_bytes: int = 0
     paging_effective: bool | None = None  # None: no paged optimizer asked for
     cuda: dict = field(default_factory=dict)
@@ -96,36 +99,43 @@ def train(
     cuda_memory_reset(device)
     for step in range(cfg.steps):
         micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
-        tracking = step < res.timing_warmup_steps and device.type == "cpu"
-        roots = model_tensors(model, optimizer) + [t for b in micro for t in b.values()] if tracking else []
-        tracker = LiveTensorTracker(roots) if tracking else None
+        # Memory is tracked by category during the timing warm-up steps only (its bookkeeping costs time).
+        tracking = step < res.timing_warmup_steps
+        tracker = MemoryTracker(step_roots(model, optimizer, micro), device.type) if tracking else NullTracker()
         sync(device)
         t0 = time.perf_counter()
-        with tracker or contextlib.nullcontext():
+        with tracker:
             loss_sum = 0.0
             for batch in micro:
-                with autocast:
+                with autocast, tracker.forward():
                     loss = model(**batch).loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             if not math.isfinite(loss_sum):
                 res.losses.append(loss_sum)
                 raise NonFiniteLoss(f"non-finite loss {loss_sum} at step {step}", res)
+            tracker.gradients_ready(params)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            tracker.optimizer_done(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             method.on_step_end(model, step)
         sync(device)
         res.step_times_s.append(time.perf_counter() - t0)
-        if tracker is not None:
-            res.peak_live_tensor_bytes = max(res.peak_live_tensor_bytes or 0, tracker.peak_bytes)
+        if tracking:
+            mem = tracker.result()
+            if mem["peak_bytes"] > (res.peak_live_tensor_bytes or 0):  # keep the breakdown of the highest step
+                res.peak_live_tensor_bytes = mem["peak_bytes"]
+                res.memory_at_peak_bytes = mem["at_peak_bytes"]
+                res.memory_category_max_bytes = mem["category_max_bytes"]
         res.losses.append(loss_sum)
         res.lrs.append(lr)
         res.grad_norms.append(float(norm))
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
+        res.computed_tokens_per_step.append(sum(b["input_ids"].numel() for b in micro))
     res.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     if cfg.optimizer.startswith("paged_"):
         res.paging_effective = paged_state_in_use(optimizer)

@@ -1,12 +1,8 @@
 """Measurements: peak memory (named for what it is), step-time statistics, and parameter counts.
 
 Memory on CPU has no allocator statistics, so ftbench measures the *peak of live tensor bytes* from the
-tensors themselves: a ``TorchDispatchMode`` sees every tensor an operator creates (forward, backward —
-autograd carries the mode into the engine — and optimizer), counts each storage once, and a ``weakref``
-finaliser on the storage subtracts it when it dies. Tensors that existed before tracking began (parameters,
-buffers, gradients, optimizer state, the batch) are passed in as roots. This is what the program's tensors
-really held, not what the allocator or the OS reserved; the process peak RSS is recorded beside it.
-On CUDA the allocator's own ``max_memory_allocated`` / ``max_memory_reserved`` are recorded instead.
+tensors themselves, by category (see :mod:`harness.memory`); the process peak RSS is recorded beside it.
+On CUDA the allocator's own ``max_memory_allocated`` / ``max_memory_reserved`` are recorded as well.
 """
 
 from __future__ import annotations
@@ -14,58 +10,27 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import weakref
 from collections.abc import Iterable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from harness.memory import MemoryTracker
 
 
-class LiveTensorTracker(TorchDispatchMode):
-    """Peak bytes of live tensor storages on ``device_type`` while the mode is active."""
+class LiveTensorTracker(MemoryTracker):
+    """Peak bytes of live tensor storages while the mode is active; ``roots`` existed before it started.
+    (The uncategorised view of :class:`harness.memory.MemoryTracker`.)"""
 
     def __init__(self, roots: Iterable[torch.Tensor] = (), device_type: str = "cpu") -> None:
-        super().__init__()
-        self.device_type = device_type
-        self._live: dict[int, int] = {}
-        self.current_bytes = 0
-        self.peak_bytes = 0
-        for t in roots:
-            self._track(t)
+        super().__init__({"inputs": roots}, device_type)
 
-    def _free(self, key: int) -> None:
-        self.current_bytes -= self._live.pop(key, 0)
+    @property
+    def peak_bytes(self) -> int:
+        return self.result()["peak_bytes"] if self._log else 0
 
-    def _track(self, t: object) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.is_meta:
-            return
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-            return
-        key = st._cdata
-        if key in self._live:
-            return
-        self._live[key] = st.nbytes()
-        self.current_bytes += st.nbytes()
-        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-        weakref.finalize(st, self._free, key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            self._track(t)
-        return out
-
-
-def model_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
-    """Every tensor a training step starts with: parameters, their gradients, buffers, optimizer state."""
-    out = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    out += list(model.buffers())
-    if optimizer is not None:
-        out += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return out
+    @property
+    def current_bytes(self) -> int:
+        return sum(self._bytes[u] for u in self._uid.values())
 
 
 def peak_rss_bytes() -> int:

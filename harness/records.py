@@ -75,9 +75,16 @@ class RunRecord(BaseModel):
     tokens_per_s: float | None = Field(None, description="non-pad tokens over measured steps")
     samples_per_s: float | None = None
     train_time_s: float | None = None
+    flops_per_token: dict[str, float] = Field(default_factory=dict, description="model FLOPs (harness/flops.py)")
+    model_flops_per_step: float | None = Field(None, description="mean over measured steps")
+    peak_matmul_flops: float | None = Field(None, description="this machine, run dtype, measured per suite")
+    mfu: float | None = Field(None, description="model FLOP/s over measured steps / peak_matmul_flops")
     # memory, each named for what it is
     peak_live_tensor_bytes: int | None = Field(None, description="CPU: peak of live tensor storages in a step")
     peak_rss_bytes: int | None = Field(None, description="process peak resident set size (whole run)")
+    memory_at_peak_bytes: dict[str, int] = Field(default_factory=dict, description="category -> bytes at the peak")
+    memory_category_max_bytes: dict[str, int] = Field(default_factory=dict, description="category -> own maximum")
+    nvml_process_bytes: int | None = Field(None, description="CUDA: NVML's figure for this process")
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None
     optimizer_state_bytes: int | None = None

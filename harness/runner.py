@@ -73,8 +73,10 @@ def lock_results(results_dir: Path):
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise ResultsLocked(f"{results_dir} is in use by another ftbench run (pid {holder}); wait for it to finish "
-                            "or use another --results directory") from None
+        raise ResultsLocked(
+            f"{results_dir} is in use by another ftbench run (pid {holder}); wait for it to finish "
+            "or use another --results directory"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))
@@ -165,6 +167,15 @@ def run_suite(
     atomic_write_text(results_dir / "suite.yaml", suite_text)
     cells = expand(suite)
     todo = pending_cells(cells, results_dir, retry_failed)
+    if todo:  # this machine's peak matmul rate per dtype, measured once per suite run, before any cell
+        import torch
+
+        from harness.flops import peak_flops
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        (results_dir / "machine.json").unlink(missing_ok=True)
+        for dtype in sorted({c.train.dtype for c in todo}):
+            peak_flops(results_dir, dtype, device)
     console = Console(stderr=True, quiet=quiet)
     skipped = len(cells) - len(todo)
     console.print(

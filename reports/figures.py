@@ -90,17 +90,27 @@ def pareto(records: list[RunRecord]) -> go.Figure:
 
 
 def memory_breakdown(records: list[RunRecord]) -> go.Figure:
-    """Weights and optimizer state as recorded; the rest of the step's peak is gradients, activations and
-    temporaries together (a finer split needs the per-category tracker)."""
+    """Bytes by category at the step's peak (harness/memory.py). Older records without the breakdown show
+    weights, optimizer state and the unexplained rest of the peak."""
+    from harness.memory import CATEGORIES
+
     ok = [r for r in records if r.status == "ok" and peak_bytes(r)[0] is not None]
     names = [f"{label(r)} s{r.seed}" for r in ok]
-    weights = [(r.weight_bytes or 0) / MIB for r in ok]
-    opt = [(r.optimizer_state_bytes or 0) / MIB for r in ok]
-    rest = [max(0.0, peak_bytes(r)[0] / MIB - w - o) for r, w, o in zip(ok, weights, opt, strict=True)]
     fig = go.Figure()
-    for name, ys in (("weights", weights), ("optimizer state", opt), ("gradients + activations + temporaries", rest)):
-        fig.add_bar(x=names, y=ys, name=name)
-    fig.update_layout(barmode="stack", **_layout("Where the peak memory goes", "run", "MiB at the step's peak"))
+    if all(r.memory_at_peak_bytes for r in ok):
+        for c in CATEGORIES:
+            ys = [r.memory_at_peak_bytes.get(c, 0) / MIB for r in ok]
+            if any(ys):
+                fig.add_bar(x=names, y=ys, name=c.replace("_", " "))
+    else:
+        weights = [(r.weight_bytes or 0) / MIB for r in ok]
+        opt = [(r.optimizer_state_bytes or 0) / MIB for r in ok]
+        rest = [max(0.0, peak_bytes(r)[0] / MIB - w - o) for r, w, o in zip(ok, weights, opt, strict=True)]
+        for name, ys in (("weights", weights), ("optimizer state", opt), ("rest of the peak", rest)):
+            fig.add_bar(x=names, y=ys, name=name)
+    fig.update_layout(
+        barmode="stack", **_layout("Where the peak memory goes (live tensor bytes at the step's peak)", "run", "MiB")
+    )
     return fig
 
 

@@ -59,6 +59,7 @@ def _sort_value(r: RunRecord, col: str, text: str) -> str:
         "weights": r.weight_bytes,
         "peak memory": peak,
         "tokens/s": r.tokens_per_s,
+        "MFU": r.mfu,
         "export": r.export_bytes,
         "step time (median)": r.step_time_stats.get("median_s"),
         "accuracy before → after": r.eval_after.accuracy if r.eval_after else None,
@@ -155,8 +156,9 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str) -> str:
         plots["pareto"],
         "<h2>Memory breakdown</h2>",
         plots["memory"],
-        '<p class="note">Weights and optimizer state are measured; the rest of the step\'s peak (gradients, '
-        "activations, temporaries) is peak − weights − optimizer state.</p>",
+        '<p class="note">Categories: parameters (trainable, frozen, quantized storage incl. constants), gradients, '
+        "optimizer state, activations saved for backward, and temporaries — each tensor counted once, settled at "
+        "the end of the step (see harness/memory.py).</p>",
         "<h2>Throughput</h2>",
         plots["throughput"],
         "<h2>Loss curves</h2>",

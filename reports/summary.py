@@ -22,6 +22,7 @@ COLUMNS = [
     "optimizer",
     "step time (median)",
     "tokens/s",
+    "MFU",
     "accuracy before → after",
     "export",
     "merged exports: accuracy (max Δlogit)",
@@ -86,6 +87,7 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 if r.step_time_stats.get("median_s")
                 else "—",
                 "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                "MFU": f"{r.mfu * 100:.1f}%" if r.mfu else "—",
                 "accuracy before → after": acc,
                 "export": fmt_bytes(r.export_bytes),
                 "merged exports: accuracy (max Δlogit)": "; ".join(

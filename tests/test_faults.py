@@ -24,8 +24,14 @@ def _records(d: Path) -> dict[str, dict]:
 
 def _start(suite_path: Path, results: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite_path), "--results", str(results)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "run", str(suite_path), "--results", str(results)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _cell_children(pid: int) -> list[psutil.Process]:
@@ -47,8 +53,9 @@ def _wait_for(cond, timeout=120.0, every=0.2):
 
 def test_nan_loss_stops_the_run_at_once(tmp_path, write_suite):
     train = {"steps": 50, "batch_size": 8, "lr": 1e30, "optimizer": "sgd", "max_grad_norm": None, "max_seq_len": 32}
-    out = ftbench("run", str(write_suite(tiny_suite(train=train, methods=[{"method": "full"}]))),
-                  "--results", str(tmp_path))
+    out = ftbench(
+        "run", str(write_suite(tiny_suite(train=train, methods=[{"method": "full"}]))), "--results", str(tmp_path)
+    )
     (rec,) = _records(tmp_path).values()
     assert out.returncode == 1 and rec["status"] == "failed"
     step = int(re.search(r"non-finite loss nan at step (\d+)", rec["error"]).group(1))
@@ -64,10 +71,14 @@ def test_timeout_is_recorded(tmp_path, write_suite):
 @pytest.mark.real_model
 def test_out_of_memory_under_a_memory_limit(tmp_path, write_suite):
     """RLIMIT_AS in the run process: the allocator fails, the record says oom, the before-eval is kept."""
-    suite = tiny_suite(models=["minilm-l6"], tasks=[{"name": "rotten_tomatoes", "train_examples": 256,
-                                                       "eval_examples": 32}],
-                       train={"steps": 2, "batch_size": 256, "max_seq_len": 128, "eval_batch_size": 32},
-                       methods=[{"method": "full"}], memory_limit_mb=1800, export=False)
+    suite = tiny_suite(
+        models=["minilm-l6"],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 256, "eval_examples": 32}],
+        train={"steps": 2, "batch_size": 256, "max_seq_len": 128, "eval_batch_size": 32},
+        methods=[{"method": "full"}],
+        memory_limit_mb=1800,
+        export=False,
+    )
     out = ftbench("run", str(write_suite(suite)), "--results", str(tmp_path))
     (rec,) = _records(tmp_path).values()
     assert out.returncode == 1 and rec["status"] == "oom", rec["error"]
@@ -89,8 +100,9 @@ def test_killed_run_process_is_a_failed_record_and_the_suite_goes_on(tmp_path, w
 def test_kill_the_runner_then_resume(tmp_path, write_suite):
     """SIGKILL the runner mid-suite: its run dies with it; a new `ftbench run` keeps every finished record
     byte for byte, reruns only the interrupted cell, and leaves no temp files or duplicates."""
-    suite = write_suite(tiny_suite(methods=[{"method": "full"}, {"method": "lora", "variant": "slow",
-                                                                  "train": {"steps": 1500}}]))
+    suite = write_suite(
+        tiny_suite(methods=[{"method": "full"}, {"method": "lora", "variant": "slow", "train": {"steps": 1500}}])
+    )
     runner = _start(suite, tmp_path)
     _wait_for(lambda: len(_records(tmp_path)) == 1)
     (child,) = _wait_for(lambda: _cell_children(runner.pid))

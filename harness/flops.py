@@ -1,0 +1,87 @@
+"""Model FLOPs per training step, and the machine's peak matmul rate to compare them with (MFU).
+
+Counting (matmuls of linear layers only; attention's score/value products, norms and activations are left
+out, as in the usual 6·N·T rule; embeddings are lookups, not matmuls):
+
+  * forward: 2·n FLOPs per token for a layer with n = d_in·d_out weights;
+  * backward, input gradient: 2·n per token — needed only if something trainable lies *before* the layer;
+  * backward, weight gradient: 2·n per token — only if the layer's weight trains.
+
+Full fine-tuning therefore costs ≈ 6·N per token; a frozen base under adapters costs 4·N (forward +
+input-gradient backward, no weight gradients) plus 6·n for each adapter matrix; a frozen base below the only
+trainable part (a head) costs 2·N. Tokens are *computed* tokens (batch × padded length): padding costs work.
+MFU = model FLOPs per second / the peak matmul rate measured on this machine in the run's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+MATMUL_N = 2048
+
+
+def _weight_shape(mod: torch.nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a linear-like module: nn.Linear, bitsandbytes Linear4bit, QA-LoRA QuantLinear."""
+    if isinstance(mod, torch.nn.Linear) or callable(getattr(mod, "quantized_numel", None)):
+        return mod.in_features, mod.out_features
+    if type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+        return mod.in_features, mod.out_features
+    return None
+
+
+def flops_per_token(model: torch.nn.Module) -> dict[str, float]:
+    fwd = bwd_in = bwd_w = 0.0
+    trainable_seen = False
+    for mod in model.modules():
+        own = list(mod.parameters(recurse=False))
+        shape = _weight_shape(mod)
+        if shape is not None:
+            n = shape[0] * shape[1]
+            weight = getattr(mod, "weight", None)
+            trains = isinstance(weight, torch.nn.Parameter) and weight.requires_grad
+            fwd += 2 * n
+            bwd_in += 2 * n if trainable_seen else 0
+            bwd_w += 2 * n if trains else 0
+        if any(p.requires_grad for p in own):
+            trainable_seen = True
+    return {"forward": fwd, "backward_input": bwd_in, "backward_weight": bwd_w, "total": fwd + bwd_in + bwd_w}
+
+
+def measure_peak_matmul_flops(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` (best of ``repeats``): this machine's practical peak."""
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device).to(dtype)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * MATMUL_N**3 / best
+
+
+def peak_flops(results_dir: Path | None, dtype_name: str, device: torch.device) -> dict:
+    """The suite's measured peak for ``dtype_name``, measured once and cached in ``results_dir/machine.json``."""
+    path = Path(results_dir) / "machine.json" if results_dir else None
+    cache = json.loads(path.read_text()) if path and path.exists() else {}
+    key = f"{device.type}:{dtype_name}"
+    if key not in cache:
+        from harness.loop import DTYPES
+
+        cache[key] = {
+            "peak_matmul_flops": measure_peak_matmul_flops(DTYPES[dtype_name], device),
+            "method": f"best of 5 × {MATMUL_N}² matmul in {dtype_name} on {device.type}",
+        }
+        if path:
+            from harness.records import atomic_write_text
+
+            atomic_write_text(path, json.dumps(cache, indent=1))
+    return cache[key]

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from harness.cell import run_cell
+from harness.flops import flops_per_token
+from tests.conftest import cells
+
+
+def test_full_training_is_six_n_after_a_trainable_embedding():
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 10), torch.nn.Linear(10, 20), torch.nn.Linear(20, 30))
+    n = 10 * 20 + 20 * 30
+    f = flops_per_token(model)
+    assert f["total"] == 6 * n and f["forward"] == 2 * n
+
+
+def test_first_layer_needs_no_input_gradient():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 30))
+    assert flops_per_token(model)["total"] == 2 * 800 + 2 * 800 + 2 * 600
+
+
+def test_frozen_base_costs_forward_plus_input_gradients():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 30), torch.nn.Linear(30, 2))
+    for layer in model[:2]:
+        layer.requires_grad_(False)
+    # only the head trains: the frozen layers before it need neither input nor weight gradients
+    assert flops_per_token(model)["total"] == 2 * (200 + 600) + 3 * 2 * 60 - 2 * 60
+
+
+def test_run_records_mfu(tmp_path):
+    rec = run_cell(cells(methods=[{"method": "full"}])[0].model_copy(update={"export": False}), tmp_path)
+    assert rec.flops_per_token["total"] > 0 and rec.model_flops_per_step > 0
+    assert 0 < rec.mfu < 1 and rec.peak_matmul_flops > 1e9
+    assert (tmp_path / "machine.json").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "qalora"])
+def test_adapter_methods_cost_less_than_full(method):
+    from harness.models import load_model
+    from harness.registry import ModelContext, get_method
+
+    full = flops_per_token(load_model("tiny-bert", 2, 0).model)["total"]
+    cls = get_method(method)
+    m = cls(cls.Config.model_validate({"r": 4}))
+    model = m.prepare(load_model("tiny-bert", 2, 0).model, ModelContext("seq_cls", 2, "bert", ["classifier"]))
+    assert flops_per_token(model)["total"] < full
