@@ -41,7 +41,8 @@ class ExportRecord(BaseModel):
 
 
 class RunRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/inf losses are data (a diverged run), written as JSON constants (NaN) rather than lost as null
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     schema_version: int = SCHEMA_VERSION
     cell_id: str
@@ -196,8 +197,15 @@ def write_record(results_dir: Path, rec: RunRecord) -> Path:
     return path
 
 
+class _ReadRecord(RunRecord):
+    """Reading is forward compatible: fields a newer ftbench wrote are ignored, not an error. (Writing stays
+    strict: a misspelled field is a bug.)"""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 def read_record(path: Path) -> RunRecord:
-    return RunRecord.model_validate_json(Path(path).read_text())
+    return RunRecord.model_validate(_ReadRecord.model_validate_json(Path(path).read_text()).model_dump())
 
 
 def load_records(results_dir: Path) -> pd.DataFrame:

@@ -126,7 +126,13 @@ def run_cell_subprocess(cfg: RunConfig, results_dir: Path) -> RunRecord:
             write_record(results_dir, rec)
             return rec
     if rec_path.exists():
-        return read_record(rec_path)
+        try:
+            return read_record(rec_path)
+        except ValueError as err:  # a record we cannot read is a failed run, not a crashed suite
+            extra = f"its record is unreadable: {str(err).splitlines()[0]}"
+            rec = failure_record(cfg, "failed", extra, started, time.perf_counter() - t0)
+            write_record(results_dir, rec)
+            return rec
     if rc < 0:
         sig = signal.Signals(-rc).name
         why = f"run process killed by {sig}" + (
@@ -201,7 +207,10 @@ def run_suite(
     for c in cells:
         p = record_path(results_dir, c.cell_id)
         if p.exists():
-            records.append(read_record(p))
+            try:
+                records.append(read_record(p))
+            except ValueError as err:
+                console.print(f"[red]unreadable record[/] {p}: {str(err).splitlines()[0]}")
     atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
     lock.close()
     return records
