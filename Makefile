@@ -37,6 +37,7 @@ test: setup browser
 
 bench: setup
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python -m pytest -q bench/test_layers.py --benchmark-autosave --benchmark-columns=min,median,mean,stddev -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check harness methods reports tests bench examples

@@ -12,8 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.records import read_record
+from harness.records import load_records, read_record
 from tests.conftest import ROOT, ftbench, tiny_suite
+from tests.test_runner import CRASH
 
 LONG = {"steps": 200000, "batch_size": 8, "max_seq_len": 32}
 
@@ -49,6 +50,18 @@ def _wait_for(cond, timeout=120.0, every=0.2):
             return v
         time.sleep(every)
     raise AssertionError("timed out waiting")
+
+
+def test_crash_recorded_as_failed_and_suite_goes_on(tmp_path, write_suite):
+    path = write_suite(tiny_suite(methods=[CRASH, {"method": "lora"}]))
+    out = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    assert out.returncode == 1, out.stderr  # not every run ok
+    df = load_records(tmp_path / "r")
+    status = dict(zip(df["variant"], df["status"], strict=True))
+    assert status == {"crash": "failed", "default": "ok"}
+    err = df.set_index("variant").loc["crash", "error"]
+    assert err.startswith("NoMatchingPeftModuleError") and "Traceback" in err
+    assert "| failed" in ftbench("report", str(tmp_path / "r"), "--format", "md").stdout
 
 
 def test_nan_loss_stops_the_run_at_once(tmp_path, write_suite):
