@@ -161,6 +161,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Analytic peak memory for models this machine cannot hold (see harness/estimate.py for the formulas)."""
+    from harness.estimate import ARCHS, Setup, table
+
+    names = args.model or list(ARCHS)
+    unknown = [n for n in names if n not in ARCHS]
+    if unknown:
+        raise ConfigError(f"--model {unknown[0]!r}: unknown; allowed: {', '.join(ARCHS)}")
+    methods = args.method or ["full", "lora", "qlora", "qalora"]
+    base = Setup(
+        r=args.r,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        grad_checkpointing=args.grad_checkpointing,
+        optimizer=args.optimizer,
+        double_quant=not args.no_double_quant,
+        bits=args.bits,
+        group_size=args.group_size,
+        attention=args.attention,
+    )
+    rows = table(names, methods, base)
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(row[c] for c in cols) + " |")
+    print(
+        f"(estimates in GB = 1e9 bytes; batch {args.batch}, seq {args.seq_len}, r {args.r}, adapters on every "
+        f"linear, optimizer {args.optimizer}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'})"
+    )
+    return 0
+
+
 def cmd_cell(args: argparse.Namespace) -> int:
     """Internal: run one cell (the runner starts this in a subprocess)."""
     from harness.cell import run_cell
@@ -194,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("old")
     cp.add_argument("new")
     cp.set_defaults(fn=cmd_compare)
+    e = sub.add_parser("estimate", help="analytic peak-memory estimate for models that do not fit here")
+    e.add_argument("--model", action="append", help="llama-7b, llama-13b, llama-33b, llama-65b, llama-70b, gpt3-175b")
+    e.add_argument("--method", action="append", choices=["full", "lora", "qlora", "qalora"])
+    e.add_argument("--r", type=int, default=16)
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--grad-checkpointing", action="store_true")
+    e.add_argument(
+        "--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"]
+    )
+    e.add_argument("--no-double-quant", action="store_true")
+    e.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    e.add_argument("--group-size", type=int, default=32, choices=[16, 32, 64, 128])
+    e.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    e.set_defaults(fn=cmd_estimate)
     c = sub.add_parser("_cell", help=argparse.SUPPRESS)
     c.add_argument("cell_file")
     c.add_argument("--results", required=True)

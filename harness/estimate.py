@@ -1,0 +1,160 @@
+"""Analytic peak-memory estimate for fine-tuning models this machine cannot hold (``ftbench estimate``).
+
+Weights (by format), adapter parameters, gradients, optimizer state and activations of a Llama-style decoder
+(or a GPT-style one for the LoRA paper's GPT-3 check), from the architecture alone — no weights needed.
+
+  weights      full / lora: every parameter in ``weight_dtype`` (bf16 by default); qlora: linear weights in
+               NF4 at 4 + 8/64 + 32/(64·256) ≈ 4.127 bits (4.5 without double quantization), the rest bf16;
+               qalora: linear weights at bits + 2·16/group_size, the rest bf16.
+  adapters     r·(d_in + d_out) per targeted linear (qalora: r·(d_in/g + d_out)), fp32.
+  gradients    one per trainable parameter, in the trainable parameters' dtype.
+  optimizer    AdamW: 8 bytes per trainable parameter (32-bit moments), 2 for 8-bit; paged optimizers keep the
+               state in host memory (counted apart, as ``host``).
+  activations  per layer and token (Korthikanti et al. 2022, adapted to SwiGLU): 2·(10·h + 4·f) bytes in 16-bit
+               (×2 in fp32) plus, with eager attention, 2·a·s·2 bytes of scores and probabilities; the logits
+               b·s·V in fp32 for the loss. Gradient checkpointing keeps only each layer's input (2·h bytes per
+               token) plus one layer's activations during recompute.
+  peak         weights + optimizer state + max(activations + gradients, gradients + optimizer temporaries),
+               the temporaries being AdamW's two per-tensor scratch buffers (sqrt(v) + eps, and the update)
+               the size of the largest trainable tensor — measured so by harness/memory.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    mlp_matrices: int = 3  # SwiGLU (gate, up, down); GPT-style MLPs have 2
+    tied_embeddings: bool = False
+    lm_head: bool = True  # False for a classifier (no vocabulary-sized output, no logits over it)
+
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """(name, d_in, d_out) of the linear layers of one block."""
+        h, f, kvd = self.hidden, self.intermediate, self.hidden // self.heads * self.kv_heads
+        attn = [("q_proj", h, h), ("k_proj", h, kvd), ("v_proj", h, kvd), ("o_proj", h, h)]
+        mlp = [("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h)][-self.mlp_matrices :]
+        return attn + mlp
+
+    def params(self) -> dict[str, int]:
+        lin = self.layers * sum(i * o for _, i, o in self.linear_shapes())
+        embed = self.vocab * self.hidden * (1 if self.tied_embeddings or not self.lm_head else 2)
+        return {"linear": lin, "other": embed + (2 * self.layers + 1) * self.hidden}
+
+
+ARCHS = {
+    "llama-7b": Arch(4096, 11008, 32, 32, 32, 32000),
+    "llama-13b": Arch(5120, 13824, 40, 40, 40, 32000),
+    "llama-33b": Arch(6656, 17920, 60, 52, 52, 32000),
+    "llama-65b": Arch(8192, 22016, 80, 64, 64, 32000),
+    "llama-70b": Arch(8192, 28672, 80, 64, 8, 32000),
+    "gpt3-175b": Arch(12288, 49152, 96, 96, 96, 50257, mlp_matrices=2, tied_embeddings=True),
+}
+
+
+def arch_from_config(config, lm_head: bool = True) -> Arch:
+    """A transformers config (Llama-style field names) as an Arch."""
+    return Arch(
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        config.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        lm_head=lm_head,
+    )
+
+
+@dataclass(frozen=True)
+class Setup:
+    method: str = "lora"  # full | lora | qlora | qalora
+    r: int = 16
+    targets: tuple[str, ...] | None = None  # None: every linear of every block (QLoRA paper's recipe)
+    batch: int = 1
+    seq_len: int = 512
+    grad_checkpointing: bool = False
+    weight_dtype_bytes: int = 2  # full/lora weights; 4 for fp32
+    activation_bytes: int = 2
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_32bit | paged_adamw_8bit
+    double_quant: bool = True
+    bits: int = 4  # qalora
+    group_size: int = 32  # qalora
+    attention: str = "sdpa"  # sdpa (no s² term) | eager
+
+
+def estimate(arch: Arch, s: Setup) -> dict[str, float]:
+    """Bytes by category and the estimated peak, for one fine-tuning step."""
+    p = arch.params()
+    blocks = [(n, i, o) for n, i, o in arch.linear_shapes() if s.targets is None or n in s.targets]
+    if s.method == "full":
+        weights = (p["linear"] + p["other"]) * s.weight_dtype_bytes
+        trainable, train_bytes = p["linear"] + p["other"], s.weight_dtype_bytes
+        largest = arch.vocab * arch.hidden
+    else:
+        if s.method == "qlora":
+            bits = 4 + (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64)
+            weights = p["linear"] * bits / 8 + p["other"] * 2
+        elif s.method == "qalora":
+            weights = p["linear"] * (s.bits + 32 / s.group_size) / 8 + p["other"] * 2
+        else:
+            weights = (p["linear"] + p["other"]) * s.weight_dtype_bytes
+        d_in = (lambda i: i // s.group_size) if s.method == "qalora" else (lambda i: i)
+        trainable = arch.layers * sum(s.r * (d_in(i) + o) for _, i, o in blocks)
+        train_bytes = 4
+        largest = max(s.r * max(i, o) for _, i, o in blocks)
+    grads = trainable * train_bytes
+    state_per_param = 2 if s.optimizer.endswith("8bit") else 8
+    state = trainable * state_per_param
+    host = state if s.optimizer.startswith("paged") else 0.0
+    gpu_state = state - host
+    b, t, h, f, a = s.batch, s.seq_len, arch.hidden, arch.intermediate, arch.heads
+    per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
+    if s.attention == "eager":
+        per_layer += 2 * b * a * t * t * s.activation_bytes
+    logits = b * t * arch.vocab * 4 if arch.lm_head else 0
+    if s.grad_checkpointing:
+        acts = arch.layers * b * t * h * s.activation_bytes + per_layer + logits
+    else:
+        acts = arch.layers * per_layer + logits
+    temporaries = 2 * largest * train_bytes
+    peak = weights + gpu_state + max(acts + grads, grads + temporaries)
+    return {
+        "weights": weights,
+        "trainable_params": trainable,
+        "gradients": grads,
+        "optimizer_state": gpu_state,
+        "optimizer_state_host": host,
+        "activations": acts,
+        "peak": peak,
+    }
+
+
+def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, str]]:
+    rows = []
+    for name in names:
+        for m in methods:
+            e = estimate(ARCHS[name], Setup(**{**base.__dict__, "method": m}))
+            rows.append(
+                {
+                    "model": name,
+                    "method": m,
+                    "weights GB": f"{e['weights'] / GB:.1f}",
+                    "trainable": f"{e['trainable_params'] / 1e6:.1f}M",
+                    "grads GB": f"{e['gradients'] / GB:.2f}",
+                    "optimizer GB": f"{e['optimizer_state'] / GB:.2f}"
+                    + (f" (+{e['optimizer_state_host'] / GB:.2f} host)" if e["optimizer_state_host"] else ""),
+                    "activations GB": f"{e['activations'] / GB:.1f}",
+                    "peak GB": f"{e['peak'] / GB:.1f}",
+                }
+            )
+    return rows
