@@ -215,3 +215,36 @@ def nvml_process_bytes() -> int | None:
         return total
     except pynvml.NVMLError:
         return None
+
+
+def memtracker_peak_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step) -> dict[str, int]:
+    """Cross-check with torch's own ``torch.distributed._tools.mem_tracker.MemTracker`` over one step.
+
+    Two changes make it usable here: it registers gradient hooks on every parameter and fails on frozen ones
+    ("cannot register a hook on a tensor that doesn't require gradient") — so gradient hooks go on trainable
+    parameters only; and it refuses a second iteration — so call this after a warm-up step, once."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenSafe(MemTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self._ftb_hooks: dict = {}
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            for p in module.parameters() if install_grad_hooks else ():
+                if p.requires_grad and p not in self._ftb_hooks:
+                    self._ftb_hooks[p] = p.register_post_accumulate_grad_hook(self._grad)
+            return out
+
+        def _grad(self, p: torch.Tensor) -> None:
+            self._update_and_maybe_create_winfos(p.grad, _MemRefType.GRAD)
+
+    mt = FrozenSafe()
+    mt.track_external(model, optimizer)
+    with mt:
+        step()
+    for h in mt._ftb_hooks.values():
+        h.remove()
+    snap = next(iter(mt.get_tracker_snapshot("peak").values()))
+    return {str(k): int(v) for k, v in snap.items()}
