@@ -103,11 +103,16 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     fpt = flops_per_token(model)
     if measured:
         computed = res.computed_tokens_per_step[n_warm:]
-        peak = peak_flops(results_dir, cfg.train.dtype, device)
+        # The matmuls run in the method's compute dtype where it has one (e.g. QLoRA dequantizing to bf16 under
+        # fp32 training), else in the training dtype: MFU is measured against that dtype's peak.
+        compute = getattr(method.config, "compute_dtype", None) if hasattr(method, "config") else None
+        compute = compute if compute in ("float32", "bfloat16") and cfg.train.dtype == "float32" else cfg.train.dtype
+        peak = peak_flops(results_dir, compute, device)
         rec.update(
             flops_per_token=fpt,
             model_flops_per_step=fpt["total"] * sum(computed) / len(computed),
             peak_matmul_flops=peak["peak_matmul_flops"],
+            mfu_dtype=compute,
             mfu=fpt["total"] * sum(computed) / sum(measured) / peak["peak_matmul_flops"],
         )
     rec["memory_methods"] = {

@@ -80,6 +80,7 @@ class RunRecord(BaseModel):
     model_flops_per_step: float | None = Field(None, description="mean over measured steps")
     peak_matmul_flops: float | None = Field(None, description="this machine, run dtype, measured per suite")
     mfu: float | None = Field(None, description="model FLOP/s over measured steps / peak_matmul_flops")
+    mfu_dtype: str | None = Field(None, description="the dtype whose peak MFU is measured against")
     # memory, each named for what it is
     peak_live_tensor_bytes: int | None = Field(None, description="CPU: peak of live tensor storages in a step")
     peak_rss_bytes: int | None = Field(None, description="process peak resident set size (whole run)")

@@ -43,3 +43,10 @@ def test_adapter_methods_cost_less_than_full(method):
     m = cls(cls.Config.model_validate({"r": 4}))
     model = m.prepare(load_model("tiny-bert", 2, 0).model, ModelContext("seq_cls", 2, "bert", ["classifier"]))
     assert flops_per_token(model)["total"] < full
+
+
+def test_mfu_uses_the_methods_compute_dtype(tmp_path):
+    cfg = cells(methods=[{"method": "qlora", "config": {"r": 4, "compute_dtype": "bfloat16"}}])[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.mfu_dtype == "bfloat16" and "cpu:bfloat16" in (tmp_path / "machine.json").read_text()
