@@ -42,10 +42,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite)
     results = _results_dir(args.results, suite.name)
+    if args.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
     from harness.runner import ResultsLocked
 
     try:
-        records = run_suite(suite, Path(args.suite).read_text(), results, retry_failed=args.retry_failed)
+        records = run_suite(
+            suite,
+            Path(args.suite).read_text(),
+            results,
+            retry_failed=args.retry_failed,
+            executor=args.executor,
+            address=args.address,
+        )
     except ResultsLocked as err:
         raise ConfigError(str(err)) from None
     out = console()
@@ -210,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("suite", help="suite YAML file")
     r.add_argument("--results", help="results directory (default: results/<suite name>)")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells whose record is not ok")
+    r.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run (default local)")
+    r.add_argument("--address", help="Ray cluster address (default: start a local one)")
     r.set_defaults(fn=cmd_run)
     sub.add_parser("methods", help="list methods with their config fields").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list model aliases").set_defaults(fn=cmd_models)

@@ -84,6 +84,9 @@ class Suite(Strict):
     seeds: list[int] = Field([0], min_length=1)
     timeout_s: PositiveFloat = Field(3600, description="per-run wall-clock limit")
     memory_limit_mb: PositiveInt | None = Field(None, description="per-run address-space limit (RLIMIT_AS)")
+    num_cpus: PositiveInt = Field(1, description="Ray executor: CPUs reserved per cell")
+    num_gpus: int = Field(0, ge=0, le=1, description="Ray executor: 1 for cells that need a GPU")
+    retries: int = Field(0, ge=0, description="Ray executor: reruns of a cell whose worker crashed")
     allow_network: bool = Field(False, description="let runs reach the Hugging Face hub (default: offline)")
     export: bool = True
 
@@ -108,6 +111,9 @@ class RunConfig(Strict):
     memory_limit_mb: int | None = None
     allow_network: bool = False
     export: bool = True
+    num_cpus: int = 1
+    num_gpus: int = 0
+    retries: int = 0
 
     @property
     def cell_id(self) -> str:
@@ -262,6 +268,9 @@ def expand(suite: Suite) -> list[RunConfig]:
                             timeout_s=suite.timeout_s,
                             memory_limit_mb=suite.memory_limit_mb,
                             allow_network=suite.allow_network,
+                            num_cpus=suite.num_cpus,
+                            num_gpus=suite.num_gpus,
+                            retries=suite.retries,
                             export=suite.export,
                         )
                     )

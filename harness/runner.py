@@ -161,7 +161,13 @@ def pending_cells(cells: list[RunConfig], results_dir: Path, retry_failed: bool)
 
 
 def run_suite(
-    suite: Suite, suite_text: str, results_dir: Path, retry_failed: bool = False, quiet: bool = False
+    suite: Suite,
+    suite_text: str,
+    results_dir: Path,
+    retry_failed: bool = False,
+    quiet: bool = False,
+    executor: str = "local",
+    address: str | None = None,
 ) -> list[RunRecord]:
     """Run every pending cell of ``suite``; return the records of all its cells (old and new)."""
     from rich.console import Console
@@ -196,13 +202,22 @@ def run_suite(
         transient=False,
     ) as progress:
         bar = progress.add_task("", total=len(todo))
-        for cfg in todo:
+
+        def done(cfg: RunConfig, rec: RunRecord) -> None:
             label = f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"
-            progress.update(bar, description=label)
-            rec = run_cell_subprocess(cfg, results_dir)
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
             progress.console.print(f"{mark} {label} ({rec.wall_time_s:.1f} s)")
             progress.advance(bar)
+
+        if executor == "ray":
+            from harness.ray_executor import run_cells_ray
+
+            progress.update(bar, description=f"on Ray ({address or 'local cluster'})")
+            run_cells_ray(todo, results_dir, address, done)
+        else:
+            for cfg in todo:
+                progress.update(bar, description=f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant}")
+                done(cfg, run_cell_subprocess(cfg, results_dir))
     records = []
     for c in cells:
         p = record_path(results_dir, c.cell_id)

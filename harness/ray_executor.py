@@ -1,0 +1,76 @@
+"""Run a suite's cells on a Ray cluster, one Ray task per cell.
+
+Each task runs the cell exactly as the local executor does — in its own ``python -m harness _cell``
+subprocess on the worker, with the same timeout, memory limit and parent-death signal — and returns the
+record to the driver, which writes it atomically into the results dir (so resume works the same). A worker
+that crashes or a node that is lost becomes a ``failed`` record for that cell (after ``retries`` reruns), and
+the suite goes on. Resources per task: the suite's ``num_cpus`` and, for cells that need one, ``num_gpus=1``
+(one GPU per cell: cells sharing a GPU would share its memory figures).
+
+Exports are written on the worker: under the driver's results dir where the cluster shares that filesystem
+(a local cluster does), else under the worker's temp dir; the record says where.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.config import RunConfig
+from harness.records import RunRecord, now_iso, write_record
+
+
+def _remote_cell(cfg_json: str, results_dir: str) -> str:
+    """Inside a Ray worker: run the cell in a subprocess, return its record as JSON."""
+    from harness.runner import run_cell_subprocess
+
+    cfg = RunConfig.model_validate_json(cfg_json)
+    target = Path(results_dir)
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        target = Path(tempfile.mkdtemp(prefix="ftbench-"))
+    return run_cell_subprocess(cfg, target).model_dump_json()
+
+
+def run_cells_ray(
+    cells: list[RunConfig], results_dir: Path, address: str | None, done: Callable[[RunConfig, RunRecord], None]
+) -> list[RunRecord]:
+    import ray
+
+    from harness.runner import failure_record
+
+    if not ray.is_initialized():  # a local cluster's workers inherit this process's environment
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            **({} if address else {"num_cpus": os.cpu_count()}),
+        )
+    remote = ray.remote(_remote_cell)
+    pending = {}
+    for cfg in cells:
+        ref = remote.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=cfg.retries).remote(
+            cfg.model_dump_json(), str(Path(results_dir).resolve())
+        )
+        pending[ref] = (cfg, now_iso(), time.perf_counter())
+    records = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cfg, started, t0 = pending.pop(ready[0])
+        try:
+            rec = RunRecord.model_validate_json(ray.get(ready[0]))
+        except (ray.exceptions.RayError, ValueError) as err:  # worker crashed, node lost, task error
+            text = str(err).strip().splitlines()
+            rec = failure_record(
+                cfg,
+                "failed",
+                f"ray: {type(err).__name__}: {' '.join(text[:3])[:500]}",
+                started,
+                time.perf_counter() - t0,
+            )
+        write_record(results_dir, rec)
+        records.append(rec)
+        done(cfg, rec)
+    return records

@@ -1,0 +1,77 @@
+"""The Ray executor on a local, loopback-only cluster: same records as the local executor; a worker that dies
+is a failed record and the suite goes on."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import ROOT, ftbench, tiny_suite
+
+pytest.importorskip("ray")
+
+SUITE = dict(
+    methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}],
+    seeds=[0, 1],
+    train={"steps": 6, "batch_size": 8, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1},
+)
+
+
+def _records(d):
+    return {p.name: json.loads(p.read_text()) for p in (d / "records").glob("*.json")}
+
+
+def test_ray_records_equal_local_records(tmp_path, write_suite):
+    path = write_suite(tiny_suite(**SUITE))
+    assert ftbench("run", str(path), "--results", str(tmp_path / "local")).returncode == 0
+    out = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    assert out.returncode == 0, out.stderr[-2000:]
+    local, ray_ = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert set(local) == set(ray_) and len(local) == 4
+    for name, a in local.items():
+        b = ray_[name]
+        assert a["status"] == b["status"] == "ok"
+        assert a["config"] == b["config"] and a["task_info"] == b["task_info"]
+        assert a["trainable_params"] == b["trainable_params"] and a["total_params"] == b["total_params"]
+        # Ray gives each cell num_cpus=1 thread: float sums may round differently in the last bits
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
+        assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
+    resumed = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    assert "4 already recorded, 0 to run" in resumed.stderr
+
+
+def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):
+    (tmp_path / "killer.py").write_text(
+        textwrap.dedent('''
+        import os, signal
+        from methods.full import Full
+
+        class KillWorker(Full):
+            """Kills the process that started this run: under Ray, the worker."""
+            name = "kill_worker"
+            def prepare(self, model, ctx):
+                os.kill(os.getppid(), signal.SIGKILL)
+                return model
+    ''')
+    )
+    dist = tmp_path / "killer-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: killer\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ftbench.methods]\nkill_worker = killer:KillWorker\n")
+    suite = write_suite(tiny_suite(methods=[{"method": "kill_worker"}, {"method": "lora"}]))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(suite), "--results", str(tmp_path / "r"), "--executor", "ray"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    recs = {r["method"]: r for r in _records(tmp_path / "r").values()}
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert recs["kill_worker"]["status"] == "failed" and recs["kill_worker"]["error"].startswith("ray:")
+    assert recs["lora"]["status"] == "ok"
