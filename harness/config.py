@@ -60,11 +60,21 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
 
 
+class Columns(Strict):
+    text: str
+    label: str
+    text_pair: str | None = None
+    group: str | None = Field(None, description="rows sharing this value stay in one split")
+
+
 class TaskSpec(Strict):
-    name: str
+    name: str = Field(description="a registered task, or csv / jsonl (with path) or hf (with dataset)")
     train_examples: PositiveInt | None = Field(None, description="subsample the train split")
     eval_examples: PositiveInt | None = Field(None, description="cap the test split used for evaluation")
     split_seed: int = 0
+    path: str | None = Field(None, description="csv / jsonl: the file")
+    dataset: str | None = Field(None, description="hf: a Hugging Face dataset name")
+    columns: Columns | None = Field(None, description="csv / jsonl / hf: which columns hold text and label")
 
 
 class MethodEntry(Strict):
@@ -202,12 +212,13 @@ def _check_names(suite: Suite, source: str) -> None:
         except ValidationError as err:
             raise ConfigError(format_validation_error(source, err, TrainConfig, ("methods", i, "train"))) from None
     from harness.models import check_model_name
-    from harness.tasks import check_task_name
+    from harness.tasks import check_task_name, check_task_spec
 
     for i, spec in enumerate(suite.models):
         check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network)
     for i, t in enumerate(suite.tasks):
         check_task_name(t.name, f"{source}: tasks[{i}].name")
+        check_task_spec(t, f"{source}: tasks[{i}]", suite.allow_network)
     if len(set(suite.seeds)) != len(suite.seeds):
         raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
     _check_methods_fit_models(suite, source, known)

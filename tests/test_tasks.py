@@ -25,3 +25,68 @@ def test_subsampling_takes_prefix():
     full = load_task(TaskSpec(name="rotten_tomatoes"))
     small = load_task(TaskSpec(name="rotten_tomatoes", train_examples=100, eval_examples=50))
     assert small.train == full.train[:100] and small.test == full.test[:50]
+
+
+def test_bbc_news_counts_and_labels():
+    data = load_task(TaskSpec(name="bbc_news"))
+    sizes = data.info()["split_sizes"]
+    assert sum(sizes.values()) == 2225
+    assert data.labels == ["business", "entertainment", "politics", "sports", "tech"]
+    assert {x.label for x in data.train} == set(range(5))
+
+
+def test_boolq_pairs():
+    data = load_task(TaskSpec(name="boolq"))
+    assert sum(data.info()["split_sizes"].values()) == 12_697
+    assert data.labels == ["false", "true"] and all(x.text_pair for x in data.train[:50])
+    assert not {x.group for x in data.train} & {x.group for x in data.test}  # a passage stays in one split
+
+
+def test_pairs_are_encoded_as_sentence_pairs():
+    from harness.data import encode
+    from harness.models import load_model
+
+    tok = load_model("tiny-bert", 2, 0).tokenizer
+    data = load_task(TaskSpec(name="boolq", train_examples=4))
+    enc = encode(data.train, tok, 64)
+    sep = tok.sep_token_id
+    assert all(e["input_ids"].count(sep) == 2 and len(e["input_ids"]) <= 64 for e in enc)
+
+
+def test_local_csv_and_jsonl_with_column_mapping(tmp_path):
+    import csv as csvmod
+    import json
+
+    rows = [{"review": f"text {i}", "stars": "good" if i % 3 else "bad", "shop": f"s{i % 7}"} for i in range(200)]
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csvmod.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cols = {"text": "review", "label": "stars", "group": "shop"}
+    a = load_task(TaskSpec(name="csv", path=str(tmp_path / "d.csv"), columns=cols))
+    b = load_task(TaskSpec(name="jsonl", path=str(tmp_path / "d.jsonl"), columns=cols))
+    assert a.labels == b.labels == ["bad", "good"]
+    assert a.info()["examples_sha256"] == b.info()["examples_sha256"]
+    assert sum(a.info()["split_sizes"].values()) == 200
+    assert not {x.group for x in a.train} & {x.group for x in a.test}
+
+
+def test_unknown_column_is_a_clear_error(tmp_path):
+    import pytest
+
+    from harness.config import ConfigError
+
+    (tmp_path / "d.jsonl").write_text('{"t": "x", "y": 1}\n')
+    with pytest.raises(ConfigError, match="no column 'text'; columns are t, y"):
+        load_task(TaskSpec(name="jsonl", path=str(tmp_path / "d.jsonl"), columns={"text": "text", "label": "y"}))
+
+
+def test_bbc_news_trains_a_five_way_head(tmp_path):
+    from harness.cell import run_cell
+    from tests.conftest import cells
+
+    cfg = cells(tasks=[{"name": "bbc_news", "train_examples": 64, "eval_examples": 32}])[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.task_info["labels"][0] == "business" and rec.eval_after.examples == 32
