@@ -20,7 +20,7 @@ from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
 from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
 from harness.models import head_module_names, load_model
-from harness.records import EvalMetrics, ExportRecord, RunRecord, environment, now_iso, write_record
+from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
 from harness.registry import ModelContext, get_method
 from harness.tasks import load_task
 
@@ -155,22 +155,6 @@ def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
         status = "oom" if _is_oom(err) else "failed"
         tb = traceback.format_exc(limit=-3)
         error = f"{type(err).__name__}: {err}\n{tb}"
-    record = RunRecord(
-        cell_id=cfg.cell_id,
-        suite=cfg.suite,
-        method=cfg.method,
-        variant=cfg.variant,
-        model=cfg.model.name,
-        task=cfg.task.name,
-        seed=cfg.seed,
-        status=status,
-        error=error,
-        started_at=started,
-        wall_time_s=time.perf_counter() - t0,
-        config=cfg.model_dump(mode="json"),
-        environment=environment(),
-        peak_rss_bytes=peak_rss_bytes(),
-        **rec,
-    )
+    record = make_record(cfg, status, error, started, time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(), **rec)
     write_record(results_dir, record)
     return record

@@ -161,6 +161,26 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def make_record(cfg, status: str, error: str | None, started_at: str, wall_time_s: float, **fields) -> RunRecord:
+    """A record for cell ``cfg`` (a harness.config.RunConfig): its identity, full config and environment."""
+    return RunRecord(
+        cell_id=cfg.cell_id,
+        suite=cfg.suite,
+        method=cfg.method,
+        variant=cfg.variant,
+        model=cfg.model.name,
+        task=cfg.task.name,
+        seed=cfg.seed,
+        status=status,
+        error=error,
+        started_at=started_at,
+        wall_time_s=wall_time_s,
+        config=cfg.model_dump(mode="json"),
+        environment=environment(),
+        **fields,
+    )
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -17,7 +17,15 @@ import time
 from pathlib import Path
 
 from harness.config import RunConfig, Suite, expand
-from harness.records import RunRecord, atomic_write_text, environment, now_iso, read_record, record_path, write_record
+from harness.records import (
+    RunRecord,
+    atomic_write_text,
+    make_record,
+    now_iso,
+    read_record,
+    record_path,
+    write_record,
+)
 
 CHILD_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -26,21 +34,8 @@ CHILD_ENV = {
 
 
 def failure_record(cfg: RunConfig, status: str, error: str, started_at: str, wall_time_s: float) -> RunRecord:
-    return RunRecord(
-        cell_id=cfg.cell_id,
-        suite=cfg.suite,
-        method=cfg.method,
-        variant=cfg.variant,
-        model=cfg.model.name,
-        task=cfg.task.name,
-        seed=cfg.seed,
-        status=status,
-        error=error,
-        started_at=started_at,
-        wall_time_s=wall_time_s,
-        config=cfg.model_dump(mode="json"),
-        environment=environment(),
-    )
+    """A record for a run that left none of its own (killed, timed out, lost with its Ray worker)."""
+    return make_record(cfg, status, error, started_at, wall_time_s)
 
 
 def _child_setup(memory_limit_mb: int | None) -> None:
