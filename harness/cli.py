@@ -103,6 +103,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     for k, fn in TASKS.items():
         print(f"{k:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    print(f"{'csv / jsonl':16s} your file: {{name: csv, path: data.csv, columns: {{text: ..., label: ...}}}}")
+    print(f"{'hf':16s} a hub dataset: {{name: hf, dataset: <name>, columns: ...}} (needs allow_network: true)")
     return 0
 
 
