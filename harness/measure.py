@@ -10,27 +10,8 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-from collections.abc import Iterable
 
 import torch
-
-from harness.memory import MemoryTracker
-
-
-class LiveTensorTracker(MemoryTracker):
-    """Peak bytes of live tensor storages while the mode is active; ``roots`` existed before it started.
-    (The uncategorised view of :class:`harness.memory.MemoryTracker`.)"""
-
-    def __init__(self, roots: Iterable[torch.Tensor] = (), device_type: str = "cpu") -> None:
-        super().__init__({"inputs": roots}, device_type)
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.result()["peak_bytes"] if self._log else 0
-
-    @property
-    def current_bytes(self) -> int:
-        return sum(self._bytes[u] for u in self._uid.values())
 
 
 def peak_rss_bytes() -> int:

@@ -13,6 +13,9 @@ at the peak is its final one (a gradient is a gradient even while backward is st
   activations — created in forward and saved for backward (``saved_tensors_hooks``);
   temporaries — everything else (forward intermediates, backward scratch, optimizer scratch).
 
+Limit: tensors without a plain storage (some tensor subclasses, e.g. DTensor shards' wrappers) are not
+counted; every tensor ftbench's methods create (incl. bitsandbytes Params4bit) has one.
+
 Results: the total peak, each category's bytes *at* that peak, and each category's own maximum. This is what
 tensors held — not what the allocator reserved, not the process RSS — on CPU as on CUDA.
 """
@@ -123,6 +126,11 @@ class MemoryTracker(TorchDispatchMode):
         self._mark([v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)], "optimizer_state")
 
     # --- results -----------------------------------------------------------------------------------------
+    @property
+    def current_bytes(self) -> int:
+        """Bytes of the tracked storages alive right now."""
+        return sum(self._bytes[u] for u in self._uid.values())
+
     def result(self) -> dict:
         """Replay the log with final categories: total peak, the breakdown at it, each category's own max."""
         self._closed = True

@@ -9,6 +9,11 @@ import torch
 
 from harness.registry import Export
 
+# PEFT config fields ftbench sets itself; a suite must not.
+PEFT_RESERVED = frozenset(
+    {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version"}
+)
+
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

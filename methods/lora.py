@@ -19,22 +19,11 @@ from pydantic import ConfigDict, Field, model_validator
 
 from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
-from methods.common import export_peft, requires_grad_parameters
+from methods.common import PEFT_RESERVED, export_peft, requires_grad_parameters
 
-# Fields ftbench sets itself; a suite must not.
-_RESERVED = {
-    "task_type",
-    "peft_type",
-    "auto_mapping",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "peft_version",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-}
-LORA_PASSTHROUGH = sorted({f.name for f in dataclasses.fields(LoraConfig)} - _RESERVED)
+LORA_PASSTHROUGH = sorted(
+    {f.name for f in dataclasses.fields(LoraConfig)} - PEFT_RESERVED - {"r", "lora_alpha", "lora_dropout"}
+)
 
 
 class LoraOptions(Strict):

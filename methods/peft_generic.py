@@ -20,18 +20,9 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
-from methods.common import export_peft, requires_grad_parameters
+from methods.common import PEFT_RESERVED, export_peft, requires_grad_parameters
 
 PEFT_TYPES = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
-_RESERVED = {
-    "task_type",
-    "peft_type",
-    "auto_mapping",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "peft_version",
-}
 
 
 def _config_class(peft_type: str):
@@ -58,7 +49,7 @@ class PeftGeneric:
         @model_validator(mode="after")
         def _fields_known(self):
             cls = _config_class(self.peft_type)
-            allowed = sorted({f.name for f in dataclasses.fields(cls)} - _RESERVED)
+            allowed = sorted({f.name for f in dataclasses.fields(cls)} - PEFT_RESERVED)
             unknown = sorted(set(self.model_extra or {}) - set(allowed))
             if unknown:
                 raise ValueError(f"unknown key {unknown[0]!r} for {self.peft_type}; allowed: {', '.join(allowed)}")

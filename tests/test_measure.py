@@ -1,18 +1,19 @@
 import pytest
 import torch
 
-from harness.measure import LiveTensorTracker, parameter_counts, step_time_stats
+from harness.measure import parameter_counts, step_time_stats
+from harness.memory import MemoryTracker
 
 
 def test_live_tensor_tracker_exact_peak():
     root = torch.zeros(256)  # 1,024 bytes that exist before tracking
-    with LiveTensorTracker([root]) as t:
+    with MemoryTracker({"inputs": [root]}) as t:
         a = torch.ones(1000)  # +4,000
         b = a * 2  # +4,000 → 9,024 (the peak)
         del a  # −4,000
         c = b[:10]  # a view: no new storage
         d = b + 1  # +4,000 → 9,024 again, not more
-    assert t.peak_bytes == 1024 + 8000
+    assert t.result()["peak_bytes"] == 1024 + 8000
     assert t.current_bytes == 1024 + 8000
     del b, c, d
     assert t.current_bytes == 1024
@@ -23,13 +24,13 @@ def test_tracker_sees_backward_and_optimizer_state():
     lin = torch.nn.Linear(128, 128, bias=False)  # 65,536 bytes of weight
     opt = torch.optim.AdamW(lin.parameters(), foreach=False)
     x = torch.randn(4, 128)
-    with LiveTensorTracker(list(lin.parameters()) + [x]) as t:
+    with MemoryTracker({"inputs": list(lin.parameters()) + [x]}) as t:
         lin(x).pow(2).sum().backward()
         opt.step()
     w = 128 * 128 * 4
     # weight + grad + exp_avg + exp_avg_sq, plus the two weight-sized temporaries AdamW's step allocates
     # (sqrt(v) + eps, and the update), plus small activations and the step counter
-    assert 6 * w <= t.peak_bytes < 6 * w + 8_000
+    assert 6 * w <= t.result()["peak_bytes"] < 6 * w + 8_000
 
 
 def test_step_time_stats():
