@@ -19,7 +19,8 @@ from harness.flops import flops_per_token, peak_flops
 from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
 from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
-from harness.models import head_module_names, load_model
+from harness.models import head_module_names, load_model, output_module_names, resolve_mode
+from harness.prompting import continuation_loss, encode_prompts, evaluate_prompts, lm_loss, prompt_batches
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
 from harness.registry import ModelContext, get_method
 from harness.tasks import load_task
@@ -41,34 +42,55 @@ def _is_oom(err: BaseException) -> bool:
 def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     """The run's stages in order; each writes what it measured into ``rec`` as soon as it has it."""
     device = _device()
+    dtype = DTYPES[cfg.train.dtype]
     task = load_task(cfg.task)
     rec["task_info"] = task.info()
-    loaded = load_model(cfg.model.name, len(task.labels), cfg.seed, cfg.model.trust_remote_code)
+    mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
+    loaded = load_model(cfg.model.name, len(task.labels), cfg.seed, cfg.model.trust_remote_code, mode)
     rec["model_info"] = loaded.info
     tok, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
-    train_enc = encode(task.train, tok, cfg.train.max_seq_len)
-    test_enc = encode(task.test, tok, cfg.train.max_seq_len)
+    n_eval = cfg.train.eval_batch_size
+    if mode == "prompt":  # decoders: every task is a prompt and scored continuations (harness/prompting.py)
+        test_items = encode_prompts(task, task.test, tok, cfg.train.max_seq_len)
+        batches = prompt_batches(
+            encode_prompts(task, task.train, tok, cfg.train.max_seq_len), cfg.train.batch_size, cfg.seed, pad_id
+        )
+        objective = continuation_loss
+
+        def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+            return evaluate_prompts(m, task, test_items, tok, n_eval, dtype, device, cfg.task.max_new_tokens)
+    else:  # encoders: a classification head on the text
+        test_enc = encode(task.test, tok, cfg.train.max_seq_len)
+        batches = train_batches(encode(task.train, tok, cfg.train.max_seq_len), cfg.train.batch_size, cfg.seed, pad_id)
+        objective = None
+
+        def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+            return evaluate(m, test_enc, n_eval, pad_id, dtype, device)
 
     method_cls = get_method(cfg.method)
     method = method_cls(method_cls.Config.model_validate(cfg.method_config))
     ctx = ModelContext(
-        task_type="seq_cls",
+        task_type="causal_lm" if mode == "prompt" else "seq_cls",
         num_labels=len(task.labels),
         model_type=loaded.info["model_type"],
         head_names=head_module_names(loaded.model),
+        output_names=output_module_names(loaded.model) if mode == "prompt" else [],
     )
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))
 
-    dtype = DTYPES[cfg.train.dtype]
-    before, _ = evaluate(model, test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
+    # Before training: for a decoder this is its zero-shot accuracy (as the method prepared it, e.g. quantized).
+    before, _ = run_eval(model)
     rec["eval_before"] = EvalMetrics(**before)
+    held_out = _held_out_texts(cfg) if cfg.forgetting else None
+    if held_out:
+        f = cfg.forgetting
+        rec["forgetting"] = {"task": f.task, "before": lm_loss(model, held_out, tok, f.max_seq_len, dtype, device)}
 
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    batches = train_batches(train_enc, cfg.train.batch_size, cfg.seed, pad_id)
     try:
-        res = train(model, method, batches, cfg.train, cfg.seed, device)
+        res = train(model, method, batches, cfg.train, cfg.seed, device, objective)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
         rec.update(
             losses=err.result.losses,
@@ -126,8 +148,10 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         rec["memory_methods"]["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
         rec["memory_methods"]["nvml_process_bytes"] = "NVML compute-process usedGpuMemory for this pid"
 
-    after, logits = evaluate(model, test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
+    after, logits = run_eval(model)
     rec["eval_after"] = EvalMetrics(**after)
+    if held_out:
+        rec["forgetting"]["after"] = lm_loss(model, held_out, tok, cfg.forgetting.max_seq_len, dtype, device)
 
     if cfg.export:
         exports = method.export(model, results_dir / "exports" / cfg.cell_id)
@@ -135,13 +159,21 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         for e in exports:
             er = ExportRecord(kind=e.kind, path=str(e.path), bytes_on_disk=e.bytes_on_disk, notes=e.notes)
             if e.model is not None:
-                m, elogits = evaluate(e.model.to(device), test_enc, cfg.train.eval_batch_size, pad_id, dtype, device)
+                m, elogits = run_eval(e.model.to(device))
                 er.eval = EvalMetrics(**m)
                 er.max_abs_logit_diff = float((elogits - logits).abs().max())
             out.append(er)
         rec["exports"] = out
         rec["export_bytes"] = sum(e.bytes_on_disk for e in exports)
     rec["method_metrics"] = method.report(model)
+
+
+def _held_out_texts(cfg: RunConfig) -> list[str]:
+    """The forgetting measure's text: test examples of another task (its own seeded split)."""
+    from harness.config import TaskSpec
+
+    data = load_task(TaskSpec(name=cfg.forgetting.task))
+    return [" ".join(filter(None, (x.text_pair, x.text))) for x in data.test[: cfg.forgetting.examples]]
 
 
 def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:

@@ -58,6 +58,18 @@ class TrainConfig(Strict):
 class ModelSpec(Strict):
     name: str = Field(description="alias (see `ftbench models`), local path, or hub id")
     trust_remote_code: bool = False
+    mode: Literal["auto", "classifier", "prompt"] = Field(
+        "auto",
+        description="auto: decoders (causal LMs) do every task through prompts, encoders through a classifier head",
+    )
+
+
+class Forgetting(Strict):
+    """Language-modelling loss on held-out text of another task, before and after training (decoders)."""
+
+    task: str = Field("bbc_news", description="a registered task whose test texts are the held-out text")
+    examples: PositiveInt = 32
+    max_seq_len: PositiveInt = 128
 
 
 class Columns(Strict):
@@ -75,6 +87,19 @@ class TaskSpec(Strict):
     path: str | None = Field(None, description="csv / jsonl: the file")
     dataset: str | None = Field(None, description="hf: a Hugging Face dataset name")
     columns: Columns | None = Field(None, description="csv / jsonl / hf: which columns hold text and label")
+    prompt: str | None = Field(None, description="decoders: template over {text} and {text_pair} (default: task's)")
+    label_words: list[str] | None = Field(None, description="decoders: the continuation scored for each label")
+    max_new_tokens: PositiveInt = Field(16, description="generation tasks: tokens generated per answer")
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        fields = set(re.findall(r"{(\w*)}", v))
+        if "text" not in fields or fields - {"text", "text_pair"}:
+            raise ValueError("a prompt template uses {text} (required) and {text_pair}, no other fields")
+        return v
 
 
 class MethodEntry(Strict):
@@ -99,6 +124,7 @@ class Suite(Strict):
     retries: int = Field(0, ge=0, description="Ray executor: reruns of a cell whose worker crashed")
     allow_network: bool = Field(False, description="let runs reach the Hugging Face hub (default: offline)")
     export: bool = True
+    forgetting: Forgetting | None = Field(None, description="decoders: LM loss on another task's text, before/after")
 
     @field_validator("models", "tasks", mode="before")
     @classmethod
@@ -124,6 +150,7 @@ class RunConfig(Strict):
     num_cpus: int = 1
     num_gpus: int = 0
     retries: int = 0
+    forgetting: Forgetting | None = None
 
     @property
     def cell_id(self) -> str:
@@ -221,16 +248,43 @@ def _check_names(suite: Suite, source: str) -> None:
         check_task_spec(t, f"{source}: tasks[{i}]", suite.allow_network)
     if len(set(suite.seeds)) != len(suite.seeds):
         raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
+    _check_tasks_fit_models(suite, source)
     _check_methods_fit_models(suite, source, known)
+
+
+def _check_tasks_fit_models(suite: Suite, source: str) -> None:
+    """Multiple-choice and generation tasks (and the forgetting measure) need a model that reads prompts."""
+    from harness.models import resolve_mode
+    from harness.tasks import TASKS, task_kind
+
+    if suite.forgetting and suite.forgetting.task not in TASKS:
+        raise ConfigError(
+            f"{source}: forgetting.task: unknown task {suite.forgetting.task!r}; allowed: {', '.join(sorted(TASKS))}"
+        )
+    for i, spec in enumerate(suite.models):
+        if resolve_mode(spec.name, spec.mode, spec.trust_remote_code) != "classifier":
+            continue
+        for j, t in enumerate(suite.tasks):
+            if task_kind(t.name) != "classification":
+                raise ConfigError(
+                    f"{source}: tasks[{j}]: {t.name} is a {task_kind(t.name)} task, scored through prompts; "
+                    f"models[{i}] ({spec.name}) uses a classification head: use a decoder or `mode: prompt`"
+                )
+        if suite.forgetting:
+            raise ConfigError(
+                f"{source}: forgetting: measures a language model's loss; models[{i}] ({spec.name}) uses a "
+                "classification head: use a decoder or `mode: prompt`"
+            )
 
 
 def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
     """Each method checks its config against each model's architecture (built on the meta device: no weights,
     no memory), so e.g. a QA-LoRA group size that does not divide a layer's d_in fails before any training."""
-    from harness.models import skeleton
+    from harness.models import resolve_mode, skeleton
 
     for spec in suite.models:
-        model = skeleton(spec.name, spec.trust_remote_code)
+        mode = resolve_mode(spec.name, spec.mode, spec.trust_remote_code) or "classifier"
+        model = skeleton(spec.name, spec.trust_remote_code, mode)
         if model is None:  # architecture unknown without the network; the run will say
             continue
         for i, m in enumerate(suite.methods):
@@ -283,6 +337,7 @@ def expand(suite: Suite) -> list[RunConfig]:
                             num_gpus=suite.num_gpus,
                             retries=suite.retries,
                             export=suite.export,
+                            forgetting=suite.forgetting,
                         )
                     )
     return cells

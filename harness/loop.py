@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -80,7 +80,11 @@ def train(
     cfg: TrainConfig,
     seed: int,
     device: torch.device,
+    objective: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> LoopResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps. ``objective(model, batch)`` is the task's loss (the
+    task's, not the method's: e.g. next-token NLL of the answer for prompts); default: the model's own loss."""
+    objective = objective or (lambda m, batch: m(**batch).loss)
     set_seed(seed)
     named = method.trainable_parameters(model)
     params = [p for _, p in named]
@@ -108,7 +112,7 @@ def train(
             loss_sum = 0.0
             for batch in micro:
                 with autocast, tracker.forward():
-                    loss = model(**batch).loss / cfg.grad_accum
+                    loss = objective(model, batch) / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             if not math.isfinite(loss_sum):

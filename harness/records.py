@@ -25,10 +25,16 @@ Status = Literal["ok", "failed", "oom", "timeout"]
 
 
 class EvalMetrics(BaseModel):
+    """Test-split metrics. Classifier heads: loss is the mean cross-entropy over the labels. Prompts: loss is
+    the mean NLL per token of the right continuation; multiple choice adds the length-normalised accuracy;
+    generation's accuracy is exact (numeric) match and a few generated answers are kept to read."""
+
     accuracy: float
-    macro_f1: float
+    macro_f1: float | None = None
     loss: float
     examples: int
+    accuracy_norm: float | None = None
+    generated_samples: list[dict[str, Any]] | None = None
 
 
 class ExportRecord(BaseModel):
@@ -96,6 +102,9 @@ class RunRecord(BaseModel):
     # quality
     eval_before: EvalMetrics | None = None
     eval_after: EvalMetrics | None = None
+    forgetting: dict[str, Any] | None = Field(
+        None, description="LM loss on another task's held-out text: {task, before: {lm_loss, ...}, after: {...}}"
+    )
     exports: list[ExportRecord] = Field(default_factory=list)
     method_metrics: dict[str, Any] = Field(default_factory=dict, description="figures the method reports itself")
     export_bytes: int | None = Field(None, description="total bytes of every export on disk")

