@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.config import RunConfig
-from harness.data import encode, evaluate, train_batches
+from harness.data import collate, encode, evaluate, train_batches
 from harness.flops import flops_per_token, peak_flops
 from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
 from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
 from harness.models import head_module_names, load_model, output_module_names, resolve_mode
-from harness.prompting import continuation_loss, encode_prompts, evaluate_prompts, lm_loss, prompt_batches
+from harness.prompting import (
+    collate_prompts,
+    continuation_loss,
+    encode_prompts,
+    evaluate_prompts,
+    lm_loss,
+    prompt_batches,
+)
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
 from harness.registry import ModelContext, get_method
 from harness.tasks import load_task
@@ -50,19 +58,26 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec["model_info"] = loaded.info
     tok, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
     n_eval = cfg.train.eval_batch_size
+    logit_rows: list[int] = []  # per micro-batch drawn: positions the LM head computes (prompts: B × (K + 1))
     if mode == "prompt":  # decoders: every task is a prompt and scored continuations (harness/prompting.py)
         test_items = encode_prompts(task, task.test, tok, cfg.train.max_seq_len)
-        batches = prompt_batches(
-            encode_prompts(task, task.train, tok, cfg.train.max_seq_len), cfg.train.batch_size, cfg.seed, pad_id
-        )
+        train_items = encode_prompts(task, task.train, tok, cfg.train.max_seq_len)
+        batches = _tap(prompt_batches(train_items, cfg.train.batch_size, cfg.seed, pad_id), logit_rows)
         objective = continuation_loss
+
+        def calibration(n: int) -> list[dict]:  # prompt + right answer, as in training
+            return [_inputs(collate_prompts(train_items[i : i + 16], pad_id)) for i in range(0, n, 16)]
 
         def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
             return evaluate_prompts(m, task, test_items, tok, n_eval, dtype, device, cfg.task.max_new_tokens)
     else:  # encoders: a classification head on the text
         test_enc = encode(task.test, tok, cfg.train.max_seq_len)
-        batches = train_batches(encode(task.train, tok, cfg.train.max_seq_len), cfg.train.batch_size, cfg.seed, pad_id)
+        train_enc = encode(task.train, tok, cfg.train.max_seq_len)
+        batches = _tap(train_batches(train_enc, cfg.train.batch_size, cfg.seed, pad_id), logit_rows)
         objective = None
+
+        def calibration(n: int) -> list[dict]:
+            return [_inputs(collate(train_enc[i : i + 16], pad_id)) for i in range(0, n, 16)]
 
         def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
             return evaluate(m, test_enc, n_eval, pad_id, dtype, device)
@@ -75,6 +90,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         model_type=loaded.info["model_type"],
         head_names=head_module_names(loaded.model),
         output_names=output_module_names(loaded.model) if mode == "prompt" else [],
+        calibration=lambda n: [{k: v.to(device) for k, v in b.items()} for b in calibration(n)],
     )
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))
@@ -122,9 +138,14 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
         cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
     )
-    fpt = flops_per_token(model)
+    fpt = flops_per_token(model, frozenset(ctx.output_names))
     if measured:
         computed = res.computed_tokens_per_step[n_warm:]
+        # the LM head runs on the kept positions only (prompts), every other layer on every computed token
+        acc = cfg.train.grad_accum
+        positions = [sum(logit_rows[i * acc : (i + 1) * acc]) for i in range(len(res.step_times_s))][n_warm:]
+        per_pos = fpt["output_per_position"]
+        step_flops = [fpt["total"] * c + per_pos * p for c, p in zip(computed, positions, strict=True)]
         # The matmuls run in the method's compute dtype where it has one (e.g. QLoRA dequantizing to bf16 under
         # fp32 training), else in the training dtype: MFU is measured against that dtype's peak.
         compute = getattr(method.config, "compute_dtype", None) if hasattr(method, "config") else None
@@ -132,10 +153,10 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         peak = peak_flops(results_dir, compute, device)
         rec.update(
             flops_per_token=fpt,
-            model_flops_per_step=fpt["total"] * sum(computed) / len(computed),
+            model_flops_per_step=sum(step_flops) / len(step_flops),
             peak_matmul_flops=peak["peak_matmul_flops"],
             mfu_dtype=compute,
-            mfu=fpt["total"] * sum(computed) / sum(measured) / peak["peak_matmul_flops"],
+            mfu=sum(step_flops) / sum(measured) / peak["peak_matmul_flops"],
         )
     rec["memory_methods"] = {
         "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the timing warm-up steps",
@@ -166,6 +187,19 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         rec["exports"] = out
         rec["export_bytes"] = sum(e.bytes_on_disk for e in exports)
     rec["method_metrics"] = method.report(model)
+
+
+def _tap(batches: Iterator[dict], logit_rows: list[int]) -> Iterator[dict]:
+    """Pass batches through, noting for each how many positions get vocabulary logits (0 for a head)."""
+    for b in batches:
+        labels = b["labels"]
+        logit_rows.append(labels.shape[0] * (labels.shape[1] + 1) if labels.dim() == 2 else 0)
+        yield b
+
+
+def _inputs(batch: dict) -> dict:
+    """Model inputs only (calibration needs no labels)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def _held_out_texts(cfg: RunConfig) -> list[str]:

@@ -19,7 +19,8 @@ EXIT_USER_ERROR = 2
 
 def _quiet_libraries() -> None:
     # bitsandbytes and transformers log advisory noise at import on CPU machines; keep the terminal for results.
-    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub"):
+    # torchao (pulled in by the gptq extra) warns about its CUDA-only libraries when transformers imports it.
+    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -99,12 +100,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from harness.tasks import TASKS
+    from harness.tasks import TASKS, task_kind
 
     for k, fn in TASKS.items():
-        print(f"{k:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    print(f"{'csv / jsonl':16s} your file: {{name: csv, path: data.csv, columns: {{text: ..., label: ...}}}}")
-    print(f"{'hf':16s} a hub dataset: {{name: hf, dataset: <name>, columns: ...}} (needs allow_network: true)")
+        print(f"{k:16s} {task_kind(k):16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    generic = {
+        "csv / jsonl": "your file: {name: csv, path: data.csv, columns: {text: ..., label: ...}}",
+        "hf": "a hub dataset: {name: hf, dataset: <name>, columns: ...} (needs allow_network: true)",
+    }
+    for k, text in generic.items():
+        print(f"{k:16s} {'classification':16s} {text}")
     return 0
 
 

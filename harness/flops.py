@@ -33,22 +33,32 @@ def _weight_shape(mod: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def flops_per_token(model: torch.nn.Module) -> dict[str, float]:
-    fwd = bwd_in = bwd_w = 0.0
+def flops_per_token(model: torch.nn.Module, output_names: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Per-token matmul FLOPs of a training step. Modules named in ``output_names`` (a decoder's LM head,
+    which prompts run on a few positions per row only) are counted apart, per position: ``output_per_position``."""
+    fwd = bwd_in = bwd_w = out = 0.0
     trainable_seen = False
-    for mod in model.modules():
+    for name, mod in model.named_modules():
         own = list(mod.parameters(recurse=False))
         shape = _weight_shape(mod)
         if shape is not None:
             n = shape[0] * shape[1]
             weight = getattr(mod, "weight", None)
             trains = isinstance(weight, torch.nn.Parameter) and weight.requires_grad
-            fwd += 2 * n
-            bwd_in += 2 * n if trainable_seen else 0
-            bwd_w += 2 * n if trains else 0
+            cost = (2 * n, 2 * n if trainable_seen else 0, 2 * n if trains else 0)
+            if name.split(".")[-1] in output_names:
+                out += sum(cost)
+            else:
+                fwd, bwd_in, bwd_w = fwd + cost[0], bwd_in + cost[1], bwd_w + cost[2]
         if any(p.requires_grad for p in own):
             trainable_seen = True
-    return {"forward": fwd, "backward_input": bwd_in, "backward_weight": bwd_w, "total": fwd + bwd_in + bwd_w}
+    return {
+        "forward": fwd,
+        "backward_input": bwd_in,
+        "backward_weight": bwd_w,
+        "total": fwd + bwd_in + bwd_w,
+        "output_per_position": out,
+    }
 
 
 def measure_peak_matmul_flops(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:

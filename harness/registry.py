@@ -16,6 +16,7 @@ Third-party packages register through the entry-point group ``ftbench.methods``:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -37,6 +38,8 @@ class ModelContext:
     model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
     head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
     output_names: list[str] = field(default_factory=list)  # a decoder's LM head: never quantized or adapted
+    # calibration(n): model-input batches of the first n training examples (for calibrated quantizers, e.g. GPTQ)
+    calibration: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
 
     @property
     def peft_task_type(self) -> str:

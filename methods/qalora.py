@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
 from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
 from methods.common import dir_bytes, load_state_dict, requires_grad_parameters, save_state_dict
+from methods.gptq import gptq_available, gptq_quantize
 from methods.intquant import QuantLinear
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,7 +79,18 @@ class QALoraOptions(Strict):
     target_modules: list[str] | None = Field(None, description="Linear names to quantize+adapt; None = all but head")
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Literal[16, 32, 64, 128] = 32
-    quantizer: Literal["rtn"] = Field("rtn", description="rtn: min-max round-to-nearest (GPTQ: not yet)")
+    quantizer: Literal["rtn", "gptq"] = Field(
+        "rtn", description="rtn: min-max round-to-nearest; gptq: GPTQ on training examples (extra ftbench[gptq])"
+    )
+    calibration_examples: int = Field(64, gt=0, description="gptq: training examples it calibrates on")
+
+    @field_validator("quantizer")
+    @classmethod
+    def _quantizer_installed(cls, v: str) -> str:
+        if v == "gptq" and not gptq_available():
+            raise ValueError("quantizer 'gptq' needs the optional extra gptqmodel: pip install 'ftbench[gptq]'")
+        return v
+
     param_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored scales and zeros")
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dequantize to this")
 
@@ -204,8 +216,25 @@ class QALora:
             p.requires_grad_(False)
         err = ref = 0.0
         n = packed = consts = 0
+        gptq = None
+        if c.quantizer == "gptq":
+            if ctx.calibration is None:
+                raise ValueError("qalora: quantizer gptq needs calibration data, and the runner gave none")
+            gptq = gptq_quantize(
+                model,
+                targets,
+                ctx.calibration(c.calibration_examples),
+                c.bits,
+                c.group_size,
+                DTYPES[c.param_dtype],
+                DTYPES[c.compute_dtype],
+            )
         for path, lin in targets:
-            q = QuantLinear.from_linear(lin, c.bits, c.group_size, DTYPES[c.param_dtype], DTYPES[c.compute_dtype])
+            q = (
+                gptq[path]
+                if gptq
+                else QuantLinear.from_linear(lin, c.bits, c.group_size, DTYPES[c.param_dtype], DTYPES[c.compute_dtype])
+            )
             w = lin.weight.detach().float()
             err += float((q.weight_dequantized(torch.float32) - w).pow(2).sum())
             ref += float(w.pow(2).sum())
@@ -227,6 +256,7 @@ class QALora:
             "bits": c.bits,
             "group_size": c.group_size,
             "pooling": "sum over each group (paper)",
+            "quantizer": c.quantizer,
         }
         return model
 

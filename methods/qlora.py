@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 from peft import get_peft_model
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from harness.registry import Export, ModelContext, register_method
 from methods.common import dir_bytes, export_peft, requires_grad_parameters, save_state_dict
@@ -42,6 +42,18 @@ class QLoraOptions(LoraOptions):
         None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format"
     )
     export_int_group_size: Literal[16, 32, 64, 128] = Field(32, description="group size of that INT-N export")
+    export_int_quantizer: Literal["rtn", "gptq"] = Field(
+        "rtn", description="how that export requantizes: rtn, or gptq on training examples (extra ftbench[gptq])"
+    )
+
+    @field_validator("export_int_quantizer")
+    @classmethod
+    def _quantizer_installed(cls, v: str) -> str:
+        from methods.gptq import gptq_available
+
+        if v == "gptq" and not gptq_available():
+            raise ValueError("export_int_quantizer 'gptq' needs the extra gptqmodel: pip install 'ftbench[gptq]'")
+        return v
 
 
 def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) -> list[str]:
@@ -167,6 +179,7 @@ class QLora:
         self.config = config
         self._metrics: dict[str, Any] = {}
         self._quantized: list[str] = []
+        self._calibration = None
 
     def check_model(self, model: torch.nn.Module) -> None:
         pass
@@ -178,6 +191,7 @@ class QLora:
         }
         names = quantize_linears(model, skip, self.config)
         self._quantized = names
+        self._calibration = ctx.calibration
         if not names:
             raise ValueError("qlora: no Linear layer left to quantize (check skip_modules)")
         for p in model.parameters():
@@ -244,13 +258,22 @@ class QLora:
         c = self.config
         bits, g = c.export_int_bits, c.export_int_group_size
         m = copy.deepcopy(merged32)
-        for name in self._quantized:
-            lin = m.get_submodule(name)
+        targets = [(name, m.get_submodule(name)) for name in self._quantized]
+        for name, lin in targets:
             if lin.in_features % g:
                 raise ValueError(f"qlora: export_int_group_size {g} does not divide d_in={lin.in_features} of {name!r}")
-            parent, _, attr = name.rpartition(".")
-            q = QuantLinear.from_linear(lin, bits, g, torch.float16, torch.float32)
-            setattr(m.get_submodule(parent) if parent else m, attr, q)
+        if c.export_int_quantizer == "gptq":  # the paper's QLoRA baseline: merge, then GPTQ
+            from methods.gptq import gptq_quantize
+
+            batches = self._calibration(64) if self._calibration else []
+            if not batches:
+                raise ValueError("qlora: export_int_quantizer gptq needs calibration data, and the runner gave none")
+            gptq_quantize(m, targets, batches, bits, g, torch.float16, torch.float32)  # swaps the layers in m
+        else:
+            for name, lin in targets:
+                parent, _, attr = name.rpartition(".")
+                q = QuantLinear.from_linear(lin, bits, g, torch.float16, torch.float32)
+                setattr(m.get_submodule(parent) if parent else m, attr, q)
         path = out_dir / f"merged_int{bits}"
         save_int_model(m, self._quantized, path, bits, g, "float16", "float32")
         return Export(
@@ -258,7 +281,7 @@ class QLora:
             path,
             dir_bytes(path),
             model=load_merged(path),
-            notes=f"merged in fp32, then requantized to INT{bits} group {g} (RTN)",
+            notes=f"merged in fp32, then requantized to INT{bits} group {g} ({c.export_int_quantizer.upper()})",
         )
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, read_record
 from reports import figures
-from reports.summary import COLUMNS, summary_rows
+from reports.summary import shown_columns, summary_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;
@@ -63,6 +63,7 @@ def _sort_value(r: RunRecord, col: str, text: str) -> str:
         "export": r.export_bytes,
         "step time (median)": r.step_time_stats.get("median_s"),
         "accuracy before → after": r.eval_after.accuracy if r.eval_after else None,
+        "forgetting: LM loss before → after": (r.forgetting or {}).get("after", {}).get("lm_loss"),
     }
     v = raw.get(col, text)
     return "" if v is None else str(v)
@@ -72,7 +73,7 @@ def _table(records: list[RunRecord]) -> str:
     """The summary table; columns equal in every row (model, task, seed) are stated once above it."""
     rows = summary_rows(records)
     constant = [c for c in ("model", "task", "seed") if rows and len({r[c] for r in rows}) == 1]
-    cols = [c for c in COLUMNS if c not in constant]
+    cols = [c for c in shown_columns(rows) if c not in constant]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for r, row in zip(records, rows, strict=True):

@@ -24,9 +24,37 @@ COLUMNS = [
     "tokens/s",
     "MFU",
     "accuracy before → after",
+    "forgetting: LM loss before → after",
     "export",
     "merged exports: accuracy (max Δlogit)",
 ]
+
+
+def prompt_mode(r: RunRecord) -> bool:
+    return (r.model_info or {}).get("mode") == "prompt"
+
+
+def accuracy_label(r: RunRecord) -> str:
+    """Before → after. A decoder's "before" is its zero-shot accuracy through the prompt (as the method
+    prepared it: e.g. quantized); a classifier's is an untrained head's."""
+    b, a = r.eval_before, r.eval_after
+    if b is None:
+        return "—"
+    before = f"{b.accuracy:.3f}" + (" zero-shot" if prompt_mode(r) else "")
+    return f"{before} → {a.accuracy:.3f}" if a is not None else f"{before} → —"
+
+
+def forgetting_label(r: RunRecord) -> str:
+    f = r.forgetting or {}
+    if "before" not in f:
+        return "—"
+    after = f"{f['after']['lm_loss']:.3f}" if "after" in f else "—"
+    return f"{f['task']}: {f['before']['lm_loss']:.3f} → {after}"
+
+
+def shown_columns(rows: list[dict[str, str]]) -> list[str]:
+    """Columns worth a place: not the ones that are "—" in every row (e.g. forgetting when not measured)."""
+    return [c for c in COLUMNS if not rows or any(row[c] != "—" for row in rows)]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -65,10 +93,6 @@ def optimizer_label(r: RunRecord) -> str:
 def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
     rows = []
     for r in records:
-        b, a = r.eval_before, r.eval_after
-        acc = "—"
-        if b is not None:
-            acc = f"{b.accuracy:.3f} → {a.accuracy:.3f}" if a is not None else f"{b.accuracy:.3f} → —"
         merged = [e for e in r.exports if e.max_abs_logit_diff is not None and e.eval is not None]
         rows.append(
             {
@@ -88,7 +112,8 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 else "—",
                 "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
                 "MFU": f"{r.mfu * 100:.1f}%" if r.mfu else "—",
-                "accuracy before → after": acc,
+                "accuracy before → after": accuracy_label(r),
+                "forgetting: LM loss before → after": forgetting_label(r),
                 "export": fmt_bytes(r.export_bytes),
                 "merged exports: accuracy (max Δlogit)": "; ".join(
                     f"{e.kind} {e.eval.accuracy:.3f} ({e.max_abs_logit_diff:.1e})" for e in merged
@@ -101,9 +126,10 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
 
 def to_markdown(records: Iterable[RunRecord]) -> str:
     rows = summary_rows(records)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = shown_columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(row[c].replace("|", "\\|") for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(row[c].replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +140,7 @@ def to_rich_table(records: Iterable[RunRecord], title: str = ""):
 
     rows = summary_rows(records)
     constant = [c for c in ("model", "task", "seed") if rows and len({r[c] for r in rows}) == 1]
-    shown = [c for c in COLUMNS if c not in constant]
+    shown = [c for c in shown_columns(rows) if c not in constant]
     extra = " · ".join(f"{c} {rows[0][c]}" for c in constant)
     table = Table(title=escape(" · ".join(x for x in (title, extra) if x)))
     for c in shown:

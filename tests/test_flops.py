@@ -50,3 +50,14 @@ def test_mfu_uses_the_methods_compute_dtype(tmp_path):
     rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
     assert rec.status == "ok", rec.error
     assert rec.mfu_dtype == "bfloat16" and "cpu:bfloat16" in (tmp_path / "machine.json").read_text()
+
+
+def test_lm_head_is_counted_per_kept_position_not_per_token():
+    """Prompts compute vocabulary logits at a few positions per row: the LM head's cost is reported apart."""
+    from collections import OrderedDict
+
+    model = torch.nn.Sequential(OrderedDict(body=torch.nn.Linear(10, 20), lm_head=torch.nn.Linear(20, 100)))
+    f = flops_per_token(model, frozenset({"lm_head"}))
+    assert f["total"] == 2 * 200 + 2 * 200  # forward + weight gradient; nothing trains before the body
+    assert f["output_per_position"] == 3 * 2 * 2000
+    assert flops_per_token(model)["total"] == f["total"] + f["output_per_position"]

@@ -1,4 +1,6 @@
-from harness.config import TaskSpec
+import pytest
+
+from harness.config import ConfigError, TaskSpec
 from harness.tasks import load_task
 
 
@@ -40,6 +42,44 @@ def test_boolq_pairs():
     assert sum(data.info()["split_sizes"].values()) == 12_697
     assert data.labels == ["false", "true"] and all(x.text_pair for x in data.train[:50])
     assert not {x.group for x in data.train} & {x.group for x in data.test}  # a passage stays in one split
+
+
+@pytest.mark.parametrize(
+    "name,rows,choices",
+    [("piqa", 1500, {2}), ("openbookqa", 500, {4}), ("commonsense_qa", 1221, {3, 5})],
+)
+def test_multiple_choice_counts_and_answers(name, rows, choices):
+    data = load_task(TaskSpec(name=name))
+    xs = data.train + data.validation + data.test
+    assert data.kind == "multiple_choice" and len(xs) == rows
+    assert {len(x.choices) for x in xs} == choices
+    assert all(0 <= x.label < len(x.choices) and all(c and c[:3] not in ("A. ", "B. ") for c in x.choices) for x in xs)
+    assert {x.label for x in xs} == set(range(max(choices)))  # every position holds right answers
+
+
+def test_openbookqa_answer_letter_picks_the_right_choice():
+    x = next(
+        x
+        for x in load_task(TaskSpec(name="openbookqa")).train + load_task(TaskSpec(name="openbookqa")).test
+        if x.text.startswith("There is most likely going to be fog around")
+    )
+    assert x.choices[x.label] == "a marsh"
+
+
+def test_asdiv_counts_and_answers():
+    data = load_task(TaskSpec(name="asdiv"))
+    xs = data.train + data.validation + data.test
+    assert data.kind == "generation" and len(xs) == 2305
+    assert all(x.answer and x.text_pair for x in xs)
+    numeric = sum(x.answer.split(" ")[0].replace(",", "").replace(".", "", 1).isdigit() for x in xs)
+    assert numeric > 2150  # "9 apples"; the rest are names, ratios, yes/no
+
+
+def test_prompt_and_label_words_can_be_overridden():
+    data = load_task(TaskSpec(name="rotten_tomatoes", prompt="{text} Overall:", label_words=[" bad", " good"]))
+    assert data.prompt == "{text} Overall:" and data.label_words == [" bad", " good"]
+    with pytest.raises(ConfigError, match="one word per label"):
+        load_task(TaskSpec(name="rotten_tomatoes", label_words=[" bad"]))
 
 
 def test_pairs_are_encoded_as_sentence_pairs():

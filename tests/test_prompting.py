@@ -1,0 +1,163 @@
+"""Decoders through prompts, on the tiny random Llama: encoding, the answer-only objective, scoring that
+only computes the logits it needs (and must equal the full computation), generation and its metric."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.cell import run_cell
+from harness.config import TaskSpec
+from harness.models import load_model, resolve_mode
+from harness.prompting import (
+    PromptItem,
+    answer_matches,
+    collate_prompts,
+    continuation_loss,
+    encode_prompts,
+    evaluate_prompts,
+    score_continuations,
+)
+from harness.tasks import load_task
+from tests.conftest import cells
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-llama", 2, 0, mode="prompt")
+
+
+def test_decoders_read_prompts_encoders_use_heads():
+    assert resolve_mode("tiny-llama") == "prompt" and resolve_mode("tiny-bert") == "classifier"
+    assert resolve_mode("tiny-llama", "classifier") == "classifier"
+
+
+def test_truncation_cuts_the_text_never_the_instruction_or_answer(llama):
+    task = load_task(TaskSpec(name="bbc_news", train_examples=8))
+    tok = llama.tokenizer
+    items = encode_prompts(task, task.train, tok, 40)
+    tail = tok("\nTopic:", add_special_tokens=False)["input_ids"]
+    for it in items:
+        assert len(it.context) + max(len(c) for c in it.choices) <= 40
+        assert it.context[-len(tail) :] == tail  # the instruction survives; the article was cut
+    assert len(items[0].choices) == 5 and items[0].label == task.train[0].label
+
+
+def test_loss_on_kept_logits_equals_full_forward(llama):
+    """The objective computes vocabulary logits for the answer positions only; it must equal the textbook
+    next-token NLL over the answer tokens of a full forward on the unpadded rows."""
+    task = load_task(TaskSpec(name="piqa", train_examples=6))
+    items = encode_prompts(task, task.train, llama.tokenizer, 64)
+    batch = collate_prompts(items, llama.tokenizer.pad_token_id)
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends at the last column
+    model = llama.model.eval()
+    got = continuation_loss(model, batch)
+    nll, n = 0.0, 0
+    for it in items:
+        ids = torch.tensor([it.context + it.choices[it.label]])
+        logp = model(input_ids=ids).logits[0].log_softmax(-1)
+        ans = it.choices[it.label]
+        start = len(it.context)
+        nll -= sum(float(logp[start - 1 + j, t]) for j, t in enumerate(ans))
+        n += len(ans)
+    assert float(got) == pytest.approx(nll / n, rel=1e-4)
+
+
+def test_scores_do_not_depend_on_padding_or_batching(llama):
+    """Left padding with position ids: an item scores the same alone and batched with longer items, on both
+    the one-token fast path (label words) and the per-choice path (multiple choice)."""
+    tok, model = llama.tokenizer, llama.model.eval()
+    for name in ("rotten_tomatoes", "piqa"):
+        task = load_task(TaskSpec(name=name, eval_examples=12))
+        items = encode_prompts(task, task.test, tok, 64)
+        together, _ = score_continuations(model, items, 12, tok.pad_token_id, CPU)
+        for i in (0, 5, 11):
+            alone, _ = score_continuations(model, [items[i]], 1, tok.pad_token_id, CPU)
+            assert alone[0] == pytest.approx(together[i], abs=1e-4)
+
+
+def test_label_word_scores_are_log_probabilities(llama):
+    tok, model = llama.tokenizer, llama.model.eval()
+    words = [
+        tok(" negative", add_special_tokens=False)["input_ids"],
+        tok(" positive", add_special_tokens=False)["input_ids"],
+    ]
+    item = PromptItem(tok("Review: fine\nSentiment:", add_special_tokens=False)["input_ids"], words, 1)
+    (scores,), _ = score_continuations(model, [item], 1, tok.pad_token_id, CPU)
+    logp = F.log_softmax(model(input_ids=torch.tensor([item.context])).logits[0, -1], -1)
+    assert scores == pytest.approx([float(logp[w[0]]) for w in words], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "generated,reference,ok",
+    [
+        ("41", "41 students", True),
+        ("There were 41 students.", "41 students", True),
+        ("1,200 meters", "1200 meters", True),
+        ("14", "41 students", False),
+        ("", "9 apples", False),
+        ("Sara has more", "Sara", True),
+        ("3:2", "3:2", True),
+        ("3 apples", "3:2", False),
+    ],
+)
+def test_answer_matching(generated, reference, ok):
+    assert answer_matches(generated, reference) is ok
+
+
+def test_generation_task_generates_and_scores(llama):
+    task = load_task(TaskSpec(name="asdiv", eval_examples=4))
+    items = encode_prompts(task, task.test, llama.tokenizer, 64)
+    assert [it.answer for it in items] == [x.answer for x in task.test]
+    metrics, scores = evaluate_prompts(llama.model, task, items, llama.tokenizer, 4, torch.float32, CPU, 5)
+    assert metrics["accuracy"] == 0.0 and metrics["examples"] == 4 and scores.shape == (4, 1)
+    sample = metrics["generated_samples"][0]
+    assert sample["answer"] == task.test[0].answer and isinstance(sample["generated"], str)
+    assert len(llama.tokenizer(sample["generated"], add_special_tokens=False)["input_ids"]) <= 5 + 2
+
+
+def test_prompt_training_learns_the_label_words_and_records_forgetting(tmp_path):
+    """A decoder learns a task through its prompt (no head): the loss of the right label word falls, the
+    record says the model read prompts, and the forgetting measure is taken before and after."""
+    cfg = cells(
+        models=["tiny-llama"],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 256, "eval_examples": 64}],
+        train={"steps": 50, "batch_size": 16, "lr": 1e-2, "max_seq_len": 48, "timing_warmup_steps": 1},
+        methods=[{"method": "full"}],
+        forgetting={"task": "bbc_news", "examples": 4, "max_seq_len": 32},
+    )[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.model_info["mode"] == "prompt" and rec.model_info["architecture"] == "LlamaForCausalLM"
+    assert rec.eval_before.loss > 9 and rec.eval_after.loss < 1.5  # from ~ln(30522) ≈ 10.3 to a two-word choice
+    assert rec.eval_before.macro_f1 is not None and rec.task_info["label_words"] == [" negative", " positive"]
+    f = rec.forgetting
+    assert f["task"] == "bbc_news" and f["before"]["texts"] == 4 and f["after"]["tokens"] == f["before"]["tokens"]
+    assert f["after"]["lm_loss"] != f["before"]["lm_loss"]
+
+
+@pytest.mark.parametrize(
+    "method,config",
+    [
+        ("lora", {"r": 4}),
+        ("qlora", {"r": 4}),
+        ("qalora", {"r": 4, "group_size": 16}),
+        ("peft", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}),
+    ],
+)
+def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
+    """Every method runs on a decoder through prompts; mergeable ones export a model that scores the same."""
+    cfg = cells(
+        models=["tiny-llama"],
+        tasks=[{"name": "openbookqa", "train_examples": 32, "eval_examples": 16}],
+        train={"steps": 3, "batch_size": 8, "lr": 1e-3, "max_seq_len": 48, "timing_warmup_steps": 1},
+        methods=[{"method": method, "config": config}],
+    )[0]
+    rec = run_cell(cfg, tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.eval_after.accuracy_norm is not None and rec.eval_after.macro_f1 is None
+    assert rec.total_params > rec.trainable_params > 0
+    for e in rec.exports:
+        if e.eval is not None and e.kind in ("merged", "merged_fp32", "merged_int"):
+            assert e.max_abs_logit_diff < 1e-2, e
