@@ -66,7 +66,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         objective = continuation_loss
 
         def calibration(n: int) -> list[dict]:  # prompt + right answer, as in training
-            return [_inputs(collate_prompts(train_items[i : i + 16], pad_id)) for i in range(0, n, 16)]
+            n = min(n, len(train_items))
+            return [_inputs(collate_prompts(train_items[i : min(i + 16, n)], pad_id)) for i in range(0, n, 16)]
 
         def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
             return evaluate_prompts(m, task, test_items, tok, n_eval, dtype, device, cfg.task.max_new_tokens)
@@ -77,7 +78,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         objective = None
 
         def calibration(n: int) -> list[dict]:
-            return [_inputs(collate(train_enc[i : i + 16], pad_id)) for i in range(0, n, 16)]
+            n = min(n, len(train_enc))
+            return [_inputs(collate(train_enc[i : min(i + 16, n)], pad_id)) for i in range(0, n, 16)]
 
         def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
             return evaluate(m, test_enc, n_eval, pad_id, dtype, device)
@@ -90,7 +92,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         model_type=loaded.info["model_type"],
         head_names=head_module_names(loaded.model),
         output_names=output_module_names(loaded.model) if mode == "prompt" else [],
-        calibration=lambda n: [{k: v.to(device) for k, v in b.items()} for b in calibration(n)],
+        calibration=calibration,
     )
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))

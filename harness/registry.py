@@ -38,7 +38,7 @@ class ModelContext:
     model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
     head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
     output_names: list[str] = field(default_factory=list)  # a decoder's LM head: never quantized or adapted
-    # calibration(n): model-input batches of the first n training examples (for calibrated quantizers, e.g. GPTQ)
+    # calibration(n): model-input batches (CPU) of the first n training examples, for calibrated quantizers (GPTQ)
     calibration: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
 
     @property

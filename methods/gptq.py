@@ -91,7 +91,8 @@ def gptq_quantize(
     so later blocks see quantized earlier ones; the caller swaps in the returned layers (or its adapters)."""
     GPTQ, QuantizeConfig = _import_gptq()
     qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, damp_percent=damp_percent)
-    batches = list(calibration)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
     was_training = model.training
     model.eval()
     done: dict[str, QuantLinear] = {}

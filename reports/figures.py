@@ -47,38 +47,44 @@ def _layout(title: str, x: str, y: str, **kw) -> dict:
 
 
 def pareto(records: list[RunRecord]) -> go.Figure:
-    """Peak memory vs accuracy (mean over seeds); the frontier joins runs no other run beats on both."""
-    pts = []
-    for (_, _, method, variant), rs in groups(records).items():
+    """Peak memory vs accuracy (mean over seeds), one series per (model, task) — accuracies of different tasks
+    do not compare — each with its frontier: the runs no other run of that task beats on both."""
+    series: dict[tuple, list] = defaultdict(list)
+    for (model, task, method, variant), rs in groups(records).items():
         mem = [peak_bytes(r)[0] for r in rs if peak_bytes(r)[0] is not None]
         if not mem:
             continue
         acc = [r.eval_after.accuracy for r in rs]
-        pts.append((statistics.fmean(mem) / MIB, statistics.fmean(acc), html.escape(f"{method}/{variant}")))
+        series[(model, task)].append((statistics.fmean(mem) / MIB, statistics.fmean(acc), f"{method}/{variant}"))
     kind = peak_bytes(records[0])[1] if records else ""
     fig = go.Figure()
-    fig.add_scatter(
-        x=[p[0] for p in pts],
-        y=[p[1] for p in pts],
-        text=[p[2] for p in pts],
-        mode="markers+text",
-        textposition="top center",
-        name="runs",
-        marker=dict(size=11),
-    )
-    frontier, best = [], -1.0
-    for p in sorted(pts, key=lambda p: (p[0], -p[1])):
-        if p[1] > best:
-            frontier.append(p)
-            best = p[1]
-    fig.add_scatter(
-        x=[p[0] for p in frontier],
-        y=[p[1] for p in frontier],
-        mode="lines+markers",
-        name="Pareto frontier (no run is both cheaper and better)",
-        line=dict(dash="dash"),
-        marker=dict(symbol="star", size=16, color="rgba(0,0,0,0)", line=dict(width=2, color="#d62728")),
-    )
+    several = len(series) > 1
+    for (model, task), pts in series.items():
+        name = html.escape(f"{model} · {task}" if several else "runs")
+        fig.add_scatter(
+            x=[p[0] for p in pts],
+            y=[p[1] for p in pts],
+            text=[html.escape(p[2]) for p in pts],
+            mode="markers+text",
+            textposition="top center",
+            name=name,
+            legendgroup=name,
+            marker=dict(size=11),
+        )
+        frontier, best = [], -1.0
+        for p in sorted(pts, key=lambda p: (p[0], -p[1])):
+            if p[1] > best:
+                frontier.append(p)
+                best = p[1]
+        fig.add_scatter(
+            x=[p[0] for p in frontier],
+            y=[p[1] for p in frontier],
+            mode="lines+markers",
+            name=(f"{name}: " if several else "") + "Pareto frontier (no run is both cheaper and better)",
+            legendgroup=name,
+            line=dict(dash="dash"),
+            marker=dict(symbol="star", size=16, color="rgba(0,0,0,0)", line=dict(width=2, color="#d62728")),
+        )
     fig.update_layout(
         **_layout(
             f"Peak memory vs accuracy ({kind}; lower-left is cheaper, up is better)",

@@ -57,3 +57,20 @@ def test_compare_reports_deltas_and_environment_changes(results, tmp_path, capsy
 def test_report_of_a_non_results_dir_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no records/ folder" in capsys.readouterr().err
+
+
+def test_pareto_frontier_is_per_task(results):
+    """Accuracies of different tasks do not compare: each (model, task) gets its own series and frontier."""
+    from reports.figures import pareto
+
+    recs = [read_record(p) for p in sorted((results / "records").glob("*.json"))]
+    other = [
+        r.model_copy(update={"task": "piqa", "eval_after": r.eval_after.model_copy(update={"accuracy": 0.99})})
+        for r in recs
+    ]
+    one = pareto(recs)
+    two = pareto(recs + other)
+    assert len(one.data) == 2 and one.data[0].name == "runs"
+    assert len(two.data) == 4 and {t.name for t in two.data[::2]} == {"tiny-bert · rotten_tomatoes", "tiny-bert · piqa"}
+    # the piqa runs' 0.99 must not push the rotten_tomatoes runs off their own frontier
+    assert len(two.data[1].x) >= 1 and two.data[1].legendgroup == "tiny-bert · rotten_tomatoes"
