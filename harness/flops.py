@@ -25,7 +25,11 @@ MATMUL_N = 2048
 
 
 def _weight_shape(mod: torch.nn.Module) -> tuple[int, int] | None:
-    """(d_in, d_out) of a linear-like module: nn.Linear, bitsandbytes Linear4bit, QA-LoRA QuantLinear."""
+    """(d_in, d_out) of a linear-like module: nn.Linear, bitsandbytes Linear4bit, QA-LoRA QuantLinear. Adapter
+    wrappers (peft's layers hold the original as ``base_layer``; its 4-bit one is also named Linear4bit) are not
+    matmuls themselves: their base layer and adapter matrices are counted where they are."""
+    if hasattr(mod, "base_layer"):
+        return None
     if isinstance(mod, torch.nn.Linear) or callable(getattr(mod, "quantized_numel", None)):
         return mod.in_features, mod.out_features
     if type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):

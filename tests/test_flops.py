@@ -45,6 +45,24 @@ def test_adapter_methods_cost_less_than_full(method):
     assert flops_per_token(model)["total"] < full
 
 
+def test_each_base_matmul_counts_once_whatever_wraps_it():
+    """peft's 4-bit LoRA wrapper is itself named Linear4bit: its base layer must not be counted twice."""
+    from harness.models import load_model
+    from harness.registry import ModelContext, get_method
+
+    counts = {}
+    for method in ("lora", "qlora", "qalora"):
+        cls = get_method(method)
+        m = cls(cls.Config.model_validate({"r": 4, "target_modules": ["query", "key", "value", "dense"]}))
+        model = m.prepare(load_model("tiny-bert", 2, 0).model, ModelContext("seq_cls", 2, "bert", ["classifier"]))
+        counts[method] = flops_per_token(model)["forward"]
+    full = flops_per_token(load_model("tiny-bert", 2, 0).model)["forward"]
+    lora_extra = counts["lora"] - full  # the adapters' own matmuls
+    assert 0 < lora_extra < 0.5 * full
+    assert counts["qlora"] == counts["lora"]  # same base, same adapters
+    assert full < counts["qalora"] < counts["lora"]  # A acts on d_in / g pooled inputs
+
+
 def test_mfu_uses_the_methods_compute_dtype(tmp_path):
     cfg = cells(methods=[{"method": "qlora", "config": {"r": 4, "compute_dtype": "bfloat16"}}])[0]
     rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
