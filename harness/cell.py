@@ -27,7 +27,6 @@ from harness.prompting import (
     encode_prompts,
     evaluate_prompts,
     lm_loss,
-    prompt_batches,
 )
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
 from harness.registry import ModelContext, get_method
@@ -62,7 +61,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     if mode == "prompt":  # decoders: every task is a prompt and scored continuations (harness/prompting.py)
         test_items = encode_prompts(task, task.test, tok, cfg.train.max_seq_len)
         train_items = encode_prompts(task, task.train, tok, cfg.train.max_seq_len)
-        batches = _tap(prompt_batches(train_items, cfg.train.batch_size, cfg.seed, pad_id), logit_rows)
+        batches = _tap(train_batches(train_items, cfg.train.batch_size, cfg.seed, pad_id, collate_prompts), logit_rows)
         objective = continuation_loss
 
         def calibration(n: int) -> list[dict]:  # prompt + right answer, as in training

@@ -7,7 +7,7 @@ the data; tokens/s counts real (non-pad) tokens only.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,8 +41,13 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
 
 
-def train_batches(encoded: list[dict], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless stream of shuffled batches; each epoch reshuffles with a seed derived from ``seed``."""
+def train_batches(
+    encoded: list, batch_size: int, seed: int, pad_id: int, collate_fn: Callable[[list, int], dict] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless stream of shuffled batches; each epoch reshuffles with a seed derived from ``seed``.
+    ``collate_fn`` turns a list of encoded examples into a batch (default: :func:`collate`; prompts pass
+    :func:`harness.prompting.collate_prompts`)."""
+    collate_fn = collate_fn or collate
     if len(encoded) < batch_size:
         raise ValueError(f"train split has {len(encoded)} examples, fewer than batch_size {batch_size}")
     rng = random.Random(seed)
@@ -50,7 +55,7 @@ def train_batches(encoded: list[dict], batch_size: int, seed: int, pad_id: int) 
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged tail: equal-size steps
-            yield collate([encoded[j] for j in order[i : i + batch_size]], pad_id)
+            yield collate_fn([encoded[j] for j in order[i : i + batch_size]], pad_id)
 
 
 @torch.no_grad()

@@ -15,10 +15,8 @@ for a 49k-token vocabulary that is most of the logits' memory and a fifth of the
 
 from __future__ import annotations
 
-import random
 import re
 import string
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +49,7 @@ def _render(template: str, fields: dict[str, list[int]], tokenizer) -> list[int]
     return out
 
 
-def _continuations(task: TaskData, x: Example, tokenizer) -> tuple[list[str], int]:
+def _continuations(task: TaskData, x: Example) -> tuple[list[str], int]:
     if task.kind == "classification":
         if not task.label_words:
             raise ValueError(f"task {task.name}: classification through prompts needs label_words")
@@ -71,7 +69,7 @@ def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: 
     words_cache: dict[str, list[int]] = {}
     items = []
     for x in examples:
-        texts, label = _continuations(task, x, tokenizer)
+        texts, label = _continuations(task, x)
         choices = [words_cache.setdefault(t, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         if task.kind == "generation":
             choices = [c + eos for c in choices]
@@ -129,18 +127,6 @@ def continuation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     labels = batch["labels"]
     logits = continuation_logits(model, batch, labels.shape[1])
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-
-
-def prompt_batches(items: list[PromptItem], batch_size: int, seed: int, pad_id: int) -> Iterator[dict]:
-    """Endless stream of shuffled training batches (same order rules as the encoder path)."""
-    if len(items) < batch_size:
-        raise ValueError(f"train split has {len(items)} examples, fewer than batch_size {batch_size}")
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate_prompts([items[j] for j in order[i : i + batch_size]], pad_id)
 
 
 @torch.no_grad()
