@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
-from harness.config import RunConfig
+from harness.config import RunConfig, TrainConfig
 from harness.data import collate, encode, evaluate, train_batches
-from harness.flops import flops_per_token, peak_flops
+from harness.flops import flops_per_token, mfu_dtype, peak_flops
+from harness.hardware import describe, identity, resolve_config_dtypes
 from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
 from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
 from harness.models import head_module_names, load_model, output_module_names, resolve_mode
+from harness.progress import CellProgress
 from harness.prompting import (
     collate_prompts,
     continuation_loss,
@@ -46,13 +48,27 @@ def _is_oom(err: BaseException) -> bool:
     )
 
 
+def resolve_dtypes(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, dict[str, dict[str, str]]]:
+    """Every ``auto`` dtype (training and the method's own) made concrete for this machine; the record keeps the
+    choice, the value and why. The record's ``config`` stays as the suite wrote it."""
+    train, resolved = resolve_config_dtypes(TrainConfig, cfg.train.model_dump(), device, prefix="train.")
+    method_cfg, more = resolve_config_dtypes(get_method(cfg.method).Config, cfg.method_config, device)
+    update = {"train": TrainConfig.model_validate(train), "method_config": method_cfg}
+    return cfg.model_copy(update=update), {**resolved, **more}
+
+
 def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     """The run's stages in order; each writes what it measured into ``rec`` as soon as it has it."""
     device = _device()
+    cfg, rec["resolved_dtypes"] = resolve_dtypes(cfg, device)
     dtype = DTYPES[cfg.train.dtype]
+    progress = CellProgress(cfg, rec["resolved_dtypes"], device)
+    progress.say(f"hardware: {describe(identity(device))}")
+    progress.say("dtypes: " + "; ".join(f"{k} = {v['value']} ({v['why']})" for k, v in rec["resolved_dtypes"].items()))
     task = load_task(cfg.task)
     rec["task_info"] = task.info()
     mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
+    progress.say(f"loading {cfg.model.name}")
     loaded = load_model(cfg.model.name, len(task.labels), cfg.seed, cfg.model.trust_remote_code, mode)
     rec["model_info"] = loaded.info
     tok, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
@@ -97,6 +113,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec.update(parameter_counts(model))
 
     # Before training: for a decoder this is its zero-shot accuracy (as the method prepared it, e.g. quantized).
+    progress.say(f"evaluating before training ({len(task.test)} test examples)")
     before, _ = run_eval(model)
     rec["eval_before"] = EvalMetrics(**before)
     held_out = _held_out_texts(cfg) if cfg.forgetting else None
@@ -107,7 +124,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     try:
-        res = train(model, method, batches, cfg.train, cfg.seed, device, objective)
+        res = train(model, method, batches, cfg.train, cfg.seed, device, objective, progress.step)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
         rec.update(
             losses=err.result.losses,
@@ -147,15 +164,13 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         positions = [sum(logit_rows[i * acc : (i + 1) * acc]) for i in range(len(res.step_times_s))][n_warm:]
         per_pos = fpt["output_per_position"]
         step_flops = [fpt["total"] * c + per_pos * p for c, p in zip(computed, positions, strict=True)]
-        # The matmuls run in the method's compute dtype where it has one (e.g. QLoRA dequantizing to bf16 under
-        # fp32 training), else in the training dtype: MFU is measured against that dtype's peak.
-        compute = getattr(method.config, "compute_dtype", None) if hasattr(method, "config") else None
-        compute = compute if compute in ("float32", "bfloat16") and cfg.train.dtype == "float32" else cfg.train.dtype
+        compute = mfu_dtype(cfg.train.dtype, cfg.method_config)
         peak = peak_flops(results_dir, compute, device)
         rec.update(
             flops_per_token=fpt,
             model_flops_per_step=sum(step_flops) / len(step_flops),
             peak_matmul_flops=peak["peak_matmul_flops"],
+            peak_matmul_info={k: v for k, v in peak.items() if k != "peak_matmul_flops"},
             mfu_dtype=compute,
             mfu=sum(step_flops) / sum(measured) / peak["peak_matmul_flops"],
         )
@@ -170,17 +185,20 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         rec["memory_methods"]["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
         rec["memory_methods"]["nvml_process_bytes"] = "NVML compute-process usedGpuMemory for this pid"
 
+    progress.say(f"evaluating after training ({len(task.test)} test examples)")
     after, logits = run_eval(model)
     rec["eval_after"] = EvalMetrics(**after)
     if held_out:
         rec["forgetting"]["after"] = lm_loss(model, held_out, tok, cfg.forgetting.max_seq_len, dtype, device)
 
     if cfg.export:
+        progress.say("exporting")
         exports = method.export(model, results_dir / "exports" / cfg.cell_id)
         out = []
         for e in exports:
             er = ExportRecord(kind=e.kind, path=str(e.path), bytes_on_disk=e.bytes_on_disk, notes=e.notes)
             if e.model is not None:
+                progress.say(f"evaluating export {e.kind}")
                 m, elogits = run_eval(e.model.to(device))
                 er.eval = EvalMetrics(**m)
                 er.max_abs_logit_diff = float((elogits - logits).abs().max())

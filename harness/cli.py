@@ -37,11 +37,21 @@ def _results_dir(arg: str | None, suite_name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness import forkserver
     from harness.config import load_suite
+
+    if args.executor == "local" and forkserver.enabled():  # its imports overlap the suite's validation below
+        forkserver.server_for(allow_network=False)
+    try:
+        return _run(args, load_suite(args.suite))
+    finally:
+        forkserver.close_all()
+
+
+def _run(args: argparse.Namespace, suite) -> int:
     from harness.runner import run_suite
     from reports.summary import console, to_rich_table
 
-    suite = load_suite(args.suite)
     results = _results_dir(args.results, suite.name)
     if args.executor == "ray":
         import importlib.util
@@ -162,12 +172,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from reports.compare import compare, fmt
+    from reports.compare import compare, fmt, hardware_warning
     from reports.html import load_results
 
     old, _, _ = load_results(_records_dir(args.old))
     new, _, _ = load_results(_records_dir(args.new))
     rows, notes = compare(old, new)
+    hw = hardware_warning(old, new)
+    if hw:  # in the output itself, above the table: it changes how every speed row reads
+        print(hw)
     cols = ["cell", "metric", "old", "new", "delta", "relative", "status"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -262,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--group-size", type=int, default=32, choices=[16, 32, 64, 128])
     e.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     e.set_defaults(fn=cmd_estimate)
+    z = sub.add_parser("_zygote", help=argparse.SUPPRESS)
+    z.set_defaults(fn=lambda args: __import__("harness.forkserver").forkserver.serve())
     c = sub.add_parser("_cell", help=argparse.SUPPRESS)
     c.add_argument("cell_file")
     c.add_argument("--results", required=True)

@@ -12,11 +12,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
+from harness.hardware import AutoDtype
 from harness.optim import OPTIMIZERS
 
 
@@ -40,7 +41,9 @@ class TrainConfig(Strict):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: PositiveFloat | None = Field(1.0, description="clip total grad norm; null disables")
     grad_checkpointing: bool = False
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype (bf16 = autocast)")
+    dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = Field(
+        "float32", description="compute dtype (bf16 = autocast); auto: bf16 only where this machine runs it natively"
+    )
     optimizer: str = Field("adamw", description=f"one of {', '.join(OPTIMIZERS)}")
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     max_seq_len: PositiveInt = 128

@@ -16,12 +16,9 @@ MFU = model FLOPs per second / the peak matmul rate measured on this machine in 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
-
-MATMUL_N = 2048
 
 
 def _weight_shape(mod: torch.nn.Module) -> tuple[int, int] | None:
@@ -65,37 +62,42 @@ def flops_per_token(model: torch.nn.Module, output_names: frozenset[str] = froze
     }
 
 
-def measure_peak_matmul_flops(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in ``dtype`` (best of ``repeats``): this machine's practical peak."""
-    a = torch.randn(MATMUL_N, MATMUL_N, device=device).to(dtype)
-    b = torch.randn(MATMUL_N, MATMUL_N, device=device).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * MATMUL_N**3 / best
+def mfu_dtype(train_dtype: str, method_config: dict) -> str:
+    """The dtype a run's matmuls run in, whose peak MFU is measured against: the method's compute dtype where it
+    has one (e.g. QLoRA dequantizing to bf16 under fp32 training), else the training dtype. Both resolved."""
+    compute = method_config.get("compute_dtype")
+    return compute if compute in ("float32", "bfloat16") and train_dtype == "float32" else train_dtype
 
 
 def peak_flops(results_dir: Path | None, dtype_name: str, device: torch.device) -> dict:
-    """The suite's measured peak for ``dtype_name``, measured once and cached in ``results_dir/machine.json``."""
-    path = Path(results_dir) / "machine.json" if results_dir else None
-    cache = json.loads(path.read_text()) if path and path.exists() else {}
+    """The suite's peak for ``dtype_name``: one denominator per suite. The first figure a suite uses is kept in
+    ``results_dir/machine.json`` (kept on resume too) and comes from the per-machine cache (measured there when
+    missing: bounded and load-checked, see :mod:`harness.hardware`). A host other than the one that figure came
+    from (a Ray worker elsewhere, a resume on another machine) uses its own machine's figure, and says so."""
+    import fcntl
+
+    from harness.hardware import peak_matmul, static_identity
+
+    here = static_identity(device)["machine_key"]
     key = f"{device.type}:{dtype_name}"
-    if key not in cache:
-        from harness.loop import DTYPES
+    if results_dir is None:
+        return {**peak_matmul(dtype_name, device), "source": "machine cache"}
+    path = Path(results_dir) / "machine.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".machine.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            suite = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            suite = {}
+        entry = suite.get(key)
+        if entry is not None and entry.get("machine_key") == here:
+            return {**entry, "source": "suite (machine.json)"}
+        own = peak_matmul(dtype_name, device)
+        if entry is not None:  # another machine set the suite's figure: MFU here is against this host's own
+            return {**own, "source": "this host's own peak (the suite's figure is from another machine)"}
+        suite[key] = own
+        from harness.records import atomic_write_text
 
-        cache[key] = {
-            "peak_matmul_flops": measure_peak_matmul_flops(DTYPES[dtype_name], device),
-            "method": f"best of 5 × {MATMUL_N}² matmul in {dtype_name} on {device.type}",
-        }
-        if path:
-            from harness.records import atomic_write_text
-
-            atomic_write_text(path, json.dumps(cache, indent=1))
-    return cache[key]
+        atomic_write_text(path, json.dumps(suite, indent=1))
+        return {**own, "source": "suite (machine.json)"}

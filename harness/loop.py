@@ -81,9 +81,12 @@ def train(
     seed: int,
     device: torch.device,
     objective: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> LoopResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps. ``objective(model, batch)`` is the task's loss (the
-    task's, not the method's: e.g. next-token NLL of the answer for prompts); default: the model's own loss."""
+    task's, not the method's: e.g. next-token NLL of the answer for prompts); default: the model's own loss.
+    ``on_step(steps_done, steps_total, step_time_s)`` is told after each step, outside the timed region (the
+    runner shows it as the cell's progress)."""
     objective = objective or (lambda m, batch: m(**batch).loss)
     set_seed(seed)
     named = method.trainable_parameters(model)
@@ -140,6 +143,8 @@ def train(
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
         res.computed_tokens_per_step.append(sum(b["input_ids"].numel() for b in micro))
+        if on_step is not None:
+            on_step(step + 1, cfg.steps, res.step_times_s[-1])
     res.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     if cfg.optimizer.startswith("paged_"):
         res.paging_effective = paged_state_in_use(optimizer)

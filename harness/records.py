@@ -87,6 +87,12 @@ class RunRecord(BaseModel):
     peak_matmul_flops: float | None = Field(None, description="this machine, run dtype, measured per suite")
     mfu: float | None = Field(None, description="model FLOP/s over measured steps / peak_matmul_flops")
     mfu_dtype: str | None = Field(None, description="the dtype whose peak MFU is measured against")
+    peak_matmul_info: dict[str, Any] = Field(
+        default_factory=dict, description="how the peak was measured: size, repeats, seconds, load, source"
+    )
+    resolved_dtypes: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="dtype fields: {field: {choice, value, why}} (auto resolved per machine)"
+    )
     # memory, each named for what it is
     peak_live_tensor_bytes: int | None = Field(None, description="CPU: peak of live tensor storages in a step")
     peak_rss_bytes: int | None = Field(None, description="process peak resident set size (whole run)")
@@ -127,29 +133,25 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     """Where a record was produced: enough to judge whether two records are comparable."""
-    import torch
+    from harness.hardware import identity
 
     dirty = _git("status", "--porcelain")
+    hw = identity()  # CPU model, ISA level, native bf16 (measured), threads, GPU: what decides speed
     env = {
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": hw["cpu_model"],
+        "cpu_isa": hw["cpu_isa"],
+        "cpu_bf16_flags": hw["cpu_bf16_flags"],
+        "native_bf16": hw["native_bf16"],
+        "bf16_speedup_vs_fp32": hw["bf16_speedup_vs_fp32"],
+        "machine_key": hw["machine_key"],
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": hw["torch_threads"],
+        "gpu": hw["gpu"],
         "versions": {
             p: _v(p)
             for p in (

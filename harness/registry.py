@@ -63,7 +63,9 @@ class Export:
 @runtime_checkable
 class Method(Protocol):
     """Contract every fine-tuning method satisfies. ``Config`` is a pydantic model (unknown keys forbidden)
-    whose fields are the method's options; ``ftbench methods`` lists them."""
+    whose fields are the method's options; ``ftbench methods`` lists them. A dtype field marked with
+    :class:`harness.hardware.AutoDtype` may be ``auto``: the harness resolves it for the run's machine before the
+    method is built (and records the choice and why), so ``prepare`` sees a concrete dtype."""
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]

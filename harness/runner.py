@@ -14,9 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from harness import forkserver
 from harness.config import RunConfig, Suite, expand
+from harness.progress import LogTail
 from harness.records import (
     RunRecord,
     atomic_write_text,
@@ -86,40 +89,78 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def run_cell_subprocess(cfg: RunConfig, results_dir: Path) -> RunRecord:
-    """Run one cell in a child process with a wall-clock limit; always returns a record (and it is on disk)."""
+def cell_env(allow_network: bool) -> dict[str, str]:
+    env = {**CHILD_ENV, **os.environ}
+    # Offline unless the suite opts in; with the network, fail in seconds rather than hang on an unreachable hub.
+    env["HF_HUB_OFFLINE"] = "0" if allow_network else "1"
+    if allow_network:
+        env.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        env.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    return env
+
+
+class _Fresh:
+    """A fresh ``python -m harness _cell`` process per cell (CUDA machines, Ray workers, FTBENCH_FORKSERVER=0)."""
+
+    def __init__(self, cfg: RunConfig, cell_file: Path, results_dir: Path, log: Path) -> None:
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "harness", "_cell", str(cell_file), "--results", str(results_dir)],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=cell_env(cfg.allow_network),
+                start_new_session=True,
+                preexec_fn=lambda: _child_setup(cfg.memory_limit_mb),
+            )
+        self.pid = self.proc.pid
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class _Forked:
+    """A fork of the suite's zygote (harness/forkserver.py): the same isolation without re-importing torch."""
+
+    def __init__(self, server, cfg: RunConfig, cell_file: Path, results_dir: Path, log: Path) -> None:
+        self.server = server
+        self.pid = server.start(cell_file, results_dir, log, cfg.memory_limit_mb, {})
+
+    def wait(self, timeout: float) -> int | None:
+        return self.server.wait(self.pid, timeout)
+
+
+def run_cell_subprocess(
+    cfg: RunConfig, results_dir: Path, on_progress: Callable[[str], None] | None = None, server=None
+) -> RunRecord:
+    """Run one cell in a process of its own with a wall-clock limit; always returns a record (and it is on
+    disk). ``server``: a fork server whose environment matches this cell's (else a fresh process).
+    ``on_progress`` gets the cell's newest progress line (harness/progress.py) about twice a second."""
     cell_file = results_dir / "cells" / f"{cfg.cell_id}.json"
     atomic_write_text(cell_file, cfg.model_dump_json(indent=1))
     log = results_dir / "logs" / f"{cfg.cell_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     rec_path = record_path(results_dir, cfg.cell_id)
     rec_path.unlink(missing_ok=True)  # a retried cell must not leave the old record behind on a crash
-    env = {**CHILD_ENV, **os.environ}
-    # Offline unless the suite opts in; with the network, fail in seconds rather than hang on an unreachable hub.
-    env["HF_HUB_OFFLINE"] = "0" if cfg.allow_network else "1"
-    if cfg.allow_network:
-        env.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-        env.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     started, t0 = now_iso(), time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness", "_cell", str(cell_file), "--results", str(results_dir)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=lambda: _child_setup(cfg.memory_limit_mb),
+    run = _Forked(server, cfg, cell_file, results_dir, log) if server else _Fresh(cfg, cell_file, results_dir, log)
+    tail = LogTail(log)
+    while (rc := run.wait(0.5)) is None:
+        line = tail.poll()
+        if line and on_progress:
+            on_progress(line)
+        if time.perf_counter() - t0 < cfg.timeout_s:
+            continue
+        os.killpg(run.pid, signal.SIGKILL)  # the whole group: no orphaned workers keep running
+        run.wait(60)
+        where = f" (last progress: {tail.poll()})" if tail.poll() else ""
+        rec = failure_record(
+            cfg, "timeout", f"run exceeded timeout_s={cfg.timeout_s:g}{where}", started, time.perf_counter() - t0
         )
-        try:
-            rc = proc.wait(timeout=cfg.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no orphaned workers keep running
-            proc.wait()
-            rec = failure_record(
-                cfg, "timeout", f"run exceeded timeout_s={cfg.timeout_s:g}", started, time.perf_counter() - t0
-            )
-            write_record(results_dir, rec)
-            return rec
+        write_record(results_dir, rec)
+        return rec
     if rec_path.exists():
         try:
             return read_record(rec_path)
@@ -155,6 +196,34 @@ def pending_cells(cells: list[RunConfig], results_dir: Path, retry_failed: bool)
     return out
 
 
+def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
+    """Hardware identity at the top of the output; one warning line for half-precision dtypes asked for
+    explicitly where this machine emulates them; this machine's peak matmul rate for each dtype the cells will
+    run in, before any cell (cached per machine, and the suite's figure kept on resume: harness/flops.py)."""
+    from harness.cell import resolve_dtypes
+    from harness.flops import mfu_dtype, peak_flops
+    from harness.hardware import default_device, describe, identity, slow_note
+
+    device = default_device()
+    for server in forkserver.running():  # its imports must not load the machine while the peak is measured
+        server.wait_ready()
+    console.print(f"hardware: {describe(identity(device))}", soft_wrap=True)
+    slow: dict[str, set[str]] = {}
+    needed: set[str] = set()
+    for c in todo:
+        resolved_cfg, dtypes = resolve_dtypes(c, device)
+        needed.add(mfu_dtype(resolved_cfg.train.dtype, resolved_cfg.method_config))
+        for field, d in dtypes.items():
+            note = slow_note(d["value"], device) if d["choice"] != "auto" else None
+            if note:
+                slow.setdefault(note, set()).add(f"{c.method}/{c.variant} {field}={d['value']}")
+    for note, where in slow.items():  # one line per reason, before anything trains
+        where_text = ", ".join(sorted(where))
+        console.print(f"[yellow]warning:[/] {note}, yet set explicitly: {where_text}; `auto` avoids it", soft_wrap=True)
+    for dtype in sorted(needed):
+        peak_flops(results_dir, dtype, device)
+
+
 def run_suite(
     suite: Suite,
     suite_text: str,
@@ -174,16 +243,9 @@ def run_suite(
     atomic_write_text(results_dir / "suite.yaml", suite_text)
     cells = expand(suite)
     todo = pending_cells(cells, results_dir, retry_failed)
-    if todo:  # this machine's peak matmul rate per dtype, measured once per suite run, before any cell
-        import torch
-
-        from harness.flops import peak_flops
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        (results_dir / "machine.json").unlink(missing_ok=True)
-        for dtype in sorted({c.train.dtype for c in todo}):
-            peak_flops(results_dir, dtype, device)
     console = Console(stderr=True, quiet=quiet)
+    if todo:
+        _before_cells(todo, results_dir, console)
     skipped = len(cells) - len(todo)
     console.print(
         f"[bold]{suite.name}[/]: {len(cells)} cells, {skipped} already recorded, {len(todo)} to run → {results_dir}"
@@ -198,6 +260,9 @@ def run_suite(
     ) as progress:
         bar = progress.add_task("", total=len(todo))
 
+        def label(cfg: RunConfig) -> str:
+            return f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant}"
+
         def done(cfg: RunConfig, rec: RunRecord) -> None:
             label = f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
@@ -210,9 +275,19 @@ def run_suite(
             progress.update(bar, description=f"on Ray ({address or 'local cluster'})")
             run_cells_ray(todo, results_dir, address, done)
         else:
-            for cfg in todo:
-                progress.update(bar, description=f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant}")
-                done(cfg, run_cell_subprocess(cfg, results_dir))
+            try:
+                for cfg in todo:
+                    progress.update(bar, description=label(cfg))
+
+                    def show(line: str, cfg: RunConfig = cfg) -> None:
+                        progress.update(bar, description=f"{label(cfg)} · {line}")
+
+                    # A memory limit is for the run's own footprint: the zygote's preloaded libraries would count against it
+                    forked = forkserver.enabled() and not cfg.memory_limit_mb
+                    server = forkserver.server_for(cfg.allow_network) if forked else None
+                    done(cfg, run_cell_subprocess(cfg, results_dir, show, server))
+            finally:
+                forkserver.close_all()
     records = []
     for c in cells:
         p = record_path(results_dir, c.cell_id)

@@ -27,13 +27,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
 from harness.config import Strict
+from harness.hardware import AutoDtype, torch_dtype
 from harness.registry import Export, ModelContext, register_method
 from methods.common import dir_bytes, load_state_dict, requires_grad_parameters, save_state_dict
 from methods.gptq import gptq_available, gptq_quantize
@@ -92,7 +93,9 @@ class QALoraOptions(Strict):
         return v
 
     param_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored scales and zeros")
-    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dequantize to this")
+    compute_dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = Field(
+        "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
+    )
 
 
 def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None) -> list[tuple[str, torch.nn.Linear]]:
@@ -165,21 +168,26 @@ def load_merged(path: Path) -> torch.nn.Module:
                 meta["group_size"],
                 lin.bias is not None,
                 DTYPES[meta["param_dtype"]],
-                DTYPES[meta["compute_dtype"]],
+                torch_dtype(meta["compute_dtype"]),
             ),
         )
     load_state_dict(model, Path(path) / "model.safetensors")
     return model.eval()
 
 
-def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5) -> float:
+def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5, budget_s: float = 3.0) -> float:
+    """Median forward time after one warm-up: ``repeats`` runs, fewer (at least one) where they would take
+    longer than ``budget_s`` — a slow CPU gets a coarser figure, not minutes of latency timing."""
     with torch.no_grad():
+        t_start = time.perf_counter()
         model(**batch)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             model(**batch)
             times.append(time.perf_counter() - t0)
+            if time.perf_counter() - t_start > budget_s:
+                break
     return sorted(times)[len(times) // 2]
 
 
@@ -227,13 +235,15 @@ class QALora:
                 c.bits,
                 c.group_size,
                 DTYPES[c.param_dtype],
-                DTYPES[c.compute_dtype],
+                torch_dtype(c.compute_dtype),
             )
         for path, lin in targets:
             q = (
                 gptq[path]
                 if gptq
-                else QuantLinear.from_linear(lin, c.bits, c.group_size, DTYPES[c.param_dtype], DTYPES[c.compute_dtype])
+                else QuantLinear.from_linear(
+                    lin, c.bits, c.group_size, DTYPES[c.param_dtype], torch_dtype(c.compute_dtype)
+                )
             )
             w = lin.weight.detach().float()
             err += float((q.weight_dequantized(torch.float32) - w).pow(2).sum())

@@ -19,24 +19,25 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from peft import get_peft_model
 from pydantic import Field, field_validator
 
+from harness.hardware import AutoDtype, torch_dtype
 from harness.registry import Export, ModelContext, register_method
 from methods.common import dir_bytes, export_peft, requires_grad_parameters, save_state_dict
 from methods.lora import LoraOptions
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class QLoraOptions(LoraOptions):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
     double_quant: bool = Field(True, description="quantize the absmax constants again (8-bit, blocks of 256)")
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="values per absmax")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dequantize to this")
+    compute_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], AutoDtype()] = Field(
+        "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
+    )
     skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
     export_int_bits: Literal[2, 3, 4, 8] | None = Field(
         None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format"
@@ -71,7 +72,7 @@ def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) 
                 child.in_features,
                 child.out_features,
                 bias=child.bias is not None,
-                compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype],
+                compute_dtype=torch_dtype(cfg.compute_dtype),
                 compress_statistics=cfg.double_quant,
                 quant_type=cfg.quant_type,
             )

@@ -17,7 +17,29 @@ METRICS = {
     "trainable_params": lambda r: r.trainable_params,
     "export_bytes": lambda r: r.export_bytes,
 }
-ENV_KEYS = ("cpu_model", "cpu_count", "gpu", "python")
+ENV_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu", "python")
+HARDWARE_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "gpu")
+
+
+def hardware_of(r: RunRecord) -> str:
+    """One record's hardware identity as one short string (older records may lack the newer fields)."""
+    e = r.environment
+    bf16 = {True: "native bf16", False: "bf16 emulated or slow"}.get(e.get("native_bf16"), "bf16 unknown")
+    gpu = f"{e['gpu']} · " if e.get("gpu") else ""
+    return (
+        f"{gpu}{e.get('cpu_model')} · {e.get('cpu_isa') or 'ISA unknown'} · {bf16} · {e.get('torch_threads')} threads"
+    )
+
+
+def hardware_warning(old: list[RunRecord], new: list[RunRecord]) -> str | None:
+    """Speed figures from different machines do not compare: say so, naming both."""
+    a, b = sorted({hardware_of(r) for r in old}), sorted({hardware_of(r) for r in new})
+    if a == b and len(a) <= 1:
+        return None
+    return (
+        f"warning: records come from different hardware: OLD {' | '.join(a)}; NEW {' | '.join(b)} — "
+        "step time, tokens/s and MFU are not comparable across them"
+    )
 
 
 def key(r: RunRecord) -> tuple:

@@ -110,6 +110,20 @@ def _failures(records: list[RunRecord]) -> str:
     return "".join(parts)
 
 
+def _hardware(records: list[RunRecord]) -> str:
+    """The machine(s) the runs come from, at the top: step times and MFU mean nothing without it."""
+    from reports.compare import hardware_of
+
+    machines = sorted({hardware_of(r) for r in records})
+    if len(machines) == 1:
+        return f'<p class="note">Hardware: <b>{html.escape(machines[0])}</b></p>'
+    items = "".join(f"<li>{html.escape(m)}</li>" for m in machines)
+    return (
+        f'<p class="warn">These runs come from {len(machines)} different machines; step time, tokens/s and MFU '
+        f"do not compare across them:</p><ul>{items}</ul>"
+    )
+
+
 def _environment(records: list[RunRecord]) -> str:
     envs = {
         json.dumps({k: v for k, v in r.environment.items() if k not in ("hostname",)}, sort_keys=True) for r in records
@@ -151,6 +165,7 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str) -> str:
         f"<h1>ftbench · {name}</h1>",
         f'<p class="note">{len(records)} runs, {n_ok} ok. Memory figures say what they measure: CPU figures are '
         "live tensor bytes, never VRAM. Click a column header to sort.</p>",
+        _hardware(records) if records else "",
         "<h2>Summary</h2>",
         _table(records),
         "<h2>Memory vs accuracy</h2>",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,29 @@ from harness.config import RunConfig, expand, parse_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One machine cache for the whole session, the cells' subprocesses included: the bf16 probe and the peak matmul
+# rate are measured once per session (below), never per test. pytest_sessionfinish checks that from the log.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="ftbench-test-cache-"))
+os.environ["FTBENCH_CACHE_DIR"] = str(SESSION_CACHE)
+os.environ["FTBENCH_KEEP_LOADED_PEAK"] = "1"  # a figure measured under load is kept (flagged), not re-measured
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_measured_once():
+    from harness.hardware import peak_matmul
+
+    for dtype in ("float32", "bfloat16"):
+        peak_matmul(dtype, keep_loaded=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if anything in it measured the probe or a peak twice on the session cache."""
+    from tests.test_hardware import measurement_counts
+
+    repeated = {k: n for k, n in measurement_counts(SESSION_CACHE, per_machine=True).items() if n > 1}
+    if repeated:
+        print(f"\nftbench: measured more than once in this test session: {repeated}")
+        session.exitstatus = 1
 
 
 def tiny_suite(**over) -> dict:

@@ -36,8 +36,14 @@ def _start(suite_path: Path, results: Path) -> subprocess.Popen:
 
 
 def _cell_children(pid: int) -> list[psutil.Process]:
+    """The runner's cell processes: fresh `_cell` processes, or forks of its zygote (harness/forkserver.py)."""
+
+    def is_cell(c: psutil.Process) -> bool:
+        cmd = " ".join(c.cmdline())
+        return "_cell" in cmd or ("_zygote" in cmd and "_zygote" in " ".join(c.parent().cmdline()))
+
     try:
-        return [c for c in psutil.Process(pid).children(recursive=True) if "_cell" in " ".join(c.cmdline())]
+        return [c for c in psutil.Process(pid).children(recursive=True) if is_cell(c)]
     except psutil.NoSuchProcess:
         return []
 

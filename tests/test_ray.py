@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 
 SUITE = dict(
     methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}],
-    seeds=[0, 1],
+    seeds=[0],
     train={"steps": 6, "batch_size": 8, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1},
 )
 
@@ -30,7 +30,7 @@ def test_ray_records_equal_local_records(tmp_path, write_suite):
     out = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
     assert out.returncode == 0, out.stderr[-2000:]
     local, ray_ = _records(tmp_path / "local"), _records(tmp_path / "ray")
-    assert set(local) == set(ray_) and len(local) == 4
+    assert set(local) == set(ray_) and len(local) == 2
     for name, a in local.items():
         b = ray_[name]
         assert a["status"] == b["status"] == "ok"
@@ -40,7 +40,7 @@ def test_ray_records_equal_local_records(tmp_path, write_suite):
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
         assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
     resumed = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
-    assert "4 already recorded, 0 to run" in resumed.stderr
+    assert "2 already recorded, 0 to run" in resumed.stderr
 
 
 def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):

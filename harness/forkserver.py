@@ -1,0 +1,229 @@
+"""Cells as forks of a process that has already imported everything.
+
+Each cell runs in a process of its own (a crash, a leak or an OOM stays in that cell; peak RSS belongs to one
+run). Starting that process is costly: importing torch, transformers, peft, bitsandbytes and scikit-learn
+takes 4 s on a fast CPU and 9–12 s on an AVX2 EPYC, which is more than a small cell's whole run. So the runner
+starts one *zygote* per suite, which imports the libraries once, runs no torch op (no thread pool, no CUDA
+context exists to be inherited), and then forks one child per cell. The child is what a fresh process was:
+its own session (the runner kills its whole group on a timeout), it dies with its parent (PR_SET_PDEATHSIG;
+the zygote dies with the runner the same way), its address-space limit, its stdout and stderr in the cell's
+log, then ``run_cell``. The zygote reports the child's exit status back over its stdout, one JSON line each.
+
+Used for CPU runs from the local executor. Where CUDA is present the runner starts a fresh process per cell
+as before (a CUDA context must never be forked), and ``FTBENCH_FORKSERVER=0`` does the same anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Modules a cell imports lazily (peft's LoRA dispatch imports gptqmodel whenever it is installed: ~3 s here).
+WARM = (
+    "gptqmodel",
+    "transformers.models.bert.modeling_bert",
+    "transformers.models.llama.modeling_llama",
+    "bitsandbytes.nn",
+    "safetensors.torch",
+)
+
+
+def enabled() -> bool:
+    if os.environ.get("FTBENCH_FORKSERVER", "1") == "0" or not hasattr(os, "fork"):
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_SERVERS: dict[str, ForkServer] = {}
+
+
+def server_for(allow_network: bool) -> ForkServer:
+    """The zygote for cells with this network setting (libraries read HF_HUB_OFFLINE at import), started on
+    first use; ``ftbench run`` starts the offline one early, so its imports overlap the suite's validation."""
+    from harness.runner import cell_env
+
+    key, env = str(allow_network), cell_env(allow_network)
+    if key not in _SERVERS or _SERVERS[key].proc.poll() is not None:
+        _SERVERS[key] = ForkServer(env)
+    return _SERVERS[key]
+
+
+def running() -> list[ForkServer]:
+    return [s for s in _SERVERS.values() if s.proc.poll() is None]
+
+
+def close_all() -> None:
+    while _SERVERS:
+        _SERVERS.popitem()[1].close()
+
+
+class ForkServer:
+    """The runner's handle on its zygote: start a cell (returns its pid), poll for cells that ended."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import tempfile
+
+        self.ready = False
+        self._err = tempfile.TemporaryFile()  # the libraries' import noise: kept for an error, never shown
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness", "_zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            env=env,  # read at import time by some libraries (HF_HUB_OFFLINE): one zygote per environment
+            preexec_fn=_die_with_parent,
+        )
+        self._buf = b""
+        self.exited: dict[int, int] = {}  # pid -> return code (negative: killed by that signal)
+
+    def wait_ready(self) -> None:
+        """Block until the zygote has imported everything (the runner measures the peak on a quiet machine)."""
+        while not self.ready:
+            self._read(timeout=None)
+
+    def start(self, cell_file: Path, results_dir: Path, log: Path, memory_limit_mb: int | None, env: dict) -> int:
+        req = {
+            "cell_file": str(cell_file),
+            "results": str(results_dir),
+            "log": str(log),
+            "memory_limit_mb": memory_limit_mb,
+            "env": env,
+        }
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        self.proc.stdin.flush()
+        while True:
+            for msg in self._read(timeout=None):
+                if "pid" in msg and "rc" not in msg:
+                    return msg["pid"]
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """The cell's return code once it has ended, else None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while pid not in self.exited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._read(timeout=left)
+        return self.exited.pop(pid)
+
+    def _read(self, timeout: float | None) -> list[dict]:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if not chunk:
+            self._err.seek(0)
+            tail = self._err.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the cell fork server exited (code {self.proc.wait()}): {' | '.join(tail)}")
+        *lines, self._buf = (self._buf + chunk).split(b"\n")
+        msgs = [json.loads(line) for line in lines if line.strip()]
+        for m in msgs:
+            self.ready = self.ready or m.get("ready", False)
+            if "rc" in m:
+                self.exited[m["pid"]] = m["rc"]
+        return msgs
+
+    def close(self) -> None:
+        if self.proc.poll() is None and not self.ready:  # still importing: nothing of value to wait for
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _child(req: dict, protocol) -> None:
+    """In the forked child: become what a fresh cell process was, run the cell, never return."""
+    rc = 1
+    try:
+        os.close(protocol.fileno())  # only the zygote speaks to the runner
+        os.setsid()
+        _die_with_parent()
+        if req["memory_limit_mb"]:
+            import resource
+
+            limit = req["memory_limit_mb"] * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdin.close()
+        os.environ.update(req["env"])
+        from harness.cli import main
+
+        rc = main(["_cell", req["cell_file"], "--results", req["results"]])
+    except BaseException:  # noqa: BLE001 - whatever happened, the runner learns it from the exit code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def serve() -> int:
+    """The zygote: import what every cell needs, then fork a child per request line on stdin."""
+    _die_with_parent()
+    # The protocol gets a private copy of stdout; fd 1 goes to the log with stderr, so nothing a library prints
+    # while importing (banners, warnings) can corrupt it.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    import importlib
+
+    import harness.cell  # noqa: F401 - the point: torch, transformers, peft, bitsandbytes, sklearn, once
+    import harness.cli  # noqa: F401
+    from harness.registry import available_methods
+
+    available_methods()  # entry points too
+    for name in WARM:  # imported lazily on first use otherwise, in every cell again
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    out.write(b'{"ready": true}\n')
+    out.flush()
+    stdin = sys.stdin.buffer.fileno()
+    buf, live = b"", set()
+    while True:
+        ready, _, _ = select.select([stdin], [], [], 0.2)
+        if ready:
+            chunk = os.read(stdin, 65536)
+            if not chunk:  # the runner closed the pipe: done (children still running die with us)
+                return 0
+            *lines, buf = (buf + chunk).split(b"\n")
+            for line in lines:
+                req = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(req, out)
+                live.add(pid)
+                out.write((json.dumps({"pid": pid}) + "\n").encode())
+                out.flush()
+        for pid in list(live):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                live.discard(pid)
+                rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                out.write((json.dumps({"pid": pid, "rc": rc}) + "\n").encode())
+                out.flush()

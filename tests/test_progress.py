@@ -1,0 +1,48 @@
+"""Progress inside a cell: step lines from the cell's process, rate-limited, tailed by the runner."""
+
+import re
+
+import torch
+
+from harness.progress import MARK, CellProgress, LogTail, fmt_duration
+from harness.runner import run_cell_subprocess
+from tests.conftest import cells
+
+
+def test_log_tail_returns_the_newest_complete_progress_line(tmp_path):
+    log = tmp_path / "cell.log"
+    tail = LogTail(log)
+    assert tail.poll() is None  # no log yet
+    log.write_text(f"noise\n{MARK}loading x\n{MARK}step 1/9 · 0.50 s/step · ETA 4s\nWarning: libr")
+    assert tail.poll() == "step 1/9 · 0.50 s/step · ETA 4s"
+    with open(log, "a") as fh:
+        fh.write(f"ary noise\n{MARK}step 2/9 · 0.4")  # a line still being written is not shown half
+    assert tail.poll() == "step 1/9 · 0.50 s/step · ETA 4s"
+    with open(log, "a") as fh:
+        fh.write("0 s/step · ETA 3s\n")
+    assert tail.poll() == "step 2/9 · 0.40 s/step · ETA 3s"
+
+
+def test_step_lines_are_rate_limited_and_keep_first_and_last(capsys):
+    cfg = cells()[0]
+    p = CellProgress(
+        cfg, {"train.dtype": {"choice": "float32", "value": "float32", "why": ""}}, torch.device("cpu"), interval_s=3600
+    )
+    for i in range(1, 101):
+        p.step(i, 100, 0.25)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{MARK}step 1/100 · 0.25 s/step · ETA 25s", f"{MARK}step 100/100 · 0.25 s/step · ETA 0s"]
+    assert fmt_duration(92) == "1m 32s" and fmt_duration(7325) == "2h 02m"
+
+
+def test_the_runner_sees_the_cells_steps_while_it_trains(tmp_path):
+    cfg = cells(train={"steps": 400, "batch_size": 8, "max_seq_len": 32, "timing_warmup_steps": 1})[0]
+    seen: list[str] = []
+    rec = run_cell_subprocess(cfg.model_copy(update={"export": False}), tmp_path, seen.append)
+    assert rec.status == "ok", rec.error
+    steps = [int(m.group(1)) for line in seen if (m := re.match(r"step (\d+)/400 · [\d.]+ s/step · ETA ", line))]
+    assert len(steps) >= 2 and steps == sorted(steps) and steps[0] < 400  # shown during training, in order
+    assert any(line.startswith("evaluating") or line.startswith("loading") for line in seen)
+    log = (tmp_path / "logs" / f"{cfg.model_copy(update={'export': False}).cell_id}.log").read_text()
+    ours = [line for line in log.splitlines() if line.startswith(MARK)]
+    assert f"{MARK}step 400/400" in log and ours[0].startswith(f"{MARK}hardware: ")  # identity comes first
