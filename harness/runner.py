@@ -282,7 +282,7 @@ def run_suite(
                     def show(line: str, cfg: RunConfig = cfg) -> None:
                         progress.update(bar, description=f"{label(cfg)} · {line}")
 
-                    # A memory limit is for the run's own footprint: the zygote's preloaded libraries would count against it
+                    # a memory limit is for the run alone: the zygote's preloaded libraries would count against it
                     forked = forkserver.enabled() and not cfg.memory_limit_mb
                     server = forkserver.server_for(cfg.allow_network) if forked else None
                     done(cfg, run_cell_subprocess(cfg, results_dir, show, server))
