@@ -24,7 +24,7 @@ HARDWARE_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "gpu")
 def hardware_of(r: RunRecord) -> str:
     """One record's hardware identity as one short string (older records may lack the newer fields)."""
     e = r.environment
-    bf16 = {True: "native bf16", False: "bf16 emulated or slow"}.get(e.get("native_bf16"), "bf16 unknown")
+    bf16 = {True: "native bf16", False: "bf16 not native"}.get(e.get("native_bf16"), "bf16 unknown")
     gpu = f"{e['gpu']} · " if e.get("gpu") else ""
     return (
         f"{gpu}{e.get('cpu_model')} · {e.get('cpu_isa') or 'ISA unknown'} · {bf16} · {e.get('torch_threads')} threads"

@@ -116,7 +116,11 @@ def _hardware(records: list[RunRecord]) -> str:
 
     machines = sorted({hardware_of(r) for r in records})
     if len(machines) == 1:
-        return f'<p class="note">Hardware: <b>{html.escape(machines[0])}</b></p>'
+        from harness.hardware import describe
+
+        env = records[0].environment  # with the measured bf16 speed where the record has it
+        line = describe(env) if "bf16_speedup_vs_fp32" in env else machines[0]
+        return f'<p class="note">Hardware: <b>{html.escape(line)}</b></p>'
     items = "".join(f"<li>{html.escape(m)}</li>" for m in machines)
     return (
         f'<p class="warn">These runs come from {len(machines)} different machines; step time, tokens/s and MFU '

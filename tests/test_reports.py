@@ -20,6 +20,10 @@ def results(tmp_path_factory):
     return d
 
 
+def rec_cpu(results) -> str:
+    return read_record(next((results / "records").glob("*.json"))).environment["cpu_model"]
+
+
 def test_markdown_csv_json(results, capsys):
     assert main(["report", str(results), "--format", "md"]) == 0
     md = capsys.readouterr().out
@@ -39,6 +43,9 @@ def test_html_report_written(results, capsys):
     path = capsys.readouterr().out.strip()
     html = open(path).read()
     assert html.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in html and html.count('class="plot"') == 5
+    import torch
+
+    assert f"Hardware: <b>{rec_cpu(results)} · {torch.backends.cpu.get_cpu_capability()} · bf16 " in html
 
 
 def test_compare_reports_deltas_and_environment_changes(results, tmp_path, capsys):
