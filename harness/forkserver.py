@@ -104,8 +104,11 @@ class ForkServer:
             "memory_limit_mb": memory_limit_mb,
             "env": env,
         }
-        self.proc.stdin.write((json.dumps(req) + "\n").encode())
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError as err:  # a dead zygote: the runner falls back to a fresh process
+            raise RuntimeError(f"the cell fork server is gone ({err})") from err
         while True:
             for msg in self._read(timeout=None):
                 if "pid" in msg and "rc" not in msg:

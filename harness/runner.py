@@ -129,7 +129,10 @@ class _Forked:
         self.pid = server.start(cell_file, results_dir, log, cfg.memory_limit_mb, {})
 
     def wait(self, timeout: float) -> int | None:
-        return self.server.wait(self.pid, timeout)
+        try:
+            return self.server.wait(self.pid, timeout)
+        except RuntimeError:  # the zygote is gone, and its children die with it (parent-death signal)
+            return -signal.SIGKILL
 
 
 def run_cell_subprocess(
@@ -145,7 +148,10 @@ def run_cell_subprocess(
     rec_path = record_path(results_dir, cfg.cell_id)
     rec_path.unlink(missing_ok=True)  # a retried cell must not leave the old record behind on a crash
     started, t0 = now_iso(), time.perf_counter()
-    run = _Forked(server, cfg, cell_file, results_dir, log) if server else _Fresh(cfg, cell_file, results_dir, log)
+    try:
+        run = _Forked(server, cfg, cell_file, results_dir, log) if server else _Fresh(cfg, cell_file, results_dir, log)
+    except RuntimeError:  # the zygote died (it says why in its exception): this cell gets a fresh process
+        run = _Fresh(cfg, cell_file, results_dir, log)
     tail = LogTail(log)
     while (rc := run.wait(0.5)) is None:
         line = tail.poll()

@@ -1,6 +1,7 @@
 """The suite runner with real subprocesses: crash isolation, timeout, resume, summary."""
 
 import json
+import os
 
 from harness.config import expand, parse_suite
 from harness.records import read_record
@@ -81,3 +82,16 @@ def test_records_from_a_newer_version_still_load(tmp_path):
     p.write_text(json.dumps(data))
     assert read_record(p).cell_id == rec.cell_id
     assert isinstance(read_record(p), RunRecord)
+
+
+def test_a_dead_fork_server_falls_back_to_a_fresh_process(tmp_path):
+    """The zygote dying (OOM killer, crash) costs the suite nothing: the cell runs in a fresh process."""
+    from harness import forkserver
+    from harness.runner import run_cell_subprocess
+
+    server = forkserver.ForkServer(dict(os.environ))
+    server.proc.kill()
+    server.proc.wait()
+    (cfg,) = expand(parse_suite(tiny_suite(train={"steps": 2, "batch_size": 8, "max_seq_len": 32}), "<t>"))
+    rec = run_cell_subprocess(cfg.model_copy(update={"export": False}), tmp_path, server=server)
+    assert rec.status == "ok", rec.error
