@@ -2,15 +2,16 @@
 
 Each cell runs in a process of its own (a crash, a leak or an OOM stays in that cell; peak RSS belongs to one
 run). Starting that process is costly: importing torch, transformers, peft, bitsandbytes and scikit-learn
-takes 4 s on a fast CPU and 9–12 s on an AVX2 EPYC, which is more than a small cell's whole run. So the runner
+takes 9–12 s on an AVX2 EPYC, which is more than a small cell's whole run. So the runner
 starts one *zygote* per suite, which imports the libraries once, runs no torch op (no thread pool, no CUDA
 context exists to be inherited), and then forks one child per cell. The child is what a fresh process was:
 its own session (the runner kills its whole group on a timeout), it dies with its parent (PR_SET_PDEATHSIG;
-the zygote dies with the runner the same way), its address-space limit, its stdout and stderr in the cell's
-log, then ``run_cell``. The zygote reports the child's exit status back over its stdout, one JSON line each.
+the zygote dies with the runner the same way), its stdout and stderr in the cell's log, then ``run_cell``.
+The zygote reports the child's exit status back over its stdout, one JSON line each.
 
 Used for CPU runs from the local executor. Where CUDA is present the runner starts a fresh process per cell
-as before (a CUDA context must never be forked), and ``FTBENCH_FORKSERVER=0`` does the same anywhere.
+as before (a CUDA context must never be forked); so it does for cells with ``memory_limit_mb`` (the preloaded
+libraries would count against their address-space limit) and anywhere with ``FTBENCH_FORKSERVER=0``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def enabled() -> bool:
     return not torch.cuda.is_available()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -86,7 +87,7 @@ class ForkServer:
             stdout=subprocess.PIPE,
             stderr=self._err,
             env=env,  # read at import time by some libraries (HF_HUB_OFFLINE): one zygote per environment
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._buf = b""
         self.exited: dict[int, int] = {}  # pid -> return code (negative: killed by that signal)
@@ -96,14 +97,8 @@ class ForkServer:
         while not self.ready:
             self._read(timeout=None)
 
-    def start(self, cell_file: Path, results_dir: Path, log: Path, memory_limit_mb: int | None, env: dict) -> int:
-        req = {
-            "cell_file": str(cell_file),
-            "results": str(results_dir),
-            "log": str(log),
-            "memory_limit_mb": memory_limit_mb,
-            "env": env,
-        }
+    def start(self, cell_file: Path, results_dir: Path, log: Path) -> int:
+        req = {"cell_file": str(cell_file), "results": str(results_dir), "log": str(log)}
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
@@ -160,18 +155,12 @@ def _child(req: dict, protocol) -> None:
     try:
         os.close(protocol.fileno())  # only the zygote speaks to the runner
         os.setsid()
-        _die_with_parent()
-        if req["memory_limit_mb"]:
-            import resource
-
-            limit = req["memory_limit_mb"] * 2**20
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        die_with_parent()
         fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
         sys.stdin.close()
-        os.environ.update(req["env"])
         from harness.cli import main
 
         rc = main(["_cell", req["cell_file"], "--results", req["results"]])
@@ -187,7 +176,7 @@ def _child(req: dict, protocol) -> None:
 
 def serve() -> int:
     """The zygote: import what every cell needs, then fork a child per request line on stdin."""
-    _die_with_parent()
+    die_with_parent()
     # The protocol gets a private copy of stdout; fd 1 goes to the log with stderr, so nothing a library prints
     # while importing (banners, warnings) can corrupt it.
     out = os.fdopen(os.dup(1), "wb")

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from harness.measure import sync
+
 PROBE_N = 256  # where emulated bf16 shows at once (~25 ms a matmul) and native bf16 is already faster
 CONFIRM_N = 512  # a plausibly native result is confirmed where fixed costs matter less
 FASTER = 1.1  # bf16 must beat float32 by this factor for `auto` to choose it
@@ -50,33 +52,26 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field : value`` line of /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return None
 
 
 def static_identity(device: torch.device | None = None) -> dict[str, Any]:
     """What identifies a machine for speed: the cache key is made of exactly these fields."""
     device = device or default_device()
     ident = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": _cpuinfo("model name") or platform.processor() or platform.machine(),
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16_flags": sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}),
+        "cpu_bf16_flags": sorted(
+            set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}
+        ),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": device.type,
@@ -114,21 +109,16 @@ def _log_measurement(what: str, key: str, seconds: float, machine: str) -> None:
         fh.write(json.dumps(line) + "\n")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_seconds(n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
     """Best wall time of ``repeats`` n×n matmuls in ``dtype`` (the first call is one of them)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 

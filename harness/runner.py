@@ -44,10 +44,7 @@ def failure_record(cfg: RunConfig, status: str, error: str, started_at: str, wal
 def _child_setup(memory_limit_mb: int | None) -> None:
     """In the child, before exec: die with the runner (a killed runner must not leave a run that writes its
     record behind the next runner's back), and cap the address space when the suite asks."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    forkserver.die_with_parent()
     if memory_limit_mb:
         import resource
 
@@ -126,7 +123,7 @@ class _Forked:
 
     def __init__(self, server, cfg: RunConfig, cell_file: Path, results_dir: Path, log: Path) -> None:
         self.server = server
-        self.pid = server.start(cell_file, results_dir, log, cfg.memory_limit_mb, {})
+        self.pid = server.start(cell_file, results_dir, log)
 
     def wait(self, timeout: float) -> int | None:
         try:
