@@ -54,11 +54,13 @@ _SERVERS: dict[str, ForkServer] = {}
 
 
 def server_for(allow_network: bool) -> ForkServer:
-    """The zygote for cells with this network setting (libraries read HF_HUB_OFFLINE at import), started on
-    first use; ``ftbench run`` starts the offline one early, so its imports overlap the suite's validation."""
+    """The zygote for cells with this network setting and this process's environment (libraries read
+    HF_HUB_OFFLINE at import; the machine cache is found by FTBENCH_CACHE_DIR), started on first use;
+    ``ftbench run`` starts the offline one early, so its imports overlap the suite's validation."""
     from harness.runner import cell_env
 
-    key, env = str(allow_network), cell_env(allow_network)
+    env = cell_env(allow_network)
+    key = json.dumps(sorted(env.items()))  # a zygote's children inherit its environment, so one per environment
     if key not in _SERVERS or _SERVERS[key].proc.poll() is not None:
         _SERVERS[key] = ForkServer(env)
     return _SERVERS[key]
@@ -80,6 +82,7 @@ class ForkServer:
         import tempfile
 
         self.ready = False
+        self.env = env
         self._err = tempfile.TemporaryFile()  # the libraries' import noise: kept for an error, never shown
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness", "_zygote"],
@@ -202,7 +205,8 @@ def serve() -> int:
         if ready:
             chunk = os.read(stdin, 65536)
             if not chunk:  # the runner closed the pipe: done (children still running die with us)
-                return 0
+                out.flush()
+                os._exit(0)  # an interpreter teardown of torch/transformers costs ~3 s and frees nothing we need
             *lines, buf = (buf + chunk).split(b"\n")
             for line in lines:
                 req = json.loads(line)

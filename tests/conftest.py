@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import forkserver
 from harness.config import RunConfig, expand, parse_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +35,7 @@ def _machine_measured_once():
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if anything in it measured the probe or a peak twice on the session cache."""
+    _close_all_zygotes()
     from tests.test_hardware import measurement_counts
 
     repeated = {k: n for k, n in measurement_counts(SESSION_CACHE, per_machine=True).items() if n > 1}
@@ -69,6 +74,59 @@ def ftbench(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         timeout=timeout,
         env=env,
     )
+
+
+# `ftbench run` called in the test process (run_cli, or run_suite directly) keeps its cell zygote for the next
+# test instead of starting one per run (~10 s of imports each); the session's zygotes close at its end. A zygote
+# is keyed by its environment: PYTEST_CURRENT_TEST (new every test) is left out of it, and the libraries' own
+# variables (set when first imported) are set before the first one starts. A test that changes the environment
+# (another FTBENCH_CACHE_DIR) gets a zygote of its own, closed when its run ends.
+import harness.cell  # noqa: E402,F401
+from harness.cli import _quiet_libraries  # noqa: E402
+
+_quiet_libraries()
+_close_all_zygotes, _server_for = forkserver.close_all, forkserver.server_for
+
+
+@contextlib.contextmanager
+def _without_pytest_vars():
+    current = os.environ.pop("PYTEST_CURRENT_TEST", None)
+    try:
+        yield
+    finally:
+        if current is not None:
+            os.environ["PYTEST_CURRENT_TEST"] = current
+
+
+def _session_server_for(allow_network: bool) -> forkserver.ForkServer:
+    with _without_pytest_vars():
+        return _server_for(allow_network)
+
+
+def _close_all_but_the_sessions() -> None:
+    from harness.runner import cell_env
+
+    with _without_pytest_vars():
+        keep = {json.dumps(sorted(cell_env(net).items())) for net in (False, True)}
+    for key, server in list(forkserver._SERVERS.items()):
+        if json.dumps(sorted(server.env.items())) not in keep:
+            forkserver._SERVERS.pop(key).close()
+
+
+forkserver.server_for, forkserver.close_all = _session_server_for, _close_all_but_the_sessions
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``ftbench <args>`` in this process (the cells still run in processes of their own), output captured."""
+    from harness.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["ftbench", *args], rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

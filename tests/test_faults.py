@@ -1,4 +1,5 @@
-"""Nothing lost, nothing trusted: every fault through the real runner and real subprocesses."""
+"""Nothing lost, nothing trusted: every fault through the real runner and real subprocesses (`ftbench run` in
+this process via run_cli, or as a process of its own where the test signals it; each cell in its own process)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from harness.records import load_records, read_record
-from tests.conftest import ROOT, ftbench, tiny_suite
+from tests.conftest import ROOT, run_cli, tiny_suite
 from tests.test_runner import CRASH
 
 LONG = {"steps": 200000, "batch_size": 8, "max_seq_len": 32}
@@ -60,19 +61,19 @@ def _wait_for(cond, timeout=120.0, every=0.2):
 
 def test_crash_recorded_as_failed_and_suite_goes_on(tmp_path, write_suite):
     path = write_suite(tiny_suite(methods=[CRASH, {"method": "lora"}]))
-    out = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    out = run_cli("run", str(path), "--results", str(tmp_path / "r"))
     assert out.returncode == 1, out.stderr  # not every run ok
     df = load_records(tmp_path / "r")
     status = dict(zip(df["variant"], df["status"], strict=True))
     assert status == {"crash": "failed", "default": "ok"}
     err = df.set_index("variant").loc["crash", "error"]
     assert err.startswith("NoMatchingPeftModuleError") and "Traceback" in err
-    assert "| failed" in ftbench("report", str(tmp_path / "r"), "--format", "md").stdout
+    assert "| failed" in run_cli("report", str(tmp_path / "r"), "--format", "md").stdout
 
 
 def test_nan_loss_stops_the_run_at_once(tmp_path, write_suite):
     train = {"steps": 50, "batch_size": 8, "lr": 1e30, "optimizer": "sgd", "max_grad_norm": None, "max_seq_len": 32}
-    out = ftbench(
+    out = run_cli(
         "run", str(write_suite(tiny_suite(train=train, methods=[{"method": "full"}]))), "--results", str(tmp_path)
     )
     (rec,) = _records(tmp_path).values()
@@ -82,7 +83,7 @@ def test_nan_loss_stops_the_run_at_once(tmp_path, write_suite):
 
 
 def test_timeout_is_recorded(tmp_path, write_suite):
-    out = ftbench("run", str(write_suite(tiny_suite(timeout_s=2, train=LONG))), "--results", str(tmp_path))
+    out = run_cli("run", str(write_suite(tiny_suite(timeout_s=2, train=LONG))), "--results", str(tmp_path))
     (rec,) = _records(tmp_path).values()
     assert out.returncode == 1 and rec["status"] == "timeout" and "timeout_s=2" in rec["error"]
 
@@ -98,7 +99,7 @@ def test_out_of_memory_under_a_memory_limit(tmp_path, write_suite):
         memory_limit_mb=1800,
         export=False,
     )
-    out = ftbench("run", str(write_suite(suite)), "--results", str(tmp_path))
+    out = run_cli("run", str(write_suite(suite)), "--results", str(tmp_path))
     (rec,) = _records(tmp_path).values()
     assert out.returncode == 1 and rec["status"] == "oom", rec["error"]
     assert "allocate memory" in rec["error"] and rec["eval_before"] is not None
@@ -130,7 +131,7 @@ def test_kill_the_runner_then_resume(tmp_path, write_suite):
     runner.wait()
     _wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=10)
     assert _records(tmp_path) == first  # the orphaned run did not write behind our back
-    out = ftbench("run", str(suite), "--results", str(tmp_path))
+    out = run_cli("run", str(suite), "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "1 already recorded, 1 to run" in out.stderr
     after = _records(tmp_path)
@@ -144,7 +145,7 @@ def test_concurrent_runner_is_refused(tmp_path, write_suite):
     runner = _start(suite, tmp_path)
     try:
         _wait_for(lambda: _cell_children(runner.pid))
-        second = ftbench("run", str(suite), "--results", str(tmp_path))
+        second = run_cli("run", str(suite), "--results", str(tmp_path))
         assert second.returncode == 2
         assert f"is in use by another ftbench run (pid {runner.pid})" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
@@ -164,7 +165,7 @@ def test_safe_loading_rules():
 
 
 def test_runs_are_offline_and_record_it(tmp_path, write_suite):
-    out = ftbench("run", str(write_suite(tiny_suite())), "--results", str(tmp_path))
+    out = run_cli("run", str(write_suite(tiny_suite())), "--results", str(tmp_path))
     assert out.returncode == 0
     (rec,) = _records(tmp_path).values()
     assert rec["environment"]["hf_hub_offline"] == "1" and rec["model_info"]["trust_remote_code"] is False

@@ -12,7 +12,7 @@ import torch
 
 from harness import hardware
 from harness.cell import resolve_dtypes
-from tests.conftest import cells, ftbench, tiny_suite
+from tests.conftest import cells, run_cli, tiny_suite
 
 CPU = torch.device("cpu")
 
@@ -132,7 +132,7 @@ def test_suite_runs_measure_each_peak_once_per_machine(fresh_cache, tmp_path, wr
     suite = tiny_suite(methods=[{"method": "lora", "config": {"r": 4}}], train={**tiny_suite()["train"], "steps": 2})
     path = write_suite(suite)
     for results in ("a", "b"):
-        out = ftbench("run", str(path), "--results", str(tmp_path / results))
+        out = run_cli("run", str(path), "--results", str(tmp_path / results))
         assert out.returncode == 0, out.stderr[-2000:]
     assert measurement_counts(fresh_cache) == {"dtype_speed:cpu": 1, "peak_matmul:cpu:float32": 1}
     rec = json.loads(next((tmp_path / "a" / "records").glob("*.json")).read_text())
@@ -145,7 +145,7 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_once_and_says_so_while_training
     seed_speed(fresh_cache, 1 / 80)
     train = {**tiny_suite()["train"], "steps": 2, "dtype": "bfloat16"}
     methods = [{"method": "lora", "config": {"r": 4}}, {"method": "full"}]
-    out = ftbench("run", str(write_suite(tiny_suite(train=train, methods=methods))), "--results", str(tmp_path / "r"))
+    out = run_cli("run", str(write_suite(tiny_suite(train=train, methods=methods))), "--results", str(tmp_path / "r"))
     assert out.returncode == 0, out.stderr[-2000:]
     warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "bf16 emulated" in warnings[0] and "80× slower" in warnings[0]
@@ -162,7 +162,7 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_once_and_says_so_while_training
 def test_auto_resolves_to_bf16_in_a_run_where_the_probe_says_native(fresh_cache, tmp_path, write_suite):
     seed_speed(fresh_cache, 4.0)
     train = {**tiny_suite()["train"], "steps": 2, "dtype": "auto"}
-    out = ftbench("run", str(write_suite(tiny_suite(train=train))), "--results", str(tmp_path / "r"))
+    out = run_cli("run", str(write_suite(tiny_suite(train=train))), "--results", str(tmp_path / "r"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "warning:" not in out.stderr
     rec = json.loads(next((tmp_path / "r" / "records").glob("*.json")).read_text())

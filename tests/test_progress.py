@@ -5,6 +5,7 @@ import re
 import torch
 
 from harness.progress import MARK, CellProgress, LogTail, fmt_duration
+from harness import forkserver
 from harness.runner import run_cell_subprocess
 from tests.conftest import cells
 
@@ -38,7 +39,8 @@ def test_step_lines_are_rate_limited_and_keep_first_and_last(capsys):
 def test_the_runner_sees_the_cells_steps_while_it_trains(tmp_path):
     cfg = cells(train={"steps": 400, "batch_size": 8, "max_seq_len": 32, "timing_warmup_steps": 1})[0]
     seen: list[str] = []
-    rec = run_cell_subprocess(cfg.model_copy(update={"export": False}), tmp_path, seen.append)
+    server = forkserver.server_for(allow_network=False)  # the session's zygote: the cell is a fork, as in a run
+    rec = run_cell_subprocess(cfg.model_copy(update={"export": False}), tmp_path, seen.append, server)
     assert rec.status == "ok", rec.error
     steps = [int(m.group(1)) for line in seen if (m := re.match(r"step (\d+)/400 · [\d.]+ s/step · ETA ", line))]
     assert len(steps) >= 2 and steps == sorted(steps) and steps[0] < 400  # shown during training, in order

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import ROOT, ftbench, tiny_suite
+from tests.conftest import ROOT, ftbench, run_cli, tiny_suite
 
 pytest.importorskip("ray")
 
@@ -26,7 +26,7 @@ def _records(d):
 
 def test_ray_records_equal_local_records(tmp_path, write_suite):
     path = write_suite(tiny_suite(**SUITE))
-    assert ftbench("run", str(path), "--results", str(tmp_path / "local")).returncode == 0
+    assert run_cli("run", str(path), "--results", str(tmp_path / "local")).returncode == 0
     out = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
     assert out.returncode == 0, out.stderr[-2000:]
     local, ray_ = _records(tmp_path / "local"), _records(tmp_path / "ray")

@@ -6,7 +6,7 @@ import os
 from harness.config import expand, parse_suite
 from harness.records import read_record
 from harness.runner import pending_cells, run_suite
-from tests.conftest import ftbench, tiny_suite
+from tests.conftest import run_cli, tiny_suite
 
 CRASH = {
     "method": "peft",
@@ -17,11 +17,11 @@ CRASH = {
 
 def test_resume_skips_recorded_cells(tmp_path, write_suite):
     path = write_suite(tiny_suite(methods=[{"method": "lora"}, {"method": "full"}]))
-    first = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    first = run_cli("run", str(path), "--results", str(tmp_path / "r"))
     assert first.returncode == 0, first.stderr
     recs = {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")}
     assert len(recs) == 2
-    second = ftbench("run", str(path), "--results", str(tmp_path / "r"))
+    second = run_cli("run", str(path), "--results", str(tmp_path / "r"))
     assert second.returncode == 0 and "2 already recorded, 0 to run" in second.stderr
     assert {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")} == recs
     assert "lora" in second.stdout and "full" in second.stdout  # the summary still shows both
@@ -39,7 +39,7 @@ def test_resume_runs_only_missing_cells_and_retry_failed(tmp_path):
 
 def test_record_has_every_field(tmp_path, write_suite):
     path = write_suite(tiny_suite())
-    assert ftbench("run", str(path), "--results", str(tmp_path / "r")).returncode == 0
+    assert run_cli("run", str(path), "--results", str(tmp_path / "r")).returncode == 0
     (p,) = (tmp_path / "r" / "records").glob("*.json")
     rec = json.loads(p.read_text())
     for key in (
