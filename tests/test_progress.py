@@ -4,8 +4,8 @@ import re
 
 import torch
 
-from harness.progress import MARK, CellProgress, LogTail, fmt_duration
 from harness import forkserver
+from harness.progress import MARK, CellProgress, LogTail, fmt_duration
 from harness.runner import run_cell_subprocess
 from tests.conftest import cells
 
