@@ -196,7 +196,13 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         exports = method.export(model, results_dir / "exports" / cfg.cell_id)
         out = []
         for e in exports:
-            er = ExportRecord(kind=e.kind, path=str(e.path), bytes_on_disk=e.bytes_on_disk, notes=e.notes)
+            er = ExportRecord(
+                kind=e.kind,
+                path=str(e.path),
+                bytes_on_disk=e.bytes_on_disk,
+                notes=e.notes,
+                unsupported=e.unsupported or None,
+            )
             if e.model is not None:
                 progress.say(f"evaluating export {e.kind}")
                 m, elogits = run_eval(e.model.to(device))

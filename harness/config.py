@@ -224,6 +224,8 @@ def _check_names(suite: Suite, source: str) -> None:
     seen: set[tuple[str, str]] = set()
     for i, m in enumerate(suite.methods):
         where = f"{source}: methods[{i}]"
+        if "config_file" in m.config:
+            m = suite.methods[i] = m.model_copy(update={"config": _with_config_file(m.config, source, where)})
         if m.method not in known:
             raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}")
         if (m.method, m.variant) in seen:
@@ -253,6 +255,29 @@ def _check_names(suite: Suite, source: str) -> None:
         raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
     _check_tasks_fit_models(suite, source)
     _check_methods_fit_models(suite, source, known)
+
+
+def _with_config_file(config: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """``config_file: path/adapter_config.json`` (relative to the suite file): the file's keys, then the suite's
+    own keys over them. The record's config holds the merged result, so the file is not needed to read it."""
+    rest = {k: v for k, v in config.items() if k != "config_file"}
+    name = config["config_file"]
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.config.config_file: a path to a JSON file (got {name!r})")
+    suite_path = Path(source)
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() or not suite_path.is_file() else suite_path.parent / path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}.config.config_file: cannot read {path}: {err.__class__.__name__}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{where}.config.config_file: {path} is not valid JSON ({err.msg}, line {err.lineno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}.config.config_file: {path} must hold a JSON object")
+    return {**data, **rest}
 
 
 def _check_tasks_fit_models(suite: Suite, source: str) -> None:
@@ -295,7 +320,11 @@ def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
             try:
                 method.check_model(model)
             except ValueError as err:
-                raise ConfigError(f"{source}: methods[{i}].config: {err} (model {spec.name})") from None
+                field = getattr(err, "field", "")  # methods.common.FieldError names the field at fault
+                where = f"methods[{i}].config" + (f".{field}" if field else "")
+                raise ConfigError(
+                    f"{source}: {where}: {err} (model {spec.name}, method {m.method}/{m.variant})"
+                ) from None
 
 
 def load_suite(path: str | Path) -> Suite:

@@ -44,6 +44,7 @@ class ExportRecord(BaseModel):
     eval: EvalMetrics | None = None
     max_abs_logit_diff: float | None = Field(None, description="vs the trained in-memory model, on the test split")
     notes: str = ""
+    unsupported: str | None = Field(None, description="why the method could not make this artifact (none written)")
 
 
 class RunRecord(BaseModel):

@@ -58,6 +58,7 @@ class Export:
     bytes_on_disk: int
     model: torch.nn.Module | None = None
     notes: str = ""
+    unsupported: str = ""  # why this artifact could not be made (the method can't, e.g. a merge); nothing written
 
 
 @runtime_checkable

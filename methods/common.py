@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,6 +17,87 @@ from harness.registry import Export
 PEFT_RESERVED = frozenset(
     {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version"}
 )
+# What a saved adapter_config.json says about where it came from, not how to train: accepted so that a saved file
+# pastes into a suite, and ignored (the harness sets the task type and the base model); the record keeps them
+# under the config's ``ignored`` field. peft_type is the method's own choice and is checked, not ignored.
+BOOKKEEPING = PEFT_RESERVED - {"peft_type"}
+
+
+LOW_RANK_TYPES = frozenset({"LORA", "LOHA", "LOKR"})
+
+
+class FieldError(ValueError):
+    """A method config that cannot apply to a model: the field at fault, and why (names or dimensions)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def split_bookkeeping(data: Any) -> Any:
+    """For a pydantic ``mode="before"`` validator: move a saved adapter_config.json's bookkeeping keys into
+    ``ignored`` (null values dropped)."""
+    if not isinstance(data, dict):
+        return data
+    ignored = {k: data[k] for k in BOOKKEEPING if k in data and data[k] is not None}
+    rest = {k: v for k, v in data.items() if k not in BOOKKEEPING}
+    return {**rest, "ignored": {**rest.get("ignored", {}), **ignored}} if ignored else rest
+
+
+def task_type_of(model: torch.nn.Module) -> str:
+    """PEFT's task type for a skeleton: a classification head means SEQ_CLS (the head trains in full)."""
+    from harness.models import head_module_names
+
+    return "SEQ_CLS" if head_module_names(model) else "CAUSAL_LM"
+
+
+def _adaptable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
+
+
+def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
+    """Raise :class:`FieldError` where a PEFT config cannot apply to ``model`` (on the meta device: no weights):
+    target modules it does not have, a layer index beyond its depth, a rank above a targeted layer's dimensions,
+    then whatever PEFT itself rejects when it injects the config into the skeleton (dimension constraints such
+    as VB-LoRA's vector_length or FourierFT's n_frequency). Other errors of the meta injection are left to the
+    run, which would report them with the real weights."""
+    from peft import get_peft_model
+
+    layers = _adaptable(model)
+    target = getattr(config, "target_modules", None)
+    if isinstance(target, (list, set, tuple)) and target:
+        found = {t for t in target for n in layers if n == t or n.endswith("." + t)}
+        missing = sorted(set(target) - found)
+        if missing:
+            names = sorted({n.split(".")[-1] for n in layers})
+            raise FieldError(
+                "target_modules", f"no module named {', '.join(map(repr, missing))}; this model has: {', '.join(names)}"
+            )
+    wanted = getattr(config, "layers_to_transform", None)
+    if wanted is not None:
+        depth = 1 + max((int(m.group(1)) for n in layers if (m := re.search(r"\.(\d+)\.", n))), default=-1)
+        bad = sorted(i for i in ([wanted] if isinstance(wanted, int) else wanted) if not 0 <= i < depth)
+        if bad:
+            raise FieldError("layers_to_transform", f"layer {bad[0]} is out of range: this model has {depth} layers")
+    try:
+        with torch.device("meta"):
+            injected = get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+    except ValueError as err:
+        raise FieldError("", f"PEFT rejects it for this model: {str(err).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001 - a meta-device limitation, not a verdict on the config
+        return
+    r = getattr(config, "r", None)
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    # a rank above min(d_in, d_out) is meaningless for the low-rank types (VeRA's r is a shared projection's size,
+    # 256 by default, and may exceed a layer's dimensions); checked on the layers PEFT adapted, defaults included
+    if isinstance(r, int) and kind in LOW_RANK_TYPES:
+        for name, m in injected.named_modules():
+            base = getattr(m, "base_layer", None)
+            if isinstance(base, torch.nn.Linear) and r > min(base.in_features, base.out_features):
+                d_in, d_out = base.in_features, base.out_features
+                short = name.removeprefix("base_model.model.")
+                raise FieldError("r", f"r={r} exceeds {short} ({d_in} → {d_out}): at most {min(d_in, d_out)}")
 
 
 def dir_bytes(path: Path) -> int:
@@ -62,8 +146,14 @@ def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[
     model.save_pretrained(out[0].path, safe_serialization=True)
     out[0].bytes_on_disk = dir_bytes(out[0].path)
     if mergeable:
-        merged = copy.deepcopy(model).merge_and_unload()
         path = out_dir / "merged"
+        try:
+            merged = copy.deepcopy(model).merge_and_unload()
+        except NotImplementedError as err:  # e.g. Lily: the run and its adapter stand; the merge is recorded as such
+            shutil.rmtree(path, ignore_errors=True)
+            kind = getattr(model.peft_config.get("default"), "peft_type", "this method")
+            out.append(Export("merged", path, 0, unsupported=f"unsupported by {getattr(kind, 'value', kind)}: {err}"))
+            return out
         merged.save_pretrained(path, safe_serialization=True)
         out.append(Export("merged", path, dir_bytes(path), model=merged))
     return out

@@ -19,7 +19,14 @@ from pydantic import ConfigDict, Field, model_validator
 
 from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
-from methods.common import PEFT_RESERVED, export_peft, requires_grad_parameters
+from methods.common import (
+    PEFT_RESERVED,
+    check_peft_fits,
+    export_peft,
+    requires_grad_parameters,
+    split_bookkeeping,
+    task_type_of,
+)
 
 LORA_PASSTHROUGH = sorted(
     {f.name for f in dataclasses.fields(LoraConfig)} - PEFT_RESERVED - {"r", "lora_alpha", "lora_dropout"}
@@ -36,6 +43,11 @@ class LoraOptions(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str | None = Field(None, description="module names, 'all-linear', or peft's default")
     bias: Literal["none", "all", "lora_only"] = "none"
+    ignored: dict[str, Any] = Field(
+        default_factory=dict, description="a saved adapter_config.json's bookkeeping keys: accepted, not used"
+    )
+
+    _split = model_validator(mode="before")(classmethod(lambda cls, data: split_bookkeeping(data)))
 
     @model_validator(mode="after")
     def _passthrough_known(self) -> LoraOptions:
@@ -75,7 +87,7 @@ class Lora:
         self.config = config
 
     def check_model(self, model: torch.nn.Module) -> None:
-        pass
+        check_peft_fits(model, self.config.lora_config(task_type=task_type_of(model)))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, TaskType, get_peft_model
@@ -20,7 +21,14 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
-from methods.common import PEFT_RESERVED, export_peft, requires_grad_parameters
+from methods.common import (
+    PEFT_RESERVED,
+    check_peft_fits,
+    export_peft,
+    requires_grad_parameters,
+    split_bookkeeping,
+    task_type_of,
+)
 
 PEFT_TYPES = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
 
@@ -38,6 +46,13 @@ class PeftGeneric:
     class Config(Strict):
         model_config = ConfigDict(extra="allow", frozen=True)
         peft_type: str = Field(description=f"one of {', '.join(PEFT_TYPES)}; other keys are that config's fields")
+        ignored: dict[str, Any] = Field(
+            default_factory=dict,
+            description="a saved adapter_config.json's bookkeeping keys (base_model_name_or_path, revision, "
+            "task_type, inference_mode, peft_version, auto_mapping): accepted, not used, kept in the record",
+        )
+
+        _split = model_validator(mode="before")(classmethod(lambda cls, data: split_bookkeeping(data)))
 
         @field_validator("peft_type")
         @classmethod
@@ -66,7 +81,7 @@ class PeftGeneric:
         self.config = config
 
     def check_model(self, model: torch.nn.Module) -> None:
-        pass
+        check_peft_fits(model, self.config.peft_config(task_type_of(model)))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         return get_peft_model(model, self.config.peft_config(ctx.peft_task_type))

@@ -27,7 +27,14 @@ from pydantic import Field, field_validator
 
 from harness.hardware import AutoDtype, torch_dtype
 from harness.registry import Export, ModelContext, register_method
-from methods.common import dir_bytes, export_peft, requires_grad_parameters, save_state_dict
+from methods.common import (
+    check_peft_fits,
+    dir_bytes,
+    export_peft,
+    requires_grad_parameters,
+    save_state_dict,
+    task_type_of,
+)
 from methods.lora import LoraOptions
 
 
@@ -182,8 +189,8 @@ class QLora:
         self._quantized: list[str] = []
         self._calibration = None
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        pass
+    def check_model(self, model: torch.nn.Module) -> None:  # the adapters' fit; quantization fits any Linear
+        check_peft_fits(model, self.config.lora_config(task_type=task_type_of(model)))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules)

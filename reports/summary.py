@@ -116,7 +116,8 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "forgetting: LM loss before → after": forgetting_label(r),
                 "export": fmt_bytes(r.export_bytes),
                 "merged exports: accuracy (max Δlogit)": "; ".join(
-                    f"{e.kind} {e.eval.accuracy:.3f} ({e.max_abs_logit_diff:.1e})" for e in merged
+                    [f"{e.kind} {e.eval.accuracy:.3f} ({e.max_abs_logit_diff:.1e})" for e in merged]
+                    + [f"{e.kind}: {e.unsupported}" for e in r.exports if e.unsupported]
                 )
                 or "—",
             }

@@ -1,0 +1,73 @@
+"""Any PEFT config: a merge the PEFT type cannot do leaves the run ok; what cannot apply to a model is refused
+before anything trains (tests/bad_suites/ has one suite per kind); a saved adapter_config.json loads as it is."""
+
+import json
+import time
+from pathlib import Path
+
+from harness.cell import run_cell
+from harness.config import expand, load_suite, parse_suite
+from methods.common import BOOKKEEPING
+from reports.summary import summary_rows
+from tests.conftest import cells, run_cli, tiny_suite
+
+DATA = Path(__file__).parent / "data"
+TRAIN = {"steps": 3, "batch_size": 8, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1}
+
+
+def test_a_merge_the_peft_type_cannot_do_leaves_the_run_ok(tmp_path):
+    cfg = cells(
+        models=["tiny-llama"],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 32}],
+        train=TRAIN,
+        methods=[{"method": "peft", "config": {"peft_type": "LILY", "r": 4, "target_modules": ["q_proj", "v_proj"]}}],
+    )[0]
+    rec = run_cell(cfg, tmp_path)
+    assert rec.status == "ok", rec.error
+    assert rec.eval_after is not None and rec.step_time_stats["median_s"] > 0
+    exports = {e.kind: e for e in rec.exports}
+    assert exports["adapter"].bytes_on_disk > 0 and exports["adapter"].unsupported is None
+    merged = exports["merged"]
+    assert merged.unsupported.startswith("unsupported by LILY: ") and "not supported for Lily" in merged.unsupported
+    assert merged.bytes_on_disk == 0 and merged.eval is None and not Path(merged.path).exists()
+    (row,) = summary_rows([rec])
+    assert "merged: unsupported by LILY" in row["merged exports: accuracy (max Δlogit)"]
+
+
+def test_a_saved_adapter_config_loads_through_config_file(tmp_path):
+    saved = json.loads((DATA / "adapter_config.json").read_text())
+    assert BOOKKEEPING & set(saved)  # the file really carries peft's bookkeeping keys
+    suite = load_suite(DATA / "peft_from_file.yaml")
+    (cell,) = expand(suite)
+    assert cell.method_config["peft_type"] == "LORA" and cell.method_config["r"] == 2  # the suite's key wins
+    assert cell.method_config["target_modules"] == ["q_proj", "v_proj"]
+    ignored = cell.method_config["ignored"]
+    assert ignored["base_model_name_or_path"] == saved["base_model_name_or_path"]
+    assert ignored["task_type"] == "CAUSAL_LM" and "task_type" not in {k for k in cell.method_config if k != "ignored"}
+    rec = run_cell(cell, tmp_path)
+    assert rec.status == "ok", rec.error
+    # 2 layers × r (d_in + d_out) for q_proj (32 → 32) and v_proj (32 → 16: fewer KV heads)
+    assert rec.trainable_params == 2 * (2 * (32 + 32) + 2 * (32 + 16))
+    assert rec.config["method_config"]["ignored"] == ignored  # the record says what was not used
+
+
+def test_refusals_name_the_field_and_come_before_any_cell(tmp_path, write_suite):
+    bad = tiny_suite(models=["tiny-llama"], methods=[{"method": "lora", "config": {"r": 4, "target_modules": ["x"]}}])
+    out = run_cli("run", str(write_suite(bad)), "--results", str(tmp_path / "r"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "methods[0].config.target_modules: no module named 'x'" in out.stderr and not (tmp_path / "r").exists()
+
+
+def test_validating_forty_peft_variants_on_a_decoder_takes_seconds():
+    variants = [
+        {"method": "peft", "variant": f"v{i}", "config": {"peft_type": t, "target_modules": ["q_proj", "v_proj"]}}
+        for i, t in enumerate(["LORA", "LOHA", "LOKR", "VERA", "IA3", "FOURIERFT", "LILY", "BOFT"] * 5)
+    ]
+    for v in variants:
+        if v["config"]["peft_type"] == "IA3":
+            v["config"]["feedforward_modules"] = []
+        if v["config"]["peft_type"] == "BOFT":
+            v["config"]["boft_block_size"] = 4
+    t0 = time.perf_counter()
+    suite = parse_suite(tiny_suite(models=["smollm2-135m"], methods=variants), "<test>")
+    assert len(suite.methods) == 40 and time.perf_counter() - t0 < 20
