@@ -67,7 +67,8 @@ def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
     layers = _adaptable(model)
     target = getattr(config, "target_modules", None)
     if isinstance(target, (list, set, tuple)) and target:
-        found = {t for t in target for n in layers if n == t or n.endswith("." + t)}
+        every = [n for n, _ in model.named_modules()]  # PEFT may target any module by name, not only layers
+        found = {t for t in target for n in every if n == t or n.endswith("." + t)}
         missing = sorted(set(target) - found)
         if missing:
             names = sorted({n.split(".")[-1] for n in layers})

@@ -15,7 +15,7 @@ import pytest
 
 from harness.records import load_records, read_record
 from tests.conftest import ROOT, run_cli, tiny_suite
-from tests.test_runner import CRASH
+from tests.test_runner import broken_model
 
 LONG = {"steps": 200000, "batch_size": 8, "max_seq_len": 32}
 
@@ -60,14 +60,15 @@ def _wait_for(cond, timeout=120.0, every=0.2):
 
 
 def test_crash_recorded_as_failed_and_suite_goes_on(tmp_path, write_suite):
-    path = write_suite(tiny_suite(methods=[CRASH, {"method": "lora"}]))
+    broken = broken_model(tmp_path)
+    path = write_suite(tiny_suite(models=[broken, "tiny-bert"]))
     out = run_cli("run", str(path), "--results", str(tmp_path / "r"))
     assert out.returncode == 1, out.stderr  # not every run ok
     df = load_records(tmp_path / "r")
-    status = dict(zip(df["variant"], df["status"], strict=True))
-    assert status == {"crash": "failed", "default": "ok"}
-    err = df.set_index("variant").loc["crash", "error"]
-    assert err.startswith("NoMatchingPeftModuleError") and "Traceback" in err
+    status = dict(zip(df["model"], df["status"], strict=True))
+    assert status == {broken: "failed", "tiny-bert": "ok"}
+    err = df.set_index("model").loc[broken, "error"]
+    assert err.startswith("SafetensorError") and "Traceback" in err
     assert "| failed" in run_cli("report", str(tmp_path / "r"), "--format", "md").stdout
 
 

@@ -8,11 +8,16 @@ from harness.records import read_record
 from harness.runner import pending_cells, run_suite
 from tests.conftest import run_cli, tiny_suite
 
-CRASH = {
-    "method": "peft",
-    "variant": "crash",
-    "config": {"peft_type": "IA3", "target_modules": ["no_such_module"], "feedforward_modules": []},
-}
+
+def broken_model(tmp_path) -> str:
+    """A local model whose config is valid (validation builds its skeleton and passes) and whose weights are
+    garbage: its runs fail while loading, after the suite started, as a crash in a run would."""
+    from harness.models import _tiny_config
+
+    path = tmp_path / "broken-model"
+    _tiny_config("tiny-bert", 2).save_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    return str(path)
 
 
 def test_resume_skips_recorded_cells(tmp_path, write_suite):
@@ -28,13 +33,14 @@ def test_resume_skips_recorded_cells(tmp_path, write_suite):
 
 
 def test_resume_runs_only_missing_cells_and_retry_failed(tmp_path):
-    suite = parse_suite(tiny_suite(methods=[{"method": "lora"}, CRASH]), "<t>")
+    broken = broken_model(tmp_path)
+    suite = parse_suite(tiny_suite(models=["tiny-bert", broken]), "<t>")
     cells = expand(suite)
-    recs = run_suite(suite, "", tmp_path, quiet=True)
+    recs = run_suite(suite, "", tmp_path / "r", quiet=True)
     assert sorted(r.status for r in recs) == ["failed", "ok"]
-    assert pending_cells(cells, tmp_path, retry_failed=False) == []
-    (retry,) = pending_cells(cells, tmp_path, retry_failed=True)
-    assert retry.variant == "crash"
+    assert pending_cells(cells, tmp_path / "r", retry_failed=False) == []
+    (retry,) = pending_cells(cells, tmp_path / "r", retry_failed=True)
+    assert retry.model.name == broken
 
 
 def test_record_has_every_field(tmp_path, write_suite):
