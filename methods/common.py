@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, Field, model_validator
 
+from harness.config import Strict
 from harness.registry import Export
 
 # PEFT config fields ftbench sets itself; a suite must not.
@@ -49,6 +51,24 @@ def task_type_of(model: torch.nn.Module) -> str:
     from harness.models import head_module_names
 
     return "SEQ_CLS" if head_module_names(model) else "CAUSAL_LM"
+
+
+class PeftOptions(Strict):
+    """Options that become a PEFT config: other keys pass through by name; a saved adapter_config.json's
+    bookkeeping keys are moved to ``ignored`` (accepted, not used, kept in the record)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    ignored: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a saved adapter_config.json's bookkeeping keys (base_model_name_or_path, revision, "
+        "task_type, inference_mode, peft_version, auto_mapping): accepted, not used, kept in the record",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        return split_bookkeeping(data)
 
 
 def _adaptable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

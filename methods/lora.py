@@ -15,16 +15,15 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
 from methods.common import (
     PEFT_RESERVED,
+    PeftOptions,
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
-    split_bookkeeping,
     task_type_of,
 )
 
@@ -33,21 +32,14 @@ LORA_PASSTHROUGH = sorted(
 )
 
 
-class LoraOptions(Strict):
+class LoraOptions(PeftOptions):
     """Options shared by every LoRA-style method (lora, qlora): named fields plus LoraConfig pass-through."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
 
     r: int = Field(8, gt=0, description="adapter rank")
     alpha: float = Field(16, gt=0, description="scaling numerator: updates are scaled by alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str | None = Field(None, description="module names, 'all-linear', or peft's default")
     bias: Literal["none", "all", "lora_only"] = "none"
-    ignored: dict[str, Any] = Field(
-        default_factory=dict, description="a saved adapter_config.json's bookkeeping keys: accepted, not used"
-    )
-
-    _split = model_validator(mode="before")(classmethod(lambda cls, data: split_bookkeeping(data)))
 
     @model_validator(mode="after")
     def _passthrough_known(self) -> LoraOptions:

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, TaskType, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from harness.config import Strict
 from harness.registry import Export, ModelContext, register_method
 from methods.common import (
     PEFT_RESERVED,
+    PeftOptions,
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
-    split_bookkeeping,
     task_type_of,
 )
 
@@ -43,16 +41,8 @@ class PeftGeneric:
 
     name = "peft"
 
-    class Config(Strict):
-        model_config = ConfigDict(extra="allow", frozen=True)
+    class Config(PeftOptions):
         peft_type: str = Field(description=f"one of {', '.join(PEFT_TYPES)}; other keys are that config's fields")
-        ignored: dict[str, Any] = Field(
-            default_factory=dict,
-            description="a saved adapter_config.json's bookkeeping keys (base_model_name_or_path, revision, "
-            "task_type, inference_mode, peft_version, auto_mapping): accepted, not used, kept in the record",
-        )
-
-        _split = model_validator(mode="before")(classmethod(lambda cls, data: split_bookkeeping(data)))
 
         @field_validator("peft_type")
         @classmethod
