@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from harness.config import TrainConfig
+from harness.contract import ModelContext
 from harness.data import collate, encode
 from harness.loop import DTYPES, train
 from harness.models import load_model
-from harness.registry import ModelContext, get_method
+from harness.registry import get_method
+from harness.schema import TrainConfig
 from harness.tasks import TaskSpec, load_task
 
 

@@ -2,37 +2,37 @@
 
 Everything measured is written to the record even when a later stage fails, so a ``failed`` record still
 says how far the run got (e.g. the accuracy before training, or the step whose loss went non-finite).
+The cell drives two contracts (:mod:`harness.contract`) and branches on neither: the *method* and the
+*task IO* (a classifier head, or a decoder reading every task through prompts).
 """
 
 from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.config import RunConfig, TrainConfig
-from harness.data import collate, encode, evaluate, train_batches
-from harness.flops import flops_per_token, mfu_dtype, peak_flops
+from harness.contract import Method, ModelContext, TaskIO
+from harness.data import ClassifierIO
+from harness.flops import mfu_dtype, training_flops
 from harness.hardware import describe, identity, resolve_config_dtypes
-from harness.loop import DTYPES, NonFiniteLoss, set_seed, train
-from harness.measure import parameter_counts, peak_rss_bytes, step_time_stats
+from harness.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
+from harness.measure import memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
-from harness.models import head_module_names, load_model, output_module_names, resolve_mode
+from harness.models import head_module_names, load_model, resolve_mode
 from harness.progress import CellProgress
-from harness.prompting import (
-    collate_prompts,
-    continuation_loss,
-    encode_prompts,
-    evaluate_prompts,
-    lm_loss,
-)
+from harness.prompting import PromptIO, lm_loss
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
-from harness.registry import ModelContext, get_method
+from harness.registry import build_method, get_method
+from harness.schema import RunConfig, TaskSpec, TrainConfig
 from harness.tasks import load_task
+
+TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # by the model's mode
+Evaluate = Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]
 
 
 def _device() -> torch.device:
@@ -71,71 +71,59 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     progress.say(f"loading {cfg.model.name}")
     loaded = load_model(cfg.model.name, len(task.labels), cfg.seed, cfg.model.trust_remote_code, mode)
     rec["model_info"] = loaded.info
-    tok, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
-    n_eval = cfg.train.eval_batch_size
-    logit_rows: list[int] = []  # per micro-batch drawn: positions the LM head computes (prompts: B × (K + 1))
-    if mode == "prompt":  # decoders: every task is a prompt and scored continuations (harness/prompting.py)
-        test_items = encode_prompts(task, task.test, tok, cfg.train.max_seq_len)
-        train_items = encode_prompts(task, task.train, tok, cfg.train.max_seq_len)
-        batches = _tap(train_batches(train_items, cfg.train.batch_size, cfg.seed, pad_id, collate_prompts), logit_rows)
-        objective = continuation_loss
+    io: TaskIO = TASK_IO[mode](task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
 
-        def calibration(n: int) -> list[dict]:  # prompt + right answer, as in training
-            n = min(n, len(train_items))
-            return [_inputs(collate_prompts(train_items[i : min(i + 16, n)], pad_id)) for i in range(0, n, 16)]
+    def evaluate(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        return io.evaluate(m, cfg.train.eval_batch_size, dtype, device)
 
-        def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
-            return evaluate_prompts(m, task, test_items, tok, n_eval, dtype, device, cfg.task.max_new_tokens)
-    else:  # encoders: a classification head on the text
-        test_enc = encode(task.test, tok, cfg.train.max_seq_len)
-        train_enc = encode(task.train, tok, cfg.train.max_seq_len)
-        batches = _tap(train_batches(train_enc, cfg.train.batch_size, cfg.seed, pad_id), logit_rows)
-        objective = None
-
-        def calibration(n: int) -> list[dict]:
-            n = min(n, len(train_enc))
-            return [_inputs(collate(train_enc[i : min(i + 16, n)], pad_id)) for i in range(0, n, 16)]
-
-        def run_eval(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
-            return evaluate(m, test_enc, n_eval, pad_id, dtype, device)
-
-    method_cls = get_method(cfg.method)
-    method = method_cls(method_cls.Config.model_validate(cfg.method_config))
+    method = build_method(cfg.method, cfg.method_config)
     ctx = ModelContext(
-        task_type="causal_lm" if mode == "prompt" else "seq_cls",
+        task_type=io.task_type,
         num_labels=len(task.labels),
         model_type=loaded.info["model_type"],
         head_names=head_module_names(loaded.model),
-        output_names=output_module_names(loaded.model) if mode == "prompt" else [],
-        calibration=calibration,
+        output_names=io.output_names(loaded.model),
+        calibration=io.calibration,
+        train_steps=cfg.train.steps,
     )
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))
 
     # Before training: for a decoder this is its zero-shot accuracy (as the method prepared it, e.g. quantized).
     progress.say(f"evaluating before training ({len(task.test)} test examples)")
-    before, _ = run_eval(model)
-    rec["eval_before"] = EvalMetrics(**before)
-    held_out = _held_out_texts(cfg) if cfg.forgetting else None
-    if held_out:
-        f = cfg.forgetting
-        rec["forgetting"] = {"task": f.task, "before": lm_loss(model, held_out, tok, f.max_seq_len, dtype, device)}
+    rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
+    forgetting = _forgetting(cfg, loaded.tokenizer, dtype, device)
+    if forgetting:
+        rec["forgetting"] = {"task": cfg.forgetting.task, "before": forgetting(model)}
 
+    res = _train(model, method, io, cfg, device, progress, rec)
+    compute = mfu_dtype(cfg.train.dtype, method.compute_dtype())
+    rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device))
+    rec["memory_methods"] = memory_methods(device.type)
+
+    progress.say(f"evaluating after training ({len(task.test)} test examples)")
+    after, scores = evaluate(model)
+    rec["eval_after"] = EvalMetrics(**after)
+    if forgetting:
+        rec["forgetting"]["after"] = forgetting(model)
+    if cfg.export:
+        rec.update(_exports(method, model, results_dir / "exports" / cfg.cell_id, evaluate, scores, progress, device))
+    rec["method_metrics"] = method.report(model)
+
+
+def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, rec: dict) -> LoopResult:
+    """THE loop (harness/loop.py) on the task's batches and objective; its measurements into ``rec``."""
     set_seed(cfg.seed)
     t0 = time.perf_counter()
+    batches = io.batches(cfg.train.batch_size, cfg.seed)
     try:
-        res = train(model, method, batches, cfg.train, cfg.seed, device, objective, progress.step)
+        res = train(model, method, batches, cfg.train, cfg.seed, device, io.objective, progress.step)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
-        rec.update(
-            losses=err.result.losses,
-            lrs=err.result.lrs,
-            grad_norms=err.result.grad_norms,
-            step_times_s=err.result.step_times_s,
-        )
+        r = err.result
+        rec.update(losses=r.losses, lrs=r.lrs, grad_norms=r.grad_norms, step_times_s=r.step_times_s)
         raise
     rec["train_time_s"] = time.perf_counter() - t0
-    measured = res.measured_step_times_s
-    n_warm = res.timing_warmup_steps
+    measured, n_warm = res.measured_step_times_s, res.timing_warmup_steps
     rec.update(
         losses=res.losses,
         lrs=res.lrs,
@@ -151,88 +139,46 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         memory_at_peak_bytes=res.memory_at_peak_bytes,
         memory_category_max_bytes=res.memory_category_max_bytes,
         nvml_process_bytes=nvml_process_bytes() if device.type == "cuda" else None,
-        optimizer=cfg.train.optimizer,
+        optimizer=res.optimizer_name,
+        optimizer_groups=res.param_groups,
         paging_effective=res.paging_effective,
         cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
         cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
     )
-    fpt = flops_per_token(model, frozenset(ctx.output_names))
-    if measured:
-        computed = res.computed_tokens_per_step[n_warm:]
-        # the LM head runs on the kept positions only (prompts), every other layer on every computed token
-        acc = cfg.train.grad_accum
-        positions = [sum(logit_rows[i * acc : (i + 1) * acc]) for i in range(len(res.step_times_s))][n_warm:]
-        per_pos = fpt["output_per_position"]
-        step_flops = [fpt["total"] * c + per_pos * p for c, p in zip(computed, positions, strict=True)]
-        compute = mfu_dtype(cfg.train.dtype, cfg.method_config)
-        peak = peak_flops(results_dir, compute, device)
-        rec.update(
-            flops_per_token=fpt,
-            model_flops_per_step=sum(step_flops) / len(step_flops),
-            peak_matmul_flops=peak["peak_matmul_flops"],
-            peak_matmul_info={k: v for k, v in peak.items() if k != "peak_matmul_flops"},
-            mfu_dtype=compute,
-            mfu=sum(step_flops) / sum(measured) / peak["peak_matmul_flops"],
+    return res
+
+
+def _exports(method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device) -> dict:
+    """Each artifact the method writes, evaluated where it comes with a model: its accuracy and how far its
+    scores are from the trained model's (merge fidelity)."""
+    progress.say("exporting")
+    exports = method.export(model, out_dir)
+    out = []
+    for e in exports:
+        er = ExportRecord(
+            kind=e.kind,
+            path=str(e.path),
+            bytes_on_disk=e.bytes_on_disk,
+            notes=e.notes,
+            unsupported=e.unsupported or None,
         )
-    rec["memory_methods"] = {
-        "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the timing warm-up steps",
-        "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/memory.py)",
-        "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
-        "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
-    }
-    if device.type == "cuda":
-        rec["memory_methods"]["cuda_max_allocated_bytes"] = "torch.cuda.max_memory_allocated over training"
-        rec["memory_methods"]["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
-        rec["memory_methods"]["nvml_process_bytes"] = "NVML compute-process usedGpuMemory for this pid"
-
-    progress.say(f"evaluating after training ({len(task.test)} test examples)")
-    after, logits = run_eval(model)
-    rec["eval_after"] = EvalMetrics(**after)
-    if held_out:
-        rec["forgetting"]["after"] = lm_loss(model, held_out, tok, cfg.forgetting.max_seq_len, dtype, device)
-
-    if cfg.export:
-        progress.say("exporting")
-        exports = method.export(model, results_dir / "exports" / cfg.cell_id)
-        out = []
-        for e in exports:
-            er = ExportRecord(
-                kind=e.kind,
-                path=str(e.path),
-                bytes_on_disk=e.bytes_on_disk,
-                notes=e.notes,
-                unsupported=e.unsupported or None,
-            )
-            if e.model is not None:
-                progress.say(f"evaluating export {e.kind}")
-                m, elogits = run_eval(e.model.to(device))
-                er.eval = EvalMetrics(**m)
-                er.max_abs_logit_diff = float((elogits - logits).abs().max())
-            out.append(er)
-        rec["exports"] = out
-        rec["export_bytes"] = sum(e.bytes_on_disk for e in exports)
-    rec["method_metrics"] = method.report(model)
+        if e.model is not None:
+            progress.say(f"evaluating export {e.kind}")
+            m, escores = evaluate(e.model.to(device))
+            er.eval = EvalMetrics(**m)
+            er.max_abs_logit_diff = float((escores - scores).abs().max())
+        out.append(er)
+    return {"exports": out, "export_bytes": sum(e.bytes_on_disk for e in exports)}
 
 
-def _tap(batches: Iterator[dict], logit_rows: list[int]) -> Iterator[dict]:
-    """Pass batches through, noting for each how many positions get vocabulary logits (0 for a head)."""
-    for b in batches:
-        labels = b["labels"]
-        logit_rows.append(labels.shape[0] * (labels.shape[1] + 1) if labels.dim() == 2 else 0)
-        yield b
-
-
-def _inputs(batch: dict) -> dict:
-    """Model inputs only (calibration needs no labels)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def _held_out_texts(cfg: RunConfig) -> list[str]:
-    """The forgetting measure's text: test examples of another task (its own seeded split)."""
-    from harness.config import TaskSpec
-
-    data = load_task(TaskSpec(name=cfg.forgetting.task))
-    return [" ".join(filter(None, (x.text_pair, x.text))) for x in data.test[: cfg.forgetting.examples]]
+def _forgetting(cfg: RunConfig, tokenizer, dtype, device) -> Callable[[torch.nn.Module], dict] | None:
+    """The forgetting measure, if the suite asks: LM loss on test texts of another task (its own seeded split)."""
+    f = cfg.forgetting
+    if not f:
+        return None
+    data = load_task(TaskSpec(name=f.task))
+    texts = [" ".join(filter(None, (x.text_pair, x.text))) for x in data.test[: f.examples]]
+    return lambda model: lm_loss(model, texts, tokenizer, f.max_seq_len, dtype, device)
 
 
 def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
@@ -249,3 +195,12 @@ def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
     record = make_record(cfg, status, error, started, time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(), **rec)
     write_record(results_dir, record)
     return record
+
+
+def run_cell_file(cell_file: Path, results_dir: Path) -> int:
+    """A cell process's whole job (``python -m harness _cell`` or a fork of the zygote): exit code 0 if ok."""
+    from harness.progress import quiet_libraries
+
+    quiet_libraries()
+    rec = run_cell(RunConfig.model_validate_json(Path(cell_file).read_text()), Path(results_dir))
+    return 0 if rec.status == "ok" else 1

@@ -6,24 +6,14 @@ User errors (bad suite, unknown names, unusable paths) print one line and exit w
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from harness.config import ConfigError
+from harness.progress import quiet_libraries
+from harness.schema import ConfigError
 
 EXIT_USER_ERROR = 2
-
-
-def _quiet_libraries() -> None:
-    # bitsandbytes and transformers log advisory noise at import on CPU machines; keep the terminal for results.
-    # torchao (pulled in by the gptq extra) warns about its CUDA-only libraries when transformers imports it.
-    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub", "torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _results_dir(arg: str | None, suite_name: str) -> Path:
@@ -38,7 +28,7 @@ def _results_dir(arg: str | None, suite_name: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import forkserver
-    from harness.config import load_suite
+    from harness.suite import load_suite
 
     if args.executor == "local" and forkserver.enabled():  # its imports overlap the suite's validation below
         forkserver.server_for(allow_network=False)
@@ -140,7 +130,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     records, _, _ = load_results(results)
     text = _tabular(records, args.format)
     if args.output:
-        from harness.records import atomic_write_text
+        from harness.atomic import atomic_write_text
 
         atomic_write_text(Path(args.output), text)
     else:
@@ -227,12 +217,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_cell(args: argparse.Namespace) -> int:
     """Internal: run one cell (the runner starts this in a subprocess)."""
-    from harness.cell import run_cell
-    from harness.config import RunConfig
+    from harness.cell import run_cell_file
 
-    cfg = RunConfig.model_validate_json(Path(args.cell_file).read_text())
-    rec = run_cell(cfg, Path(args.results))
-    return 0 if rec.status == "ok" else 1
+    return run_cell_file(Path(args.cell_file), Path(args.results))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

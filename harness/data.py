@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from harness.tasks import Example
+from harness.contract import Batch
+from harness.tasks import Example, TaskData
 
 
 def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:
@@ -58,6 +59,13 @@ def train_batches(
             yield collate_fn([encoded[j] for j in order[i : i + batch_size]], pad_id)
 
 
+def calibration_batches(encoded: list, n: int, pad_id: int, collate_fn: Callable) -> list[dict[str, torch.Tensor]]:
+    """Model inputs (no labels) of the first ``n`` encoded training examples, 16 to a batch."""
+    n = min(n, len(encoded))
+    batches = [collate_fn(encoded[i : min(i + 16, n)], pad_id) for i in range(0, n, 16)]
+    return [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype, device: torch.device
@@ -88,3 +96,32 @@ def evaluate(
         "examples": len(encoded),
     }
     return metrics, stacked
+
+
+class ClassifierIO:
+    """A task read by a classification head (:class:`harness.contract.TaskIO`): the model's own
+    cross-entropy on the label; the head is an ordinary layer (FLOPs counted with the rest)."""
+
+    task_type = "seq_cls"
+
+    def __init__(self, task: TaskData, tokenizer, max_seq_len: int, max_new_tokens: int = 0) -> None:
+        self.pad_id = tokenizer.pad_token_id
+        self.train = encode(task.train, tokenizer, max_seq_len)
+        self.test = encode(task.test, tokenizer, max_seq_len)
+
+    def output_names(self, model: torch.nn.Module) -> list[str]:
+        return []
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        return train_batches(self.train, batch_size, seed, self.pad_id, lambda items, pad: Batch(collate(items, pad)))
+
+    def objective(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def evaluate(
+        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[dict, torch.Tensor]:
+        return evaluate(model, self.test, batch_size, self.pad_id, dtype, device)
+
+    def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
+        return calibration_batches(self.train, n, self.pad_id, collate)

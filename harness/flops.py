@@ -62,11 +62,36 @@ def flops_per_token(model: torch.nn.Module, output_names: frozenset[str] = froze
     }
 
 
-def mfu_dtype(train_dtype: str, method_config: dict) -> str:
+def mfu_dtype(train_dtype: str, method_compute: str | None) -> str:
     """The dtype a run's matmuls run in, whose peak MFU is measured against: the method's compute dtype where it
-    has one (e.g. QLoRA dequantizing to bf16 under fp32 training), else the training dtype. Both resolved."""
-    compute = method_config.get("compute_dtype")
-    return compute if compute in ("float32", "bfloat16") and train_dtype == "float32" else train_dtype
+    declares one (``Method.compute_dtype``, e.g. QLoRA dequantizing to bf16 under fp32 training), else the
+    training dtype. Both resolved."""
+    return method_compute if method_compute in ("float32", "bfloat16") and train_dtype == "float32" else train_dtype
+
+
+def training_flops(
+    model: torch.nn.Module, output_names: list[str], res, dtype_name: str, results_dir: Path, device: torch.device
+) -> dict:
+    """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.loop.LoopResult`).
+    Every layer runs on every computed token; the output head on the positions it computed (prompts: the
+    answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in ``dtype_name``."""
+    n_warm, measured = res.timing_warmup_steps, res.measured_step_times_s
+    fpt = flops_per_token(model, frozenset(output_names))
+    if not measured:
+        return {"flops_per_token": fpt}
+    step_flops = [
+        fpt["total"] * c + fpt["output_per_position"] * p
+        for c, p in zip(res.computed_tokens_per_step[n_warm:], res.head_positions_per_step[n_warm:], strict=True)
+    ]
+    peak = peak_flops(results_dir, dtype_name, device)
+    return {
+        "flops_per_token": fpt,
+        "model_flops_per_step": sum(step_flops) / len(step_flops),
+        "peak_matmul_flops": peak["peak_matmul_flops"],
+        "peak_matmul_info": {k: v for k, v in peak.items() if k != "peak_matmul_flops"},
+        "mfu_dtype": dtype_name,
+        "mfu": sum(step_flops) / sum(measured) / peak["peak_matmul_flops"],
+    }
 
 
 def peak_flops(results_dir: Path | None, dtype_name: str, device: torch.device) -> dict:
@@ -97,7 +122,7 @@ def peak_flops(results_dir: Path | None, dtype_name: str, device: torch.device) 
         if entry is not None:  # another machine set the suite's figure: MFU here is against this host's own
             return {**own, "source": "this host's own peak (the suite's figure is from another machine)"}
         suite[key] = own
-        from harness.records import atomic_write_text
+        from harness.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(suite, indent=1))
         return {**own, "source": "suite (machine.json)"}

@@ -43,6 +43,22 @@ def enabled() -> bool:
     return not torch.cuda.is_available()
 
 
+CHILD_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def cell_env(allow_network: bool) -> dict[str, str]:
+    env = {**CHILD_ENV, **os.environ}
+    # Offline unless the suite opts in; with the network, fail in seconds rather than hang on an unreachable hub.
+    env["HF_HUB_OFFLINE"] = "0" if allow_network else "1"
+    if allow_network:
+        env.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        env.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    return env
+
+
 def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
@@ -51,16 +67,22 @@ def die_with_parent() -> None:
 
 
 _SERVERS: dict[str, ForkServer] = {}
+# Read by ftbench while a cell runs, never by a library at import: each cell gets the runner's value when it is
+# forked, so a different machine cache (a test's own, say) needs no zygote of its own.
+RUNTIME_VARS = ("FTBENCH_CACHE_DIR", "FTBENCH_KEEP_LOADED_PEAK")
+
+
+def zygote_key(env: dict[str, str]) -> str:
+    """Zygotes are shared by cells whose environments differ in runtime variables only."""
+    return json.dumps(sorted((k, v) for k, v in env.items() if k not in RUNTIME_VARS))
 
 
 def server_for(allow_network: bool) -> ForkServer:
     """The zygote for cells with this network setting and this process's environment (libraries read
     HF_HUB_OFFLINE at import; the machine cache is found by FTBENCH_CACHE_DIR), started on first use;
     ``ftbench run`` starts the offline one early, so its imports overlap the suite's validation."""
-    from harness.runner import cell_env
-
     env = cell_env(allow_network)
-    key = json.dumps(sorted(env.items()))  # a zygote's children inherit its environment, so one per environment
+    key = zygote_key(env)  # a zygote's children inherit its environment, so one per environment
     if key not in _SERVERS or _SERVERS[key].proc.poll() is not None:
         _SERVERS[key] = ForkServer(env)
     return _SERVERS[key]
@@ -102,6 +124,7 @@ class ForkServer:
 
     def start(self, cell_file: Path, results_dir: Path, log: Path) -> int:
         req = {"cell_file": str(cell_file), "results": str(results_dir), "log": str(log)}
+        req["env"] = {k: os.environ.get(k) for k in RUNTIME_VARS}
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
@@ -164,9 +187,14 @@ def _child(req: dict, protocol) -> None:
         os.dup2(fd, 2)
         os.close(fd)
         sys.stdin.close()
-        from harness.cli import main
+        for k, v in req.get("env", {}).items():  # the runner's runtime variables, as a fresh process would have
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        from harness.cell import run_cell_file
 
-        rc = main(["_cell", req["cell_file"], "--results", req["results"]])
+        rc = run_cell_file(Path(req["cell_file"]), Path(req["results"]))
     except BaseException:  # noqa: BLE001 - whatever happened, the runner learns it from the exit code
         import traceback
 
@@ -187,7 +215,6 @@ def serve() -> int:
     import importlib
 
     import harness.cell  # noqa: F401 - the point: torch, transformers, peft, bitsandbytes, sklearn, once
-    import harness.cli  # noqa: F401
     from harness.registry import available_methods
 
     available_methods()  # entry points too

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from harness.measure import sync
+from harness.schema import AutoDtype
 
 PROBE_N = 256  # where emulated bf16 shows at once (~25 ms a matmul) and native bf16 is already faster
 CONFIRM_N = 512  # a plausibly native result is confirmed where fixed costs matter less
@@ -35,12 +36,6 @@ FASTER = 1.1  # bf16 must beat float32 by this factor for `auto` to choose it
 PEAK_BUDGET_S = 2.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-class AutoDtype:
-    """Marks a config field whose value may be ``auto``: the harness resolves it on the machine the run uses
-    (before the method is built), so a method only ever sees a concrete dtype. Use it as pydantic metadata:
-    ``compute_dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = "auto"``."""
 
 
 def cache_dir() -> Path:
@@ -98,7 +93,7 @@ def _machine_cache(device: torch.device):
         data.setdefault("identity", ident)
         yield data
         if json.dumps(data, sort_keys=True) != before:
-            from harness.records import atomic_write_text
+            from harness.atomic import atomic_write_text
 
             atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 

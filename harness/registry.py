@@ -1,10 +1,5 @@
-"""The method contract and the method registry.
-
-A *method* is the only thing that differs between two cells of a comparison. It transforms the model
-(freeze, inject adapters, quantize), says which parameters train, and exports what it produced. It never
-owns the training loop: the loop in :mod:`harness.loop` is shared by every method and has no
-method-specific branches. When a method needs to act inside the loop, it does so through the hooks of
-this contract (``on_step_end``), and a new need widens this contract rather than adding an ``if`` there.
+"""The method registry: every method by name, the built-ins and the plug-ins (the contract itself is
+:mod:`harness.contract`).
 
 Built-in methods live one per file in ``methods/`` and register with :func:`register_method`.
 Third-party packages register through the entry-point group ``ftbench.methods``::
@@ -15,121 +10,22 @@ Third-party packages register through the entry-point group ``ftbench.methods``:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any
 
-import torch
 from pydantic import BaseModel
 
+from harness.contract import (  # noqa: F401  (the contract's names, where plug-ins written for 0.1 import them)
+    _REGISTRY,
+    Export,
+    Method,
+    MethodBase,
+    ModelContext,
+    RegistryError,
+    register_method,
+)
+
 ENTRY_POINT_GROUP = "ftbench.methods"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-
-
-@dataclass
-class ModelContext:
-    """What a method may need to know about the model it transforms (and nothing about the loop)."""
-
-    task_type: str  # "seq_cls" (a classifier head) or "causal_lm" (a decoder scoring prompts)
-    num_labels: int
-    model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
-    head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
-    output_names: list[str] = field(default_factory=list)  # a decoder's LM head: never quantized or adapted
-    # calibration(n): model-input batches (CPU) of the first n training examples, for calibrated quantizers (GPTQ)
-    calibration: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
-
-    @property
-    def peft_task_type(self) -> str:
-        from peft import TaskType
-
-        return TaskType.CAUSAL_LM if self.task_type == "causal_lm" else TaskType.SEQ_CLS
-
-
-@dataclass
-class Export:
-    """One artifact a method wrote. ``model`` (optional) is the in-memory model the artifact represents
-    (e.g. the merged model), so the runner can evaluate it and measure merge fidelity."""
-
-    kind: str  # "full", "adapter", "merged", ...
-    path: Path
-    bytes_on_disk: int
-    model: torch.nn.Module | None = None
-    notes: str = ""
-    unsupported: str = ""  # why this artifact could not be made (the method can't, e.g. a merge); nothing written
-
-
-@runtime_checkable
-class Method(Protocol):
-    """Contract every fine-tuning method satisfies. ``Config`` is a pydantic model (unknown keys forbidden)
-    whose fields are the method's options; ``ftbench methods`` lists them. A dtype field marked with
-    :class:`harness.hardware.AutoDtype` may be ``auto``: the harness resolves it for the run's machine before the
-    method is built (and records the choice and why), so ``prepare`` sees a concrete dtype."""
-
-    name: ClassVar[str]
-    Config: ClassVar[type[BaseModel]]
-
-    def __init__(self, config: BaseModel) -> None: ...
-
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ValueError if this config cannot apply to this architecture (given on the meta device, before
-        any training: e.g. a group size that does not divide a layer's d_in). Most methods accept any model."""
-        ...
-
-    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
-        """Transform the model for training and return it (may wrap it, e.g. in a PeftModel)."""
-        ...
-
-    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-        """The (name, parameter) pairs the optimizer updates. Everything else must be frozen."""
-        ...
-
-    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
-        """Called by the loop after each optimizer step. Most methods do nothing."""
-        ...
-
-    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
-        """Write the method's result (safetensors) under ``out_dir`` and describe each artifact."""
-        ...
-
-    def report(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Figures the method measured about itself (e.g. bits per quantized parameter), stored in the record's
-        ``method_metrics``. Called once, after training and export. Most methods return ``{}``."""
-        ...
-
-
-CONTRACT = ("check_model", "prepare", "trainable_parameters", "on_step_end", "export", "report")
-_REGISTRY: dict[str, type] = {}
-_ORIGIN: dict[str, str] = {}
-
-
-class RegistryError(ValueError):
-    pass
-
-
-def register_method(cls: type) -> type:
-    """Class decorator: register a method under ``cls.name``. Rejects malformed and duplicate names and
-    classes missing part of the contract, at import time, so a broken plug-in fails loudly and early."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise RegistryError(
-            f"method class {cls.__qualname__} has malformed name {name!r}: use lowercase letters, digits and _, "
-            "starting with a letter, at most 40 characters"
-        )
-    config = getattr(cls, "Config", None)
-    if not (isinstance(config, type) and issubclass(config, BaseModel)):
-        raise RegistryError(f"method {name!r}: Config must be a pydantic BaseModel subclass")
-    missing = [m for m in CONTRACT if not callable(getattr(cls, m, None))]
-    if missing:
-        raise RegistryError(f"method {name!r} lacks {', '.join(missing)} of the method contract")
-    origin = f"{cls.__module__}.{cls.__qualname__}"
-    if name in _REGISTRY and _ORIGIN[name] != origin:
-        raise RegistryError(f"method name {name!r} is already registered by {_ORIGIN[name]}; {origin} cannot reuse it")
-    _REGISTRY[name] = cls
-    _ORIGIN[name] = origin
-    return cls
 
 
 _loaded = False
@@ -163,6 +59,12 @@ def get_method(name: str) -> type:
     if name not in methods_:
         raise KeyError(name)
     return methods_[name]
+
+
+def build_method(name: str, config: dict[str, Any]) -> Method:
+    """The method ``name`` with its config validated (defaults filled) from ``config``."""
+    cls = get_method(name)
+    return cls(cls.Config.model_validate(config))
 
 
 def describe_config(config: type[BaseModel]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import ConfigError, TaskSpec
+from harness.schema import ConfigError, TaskSpec
 
 KINDS = ("classification", "multiple_choice", "generation")
 
@@ -86,8 +86,11 @@ def register_task(name: str, kind: str = "classification") -> Callable:
     return deco
 
 
-def task_kind(name: str) -> str:
-    return TASK_KINDS.get(name, "classification")  # csv / jsonl / hf tasks are classification
+def task_kind(task: str | TaskSpec) -> str:
+    """A registered task's kind, or what a csv / jsonl / hf spec says it is (default classification)."""
+    if isinstance(task, TaskSpec):
+        return (task.kind or "classification") if task.name in GENERIC else TASK_KINDS.get(task.name, "classification")
+    return TASK_KINDS.get(task, "classification")
 
 
 def package_file(package: str, relative: str, install_hint: str) -> Path:
@@ -241,38 +244,117 @@ def check_task_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: unknown task {name!r}; allowed: {allowed}")
 
 
+NEEDED = {  # columns each kind of csv / jsonl / hf task needs
+    "classification": ("text", "label"),
+    "multiple_choice": ("text", "choices", "label"),
+    "generation": ("text", "answer"),
+}
+
+
 def check_task_spec(spec: TaskSpec, where: str, allow_network: bool = False) -> None:
     """Fields that generic tasks need, checked before anything trains."""
-    if spec.name in ("csv", "jsonl"):
-        if not spec.path or not Path(spec.path).expanduser().is_file():
-            raise ConfigError(f"{where}.path: {spec.name} task needs an existing file (got {spec.path!r})")
-        if spec.columns is None:
-            raise ConfigError(f"{where}.columns: {spec.name} task needs columns: {{text: ..., label: ...}}")
-    elif spec.name == "hf":
-        if not spec.dataset or spec.columns is None:
-            raise ConfigError(f"{where}: hf task needs dataset: <name> and columns: {{text: ..., label: ...}}")
-        if not allow_network:
-            raise ConfigError(
-                f"{where}.dataset: {spec.dataset!r} would be fetched from the Hugging Face hub, but "
-                "runs are offline; set `allow_network: true` where the hub is reachable, or export it "
-                "to a local csv / jsonl file"
-            )
-    elif spec.path or spec.dataset or spec.columns:
-        raise ConfigError(f"{where}: path / dataset / columns apply to csv, jsonl and hf tasks, not {spec.name!r}")
+    if spec.name not in GENERIC:
+        extra = [k for k in ("path", "dataset", "columns", "kind") if getattr(spec, k) is not None]
+        if extra:
+            raise ConfigError(f"{where}.{extra[0]}: applies to csv, jsonl and hf tasks, not {spec.name!r}")
+        return
+    kind = task_kind(spec)
+    if spec.name in ("csv", "jsonl") and (not spec.path or not Path(spec.path).expanduser().is_file()):
+        raise ConfigError(f"{where}.path: {spec.name} task needs an existing file (got {spec.path!r})")
+    if spec.name == "hf" and not spec.dataset:
+        raise ConfigError(f"{where}.dataset: hf task needs dataset: <name>")
+    needed = NEEDED[kind]
+    if spec.columns is None:
+        example = ", ".join(f"{k}: ..." for k in needed)
+        raise ConfigError(f"{where}.columns: a {kind} {spec.name} task needs columns: {{{example}}}")
+    missing = [k for k in needed if getattr(spec.columns, k) is None]
+    if missing:
+        raise ConfigError(f"{where}.columns.{missing[0]}: a {kind} task needs it (needs {', '.join(needed)})")
+    unused = [k for k in ("label", "choices", "answer") if k not in needed and getattr(spec.columns, k) is not None]
+    if unused:
+        raise ConfigError(f"{where}.columns.{unused[0]}: not used by a {kind} task (it uses {', '.join(needed)})")
+    if spec.label_words and kind != "classification":
+        raise ConfigError(f"{where}.label_words: apply to classification tasks, not {kind}")
+    if spec.name == "hf" and not allow_network:
+        raise ConfigError(
+            f"{where}.dataset: {spec.dataset!r} would be fetched from the Hugging Face hub, but "
+            "runs are offline; set `allow_network: true` where the hub is reachable, or export it "
+            "to a local csv / jsonl file"
+        )
 
 
-def _rows_from_records(records: list[dict], spec: TaskSpec, source: str) -> tuple[list, list[str]]:
-    c = spec.columns
-    missing = [k for k in (c.text, c.label, c.text_pair, c.group) if k and records and k not in records[0]]
+def _choice_index(value, choices: list[str]) -> int | None:
+    """The right choice given as its index (0-based), its text, or its letter (A, B, ...)."""
+    text = str(value).strip()
+    if isinstance(value, int) or text.isdigit():
+        i = int(text)
+        return i if 0 <= i < len(choices) else None
+    if text in choices:
+        return choices.index(text)
+    if len(text) == 1 and text.isalpha() and ord(text.upper()) - ord("A") < len(choices):
+        return ord(text.upper()) - ord("A")
+    return None
+
+
+def _row_choices(r: dict, col: str | list[str], where: str) -> list[str]:
+    if isinstance(col, list):
+        return [str(r[c]) for c in col if r.get(c) not in (None, "")]
+    value = r[col]
+    if isinstance(value, str):  # a csv cell: a JSON list
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, list) or len(value) < 2:
+        raise ConfigError(f"{where}: column {col!r} must hold a list of at least 2 choices (got {r[col]!r})")
+    return [str(v) for v in value]
+
+
+def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> tuple[list[Example], list[str]]:
+    """Rows as examples of the spec's kind; every problem names the file, the row and the column."""
+    c, kind = spec.columns, task_kind(spec)
+    if not records:
+        raise ConfigError(f"{source}: no rows")
+    wanted = [c.text, c.label, c.text_pair, c.group, c.answer] + (
+        c.choices if isinstance(c.choices, list) else [c.choices]
+    )
+    missing = [k for k in wanted if k and k not in records[0]]
     if missing:
         raise ConfigError(f"{source}: no column {missing[0]!r}; columns are {', '.join(records[0])}")
-    labels = sorted({str(r[c.label]) for r in records})
-    rows = []
+    labels = sorted({str(r[c.label]) for r in records}) if kind == "classification" else ["answer"]
+    out = []
     for i, r in enumerate(records):
-        group = str(r[c.group]) if c.group else str(i)
-        row = (str(r[c.text]), labels.index(str(r[c.label])), group)
-        rows.append(row + ((str(r[c.text_pair]),) if c.text_pair else ()))
-    return rows, labels
+        where = f"{source}: row {i + 1}"
+        common = {
+            "group": str(r[c.group]) if c.group else str(i),
+            "text_pair": str(r[c.text_pair]) if c.text_pair else None,
+        }
+        if kind == "classification":
+            out.append(Example(str(r[c.text]), labels.index(str(r[c.label])), **common))
+        elif kind == "multiple_choice":
+            choices = _row_choices(r, c.choices, where)
+            label = _choice_index(r[c.label], choices)
+            if label is None:
+                raise ConfigError(
+                    f"{where}: column {c.label!r} = {r[c.label]!r} is neither the index, the text nor the letter "
+                    f"of one of its {len(choices)} choices"
+                )
+            out.append(Example(str(r[c.text]), label, choices=tuple(choices), **common))
+        else:
+            answer = str(r[c.answer]).strip()
+            if not answer:
+                raise ConfigError(f"{where}: column {c.answer!r} is empty")
+            out.append(Example(str(r[c.text]), 0, answer=answer, **common))
+    if kind == "multiple_choice":
+        labels = [chr(ord("A") + i) for i in range(max(len(x.choices) for x in out))]
+    return out, labels
+
+
+DEFAULT_PROMPTS = {  # the default templates of csv / jsonl / hf tasks, without and with a text_pair
+    "classification": ("Text: {text}\nLabel:", "Text: {text}\nSecond text: {text_pair}\nLabel:"),
+    "multiple_choice": ("Question: {text}\nAnswer:", "{text_pair}\nQuestion: {text}\nAnswer:"),
+    "generation": ("Question: {text}\nAnswer:", "{text_pair}\nQuestion: {text}\nAnswer:"),
+}
 
 
 def load_generic(spec: TaskSpec) -> TaskData:
@@ -290,13 +372,22 @@ def load_generic(spec: TaskSpec) -> TaskData:
             with open(path, newline="", encoding="utf-8") as fh:
                 records = list(csv.DictReader(fh))
         else:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            records = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as err:
+                        raise ConfigError(f"{path}: line {n} is not valid JSON ({err})") from None
+                    if not isinstance(records[-1], dict):
+                        raise ConfigError(f"{path}: line {n} is not a JSON object (got {type(records[-1]).__name__})")
         source = str(path)
-    rows, labels = _rows_from_records(records, spec, source)
-    train, val, test = _group_split(rows, spec.split_seed)
-    prompt = "Text: {text}\nSecond text: {text_pair}\nLabel:" if spec.columns.text_pair else "Text: {text}\nLabel:"
-    words = [f" {label}" for label in labels]
-    return TaskData(spec.name, labels, train, val, test, source, prompt=prompt, label_words=words)
+    examples, labels = _examples_from_records(records, spec, source)
+    train, val, test = _group_split(examples, spec.split_seed)
+    kind = task_kind(spec)
+    prompt = DEFAULT_PROMPTS[kind][1 if spec.columns.text_pair else 0]
+    words = [f" {label}" for label in labels] if kind == "classification" else None
+    return TaskData(spec.name, labels, train, val, test, source, kind=kind, prompt=prompt, label_words=words)
 
 
 def load_task(spec: TaskSpec) -> TaskData:

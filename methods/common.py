@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from harness.config import Strict
-from harness.registry import Export
+from harness.contract import Export
+from harness.schema import Strict
 
 # PEFT config fields ftbench sets itself; a suite must not.
 PEFT_RESERVED = frozenset(

@@ -7,25 +7,19 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from harness.config import Strict
-from harness.registry import Export, ModelContext, register_method
+from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.schema import Strict
 from methods.common import dir_bytes, requires_grad_parameters
 
 
 @register_method
-class Full:
+class Full(MethodBase):
     """Full fine-tuning: every parameter trains."""
 
     name = "full"
 
     class Config(Strict):
         freeze_embeddings: bool = Field(False, description="keep the input embedding matrix frozen")
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
-    def check_model(self, model: torch.nn.Module) -> None:
-        pass
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         for p in model.parameters():
@@ -36,12 +30,6 @@ class Full:
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
-
-    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
-        pass
-
-    def report(self, model: torch.nn.Module) -> dict:
-        return {}
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         path = out_dir / "model"

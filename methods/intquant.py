@@ -18,10 +18,18 @@ with zero' = z + 8 · s.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+from harness.hardware import torch_dtype
+from methods.common import load_state_dict, save_state_dict
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+FORMAT = "ftbench-int-groupwise-v1"  # save_int_model / load_merged
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,3 +158,69 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def _is_causal(model: torch.nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def save_int_model(
+    model: torch.nn.Module,
+    layers: list[str],
+    path: Path,
+    bits: int,
+    group_size: int,
+    param_dtype: str,
+    compute_dtype: str,
+) -> None:
+    """Write a model whose ``layers`` are QuantLinear in the format :func:`load_merged` reads."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model, path / "model.safetensors")
+    model.config.save_pretrained(path)
+    meta = {
+        "format": FORMAT,
+        "task_type": "causal_lm" if _is_causal(model) else "seq_cls",
+        "bits": bits,
+        "group_size": group_size,
+        "param_dtype": param_dtype,
+        "compute_dtype": compute_dtype,
+        "layers": layers,
+        "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]",
+    }
+    (path / "ftbench_quant.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_merged(path: Path) -> torch.nn.Module:
+    """ftbench's loader for a merged QA-LoRA export: rebuild the architecture, put QuantLinear layers where the
+    JSON says, load every tensor strictly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    meta = json.loads((Path(path) / "ftbench_quant.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} export")
+    auto = AutoModelForCausalLM if meta.get("task_type") == "causal_lm" else AutoModelForSequenceClassification
+    model = auto.from_config(AutoConfig.from_pretrained(path))
+    for name in meta["layers"]:
+        lin = model.get_submodule(name)
+        set_module(
+            model,
+            name,
+            QuantLinear(
+                lin.in_features,
+                lin.out_features,
+                meta["bits"],
+                meta["group_size"],
+                lin.bias is not None,
+                DTYPES[meta["param_dtype"]],
+                torch_dtype(meta["compute_dtype"]),
+            ),
+        )
+    load_state_dict(model, Path(path) / "model.safetensors")
+    return model.eval()

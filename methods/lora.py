@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from pydantic import Field, model_validator
 
-from harness.registry import Export, ModelContext, register_method
+from harness.contract import Export, MethodBase, ModelContext, register_method
 from methods.common import (
     PEFT_RESERVED,
     PeftOptions,
@@ -69,14 +69,11 @@ class LoraOptions(PeftOptions):
 
 
 @register_method
-class Lora:
+class Lora(MethodBase):
     """LoRA (Hu et al. 2021) through peft's LoraConfig."""
 
     name = "lora"
     Config = LoraOptions
-
-    def __init__(self, config: LoraOptions) -> None:
-        self.config = config
 
     def check_model(self, model: torch.nn.Module) -> None:
         check_peft_fits(model, self.config.lora_config(task_type=task_type_of(model)))
@@ -86,12 +83,6 @@ class Lora:
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
-
-    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
-        pass
-
-    def report(self, model: torch.nn.Module) -> dict:
-        return {}
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         return export_peft(model, out_dir, mergeable=True)

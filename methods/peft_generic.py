@@ -1,5 +1,10 @@
 """Any PEFT method by ``peft_type`` plus that config's own fields (IA3, prompt tuning, prefix tuning, LoHa,
-LoKr, VeRA, BOFT, ...): most PEFT methods need no ftbench code at all.
+LoKr, VeRA, BOFT, AdaLoRA, ...): most PEFT methods need no ftbench code at all.
+
+AdaLoRA (Zhang et al. 2023, arXiv 2303.10512) reallocates its rank budget during training: after each optimizer
+step (gradients still present) its tuner's ``update_and_allocate`` runs, from the ``on_step_end`` hook, and
+``total_step`` defaults to the run's steps. The record's ``method_metrics`` give the active rank (non-zero
+singular values) before, after and at each change.
 
 Example suite entry::
 
@@ -18,7 +23,7 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, TaskType, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
 from pydantic import Field, field_validator, model_validator
 
-from harness.registry import Export, ModelContext, register_method
+from harness.contract import Export, MethodBase, ModelContext, register_method
 from methods.common import (
     PEFT_RESERVED,
     PeftOptions,
@@ -31,12 +36,24 @@ from methods.common import (
 PEFT_TYPES = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
 
 
+def _active_rank(model: torch.nn.Module) -> int | None:
+    """AdaLoRA's rank budget in use: the singular values its allocator keeps (``rank_pattern``, once it has
+    allocated; ``init_r`` per layer before), over all layers; None for other methods."""
+    config = model.peft_config[model.active_adapter]
+    layers = [n for n, _ in model.named_parameters() if "lora_E" in n]
+    if not layers or not hasattr(config, "init_r"):
+        return None
+    if not config.rank_pattern:
+        return config.init_r * len(layers)
+    return int(sum(sum(bool(b) for b in mask) for mask in config.rank_pattern.values()))
+
+
 def _config_class(peft_type: str):
     return next(v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items() if str(getattr(k, "value", k)) == peft_type)
 
 
 @register_method
-class PeftGeneric:
+class PeftGeneric(MethodBase):
     """Any PEFT method by peft_type plus that config's own fields."""
 
     name = "peft"
@@ -64,26 +81,42 @@ class PeftGeneric:
                 raise ValueError(f"{cls.__name__} rejects these options: {err}") from None
             return self
 
-        def peft_config(self, task_type: str = TaskType.SEQ_CLS):
-            return _config_class(self.peft_type)(task_type=task_type, **(self.model_extra or {}))
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
+        def peft_config(self, task_type: str = TaskType.SEQ_CLS, total_step: int | None = None):
+            """``total_step`` (AdaLoRA's schedule): the run's steps where the suite gives none (a placeholder when
+            the config is only validated, before the steps are known)."""
+            cls = _config_class(self.peft_type)
+            extra = dict(self.model_extra or {})
+            if "total_step" in {f.name for f in dataclasses.fields(cls)} and extra.get("total_step") is None:
+                extra["total_step"] = total_step or 10**6
+            return cls(task_type=task_type, **extra)
 
     def check_model(self, model: torch.nn.Module) -> None:
         check_peft_fits(model, self.config.peft_config(task_type_of(model)))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
-        return get_peft_model(model, self.config.peft_config(ctx.peft_task_type))
+        model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
+        self._ranks = [(0, _active_rank(model))]
+        return model
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        tuner = model.base_model
+        if hasattr(tuner, "update_and_allocate"):  # AdaLoRA: importance scores from this step's gradients
+            tuner.update_and_allocate(step)
+            rank = _active_rank(model)
+            if rank != self._ranks[-1][1]:
+                self._ranks.append((step + 1, rank))
+
+    def report(self, model: torch.nn.Module) -> dict:
+        if not getattr(self, "_ranks", None) or self._ranks[0][1] is None:
+            return {}
+        return {
+            "active_rank_initial": self._ranks[0][1],
+            "active_rank_final": self._ranks[-1][1],
+            "active_rank_changes": [{"after_step": s, "active_rank": r} for s, r in self._ranks],
+        }
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
-
-    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
-        pass
-
-    def report(self, model: torch.nn.Module) -> dict:
-        return {}
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         # Prompt-learning methods (prompt/prefix tuning) have nothing to merge into the weights.

@@ -17,7 +17,7 @@ On-disk format of the merged model (``merged_int/``): ``model.safetensors`` hold
 ``qweight`` (uint8, 8 integers packed into ``bits`` bytes, row-major over d_out × d_in), ``scales`` and
 ``zeros`` (d_out × d_in/g, fp16 by default; zeros are floats since merged zero points are not integers) and
 ``bias``; every other tensor as is. ``config.json`` is the transformers config; ``ftbench_quant.json`` names
-the quantized layers, bits, group size and the formula. :func:`load_merged` reads it back.
+the quantized layers, bits, group size and the formula. :func:`methods.intquant.load_merged` reads it back.
 """
 
 from __future__ import annotations
@@ -33,15 +33,12 @@ import torch
 from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
-from harness.config import Strict
-from harness.hardware import AutoDtype, torch_dtype
-from harness.registry import Export, ModelContext, register_method
-from methods.common import dir_bytes, load_state_dict, requires_grad_parameters, save_state_dict
+from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.hardware import torch_dtype
+from harness.schema import AutoDtype, Strict
+from methods.common import dir_bytes, requires_grad_parameters
 from methods.gptq import gptq_available, gptq_quantize
-from methods.intquant import QuantLinear
-
-DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-FORMAT = "ftbench-int-groupwise-v1"
+from methods.intquant import DTYPES, QuantLinear, load_merged, save_int_model, set_module
 
 
 class QALoraLinear(torch.nn.Module):
@@ -109,72 +106,6 @@ def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | Non
     return out
 
 
-def _is_causal(model: torch.nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-
-
-def _set(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
-
-
-def save_int_model(
-    model: torch.nn.Module,
-    layers: list[str],
-    path: Path,
-    bits: int,
-    group_size: int,
-    param_dtype: str,
-    compute_dtype: str,
-) -> None:
-    """Write a model whose ``layers`` are QuantLinear in the format :func:`load_merged` reads."""
-    path.mkdir(parents=True, exist_ok=True)
-    save_state_dict(model, path / "model.safetensors")
-    model.config.save_pretrained(path)
-    meta = {
-        "format": FORMAT,
-        "task_type": "causal_lm" if _is_causal(model) else "seq_cls",
-        "bits": bits,
-        "group_size": group_size,
-        "param_dtype": param_dtype,
-        "compute_dtype": compute_dtype,
-        "layers": layers,
-        "formula": "w = scales[i, k // group_size] * q[i, k] + zeros[i, k // group_size]",
-    }
-    (path / "ftbench_quant.json").write_text(json.dumps(meta, indent=1))
-
-
-def load_merged(path: Path) -> torch.nn.Module:
-    """ftbench's loader for a merged QA-LoRA export: rebuild the architecture, put QuantLinear layers where the
-    JSON says, load every tensor strictly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    meta = json.loads((Path(path) / "ftbench_quant.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} export")
-    auto = AutoModelForCausalLM if meta.get("task_type") == "causal_lm" else AutoModelForSequenceClassification
-    model = auto.from_config(AutoConfig.from_pretrained(path))
-    for name in meta["layers"]:
-        lin = model.get_submodule(name)
-        _set(
-            model,
-            name,
-            QuantLinear(
-                lin.in_features,
-                lin.out_features,
-                meta["bits"],
-                meta["group_size"],
-                lin.bias is not None,
-                DTYPES[meta["param_dtype"]],
-                torch_dtype(meta["compute_dtype"]),
-            ),
-        )
-    load_state_dict(model, Path(path) / "model.safetensors")
-    return model.eval()
-
-
 def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5, budget_s: float = 3.0) -> float:
     """Median forward time after one warm-up: ``repeats`` runs, fewer (at least one) where they would take
     longer than ``budget_s`` — a slow CPU gets a coarser figure, not minutes of latency timing."""
@@ -192,7 +123,7 @@ def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5, budget_s: 
 
 
 @register_method
-class QALora:
+class QALora(MethodBase):
     """QA-LoRA (Xu et al. 2024): group-wise INT-N base, group-pooled LoRA, exact merge into zero points."""
 
     name = "qalora"
@@ -251,7 +182,7 @@ class QALora:
             n += w.numel()
             packed += q.storage_bytes()["packed_weight_bytes"]
             consts += q.storage_bytes()["scale_zero_bytes"]
-            _set(model, path, QALoraLinear(q, c.r, c.alpha, c.dropout))
+            set_module(model, path, QALoraLinear(q, c.r, c.alpha, c.dropout))
         for name in ctx.head_names:  # the classifier head trains in full, as with LoRA
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
@@ -270,16 +201,16 @@ class QALora:
         }
         return model
 
+    def compute_dtype(self) -> str:
+        return self.config.compute_dtype  # the dequantized matmuls' dtype (resolved from `auto` by then)
+
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
-
-    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
-        pass
 
     def merged_model(self, model: torch.nn.Module) -> torch.nn.Module:
         merged = copy.deepcopy(model)
         for path in self._layers:
-            _set(merged, path, merged.get_submodule(path).merged())
+            set_module(merged, path, merged.get_submodule(path).merged())
         return merged.eval()
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:

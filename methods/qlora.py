@@ -25,8 +25,9 @@ import torch
 from peft import get_peft_model
 from pydantic import Field, field_validator
 
-from harness.hardware import AutoDtype, torch_dtype
-from harness.registry import Export, ModelContext, register_method
+from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.hardware import torch_dtype
+from harness.schema import AutoDtype
 from methods.common import (
     check_peft_fits,
     dir_bytes,
@@ -177,7 +178,7 @@ def relative_quantization_error(original: dict[str, torch.Tensor], model: torch.
 
 
 @register_method
-class QLora:
+class QLora(MethodBase):
     """QLoRA (Dettmers et al. 2023): LoRA on a 4-bit NF4/FP4 base, optional double quantization."""
 
     name = "qlora"
@@ -217,11 +218,11 @@ class QLora:
         # LoraConfig's own default would target only query/value; keep the user's choice as is.
         return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
+    def compute_dtype(self) -> str:
+        return self.config.compute_dtype  # the dequantized matmuls' dtype (resolved from `auto` by then)
+
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
-
-    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
-        pass
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         """(a) adapter; (b) merged + requantized 4-bit (bitsandbytes state dict, safetensors); (c) merged fp32."""
@@ -260,8 +261,7 @@ class QLora:
     def _export_int(self, merged32: torch.nn.Module, out_dir: Path) -> Export:
         """QLoRA's deployment route to an integer model: merge in full precision, then quantize group-wise to
         INT-N with RTN — the point of comparison for QA-LoRA's exact merge (paper: QLoRA + GPTQ vs QA-LoRA)."""
-        from methods.intquant import QuantLinear
-        from methods.qalora import load_merged, save_int_model
+        from methods.intquant import QuantLinear, load_merged, save_int_model
 
         c = self.config
         bits, g = c.export_int_bits, c.export_int_group_size

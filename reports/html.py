@@ -203,7 +203,7 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str) -> str:
 def write_report(results_dir: Path, out: Path | None = None) -> Path:
     records, suite_text, name = load_results(results_dir)
     out = Path(out) if out else Path(results_dir) / "report.html"
-    from harness.records import atomic_write_text
+    from harness.atomic import atomic_write_text
 
     atomic_write_text(out, render(records, suite_text, name))
     return out

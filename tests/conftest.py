@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness import forkserver
-from harness.config import RunConfig, expand, parse_suite
+from harness.schema import RunConfig
+from harness.suite import expand, parse_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,9 +82,9 @@ def ftbench(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 # variables (set when first imported) are set before the first one starts. A test that changes the environment
 # (another FTBENCH_CACHE_DIR) gets a zygote of its own, closed when its run ends.
 import harness.cell  # noqa: E402,F401
-from harness.cli import _quiet_libraries  # noqa: E402
+from harness.progress import quiet_libraries  # noqa: E402
 
-_quiet_libraries()
+quiet_libraries()
 _close_all_zygotes, _server_for = forkserver.close_all, forkserver.server_for
 
 
@@ -104,12 +104,12 @@ def _session_server_for(allow_network: bool) -> forkserver.ForkServer:
 
 
 def _close_all_but_the_sessions() -> None:
-    from harness.runner import cell_env
+    from harness.forkserver import cell_env
 
     with _without_pytest_vars():
-        keep = {json.dumps(sorted(cell_env(net).items())) for net in (False, True)}
+        keep = {forkserver.zygote_key(cell_env(net)) for net in (False, True)}
     for key, server in list(forkserver._SERVERS.items()):
-        if json.dumps(sorted(server.env.items())) not in keep:
+        if forkserver.zygote_key(server.env) not in keep:
             forkserver._SERVERS.pop(key).close()
 
 

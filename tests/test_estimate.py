@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.config import TrainConfig
+from harness.contract import ModelContext
 from harness.data import encode, train_batches
 from harness.estimate import ARCHS, Setup, arch_from_config, estimate
 from harness.loop import train
 from harness.models import load_model
-from harness.registry import ModelContext, get_method
+from harness.registry import get_method
+from harness.schema import TrainConfig
 from harness.tasks import TaskSpec, load_task
 
 GB = 1e9

@@ -176,7 +176,7 @@ def test_auto_resolves_to_bf16_in_a_run_where_the_probe_says_native(fresh_cache,
 
 def test_every_record_carries_the_hardware_identity(tmp_path):
     from harness.cell import run_cell
-    from harness.runner import failure_record
+    from harness.executor import failure_record
 
     ok = run_cell(cells(train={**tiny_suite()["train"], "steps": 2})[0].model_copy(update={"export": False}), tmp_path)
     failed = failure_record(cells()[0], "timeout", "x", "now", 1.0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harness.cell import run_cell
-from harness.config import TrainConfig
 from harness.optim import lr_lambda
+from harness.schema import TrainConfig
 from tests.conftest import cells
 
 

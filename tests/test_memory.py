@@ -5,11 +5,12 @@ import itertools
 import pytest
 import torch
 
-from harness.config import TrainConfig
+from harness.contract import ModelContext
 from harness.data import encode, train_batches
 from harness.loop import train
 from harness.models import load_model
-from harness.registry import ModelContext, get_method
+from harness.registry import get_method
+from harness.schema import TrainConfig
 from harness.tasks import TaskSpec, load_task
 
 CTX = ModelContext("seq_cls", 2, "bert", ["classifier"])

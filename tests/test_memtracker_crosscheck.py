@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from harness.contract import ModelContext
 from harness.data import encode, train_batches
 from harness.memory import MemoryTracker, memtracker_peak_bytes, step_roots
 from harness.models import load_model
-from harness.registry import ModelContext, get_method
+from harness.registry import get_method
 from harness.tasks import TaskSpec, load_task
 
 

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from harness.cell import run_cell
+from harness.contract import ModelContext
 from harness.models import load_model
-from harness.registry import ModelContext, get_method
+from harness.registry import get_method
 from tests.conftest import cells
 
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from harness.cell import run_cell
-from harness.config import expand, load_suite, parse_suite
+from harness.suite import expand, load_suite, parse_suite
 from methods.common import BOOKKEEPING
 from reports.summary import summary_rows
 from tests.conftest import cells, run_cli, tiny_suite

@@ -5,8 +5,8 @@ import re
 import torch
 
 from harness import forkserver
+from harness.executor import run_cell_subprocess
 from harness.progress import MARK, CellProgress, LogTail, fmt_duration
-from harness.runner import run_cell_subprocess
 from tests.conftest import cells
 
 

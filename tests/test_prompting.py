@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from harness.cell import run_cell
-from harness.config import TaskSpec
 from harness.models import load_model, resolve_mode
 from harness.prompting import (
     PromptItem,
@@ -17,6 +16,7 @@ from harness.prompting import (
     evaluate_prompts,
     score_continuations,
 )
+from harness.schema import TaskSpec
 from harness.tasks import load_task
 from tests.conftest import cells
 

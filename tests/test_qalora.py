@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from harness.cell import run_cell
+from harness.contract import ModelContext
 from harness.models import load_model
-from harness.registry import ModelContext, get_method
-from methods.intquant import BITS, QuantLinear, pack, quantize_rtn, unpack
-from methods.qalora import QALoraLinear, load_merged
+from harness.registry import get_method
+from methods.intquant import BITS, QuantLinear, load_merged, pack, quantize_rtn, unpack
+from methods.qalora import QALoraLinear
 from tests.conftest import cells
 
 CTX = ModelContext("seq_cls", 2, "bert", ["classifier"])

@@ -3,9 +3,9 @@
 import json
 import os
 
-from harness.config import expand, parse_suite
 from harness.records import read_record
 from harness.runner import pending_cells, run_suite
+from harness.suite import expand, parse_suite
 from tests.conftest import run_cli, tiny_suite
 
 
@@ -93,7 +93,7 @@ def test_records_from_a_newer_version_still_load(tmp_path):
 def test_a_dead_fork_server_falls_back_to_a_fresh_process(tmp_path):
     """The zygote dying (OOM killer, crash) costs the suite nothing: the cell runs in a fresh process."""
     from harness import forkserver
-    from harness.runner import run_cell_subprocess
+    from harness.executor import run_cell_subprocess
 
     server = forkserver.ForkServer(dict(os.environ))
     server.proc.kill()

@@ -1,6 +1,6 @@
 import pytest
 
-from harness.config import ConfigError, TaskSpec
+from harness.schema import ConfigError, TaskSpec
 from harness.tasks import load_task
 
 
@@ -115,7 +115,7 @@ def test_local_csv_and_jsonl_with_column_mapping(tmp_path):
 def test_unknown_column_is_a_clear_error(tmp_path):
     import pytest
 
-    from harness.config import ConfigError
+    from harness.schema import ConfigError
 
     (tmp_path / "d.jsonl").write_text('{"t": "x", "y": 1}\n')
     with pytest.raises(ConfigError, match="no column 'text'; columns are t, y"):

@@ -1,0 +1,234 @@
+"""The two contracts of a cell: the *method* (what differs between two cells of a comparison) and the *task IO*
+(how one kind of model reads a task). The training loop in :mod:`harness.loop` drives both and branches on
+neither; a new need widens a contract here rather than adding an ``if`` there.
+
+A method transforms the model (freeze, inject adapters, quantize), says which parameters train, and exports
+what it produced. It never owns the loop, but it may shape what the loop does through optional hooks:
+parameter groups with their own options (LoRA+), an optimizer of its own, an extra loss term (a regulariser),
+and a call after each optimizer step (AdaLoRA's rank allocation). :class:`MethodBase` gives every optional
+hook its neutral default, so a minimal method is ``name``, ``prepare`` and ``trainable_parameters``::
+
+    class HeadOnly(MethodBase):
+        name = "head_only"
+
+        def prepare(self, model, ctx):
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.split(".")[0] in ctx.head_names)
+            return model
+
+        def trainable_parameters(self, model):
+            return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+Built-in methods live one per file in ``methods/`` and register with :func:`register_method`; third-party
+packages register through the entry-point group ``ftbench.methods`` (:mod:`harness.registry` finds both).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+@dataclass
+class ModelContext:
+    """What a method may need to know about the model it transforms (and nothing about the loop)."""
+
+    task_type: str  # "seq_cls" (a classifier head) or "causal_lm" (a decoder scoring prompts)
+    num_labels: int
+    model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
+    head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
+    output_names: list[str] = field(default_factory=list)  # a decoder's LM head: never quantized or adapted
+    # calibration(n): model-input batches (CPU) of the first n training examples, for calibrated quantizers (GPTQ)
+    calibration: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
+    train_steps: int = 0  # optimizer steps the run will take (schedules inside a method, e.g. AdaLoRA's budget)
+
+    @property
+    def peft_task_type(self) -> str:
+        from peft import TaskType
+
+        return TaskType.CAUSAL_LM if self.task_type == "causal_lm" else TaskType.SEQ_CLS
+
+
+@dataclass
+class Export:
+    """One artifact a method wrote. ``model`` (optional) is the in-memory model the artifact represents
+    (e.g. the merged model), so the runner can evaluate it and measure merge fidelity."""
+
+    kind: str  # "full", "adapter", "merged", ...
+    path: Path
+    bytes_on_disk: int
+    model: torch.nn.Module | None = None
+    notes: str = ""
+    unsupported: str = ""  # why this artifact could not be made (the method can't, e.g. a merge); nothing written
+
+
+@runtime_checkable
+class Method(Protocol):
+    """Contract every fine-tuning method satisfies. ``Config`` is a pydantic model (unknown keys forbidden)
+    whose fields are the method's options; ``ftbench methods`` lists them. A dtype field marked with
+    :class:`harness.schema.AutoDtype` may be ``auto``: the harness resolves it for the run's machine before the
+    method is built (and records the choice and why), so ``prepare`` sees a concrete dtype."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: BaseModel) -> None: ...
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError if this config cannot apply to this architecture (given on the meta device, before
+        any training: e.g. a group size that does not divide a layer's d_in)."""
+
+    def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        """Transform the model for training and return it (may wrap it, e.g. in a PeftModel)."""
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """The (name, parameter) pairs the optimizer updates. Everything else must be frozen."""
+
+    def param_groups(self, named: list[tuple[str, torch.nn.Parameter]], lr: float) -> list[dict[str, Any]]:
+        """torch optimizer parameter groups over ``named`` (the trainable parameters), each a dict with
+        ``params`` and any per-group option (``lr``, ``weight_decay``), plus a ``name`` the record keeps."""
+
+    def optimizer(self, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        """An optimizer of the method's own over ``groups``, or None for the suite's ``train.optimizer``."""
+
+    def loss_term(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A term added to the task's loss on each micro-batch (a regulariser), or None."""
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        """Called after each optimizer and scheduler step, before the gradients are cleared (they are there
+        to read, as AdaLoRA's importance scores do)."""
+
+    def compute_dtype(self) -> str | None:
+        """The dtype the method's own matmuls run in where it differs from training's (e.g. QLoRA dequantizing
+        to bf16), concrete once ``auto`` is resolved; MFU is measured against that dtype's peak. None: none."""
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        """Write the method's result (safetensors) under ``out_dir`` and describe each artifact."""
+
+    def report(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Figures the method measured about itself (e.g. bits per quantized parameter), stored in the record's
+        ``method_metrics``. Called once, after training and export."""
+
+
+class NoOptions(BaseModel):
+    """The Config of a method without options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodBase:
+    """The neutral default of every optional hook of :class:`Method`; subclass it and write ``prepare`` and
+    ``trainable_parameters``. (One level: a method shares code with another by calling functions, not by
+    inheriting from it.)"""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, config: BaseModel | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        return None
+
+    def param_groups(self, named: list[tuple[str, torch.nn.Parameter]], lr: float) -> list[dict[str, Any]]:
+        return [{"params": [p for _, p in named], "name": "all"}]
+
+    def optimizer(self, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        return None
+
+    def loss_term(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, model: torch.nn.Module, step: int) -> None:
+        return None
+
+    def compute_dtype(self) -> str | None:
+        return None
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        """The trained parameters as one safetensors file (what a method without its own format produced)."""
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "trained.safetensors"
+        save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable_parameters(model)}, path)
+        return [Export("trained", path, path.stat().st_size)]
+
+    def report(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {}
+
+
+REQUIRED = ("prepare", "trainable_parameters")
+CONTRACT = (*REQUIRED, *(m for m in vars(MethodBase) if not m.startswith("_") and m not in ("Config", "name")))
+_REGISTRY: dict[str, type] = {}
+_ORIGIN: dict[str, str] = {}
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: register a method under ``cls.name``. Rejects malformed and duplicate names and
+    classes missing part of the contract, at import time, so a broken plug-in fails loudly and early."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(
+            f"method class {cls.__qualname__} has malformed name {name!r}: use lowercase letters, digits and _, "
+            "starting with a letter, at most 40 characters"
+        )
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise RegistryError(f"method {name!r}: Config must be a pydantic BaseModel subclass")
+    missing = [m for m in CONTRACT if not callable(getattr(cls, m, None))]
+    if missing:
+        hint = " (subclass harness.contract.MethodBase for the defaults)" if set(missing) - set(REQUIRED) else ""
+        raise RegistryError(f"method {name!r} lacks {', '.join(missing)} of the method contract{hint}")
+    origin = f"{cls.__module__}.{cls.__qualname__}"
+    if name in _REGISTRY and _ORIGIN[name] != origin:
+        raise RegistryError(f"method name {name!r} is already registered by {_ORIGIN[name]}; {origin} cannot reuse it")
+    _REGISTRY[name] = cls
+    _ORIGIN[name] = origin
+    return cls
+
+
+class Batch(dict):
+    """A training micro-batch: model inputs and ``labels`` (tensors), and ``head_positions``, the number of
+    positions the output head computes on (a decoder's LM head runs on the answer's positions only; FLOPs
+    count it there). 0 where the head is counted with the rest of the model (a classifier)."""
+
+    head_positions: int = 0
+
+
+@runtime_checkable
+class TaskIO(Protocol):
+    """How one kind of model reads a task — the mirror of :class:`Method`. Built from the task's examples and
+    the model's tokenizer (it encodes them); :mod:`harness.data` has the classifier's, :mod:`harness.prompting`
+    the decoder's (every task through prompts)."""
+
+    task_type: ClassVar[str]  # ModelContext.task_type: "seq_cls" or "causal_lm"
+
+    def output_names(self, model: torch.nn.Module) -> list[str]:
+        """Modules that are the output head, run on a few positions only (FLOPs counted per position)."""
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Endless stream of shuffled training batches (each epoch reshuffled from ``seed``)."""
+
+    def objective(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's training loss on a batch."""
+
+    def evaluate(
+        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Metrics on the test examples, and the per-example scores behind them (export fidelity compares them)."""
+
+    def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """Model-input batches of the first ``n`` training examples, as training sees them."""

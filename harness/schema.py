@@ -1,0 +1,213 @@
+"""The suite's types: leaf pydantic models that every other module may import (they import no ftbench module
+but the optimizer names). Loading, validating and expanding a suite file is :mod:`harness.suite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from harness.optim import OPTIMIZERS
+
+
+class AutoDtype:
+    """Marks a config field whose value may be ``auto``: the harness resolves it on the machine the run uses
+    (before the method is built), so a method only ever sees a concrete dtype. Use it as pydantic metadata:
+    ``compute_dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = "auto"``."""
+
+
+class ConfigError(Exception):
+    """A user error in a suite or on the command line: shown as one line, exit code 2, no traceback."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(Strict):
+    """Training settings shared by every method of a suite (a method entry may override any of them)."""
+
+    steps: PositiveInt = Field(100, description="optimizer steps")
+    batch_size: PositiveInt = Field(16, description="examples per micro-batch")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    lr: PositiveFloat = Field(5e-5, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="clip total grad norm; null disables")
+    grad_checkpointing: bool = False
+    dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = Field(
+        "float32", description="compute dtype (bf16 = autocast); auto: bf16 only where this machine runs it natively"
+    )
+    optimizer: str = Field("adamw", description=f"one of {', '.join(OPTIMIZERS)}")
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    max_seq_len: PositiveInt = 128
+    eval_batch_size: PositiveInt = 64
+    timing_warmup_steps: int = Field(2, ge=0, description="first steps excluded from step-time statistics")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; allowed: {', '.join(OPTIMIZERS)}")
+        return v
+
+
+class ModelSpec(Strict):
+    name: str = Field(description="alias (see `ftbench models`), local path, or hub id")
+    trust_remote_code: bool = False
+    mode: Literal["auto", "classifier", "prompt"] = Field(
+        "auto",
+        description="auto: decoders (causal LMs) do every task through prompts, encoders through a classifier head",
+    )
+
+
+class Forgetting(Strict):
+    """Language-modelling loss on held-out text of another task, before and after training (decoders)."""
+
+    task: str = Field("bbc_news", description="a registered task whose test texts are the held-out text")
+    examples: PositiveInt = 32
+    max_seq_len: PositiveInt = 128
+
+
+class Columns(Strict):
+    """Which columns of a csv / jsonl / hf task hold what. The task's ``kind`` says which are needed:
+    classification: text + label; multiple_choice: text + choices + label (the right choice, as its index or
+    its text); generation: text + answer."""
+
+    text: str = Field(description="the text (classification), the question (multiple choice), the prompt")
+    label: str | None = Field(None, description="classification: the class; multiple choice: the right choice")
+    text_pair: str | None = Field(None, description="a second text, e.g. the passage a question is about")
+    group: str | None = Field(None, description="rows sharing this value stay in one split")
+    choices: str | list[str] | None = Field(
+        None, description="multiple choice: one column holding a list of choices, or a list of columns, one each"
+    )
+    answer: str | None = Field(None, description="generation: the reference answer (a number or a text)")
+
+
+class TaskSpec(Strict):
+    name: str = Field(description="a registered task, or csv / jsonl (with path) or hf (with dataset)")
+    train_examples: PositiveInt | None = Field(None, description="subsample the train split")
+    eval_examples: PositiveInt | None = Field(None, description="cap the test split used for evaluation")
+    split_seed: int = 0
+    path: str | None = Field(None, description="csv / jsonl: the file")
+    dataset: str | None = Field(None, description="hf: a Hugging Face dataset name")
+    columns: Columns | None = Field(None, description="csv / jsonl / hf: which columns hold what")
+    kind: Literal["classification", "multiple_choice", "generation"] | None = Field(
+        None, description="csv / jsonl / hf: what the rows are (default classification); registered tasks know"
+    )
+    prompt: str | None = Field(None, description="decoders: template over {text} and {text_pair} (default: task's)")
+    label_words: list[str] | None = Field(None, description="decoders: the continuation scored for each label")
+    max_new_tokens: PositiveInt = Field(16, description="generation tasks: tokens generated per answer")
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        fields = set(re.findall(r"{(\w*)}", v))
+        if "text" not in fields or fields - {"text", "text_pair"}:
+            raise ValueError("a prompt template uses {text} (required) and {text_pair}, no other fields")
+        return v
+
+
+class MethodEntry(Strict):
+    method: str
+    variant: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    config: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train settings")
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    models: list[ModelSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    train: TrainConfig = TrainConfig()
+    methods: list[MethodEntry] = Field(min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    timeout_s: PositiveFloat = Field(3600, description="per-run wall-clock limit")
+    memory_limit_mb: PositiveInt | None = Field(None, description="per-run address-space limit (RLIMIT_AS)")
+    num_cpus: PositiveInt = Field(1, description="Ray executor: CPUs reserved per cell")
+    num_gpus: int = Field(0, ge=0, le=1, description="Ray executor: 1 for cells that need a GPU")
+    retries: int = Field(0, ge=0, description="Ray executor: reruns of a cell whose worker crashed")
+    allow_network: bool = Field(False, description="let runs reach the Hugging Face hub (default: offline)")
+    export: bool = True
+    forgetting: Forgetting | None = Field(None, description="decoders: LM loss on another task's text, before/after")
+
+    @field_validator("models", "tasks", mode="before")
+    @classmethod
+    def _names_as_specs(cls, v: Any) -> Any:
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+
+class RunConfig(Strict):
+    """One cell of the suite grid, fully resolved: everything a run needs, and what its record stores."""
+
+    suite: str
+    model: ModelSpec
+    task: TaskSpec
+    method: str
+    variant: str
+    method_config: dict[str, Any]
+    train: TrainConfig
+    seed: int
+    timeout_s: float
+    memory_limit_mb: int | None = None
+    allow_network: bool = False
+    export: bool = True
+    num_cpus: int = 1
+    num_gpus: int = 0
+    retries: int = 0
+    forgetting: Forgetting | None = None
+
+    @property
+    def cell_id(self) -> str:
+        """Readable identity plus a hash of the whole resolved config: changing any setting makes a new cell."""
+        digest = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+        raw = f"{self.model.name}__{self.task.name}__{self.method}-{self.variant}__s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[-120:] + "__" + digest
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Walk ``model`` along ``loc`` (minus the offending key) to list the keys allowed there."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return None
+
+
+def format_validation_error(source: str, err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
+    """First error of a pydantic ValidationError as one line: file: field: value — what is allowed."""
+    # A typo'd key is the likeliest root cause of the other errors (e.g. "modelz" → "models missing"): show it first.
+    e = sorted(err.errors(include_url=False), key=lambda x: x["type"] != "extra_forbidden")[0]
+    loc = prefix + tuple(e["loc"])
+    where = _loc(loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_fields(model, tuple(e["loc"]))
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{source}: {where}: unknown key{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "missing":
+        return f"{source}: {where}: required field is missing"
+    got = e.get("input")
+    return f"{source}: {where}: {msg}" + ("" if isinstance(got, (dict, list)) else f" (got {got!r})")

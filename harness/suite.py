@@ -1,0 +1,182 @@
+"""Suite files: load, validate, expand.
+
+A suite YAML names models, tasks, shared training settings, methods (with named variants and their own
+config) and seeds. :func:`load_suite` validates everything — including each method's own config against
+that method's ``Config`` model, and each method against each model's architecture — before anything trains,
+and turns every problem into a one-line :class:`ConfigError` naming the file, the field, the value and what
+is allowed. :func:`expand` turns a suite into its grid of cells (:class:`RunConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from harness.models import check_model_name, resolve_mode, skeleton
+from harness.registry import available_methods, get_method
+from harness.schema import ConfigError, RunConfig, Suite, TrainConfig, format_validation_error
+from harness.tasks import TASKS, check_task_name, check_task_spec, task_kind
+
+
+def parse_suite(data: Any, source: str) -> Suite:
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; a suite needs name, models, tasks and methods")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping (name:, models:, ...), got a {type(data).__name__}")
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err, Suite)) from None
+    _check_names(suite, source)
+    return suite
+
+
+def _check_names(suite: Suite, source: str) -> None:
+    """Resolve method names and validate each method's own config against its Config model."""
+    known = available_methods()
+    seen: set[tuple[str, str]] = set()
+    for i, m in enumerate(suite.methods):
+        where = f"{source}: methods[{i}]"
+        if "config_file" in m.config:
+            m = suite.methods[i] = m.model_copy(update={"config": _with_config_file(m.config, source, where)})
+        if m.method not in known:
+            raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}")
+        if (m.method, m.variant) in seen:
+            raise ConfigError(
+                f"{where}: duplicate cell identity {m.method}/{m.variant}; give each entry a distinct variant"
+            )
+        seen.add((m.method, m.variant))
+        try:
+            known[m.method].Config.model_validate(m.config)
+        except ValidationError as err:
+            raise ConfigError(
+                format_validation_error(source, err, known[m.method].Config, ("methods", i, "config"))
+            ) from None
+        try:
+            TrainConfig.model_validate({**suite.train.model_dump(), **m.train})
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(source, err, TrainConfig, ("methods", i, "train"))) from None
+    for i, spec in enumerate(suite.models):
+        check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network)
+    for i, t in enumerate(suite.tasks):
+        check_task_name(t.name, f"{source}: tasks[{i}].name")
+        check_task_spec(t, f"{source}: tasks[{i}]", suite.allow_network)
+    if len(set(suite.seeds)) != len(suite.seeds):
+        raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
+    _check_tasks_fit_models(suite, source)
+    _check_methods_fit_models(suite, source, known)
+
+
+def _with_config_file(config: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """``config_file: path/adapter_config.json`` (relative to the suite file): the file's keys, then the suite's
+    own keys over them. The record's config holds the merged result, so the file is not needed to read it."""
+    rest = {k: v for k, v in config.items() if k != "config_file"}
+    name = config["config_file"]
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.config.config_file: a path to a JSON file (got {name!r})")
+    suite_path = Path(source)
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() or not suite_path.is_file() else suite_path.parent / path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}.config.config_file: cannot read {path}: {err.__class__.__name__}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{where}.config.config_file: {path} is not valid JSON ({err.msg}, line {err.lineno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}.config.config_file: {path} must hold a JSON object")
+    return {**data, **rest}
+
+
+def _check_tasks_fit_models(suite: Suite, source: str) -> None:
+    """Multiple-choice and generation tasks (and the forgetting measure) need a model that reads prompts."""
+    if suite.forgetting and suite.forgetting.task not in TASKS:
+        raise ConfigError(
+            f"{source}: forgetting.task: unknown task {suite.forgetting.task!r}; allowed: {', '.join(sorted(TASKS))}"
+        )
+    for i, spec in enumerate(suite.models):
+        if resolve_mode(spec.name, spec.mode, spec.trust_remote_code) != "classifier":
+            continue
+        for j, t in enumerate(suite.tasks):
+            if task_kind(t) != "classification":
+                raise ConfigError(
+                    f"{source}: tasks[{j}]: {t.name} is a {task_kind(t)} task, scored through prompts; "
+                    f"models[{i}] ({spec.name}) uses a classification head: use a decoder or `mode: prompt`"
+                )
+        if suite.forgetting:
+            raise ConfigError(
+                f"{source}: forgetting: measures a language model's loss; models[{i}] ({spec.name}) uses a "
+                "classification head: use a decoder or `mode: prompt`"
+            )
+
+
+def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
+    """Each method checks its config against each model's architecture (built on the meta device: no weights,
+    no memory), so e.g. a QA-LoRA group size that does not divide a layer's d_in fails before any training."""
+    for spec in suite.models:
+        mode = resolve_mode(spec.name, spec.mode, spec.trust_remote_code) or "classifier"
+        model = skeleton(spec.name, spec.trust_remote_code, mode)
+        if model is None:  # architecture unknown without the network; the run will say
+            continue
+        for i, m in enumerate(suite.methods):
+            method = known[m.method](known[m.method].Config.model_validate(m.config))
+            try:
+                method.check_model(model)
+            except ValueError as err:
+                field = getattr(err, "field", "")  # methods.common.FieldError names the field at fault
+                where = f"methods[{i}].config" + (f".{field}" if field else "")
+                raise ConfigError(
+                    f"{source}: {where}: {err} (model {spec.name}, method {m.method}/{m.variant})"
+                ) from None
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such suite file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    return parse_suite(data, str(path))
+
+
+def expand(suite: Suite) -> list[RunConfig]:
+    """The suite grid: models × tasks × methods (variants) × seeds, in a stable order."""
+    cells = []
+    for model in suite.models:
+        for task in suite.tasks:
+            for m in suite.methods:
+                cfg = get_method(m.method).Config.model_validate(m.config).model_dump(mode="json")
+                train = TrainConfig.model_validate({**suite.train.model_dump(), **m.train})
+                for seed in suite.seeds:
+                    cells.append(
+                        RunConfig(
+                            suite=suite.name,
+                            model=model,
+                            task=task,
+                            method=m.method,
+                            variant=m.variant,
+                            method_config=cfg,
+                            train=train,
+                            seed=seed,
+                            timeout_s=suite.timeout_s,
+                            memory_limit_mb=suite.memory_limit_mb,
+                            allow_network=suite.allow_network,
+                            num_cpus=suite.num_cpus,
+                            num_gpus=suite.num_gpus,
+                            retries=suite.retries,
+                            export=suite.export,
+                            forgetting=suite.forgetting,
+                        )
+                    )
+    return cells

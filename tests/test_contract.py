@@ -1,0 +1,168 @@
+"""The method contract is wide enough for methods people publish: each hook proven by a method written here,
+trained through THE loop (harness/loop.py) on tiny-bert and real Rotten Tomatoes reviews.
+
+- LoRA+ (Hayou et al. 2024, arXiv 2402.12354): parameter groups, B learns ``ratio`` × faster than A;
+- a method with its own optimizer (SGD with momentum on the head alone);
+- a loss term: L2-SP (Li et al. 2018, arXiv 1802.01483), a pull towards a frozen copy of the pretrained weights;
+- AdaLoRA (Zhang et al. 2023) through the built-in ``peft`` method: its rank budget really changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from harness.contract import MethodBase, ModelContext, register_method
+from harness.data import ClassifierIO
+from harness.loop import train
+from harness.models import load_model
+from harness.registry import build_method
+from harness.schema import TrainConfig
+from harness.tasks import load_task
+from tests.conftest import cells
+
+CPU = torch.device("cpu")
+
+
+@register_method
+class LoraPlus(MethodBase):
+    """LoRA+ : LoRA whose B matrices learn ``ratio`` times faster than the A matrices (and the head)."""
+
+    name = "test_lora_plus"
+
+    def __init__(self, ratio: float = 16.0) -> None:
+        super().__init__()
+        self.ratio = ratio
+
+    def prepare(self, model, ctx):
+        return get_peft_model(model, LoraConfig(task_type=ctx.peft_task_type, r=4, target_modules=["query", "value"]))
+
+    def trainable_parameters(self, model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def param_groups(self, named, lr):
+        b = [p for n, p in named if "lora_B" in n]
+        rest = [p for n, p in named if "lora_B" not in n]
+        return [{"params": rest, "name": "A and head", "lr": lr}, {"params": b, "name": "B", "lr": lr * self.ratio}]
+
+
+@register_method
+class HeadMomentum(MethodBase):
+    """Only the head trains, with SGD + momentum of the method's own choosing (whatever the suite's optimizer)."""
+
+    name = "test_head_momentum"
+
+    def prepare(self, model, ctx):
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("classifier"))
+        return model
+
+    def trainable_parameters(self, model):
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def optimizer(self, groups, lr, weight_decay):
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+@register_method
+class L2SP(MethodBase):
+    """Full fine-tuning plus strength · Σ ||θ − θ₀||² over the body, θ₀ a frozen copy of the pretrained weights."""
+
+    name = "test_l2sp"
+
+    def __init__(self, strength: float = 1.0) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def prepare(self, model, ctx):
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("classifier")}
+        return model
+
+    def trainable_parameters(self, model):
+        return list(model.named_parameters())
+
+    def loss_term(self, model, batch):
+        params = dict(model.named_parameters())
+        return self.strength * sum(((params[n] - a) ** 2).sum() for n, a in self.anchor.items())
+
+
+def _setup(method, steps=8, lr=1e-3, optimizer="adamw"):
+    cfg = cells()[0]
+    loaded = load_model("tiny-bert", num_labels=2, seed=0)
+    io = ClassifierIO(load_task(cfg.task), loaded.tokenizer, 32)
+    ctx = ModelContext("seq_cls", 2, "bert", ["classifier"], train_steps=steps)
+    model = method.prepare(loaded.model, ctx)
+    tc = TrainConfig(steps=steps, batch_size=8, lr=lr, timing_warmup_steps=1, optimizer=optimizer, schedule="constant")
+    return model, io, tc
+
+
+def _train(method, steps=8, lr=1e-3, optimizer="adamw"):
+    model, io, tc = _setup(method, steps, lr, optimizer)
+    return model, train(model, method, io.batches(8, 0), tc, 0, CPU, io.objective)
+
+
+def test_lora_plus_groups_train_b_sixteen_times_faster():
+    runs = {}
+    for ratio in (1.0, 16.0):
+        before = None
+        model, io, tc = _setup(LoraPlus(ratio))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        res = train(model, LoraPlus(ratio), io.batches(8, 0), tc, 0, CPU, io.objective)
+        b_norm = sum(float(p.norm()) for n, p in model.named_parameters() if "lora_B" in n)  # B starts at 0
+        a_moved = sum(float((p - before[n]).norm()) for n, p in model.named_parameters() if "lora_A" in n)
+        runs[ratio] = (res, b_norm, a_moved)
+    res16 = runs[16.0][0]
+    groups = {g["name"]: g for g in res16.param_groups}
+    assert groups["B"]["lr"] == pytest.approx(16 * groups["A and head"]["lr"])
+    assert groups["B"]["tensors"] == 4  # query and value of tiny-bert's 2 layers
+    assert runs[16.0][1] > 3 * runs[1.0][1]  # B really moved faster (Adam: ~ lr × steps)
+    assert runs[16.0][0].losses != runs[1.0][0].losses
+
+
+def test_a_method_supplies_its_own_optimizer():
+    model, res = _train(HeadMomentum(), optimizer="adamw")
+    head = sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith("classifier"))
+    assert res.optimizer_name == "SGD (the method's own)"
+    assert res.optimizer_state_bytes == head  # one momentum buffer (AdamW would keep two moments)
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_a_loss_term_reaches_the_gradients():
+    def drift(model, method):
+        return sum(float((p - method.anchor[n]).norm()) for n, p in model.named_parameters() if n in method.anchor)
+
+    free, tied = L2SP(0.0), L2SP(5.0)
+    model_free, res_free = _train(free, steps=6)
+    model_tied, res_tied = _train(tied, steps=6)
+    assert drift(model_tied, tied) < 0.5 * drift(model_free, free)  # the pull held the body near θ₀
+    assert res_tied.losses[0] == pytest.approx(res_free.losses[0])  # θ = θ₀ at the first step: no penalty yet
+    assert res_tied.losses[-1] != res_free.losses[-1]
+
+
+def test_adalora_through_peft_reallocates_its_rank_budget():
+    config = {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "deltaT": 1}
+    method = build_method("peft", {**config, "target_modules": ["query", "value"]})
+    model, io, tc = _setup(method, steps=12, lr=1e-2)
+    assert model.peft_config["default"].total_step == 12  # from the run's steps: the suite gave none
+    calls = []
+    real = model.base_model.update_and_allocate
+    model.base_model.update_and_allocate = lambda step: (calls.append(step), real(step))[1]
+    train(model, method, io.batches(8, 0), tc, 0, CPU, io.objective)
+    assert calls == list(range(12))  # after every optimizer step
+    report = method.report(model)
+    assert report["active_rank_initial"] == 6 * 4  # init_r on 4 layers
+    assert report["active_rank_final"] <= 2 * 4 < report["active_rank_initial"]  # down to the target budget
+    assert len(report["active_rank_changes"]) > 2  # and stepwise, not at once
+
+
+def test_param_groups_must_cover_the_trainable_parameters():
+    class Partial(LoraPlus):
+        def param_groups(self, named, lr):
+            return super().param_groups(named, lr)[:1]
+
+    model, io, tc = _setup(Partial())
+    with pytest.raises(ValueError, match="exactly once"):
+        train(model, Partial(), itertools.islice(io.batches(8, 0), 1), tc, 0, CPU, io.objective)

@@ -1,0 +1,118 @@
+"""No import cycles among ftbench's own modules, and every module imports on its own.
+
+The graph counts every import of an ftbench module, at the top of a file or inside a function (a deferred
+import hides a cycle from the interpreter, not from the reader)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("harness", "methods", "reports")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the ftbench modules it imports (``from harness import x`` counts as harness.x where that is a
+    module; a package's ``__init__`` counts for ``import pkg.sub`` only where it is imported by name)."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+                names = names or [node.module]
+            for name in names:
+                if name in mods and name != mod:
+                    graph[mod].add(name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path [a, b, ..., a], or None (depth-first search with colours)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_among_ftbench_modules():
+    graph = import_graph()
+    assert len(graph) > 30 and "harness.cell" in graph["harness.cli"]  # the walk found the tree
+    assert "harness.schema" in graph["harness.loop"]  # function-level and top-level imports both count
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+_EACH_ALONE = """
+import os, sys, json, importlib, traceback
+# Third-party libraries first, once (importing torch takes seconds): they cannot hide an ftbench cycle.
+LIBS = ("torch", "transformers", "transformers.models.auto.modeling_auto", "peft", "peft.tuners.tuners_utils",
+        "bitsandbytes", "pydantic", "pandas", "sklearn.metrics", "safetensors.torch", "plotly.graph_objects",
+        "plotly.io", "plotly.offline", "yaml", "rich.console", "rich.progress", "psutil", "scipy.stats")
+for lib in LIBS:
+    try:
+        importlib.import_module(lib)
+    except ImportError:
+        pass
+failed = {}
+for mod in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:  # a child that has imported no ftbench module: this one first, alone
+        try:
+            importlib.import_module(mod)
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        failed[mod] = status
+print(json.dumps(failed))
+"""
+
+
+def test_each_module_imports_alone_in_a_fresh_interpreter():
+    import json
+
+    mods = sorted(m for m in _modules() if not m.endswith("__main__"))  # __main__ runs the CLI
+    out = subprocess.run(
+        [sys.executable, "-c", _EACH_ALONE, json.dumps(mods)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    failed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert failed == {}, out.stderr[-3000:]
