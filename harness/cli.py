@@ -1,4 +1,4 @@
-"""Command line: ``ftbench run | methods | models | tasks | summary``.
+"""Command line: ``ftbench run | methods | models | tasks | summary | report | compare | estimate``.
 
 User errors (bad suite, unknown names, unusable paths) print one line and exit with code 2, no traceback.
 """
@@ -95,7 +95,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for k, v in ALIASES.items():
         print(f"{k:12s} {v}")
-    print("(or any local path / hub id that AutoModelForSequenceClassification loads)")
+    print(
+        "(or any local path / cached hub id transformers loads: a decoder (causal LM) reads every task through "
+        "prompts, an encoder gets a classification head; `mode:` in the suite overrides)"
+    )
     return 0
 
 
@@ -104,12 +107,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     for k, fn in TASKS.items():
         print(f"{k:16s} {task_kind(k):16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    generic = {
-        "csv / jsonl": "your file: {name: csv, path: data.csv, columns: {text: ..., label: ...}}",
-        "hf": "a hub dataset: {name: hf, dataset: <name>, columns: ...} (needs allow_network: true)",
-    }
-    for k, text in generic.items():
-        print(f"{k:16s} {'classification':16s} {text}")
+    generic = [
+        ("csv / jsonl", "classification", "your file: {name: csv, path: data.csv, columns: {text: ..., label: ...}}"),
+        ("", "multiple_choice", "kind: multiple_choice, columns: {text: ..., choices: ..., label: <the right one>}"),
+        ("", "generation", "kind: generation, columns: {text: ..., answer: ...}"),
+        ("hf", "any", "a hub dataset: {name: hf, dataset: <name>, columns: ...} (needs allow_network: true)"),
+    ]
+    for k, kind, text in generic:
+        print(f"{k:16s} {kind:16s} {text}")
     return 0
 
 

@@ -6,18 +6,8 @@ A method transforms the model (freeze, inject adapters, quantize), says which pa
 what it produced. It never owns the loop, but it may shape what the loop does through optional hooks:
 parameter groups with their own options (LoRA+), an optimizer of its own, an extra loss term (a regulariser),
 and a call after each optimizer step (AdaLoRA's rank allocation). :class:`MethodBase` gives every optional
-hook its neutral default, so a minimal method is ``name``, ``prepare`` and ``trainable_parameters``::
-
-    class HeadOnly(MethodBase):
-        name = "head_only"
-
-        def prepare(self, model, ctx):
-            for n, p in model.named_parameters():
-                p.requires_grad_(n.split(".")[0] in ctx.head_names)
-            return model
-
-        def trainable_parameters(self, model):
-            return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+hook its neutral default, so a minimal method is ``name``, ``prepare`` and ``trainable_parameters``
+(``examples/head_only.py`` is one, whole).
 
 Built-in methods live one per file in ``methods/`` and register with :func:`register_method`; third-party
 packages register through the entry-point group ``ftbench.methods`` (:mod:`harness.registry` finds both).

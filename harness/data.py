@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from harness.contract import Batch
-from harness.tasks import Example, TaskData
+from harness.taskdata import Example, TaskData
 
 
 def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:

@@ -27,7 +27,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from harness.contract import Batch
 from harness.data import calibration_batches, train_batches
-from harness.tasks import Example, TaskData
+from harness.taskdata import Example, TaskData
 
 
 @dataclass

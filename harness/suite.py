@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from harness.models import check_model_name, resolve_mode, skeleton
 from harness.registry import available_methods, get_method
 from harness.schema import ConfigError, RunConfig, Suite, TrainConfig, format_validation_error
-from harness.tasks import TASKS, check_task_name, check_task_spec, task_kind
+from harness.tasks import TASKS, check_task_name, task_kind
+from harness.userdata import check_task_spec
 
 
 def parse_suite(data: Any, source: str) -> Suite:

@@ -71,3 +71,30 @@ def test_validating_forty_peft_variants_on_a_decoder_takes_seconds():
     t0 = time.perf_counter()
     suite = parse_suite(tiny_suite(models=["smollm2-135m"], methods=variants), "<test>")
     assert len(suite.methods) == 40 and time.perf_counter() - t0 < 20
+
+
+def test_dora_and_vera_run_in_a_suite(tmp_path, write_suite):
+    """Two published LoRA variants through a suite run, end to end: DoRA (Liu et al. 2024, LoRA's `use_dora`:
+    a trained magnitude per output column) and VeRA (Kopiczko et al. 2024: frozen shared random matrices, trained
+    scaling vectors only)."""
+    methods = [
+        {"method": "lora", "variant": "dora", "config": {"r": 4, "use_dora": True}},
+        {
+            "method": "peft",
+            "variant": "vera",
+            "config": {"peft_type": "VERA", "r": 8, "target_modules": ["query", "value"]},
+        },
+    ]
+    out = run_cli("run", str(write_suite(tiny_suite(methods=methods))), "--results", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = {
+        json.loads(p.read_text())["variant"]: json.loads(p.read_text())
+        for p in (tmp_path / "r" / "records").glob("*.json")
+    }
+    assert {v: r["status"] for v, r in recs.items()} == {"dora": "ok", "vera": "ok"}
+    lora_r4 = 2 * 2 * 4 * (32 + 32)  # tiny-bert: query and value of 2 layers, hidden 32
+    assert recs["dora"]["trainable_params"] > lora_r4  # + a magnitude vector per adapted layer
+    assert recs["vera"]["trainable_params"] < recs["dora"]["trainable_params"]  # vectors only, shared matrices
+    for r in recs.values():
+        merged = next(e for e in r["exports"] if e["kind"] == "merged")
+        assert merged["max_abs_logit_diff"] < 1e-4 and merged["eval"]["accuracy"] == r["eval_after"]["accuracy"]
