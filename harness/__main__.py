@@ -1,3 +1,9 @@
-from harness.cli import main
+try:
+    from harness.cli import entry
+except KeyboardInterrupt:  # Ctrl-C while Python itself starts up
+    import sys
 
-raise SystemExit(main())
+    print("ftbench: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
+
+entry()

@@ -69,7 +69,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec["task_info"] = task.info()
     mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
     progress.say(f"loading {cfg.model.name}")
-    loaded = load_model(cfg.model.name, len(task.labels), cfg.seed, cfg.model.trust_remote_code, mode)
+    m = cfg.model
+    loaded = load_model(m.name, len(task.labels), cfg.seed, m.trust_remote_code, mode, m.allow_pickle)
     rec["model_info"] = loaded.info
     io: TaskIO = TASK_IO[mode](task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
 

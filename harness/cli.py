@@ -6,6 +6,8 @@ User errors (bad suite, unknown names, unusable paths) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,6 +16,26 @@ from harness.progress import quiet_libraries
 from harness.schema import ConfigError
 
 EXIT_USER_ERROR = 2
+EXIT_OUTPUT_ERROR = 1  # the runs are fine (their records are whole); what could not be written is named
+
+
+class OutputError(Exception):
+    """A file ftbench had to write could not be (disk full, read-only): one line, the path and the errno."""
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    try:
+        yield
+    except OSError as err:
+        code = errno.errorcode.get(err.errno or 0, "?")
+        where = err.filename or what
+        raise OutputError(f"cannot write {where}: {err.strerror or err} ({code})") from None
+
+
+def _warn(problems: list[str]) -> None:
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
 
 
 def _results_dir(arg: str | None, suite_name: str) -> Path:
@@ -26,7 +48,24 @@ def _results_dir(arg: str | None, suite_name: str) -> Path:
     return path
 
 
+OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _offline_unless_the_suite_allows(path: str) -> None:
+    """Offline for this whole process (validation reads configs of cached hub ids too) unless the suite says
+    ``allow_network: true``. Set before transformers is imported: the hub library reads it at import time."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        data = None  # load_suite says what is wrong with the file, in one line
+    if not (isinstance(data, dict) and data.get("allow_network") is True):
+        os.environ.update(dict.fromkeys(OFFLINE, "1"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _offline_unless_the_suite_allows(args.suite)
     from harness import forkserver
     from harness.suite import load_suite
 
@@ -66,7 +105,8 @@ def _run(args: argparse.Namespace, suite) -> int:
     out.print(f"records: {results / 'records'}")
     from reports.html import write_report
 
-    out.print(f"report: {write_report(results)}")
+    with writing(str(results / "report.html")):
+        out.print(f"report: {write_report(results)}")
     return 0 if all(r.status == "ok" for r in records) else 1
 
 
@@ -129,15 +169,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.html import load_results, write_report
 
     results = _records_dir(args.results)
+    res = load_results(results)
+    _warn(res.problems)
     if args.format == "html":
-        print(write_report(results, Path(args.output) if args.output else None))
+        with writing(args.output or str(results / "report.html")):
+            print(write_report(results, Path(args.output) if args.output else None))
         return 0
-    records, _, _ = load_results(results)
-    text = _tabular(records, args.format)
+    text = _tabular(res.records, args.format)
     if args.output:
         from harness.atomic import atomic_write_text
 
-        atomic_write_text(Path(args.output), text)
+        with writing(args.output):
+            atomic_write_text(Path(args.output), text)
     else:
         print(text, end="" if text.endswith("\n") else "\n")
     return 0
@@ -161,8 +204,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from reports.html import load_results
     from reports.summary import console, to_rich_table
 
-    records, _, name = load_results(_records_dir(args.results))
-    console().print(to_rich_table(records, title=f"ftbench · {name}"))
+    res = load_results(_records_dir(args.results))
+    _warn(res.problems)
+    console().print(to_rich_table(res.records, title=f"ftbench · {res.name}"))
     return 0
 
 
@@ -170,8 +214,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from reports.compare import compare, fmt, hardware_warning
     from reports.html import load_results
 
-    old, _, _ = load_results(_records_dir(args.old))
-    new, _, _ = load_results(_records_dir(args.new))
+    old_res, new_res = load_results(_records_dir(args.old)), load_results(_records_dir(args.new))
+    _warn(old_res.problems + new_res.problems)
+    old, new = old_res.records, new_res.records
     rows, notes = compare(old, new)
     hw = hardware_warning(old, new)
     if hw:  # in the output itself, above the table: it changes how every speed row reads
@@ -279,11 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    if args.command != "run":  # no other command needs the hub; `run` decides from its suite
+        os.environ.update(dict.fromkeys(OFFLINE, "1"))
     try:
         return args.fn(args)
     except ConfigError as err:
         print(f"ftbench: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OutputError as err:
+        print(f"ftbench: error: {err}", file=sys.stderr)
+        return EXIT_OUTPUT_ERROR
     except KeyboardInterrupt:
         print("ftbench: interrupted; finished runs are recorded, `ftbench run` again resumes", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``ftbench`` command. After Ctrl-C the process ends at once with 130: a library's own interrupt or
+    exit handling (some re-deliver SIGINT to themselves at shutdown) must not turn the one line into a kill."""
+    rc = main()
+    if rc == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(rc)

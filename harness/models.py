@@ -80,7 +80,38 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
 
 
-def check_model_name(name: str, where: str, allow_network: bool = False) -> None:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickles(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+
+
+def weights_format(path: Path) -> str | None:
+    """``safetensors`` where the folder has any, ``pickle`` where it has pickle weights only, else None."""
+    if not path.is_dir():
+        return None
+    if any(path.glob("*.safetensors")):
+        return "safetensors"
+    return "pickle" if _pickles(path) else None
+
+
+def fingerprint(name: str) -> str | None:
+    """SHA-256 over a local model folder's config.json and its weight files' names and sizes (the index of what
+    loads, not the bytes: quick for any size), so the same path holding another model is another cell."""
+    import hashlib
+
+    path = Path(name).expanduser()
+    if name in ALIASES or not (path / "config.json").is_file():
+        return None
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for p in sorted(path.iterdir()):
+        if p.suffix in (".safetensors", *PICKLE_SUFFIXES) or p.name.endswith(".index.json"):
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_model_name(name: str, where: str, allow_network: bool = False, allow_pickle: bool = False) -> None:
     """Fail at validation time, before anything trains, for names that cannot possibly load."""
     if name in ALIASES:
         if name == "minilm-l6" or name.startswith("tiny-"):
@@ -92,6 +123,11 @@ def check_model_name(name: str, where: str, allow_network: bool = False) -> None
     if name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ConfigError(f"{where}: local model path {name!r} does not exist or has no config.json")
+        if not allow_pickle and weights_format(path) == "pickle":
+            raise ConfigError(
+                f"{where}: {name!r} holds pickle weights only ({', '.join(_pickles(path)[:2])}); loading a pickle "
+                "runs code. Convert it to safetensors, or set `allow_pickle: true` on this model entry"
+            )
         return
     if path.is_dir():
         return
@@ -191,11 +227,27 @@ def is_decoder_only(config) -> bool:
     return t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def _raw_config(name: str) -> dict | None:
+    """config.json as data: nothing of the model's own code runs (for trust_remote_code models)."""
+    import json
+
+    path = Path(_source(name)) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_mode(name: str, mode: str = "auto", trust_remote_code: bool = False) -> str | None:
     """``classifier`` (a head on the encoder's/decoder's output) or ``prompt`` (the LM head scores
-    continuations). None where the architecture cannot be known offline."""
+    continuations). None where the architecture cannot be known offline. A model with its own code is judged
+    from its config.json as data (its architectures' names), so validation never runs that code."""
     if mode != "auto":
         return mode
+    if trust_remote_code:
+        raw = _raw_config(name)
+        archs = (raw or {}).get("architectures") or []
+        return None if raw is None else ("prompt" if any(a.endswith("ForCausalLM") for a in archs) else "classifier")
     try:
         config = _config(name, 2, trust_remote_code)
     except (OSError, ValueError):
@@ -209,7 +261,10 @@ def _auto_class(mode: str):
 
 def skeleton(name: str, trust_remote_code: bool = False, mode: str = "classifier") -> torch.nn.Module | None:
     """The model's architecture on the meta device (no weights, no memory), for validating method configs
-    before anything trains. None where the architecture cannot be known offline."""
+    before anything trains. None where the architecture cannot be known offline, and for a model with its own
+    code: building it would run that code in the runner (its checks happen in the cell, which runs it anyway)."""
+    if trust_remote_code:
+        return None
     try:
         config = _config(name, 2, trust_remote_code)
     except (OSError, ValueError):
@@ -219,7 +274,12 @@ def skeleton(name: str, trust_remote_code: bool = False, mode: str = "classifier
 
 
 def load_model(
-    name: str, num_labels: int, seed: int, trust_remote_code: bool = False, mode: str = "classifier"
+    name: str,
+    num_labels: int,
+    seed: int,
+    trust_remote_code: bool = False,
+    mode: str = "classifier",
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a sequence classifier (``mode="classifier"``) or a causal LM (``mode="prompt"``). The seed fixes
     the randomly initialised parts (the classification head, or the whole tiny model), so every method of a
@@ -236,10 +296,18 @@ def load_model(
         try:
             tok = AutoTokenizer.from_pretrained(src_s, trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
-            model = auto.from_pretrained(src_s, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            model = auto.from_pretrained(
+                src_s,
+                config=config,
+                trust_remote_code=trust_remote_code,
+                dtype=torch.float32,
+                use_safetensors=None if allow_pickle else True,  # a pickle runs code when loaded: opt in only
+            )
         except OSError as err:
-            raise ConfigError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
-        info.update(source=src_s, pretrained=True)
+            hint = "" if allow_pickle else " (safetensors only: `allow_pickle: true` accepts pickle weights)"
+            raise ConfigError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}{hint}") from None
+        fmt = weights_format(Path(src_s)) or ("pickle allowed" if allow_pickle else "safetensors")
+        info.update(source=src_s, pretrained=True, weights_format=fmt, allow_pickle=allow_pickle)
         if name == "smollm2-135m":
             info["weights_note"] = f"dequantized from {SMOLLM2_GGUF}: the weights carry Q4_1 rounding"
     if tok.pad_token is None:

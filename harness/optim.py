@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where an optimizer is built: the CLI's first import stays light
+    import torch
 
 
 def _torch(name: str) -> Callable[..., torch.optim.Optimizer]:
-    return lambda params, **kw: getattr(torch.optim, name)(params, **kw)
+    def make(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+        import torch
+
+        return getattr(torch.optim, name)(params, **kw)
+
+    return make
 
 
 def _bnb(name: str, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
@@ -71,6 +77,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes held by the optimizer's state tensors (moments, quantization statistics)."""
+    import torch
+
     seen: set[int] = set()
     total = 0
     for state in opt.state.values():
@@ -84,6 +92,8 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 def paged_state_in_use(opt: torch.optim.Optimizer) -> bool:
     """True only if some optimizer state really lives in paged (CUDA unified) memory. bitsandbytes falls back
     to ordinary buffers on CPU (it only warns), so a paged optimizer on CPU reports False."""
+    import torch
+
     for state in opt.state.values():
         for v in state.values():
             if torch.is_tensor(v) and getattr(v, "is_paged", False) and v.device.type == "cuda":

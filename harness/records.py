@@ -201,6 +201,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def cell_identity(cell_id: str) -> str:
+    """A cell id without its config hash: model, task, method/variant, seed."""
+    return cell_id.rsplit("__", 1)[0]
+
+
 def record_path(results_dir: Path, cell_id: str) -> Path:
     return Path(results_dir) / "records" / f"{cell_id}.json"
 

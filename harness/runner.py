@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from harness import forkserver
 from harness.atomic import atomic_write_text
 from harness.executor import run_cell_subprocess
-from harness.records import RunRecord, read_record, record_path
+from harness.records import RunRecord, cell_identity, read_record, record_path
 from harness.schema import RunConfig, Suite
 from harness.suite import expand
 
@@ -59,6 +60,54 @@ def pending_cells(cells: list[RunConfig], results_dir: Path, retry_failed: bool)
             except ValueError:  # unreadable record: run again
                 out.append(c)
     return out
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
+    """Records in ``results_dir`` that belong to no cell of this suite (a config changed since they ran, or the
+    cell is gone) move to ``stale/<time>/``: kept, never mixed with this suite's. Returns what to tell the user:
+    one line per changed cell with what changed, and where the records went."""
+    import datetime
+    import shutil
+
+    current = {c.cell_id: c for c in cells}
+    by_identity = {cell_identity(c.cell_id): c for c in cells}
+    stale = [p for p in sorted((results_dir / "records").glob("*.json")) if p.stem not in current]
+    if not stale:
+        return []
+    lines = []
+    for p in stale:
+        cell = by_identity.get(cell_identity(p.stem))
+        if cell is None:
+            continue
+        try:
+            old = _flat(json.loads(p.read_text()).get("config", {}))
+        except (OSError, ValueError):
+            old = {}
+        new = _flat(cell.model_dump(mode="json"))
+        changed = [
+            f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        ]
+        what = "; ".join(changed[:3]) + (" …" if len(changed) > 3 else "") if old else "its old record is unreadable"
+        lines.append(
+            f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.name} ({what})"
+        )
+    dest = results_dir / "stale" / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in stale:
+        shutil.move(str(p), dest / p.name)
+    others = len(stale) - len(lines)
+    gone = f" ({others} of cells this suite no longer has)" if others else ""
+    lines.append(f"{len(stale)} earlier record(s){gone} moved to {dest}: never mixed with this suite's")
+    return lines
 
 
 def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
@@ -109,8 +158,10 @@ def run_suite(
     lock = lock_results(results_dir)  # held until this function returns (or the process dies)
     atomic_write_text(results_dir / "suite.yaml", suite_text)
     cells = expand(suite)
-    todo = pending_cells(cells, results_dir, retry_failed)
     console = Console(stderr=True, quiet=quiet)
+    for line in set_aside_stale(cells, results_dir):
+        console.print(f"[yellow]{line}[/]", soft_wrap=True)
+    todo = pending_cells(cells, results_dir, retry_failed)
     if todo:
         _before_cells(todo, results_dir, console)
     skipped = len(cells) - len(todo)

@@ -13,6 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 
 from harness.optim import OPTIMIZERS
 
+# Below this a cell process cannot even import torch, transformers and peft (measured on Linux x86-64: 900 MiB
+# fails with MemoryError, 1200 MiB imports); above the upper bound the limit no longer fits setrlimit's 64 bits.
+MIN_MEMORY_LIMIT_MB, MAX_MEMORY_LIMIT_MB = 1200, 2**30
+MAX_GRAD_ACCUM = 1024  # micro-batches per step; every one is drawn before the step runs
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="a seed for torch and Python's random (0 ≤ seed < 2^63)")]
+
 
 class AutoDtype:
     """Marks a config field whose value may be ``auto``: the harness resolves it on the machine the run uses
@@ -33,12 +39,12 @@ class TrainConfig(Strict):
 
     steps: PositiveInt = Field(100, description="optimizer steps")
     batch_size: PositiveInt = Field(16, description="examples per micro-batch")
-    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
-    lr: PositiveFloat = Field(5e-5, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0.0)
+    grad_accum: PositiveInt = Field(1, le=MAX_GRAD_ACCUM, description="micro-batches per optimizer step")
+    lr: PositiveFloat = Field(5e-5, allow_inf_nan=False, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: PositiveFloat | None = Field(1.0, description="clip total grad norm; null disables")
+    max_grad_norm: PositiveFloat | None = Field(1.0, allow_inf_nan=False, description="clip grad norm; null: no clip")
     grad_checkpointing: bool = False
     dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = Field(
         "float32", description="compute dtype (bf16 = autocast); auto: bf16 only where this machine runs it natively"
@@ -59,7 +65,12 @@ class TrainConfig(Strict):
 
 class ModelSpec(Strict):
     name: str = Field(description="alias (see `ftbench models`), local path, or hub id")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model's own code (in the cell only; validation reads its config.json as data)"
+    )
+    allow_pickle: bool = Field(
+        False, description="accept pickle weights (pytorch_model.bin), which run code when loaded; default: safetensors"
+    )
     mode: Literal["auto", "classifier", "prompt"] = Field(
         "auto",
         description="auto: decoders (causal LMs) do every task through prompts, encoders through a classifier head",
@@ -129,9 +140,14 @@ class Suite(Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     train: TrainConfig = TrainConfig()
     methods: list[MethodEntry] = Field(min_length=1)
-    seeds: list[int] = Field([0], min_length=1)
-    timeout_s: PositiveFloat = Field(3600, description="per-run wall-clock limit")
-    memory_limit_mb: PositiveInt | None = Field(None, description="per-run address-space limit (RLIMIT_AS)")
+    seeds: list[Seed] = Field([0], min_length=1)
+    timeout_s: PositiveFloat = Field(3600, allow_inf_nan=False, description="per-run wall-clock limit")
+    memory_limit_mb: int | None = Field(
+        None,
+        ge=MIN_MEMORY_LIMIT_MB,
+        le=MAX_MEMORY_LIMIT_MB,
+        description=f"per-run address-space limit (RLIMIT_AS); at least {MIN_MEMORY_LIMIT_MB} (torch's imports)",
+    )
     num_cpus: PositiveInt = Field(1, description="Ray executor: CPUs reserved per cell")
     num_gpus: int = Field(0, ge=0, le=1, description="Ray executor: 1 for cells that need a GPU")
     retries: int = Field(0, ge=0, description="Ray executor: reruns of a cell whose worker crashed")
@@ -158,6 +174,7 @@ class RunConfig(Strict):
     seed: int
     timeout_s: float
     memory_limit_mb: int | None = None
+    model_fingerprint: str | None = Field(None, description="local model folders: SHA-256 of config + weight files")
     allow_network: bool = False
     export: bool = True
     num_cpus: int = 1
@@ -169,7 +186,8 @@ class RunConfig(Strict):
     def cell_id(self) -> str:
         """Readable identity plus a hash of the whole resolved config: changing any setting makes a new cell."""
         digest = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
-        raw = f"{self.model.name}__{self.task.name}__{self.method}-{self.variant}__s{self.seed}"
+        model = self.model.name.rstrip("/").rsplit("/", 1)[-1] if "/" in self.model.name else self.model.name
+        raw = f"{model}__{self.task.name}__{self.method}-{self.variant}__s{self.seed}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[-120:] + "__" + digest
 
 

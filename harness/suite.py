@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from harness.models import check_model_name, resolve_mode, skeleton
+from harness.models import ALIASES, check_model_name, fingerprint, resolve_mode, skeleton
 from harness.registry import available_methods, get_method
-from harness.schema import ConfigError, RunConfig, Suite, TrainConfig, format_validation_error
+from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TrainConfig, format_validation_error
 from harness.tasks import TASKS, check_task_name, task_kind
 from harness.userdata import check_task_spec
 
@@ -62,7 +62,7 @@ def _check_names(suite: Suite, source: str) -> None:
         except ValidationError as err:
             raise ConfigError(format_validation_error(source, err, TrainConfig, ("methods", i, "train"))) from None
     for i, spec in enumerate(suite.models):
-        check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network)
+        check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network, spec.allow_pickle)
     for i, t in enumerate(suite.tasks):
         check_task_name(t.name, f"{source}: tasks[{i}].name")
         check_task_spec(t, f"{source}: tasks[{i}]", suite.allow_network)
@@ -125,6 +125,18 @@ def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
         model = skeleton(spec.name, spec.trust_remote_code, mode)
         if model is None:  # architecture unknown without the network; the run will say
             continue
+        positions = getattr(model.config, "max_position_embeddings", None)
+        lengths = [("train.max_seq_len", suite.train.max_seq_len)]
+        lengths += [
+            (f"methods[{i}].train.max_seq_len", m.train["max_seq_len"])
+            for i, m in enumerate(suite.methods)
+            if "max_seq_len" in m.train
+        ]
+        for where, n in lengths:
+            if positions and isinstance(n, int) and n > positions:
+                raise ConfigError(
+                    f"{source}: {where}: {n} is beyond {spec.name}'s {positions} positions; allowed: ≤ {positions}"
+                )
         for i, m in enumerate(suite.methods):
             method = known[m.method](known[m.method].Config.model_validate(m.config))
             try:
@@ -138,23 +150,45 @@ def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
 
 
 def load_suite(path: str | Path) -> Suite:
+    return parse_suite(read_suite_file(path), str(path))
+
+
+def read_suite_file(path: str | Path) -> Any:
+    """The suite file's YAML data; whatever makes it unreadable is one ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such suite file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a suite is a YAML text file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    return parse_suite(data, str(path))
+    except (RecursionError, ValueError, TypeError) as err:  # e.g. nesting deeper than the parser goes
+        raise ConfigError(f"{path}: cannot be read as YAML ({type(err).__name__})") from None
+
+
+def _resolved(spec: ModelSpec) -> tuple[ModelSpec, str | None]:
+    """A local model folder by its resolved path and a fingerprint of what it holds: the same text pointing
+    elsewhere (or the same folder holding another model) is another cell, never "already recorded"."""
+    path = Path(spec.name).expanduser()
+    if spec.name in ALIASES or not (spec.name.startswith((".", "/", "~")) or path.is_dir()):
+        return spec, None
+    return spec.model_copy(update={"name": str(path.resolve())}), fingerprint(str(path))
 
 
 def expand(suite: Suite) -> list[RunConfig]:
     """The suite grid: models × tasks × methods (variants) × seeds, in a stable order."""
     cells = []
-    for model in suite.models:
+    for spec in suite.models:
+        model, fp = _resolved(spec)
         for task in suite.tasks:
             for m in suite.methods:
                 cfg = get_method(m.method).Config.model_validate(m.config).model_dump(mode="json")
@@ -172,6 +206,7 @@ def expand(suite: Suite) -> list[RunConfig]:
                             seed=seed,
                             timeout_s=suite.timeout_s,
                             memory_limit_mb=suite.memory_limit_mb,
+                            model_fingerprint=fp,
                             allow_network=suite.allow_network,
                             num_cpus=suite.num_cpus,
                             num_gpus=suite.num_gpus,

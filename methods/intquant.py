@@ -56,14 +56,14 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     flat = q.reshape(-1).to(torch.int64)
     pad = (-flat.numel()) % 8
     flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8)
-    word = (flat << (torch.arange(8) * bits)).sum(-1)  # up to 64 bits: 8 values × bits
-    return ((word[:, None] >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
+    word = (flat << (torch.arange(8, device=flat.device) * bits)).sum(-1)  # up to 64 bits: 8 values × bits
+    return ((word[:, None] >> (torch.arange(bits, device=word.device) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     b = packed.reshape(-1, bits).to(torch.int64)
-    word = (b << (torch.arange(bits) * 8)).sum(-1)
-    vals = (word[:, None] >> (torch.arange(8) * bits)) & (2**bits - 1)
+    word = (b << (torch.arange(bits, device=b.device) * 8)).sum(-1)
+    vals = (word[:, None] >> (torch.arange(8, device=word.device) * bits)) & (2**bits - 1)
     return vals.reshape(-1)[:numel].to(torch.uint8)
 
 

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from harness.contract import Export, MethodBase, ModelContext, register_method
 from harness.hardware import torch_dtype
+from harness.measure import sync
 from harness.schema import AutoDtype, Strict
 from methods.common import dir_bytes, requires_grad_parameters
 from methods.gptq import gptq_available, gptq_quantize
@@ -109,13 +110,16 @@ def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | Non
 def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5, budget_s: float = 3.0) -> float:
     """Median forward time after one warm-up: ``repeats`` runs, fewer (at least one) where they would take
     longer than ``budget_s`` — a slow CPU gets a coarser figure, not minutes of latency timing."""
+    device = batch["input_ids"].device
     with torch.no_grad():
         t_start = time.perf_counter()
         model(**batch)
         times = []
         for _ in range(repeats):
+            sync(device)
             t0 = time.perf_counter()
             model(**batch)
+            sync(device)
             times.append(time.perf_counter() - t0)
             if time.perf_counter() - t_start > budget_s:
                 break
@@ -231,9 +235,11 @@ class QALora(MethodBase):
         path = out_dir / "merged_int"
         c = self.config
         save_int_model(merged, self._layers, path, c.bits, c.group_size, c.param_dtype, c.compute_dtype)
-        reloaded = load_merged(path)
-
-        batch = {"input_ids": torch.randint(1000, 2000, (8, 64)), "attention_mask": torch.ones(8, 64, dtype=torch.long)}
+        device = next(model.parameters()).device  # the trained model's (CUDA in a GPU run): compare them there
+        reloaded = load_merged(path).to(device)
+        vocab = min(2000, getattr(model.config, "vocab_size", 2000))
+        ids = torch.randint(vocab // 2, vocab, (8, 64), device=device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones(8, 64, dtype=torch.long, device=device)}
         model.eval()
         with torch.no_grad():
             ref = model(**batch).logits.float()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from harness.records import RunRecord, read_record
+from harness.records import RunRecord, cell_identity, read_record
 from reports import figures
 from reports.summary import shown_columns, summary_rows
 
@@ -139,21 +140,65 @@ def _environment(records: list[RunRecord]) -> str:
     return warn + f"<pre>{html.escape(json.dumps(env, indent=1, sort_keys=True))}</pre>"
 
 
-def load_results(results_dir: Path) -> tuple[list[RunRecord], str, str]:
-    """Records of a results dir (in the suite's cell order when known), the suite text, and the suite name."""
+class Results(NamedTuple):
+    records: list[RunRecord]
+    suite_text: str
+    name: str
+    problems: list[str]  # unreadable or stale records, each named: shown, never silently mixed in
+
+
+def load_results(results_dir: Path) -> Results:
+    """Records of a results dir (in the suite's cell order when known), the suite text, the suite name, and
+    what was left out: records that cannot be read (named), and records of a cell's other configs (stale)."""
     results_dir = Path(results_dir)
     paths = sorted((results_dir / "records").glob("*.json"))
-    index = results_dir / "cells_index.json"
-    if index.exists():
-        order = {cid: i for i, cid in enumerate(json.loads(index.read_text()))}
-        paths.sort(key=lambda p: order.get(p.stem, len(order)))
-    records = [read_record(p) for p in paths]
-    suite_text = (results_dir / "suite.yaml").read_text() if (results_dir / "suite.yaml").exists() else ""
+    problems: list[str] = []
+    order = None
+    try:
+        order = {cid: i for i, cid in enumerate(json.loads((results_dir / "cells_index.json").read_text()))}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as err:
+        problems.append(f"{results_dir / 'cells_index.json'} is unreadable ({type(err).__name__}); cell order unknown")
+    records = []
+    for p in paths:
+        try:
+            records.append(read_record(p))
+        except (OSError, ValueError) as err:
+            problems.append(f"unreadable record {p}: {str(err).splitlines()[0][:200]}")
+    records, stale = current_records(records, order)
+    if stale:
+        problems.append(
+            f"{len(stale)} record(s) of an earlier config of a cell (or of a cell this suite no longer has) left "
+            f"out: {', '.join(sorted(r.cell_id for r in stale)[:5])}{' …' if len(stale) > 5 else ''}"
+        )
+    if order is not None:
+        records.sort(key=lambda r: order.get(r.cell_id, len(order)))
+    suite_path = results_dir / "suite.yaml"
+    suite_text = suite_path.read_text(errors="replace") if suite_path.exists() else ""
     name = records[0].suite if records else results_dir.name
-    return records, suite_text, name
+    return Results(records, suite_text, name, problems)
 
 
-def render(records: list[RunRecord], suite_text: str, suite_name: str) -> str:
+def current_records(records: list[RunRecord], index: dict | None) -> tuple[list[RunRecord], list[RunRecord]]:
+    """(kept, stale): with the suite's cell index, the records of its cells; and of several records of one cell
+    identity (a config changed between runs), only the newest. One cell never shows two configs."""
+    kept, stale = [], []
+    for r in records:
+        (kept if index is None or r.cell_id in index else stale).append(r)
+    newest: dict[str, RunRecord] = {}
+    for r in kept:
+        key = cell_identity(r.cell_id)
+        if key in newest:
+            older, newer = sorted((newest[key], r), key=lambda x: x.started_at)
+            stale.append(older)
+            newest[key] = newer
+        else:
+            newest[key] = r
+    return list(newest.values()), stale
+
+
+def render(records: list[RunRecord], suite_text: str, suite_name: str, problems: list[str] | None = None) -> str:
     figs = [
         ("pareto", figures.pareto(records)),
         ("memory", figures.memory_breakdown(records)),
@@ -170,6 +215,7 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str) -> str:
         f'<p class="note">{len(records)} runs, {n_ok} ok. Memory figures say what they measure: CPU figures are '
         "live tensor bytes, never VRAM. Click a column header to sort.</p>",
         _hardware(records) if records else "",
+        "".join(f'<p class="warn">{html.escape(p)}</p>' for p in problems or []),
         "<h2>Summary</h2>",
         _table(records),
         "<h2>Memory vs accuracy</h2>",
@@ -201,9 +247,9 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str) -> str:
 
 
 def write_report(results_dir: Path, out: Path | None = None) -> Path:
-    records, suite_text, name = load_results(results_dir)
+    res = load_results(results_dir)
     out = Path(out) if out else Path(results_dir) / "report.html"
     from harness.atomic import atomic_write_text
 
-    atomic_write_text(out, render(records, suite_text, name))
+    atomic_write_text(out, render(res.records, res.suite_text, res.name, res.problems))
     return out

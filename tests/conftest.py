@@ -17,7 +17,8 @@ from harness.schema import RunConfig
 from harness.suite import expand, parse_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # as `ftbench` sets them
+    os.environ.setdefault(_var, "1")
 # One machine cache for the whole session, the cells' subprocesses included: the bf16 probe and the peak matmul
 # rate are measured once per session (below), never per test. pytest_sessionfinish checks that from the log.
 SESSION_CACHE = Path(tempfile.mkdtemp(prefix="ftbench-test-cache-"))

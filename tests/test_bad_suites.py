@@ -47,3 +47,21 @@ def test_results_path_that_is_a_file(tmp_path, capsys):
     good = Path(__file__).parents[1] / "suites" / "tiny.yaml"
     assert main(["run", str(good), "--results", str(f)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (bytes(range(128, 256)) * 4, "not UTF-8 text (byte 0); a suite is a YAML text file"),
+        (b"[" * 20000, "cannot be read as YAML"),
+        (b"a: !!python/object:os.system ls\n", "malformed YAML"),
+    ],
+    ids=["random_bytes", "nested_too_deep", "unsafe_tag"],
+)
+def test_unreadable_suite_files_are_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    code = main(["run", str(path), "--results", str(tmp_path / "results")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and str(path) in err[0], err
+    assert not (tmp_path / "results").exists()  # nothing written

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from harness.records import load_records, read_record
 from tests.conftest import ROOT, run_cli, tiny_suite
@@ -172,3 +173,101 @@ def test_runs_are_offline_and_record_it(tmp_path, write_suite):
     assert rec["environment"]["hf_hub_offline"] == "1" and rec["model_info"]["trust_remote_code"] is False
     assert rec["seed"] == 0 and rec["environment"]["versions"]["torch"]
     assert read_record(next((tmp_path / "records").glob("*.json"))).status == "ok"
+
+
+@pytest.fixture(scope="module")
+def two_cells(tmp_path_factory):
+    """A finished two-method suite (its results dir is copied by each test that damages it)."""
+    d = tmp_path_factory.mktemp("two")
+    suite = d / "s.yaml"
+    suite.write_text(
+        yaml.safe_dump(tiny_suite(methods=[{"method": "lora", "config": {"r": 4}}, {"method": "full"}], export=False))
+    )
+    out = run_cli("run", str(suite), "--results", str(d / "r"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return suite, d / "r"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "wrong_schema"])
+def test_a_corrupt_record_is_named_and_everything_else_renders(two_cells, tmp_path, damage):
+    _, results = two_cells
+    r = _copy(results, tmp_path / "r")
+    lora, full = sorted((r / "records").glob("*.json"), key=lambda p: "full" in p.name)
+    text = lora.read_text()
+    lora.write_text(
+        {"truncated": text[: len(text) // 2], "empty": "", "garbage": "\x00\xff not json", "wrong_schema": '{"a": 1}'}[
+            damage
+        ]
+    )
+    for cmd in (
+        ["summary", str(r)],
+        ["report", str(r)],
+        ["report", str(r), "--format", "md"],
+        ["compare", str(r), str(results)],
+    ):
+        out = run_cli(*cmd)
+        assert out.returncode == 0, (cmd, out.stderr[-1500:])
+        warnings = [line for line in out.stderr.splitlines() if "unreadable record" in line]
+        assert len(warnings) == 1 and str(lora) in warnings[0], (cmd, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert "full" in (r / "report.html").read_text()
+    assert "unreadable record" in (r / "report.html").read_text()  # the report says it too
+
+
+def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_path):
+    suite, results = two_cells
+    r = _copy(results, tmp_path / "r")
+    data = yaml.safe_load(suite.read_text())
+    data["methods"] = data["methods"][:1]  # full is gone from the suite
+    data["train"]["steps"] = 3  # lora's config changed
+    edited = tmp_path / "s.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    out = run_cli("run", str(edited), "--results", str(r))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "config changed, rerunning: lora/default s0 on rotten_tomatoes (train.steps 4 → 3)" in out.stderr
+    assert "2 earlier record(s) (1 of cells this suite no longer has) moved to" in out.stderr
+    (rec,) = (r / "records").glob("*.json")
+    assert len(json.loads(rec.read_text())["losses"]) == 3
+    assert len(list((r / "stale").rglob("*.json"))) == 2  # kept, not deleted
+    assert "1 runs, 1 ok" in (r / "report.html").read_text()
+    # A results dir that already mixes two configs of one cell (an older ftbench) shows the newest only.
+    from reports.html import load_results
+
+    mixed = _copy(results, tmp_path / "mixed")
+    (mixed / "cells_index.json").unlink()
+    (mixed / "records" / rec.name).write_text(rec.read_text())
+    res = load_results(mixed)
+    loras = [x for x in res.records if x.method == "lora"]
+    assert len(loras) == 1 and len(loras[0].losses) == 3 and any("earlier config" in p for p in res.problems)
+
+
+def test_a_full_disk_is_one_line_and_another_output_still_works(two_cells, tmp_path, monkeypatch):
+    import errno
+
+    import harness.atomic
+
+    _, results = two_cells
+    real = harness.atomic.atomic_write_text
+
+    def full_disk(path, text):
+        if Path(path).resolve().is_relative_to(results.resolve()):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(harness.atomic, "atomic_write_text", full_disk)
+    before = {p.name: p.read_bytes() for p in (results / "records").glob("*.json")}
+    out = run_cli("report", str(results))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert "cannot write" in lines[0] and "report.html" in lines[0] and "ENOSPC" in lines[0]
+    elsewhere = tmp_path / "elsewhere.html"
+    out = run_cli("report", str(results), "-o", str(elsewhere))
+    assert out.returncode == 0 and elsewhere.stat().st_size > 10_000, out.stderr
+    assert {p.name: p.read_bytes() for p in (results / "records").glob("*.json")} == before  # records whole
