@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as err:
         print(f"ftbench: error: {err}", file=sys.stderr)
         return EXIT_OUTPUT_ERROR
+    except Exception as err:  # noqa: BLE001 - a bug or an input nothing foresaw: one line, not a traceback
+        if os.environ.get("FTBENCH_DEBUG") == "1":
+            raise
+        line = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        print(f"ftbench: error: {type(err).__name__}: {line} (FTBENCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ftbench: interrupted; finished runs are recorded, `ftbench run` again resumes", file=sys.stderr)
         return 130

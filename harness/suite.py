@@ -9,6 +9,7 @@ is allowed. :func:`expand` turns a suite into its grid of cells (:class:`RunConf
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from pydantic import ValidationError
 
 from harness.models import ALIASES, check_model_name, fingerprint, resolve_mode, skeleton
 from harness.registry import available_methods, get_method
-from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TrainConfig, format_validation_error
-from harness.tasks import TASKS, check_task_name, task_kind
+from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
+from harness.tasks import TASKS, check_task_name, load_task, task_kind
 from harness.userdata import check_task_spec
 
 
@@ -66,10 +67,49 @@ def _check_names(suite: Suite, source: str) -> None:
     for i, t in enumerate(suite.tasks):
         check_task_name(t.name, f"{source}: tasks[{i}].name")
         check_task_spec(t, f"{source}: tasks[{i}]", suite.allow_network)
+        if t.name != "hf":  # read the data now: a bad row, or a batch larger than the split, fails here
+            try:
+                n_train = _train_size(t.model_dump_json())
+            except ConfigError as err:
+                raise ConfigError(f"{source}: tasks[{i}]: {err}") from None
+            for j, m in enumerate(suite.methods):
+                batch = m.train.get("batch_size", suite.train.batch_size)
+                if isinstance(batch, int) and batch > n_train:
+                    where = f"methods[{j}].train.batch_size" if "batch_size" in m.train else "train.batch_size"
+                    raise ConfigError(
+                        f"{source}: {where}: {batch} is more than the {n_train} training examples of tasks[{i}] "
+                        f"({t.name}); allowed: ≤ {n_train}"
+                    )
+    _check_optimizers(suite, source)
     if len(set(suite.seeds)) != len(suite.seeds):
         raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
     _check_tasks_fit_models(suite, source)
     _check_methods_fit_models(suite, source, known)
+
+
+@functools.lru_cache(maxsize=64)
+def _train_size(spec_json: str) -> int:
+    """Training examples of a task spec (loaded once per process: validation runs often in tests)."""
+    return len(load_task(TaskSpec.model_validate_json(spec_json)).train)
+
+
+def _check_optimizers(suite: Suite, source: str) -> None:
+    """Each optimizer is built once on a one-element parameter, so unknown ``optimizer_args`` fail here."""
+    import torch
+
+    from harness.optim import build_optimizer
+
+    for where, values in [("train", {})] + [(f"methods[{i}].train", m.train) for i, m in enumerate(suite.methods)]:
+        t = TrainConfig.model_validate({**suite.train.model_dump(), **values})
+        if where != "train" and not ({"optimizer", "optimizer_args"} & set(values)):
+            continue
+        try:
+            build_optimizer(t.optimizer, [torch.nn.Parameter(torch.zeros(1))], t.lr, t.weight_decay, t.optimizer_args)
+        except (TypeError, ValueError) as err:
+            why = str(err).splitlines()[0]
+            raise ConfigError(
+                f"{source}: {where}.optimizer_args: {t.optimizer} rejects {t.optimizer_args}: {why}"
+            ) from None
 
 
 def _with_config_file(config: dict[str, Any], source: str, where: str) -> dict[str, Any]:

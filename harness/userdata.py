@@ -7,6 +7,7 @@ every problem one line naming the file, the row and the column.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -144,12 +145,20 @@ def load_generic(spec: TaskSpec) -> TaskData:
         records, source = [dict(r) for r in ds], f"hf:{spec.dataset}"
     else:
         path = Path(spec.path).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
         if spec.name == "csv":
-            with open(path, newline="", encoding="utf-8") as fh:
-                records = list(csv.DictReader(fh))
+            try:
+                records = list(csv.DictReader(io.StringIO(text, newline="")))
+            except csv.Error as err:
+                raise ConfigError(f"{path}: not a readable CSV file ({err})") from None
         else:
             records = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
