@@ -12,10 +12,39 @@ from harness.records import RunRecord
 
 MIB = 2**20
 COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff"]
+# Okabe & Ito's colour-blind-safe palette (distinct under deuteranopia and protanopia), one fixed colour per
+# memory category, in every report.
+CATEGORY_COLORS = {
+    "params_trainable": "#0072B2",
+    "params_frozen": "#56B4E9",
+    "params_quantized": "#009E73",
+    "buffers": "#999999",
+    "inputs": "#F0E442",
+    "gradients": "#E69F00",
+    "optimizer_state": "#D55E00",
+    "activations": "#CC79A7",
+    "temporaries": "#000000",
+    "weights": "#0072B2",
+    "optimizer state": "#D55E00",
+    "rest of the peak": "#999999",
+}
+SERIES_COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 
 
 def label(r: RunRecord) -> str:
     return html.escape(f"{r.method}/{r.variant}")
+
+
+def run_label(r: RunRecord, records: list[RunRecord]) -> str:
+    """A run's name in a figure: model and task too where the set has more than one (model, task), so runs of
+    two tasks never share a bar or a point."""
+    several = len({(x.model, x.task) for x in records}) > 1
+    where = f"{_short(r.model)} · {r.task} · " if several else ""
+    return html.escape(f"{where}{r.method}/{r.variant} s{r.seed}")
+
+
+def _short(model: str) -> str:
+    return model.rstrip("/").rsplit("/", 1)[-1]
 
 
 def peak_bytes(r: RunRecord) -> tuple[int | None, str]:
@@ -59,7 +88,8 @@ def pareto(records: list[RunRecord]) -> go.Figure:
     kind = peak_bytes(records[0])[1] if records else ""
     fig = go.Figure()
     several = len(series) > 1
-    for (model, task), pts in series.items():
+    for k, ((model, task), pts) in enumerate(series.items()):
+        colour = SERIES_COLORS[k % len(SERIES_COLORS)]
         name = html.escape(f"{model} · {task}" if several else "runs")
         fig.add_scatter(
             x=[p[0] for p in pts],
@@ -69,7 +99,7 @@ def pareto(records: list[RunRecord]) -> go.Figure:
             textposition="top center",
             name=name,
             legendgroup=name,
-            marker=dict(size=11),
+            marker=dict(size=11, color=colour),
         )
         frontier, best = [], -1.0
         for p in sorted(pts, key=lambda p: (p[0], -p[1])):
@@ -82,8 +112,8 @@ def pareto(records: list[RunRecord]) -> go.Figure:
             mode="lines+markers",
             name=(f"{name}: " if several else "") + "Pareto frontier (no run is both cheaper and better)",
             legendgroup=name,
-            line=dict(dash="dash"),
-            marker=dict(symbol="star", size=16, color="rgba(0,0,0,0)", line=dict(width=2, color="#d62728")),
+            line=dict(dash="dash", color=colour, width=2),  # explicit: plotly would copy the clear marker colour
+            marker=dict(symbol="star", size=16, color="rgba(0,0,0,0)", line=dict(width=2, color=colour)),
         )
     fig.update_layout(
         **_layout(
@@ -101,19 +131,19 @@ def memory_breakdown(records: list[RunRecord]) -> go.Figure:
     from harness.memory import CATEGORIES
 
     ok = [r for r in records if r.status == "ok" and peak_bytes(r)[0] is not None]
-    names = [f"{label(r)} s{r.seed}" for r in ok]
+    names = [run_label(r, ok) for r in ok]
     fig = go.Figure()
     if all(r.memory_at_peak_bytes for r in ok):
         for c in CATEGORIES:
             ys = [r.memory_at_peak_bytes.get(c, 0) / MIB for r in ok]
             if any(ys):
-                fig.add_bar(x=names, y=ys, name=c.replace("_", " "))
+                fig.add_bar(x=names, y=ys, name=c.replace("_", " "), marker_color=CATEGORY_COLORS[c])
     else:
         weights = [(r.weight_bytes or 0) / MIB for r in ok]
         opt = [(r.optimizer_state_bytes or 0) / MIB for r in ok]
         rest = [max(0.0, peak_bytes(r)[0] / MIB - w - o) for r, w, o in zip(ok, weights, opt, strict=True)]
         for name, ys in (("weights", weights), ("optimizer state", opt), ("rest of the peak", rest)):
-            fig.add_bar(x=names, y=ys, name=name)
+            fig.add_bar(x=names, y=ys, name=name, marker_color=CATEGORY_COLORS[name])
     fig.update_layout(
         barmode="stack", **_layout("Where the peak memory goes (live tensor bytes at the step's peak)", "run", "MiB")
     )
@@ -124,7 +154,7 @@ def throughput(records: list[RunRecord]) -> go.Figure:
     ok = [r for r in records if r.status == "ok" and r.tokens_per_s]
     fig = go.Figure()
     fig.add_bar(
-        x=[f"{label(r)} s{r.seed}" for r in ok],
+        x=[run_label(r, ok) for r in ok],
         y=[r.tokens_per_s for r in ok],
         name="tokens/s",
         text=[f"{r.step_time_stats.get('median_s', 0) * 1000:.0f} ms/step" for r in ok],
@@ -146,9 +176,10 @@ def loss_curves(records: list[RunRecord]) -> go.Figure:
     """Per-step losses of small batches are noisy: show a moving average, raw curves one click away."""
     fig = go.Figure()
     window = 10
-    for i, r in enumerate(r for r in records if r.losses):
+    with_losses = [r for r in records if r.losses]
+    for i, r in enumerate(with_losses):
         steps = list(range(1, len(r.losses) + 1))
-        name = f"{label(r)} s{r.seed}"
+        name = run_label(r, with_losses)
         fig.add_scatter(
             x=steps,
             y=_moving_average(r.losses, window),
@@ -176,10 +207,13 @@ def loss_curves(records: list[RunRecord]) -> go.Figure:
 def seed_spread(records: list[RunRecord]) -> tuple[go.Figure, list[str]]:
     """Accuracy mean ± std over seeds, and plain sentences on which differences are within noise."""
     stats = []
-    for (_, _, method, variant), rs in groups(records).items():
+    grouped = groups(records)
+    several = len({(m, t) for m, t, _, _ in grouped}) > 1
+    for (model, task, method, variant), rs in grouped.items():
         acc = [r.eval_after.accuracy for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        stats.append((f"{method}/{variant}", statistics.fmean(acc), sd, len(acc)))
+        name = f"{_short(model)} · {task} · {method}/{variant}" if several else f"{method}/{variant}"
+        stats.append((name, statistics.fmean(acc), sd, len(acc), (model, task)))
     fig = go.Figure()  # dots, not bars: bars would anchor at 0 and hide differences of a point or two
     fig.add_scatter(
         x=[html.escape(s[0]) for s in stats],
@@ -200,7 +234,7 @@ def seed_spread(records: list[RunRecord]) -> tuple[go.Figure, list[str]]:
         return fig, notes
     for i, a in enumerate(stats):
         for b in stats[i + 1 :]:
-            if a[3] < 2 or b[3] < 2:
+            if a[3] < 2 or b[3] < 2 or a[4] != b[4]:  # only runs of one model on one task compare
                 continue
             se = (a[2] ** 2 / a[3] + b[2] ** 2 / b[3]) ** 0.5
             diff = a[1] - b[1]

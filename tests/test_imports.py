@@ -89,8 +89,17 @@ for lib in LIBS:
         importlib.import_module(lib)
     except ImportError:
         pass
-failed = {}
-for mod in json.loads(sys.argv[1]):
+failed, running = {}, {}
+for mod in json.loads(sys.argv[1]) + [None, None]:  # two children at a time: two cores
+    while len(running) >= 2 or (mod is None and running):
+        pid, status = os.wait()
+        if status:
+            failed[running[pid]] = status
+        del running[pid]
+        if mod is None:
+            break
+    if mod is None:
+        continue
     pid = os.fork()
     if pid == 0:  # a child that has imported no ftbench module: this one first, alone
         try:
@@ -99,9 +108,7 @@ for mod in json.loads(sys.argv[1]):
         except BaseException:
             traceback.print_exc()
             os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    if status:
-        failed[mod] = status
+    running[pid] = mod
 print(json.dumps(failed))
 """
 

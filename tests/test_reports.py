@@ -81,3 +81,31 @@ def test_pareto_frontier_is_per_task(results):
     assert len(two.data) == 4 and {t.name for t in two.data[::2]} == {"tiny-bert · rotten_tomatoes", "tiny-bert · piqa"}
     # the piqa runs' 0.99 must not push the rotten_tomatoes runs off their own frontier
     assert len(two.data[1].x) >= 1 and two.data[1].legendgroup == "tiny-bert · rotten_tomatoes"
+
+
+def test_figures_of_two_models_and_two_tasks_never_merge_runs(results):
+    """Runs of different (model, task) with the same method/variant and seed: one bar each, no stacking; the seed
+    plot and its noise sentences keep tasks apart; the frontier line has a visible colour of its own series."""
+    from reports.figures import CATEGORY_COLORS, memory_breakdown, pareto, seed_spread, throughput
+
+    base = [read_record(p) for p in sorted((results / "records").glob("*.json"))]
+    recs = []
+    for model in ("tiny-bert", "other-model"):
+        for task in ("rotten_tomatoes", "piqa"):
+            for seed in (0, 1):
+                for r in base:
+                    acc = r.eval_after.accuracy + 0.01 * seed + (0.3 if task == "piqa" else 0.0)
+                    after = r.eval_after.model_copy(update={"accuracy": acc})
+                    recs.append(r.model_copy(update={"model": model, "task": task, "seed": seed, "eval_after": after}))
+    for fig in (memory_breakdown(recs), throughput(recs)):
+        xs = list(fig.data[0].x)
+        assert len(xs) == len(set(xs)) == len(recs)  # one bar per run: nothing stacked onto another task's
+        assert any("piqa" in x for x in xs) and any("other-model" in x for x in xs)
+    mem = memory_breakdown(recs)
+    assert all(bar.marker.color == CATEGORY_COLORS[bar.name.replace(" ", "_")] for bar in mem.data)
+    fig, notes = seed_spread(recs)
+    assert len(fig.data[0].x) == 8  # 2 models × 2 tasks × 2 methods
+    assert notes and all(n.count("piqa") in (0, 2) and n.count("other-model") in (0, 2) for n in notes)
+    par = pareto(recs)
+    for points, frontier in zip(par.data[::2], par.data[1::2], strict=True):
+        assert frontier.line.color == points.marker.color and "rgba(0,0,0,0)" not in frontier.line.color
