@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.progress import quiet_libraries
+from harness.progress import interrupted_before_work, interrupts_raise, quiet_libraries
 from harness.schema import ConfigError
 
 EXIT_USER_ERROR = 2
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":  # no other command needs the hub; `run` decides from its suite
         os.environ.update(dict.fromkeys(OFFLINE, "1"))
+        interrupts_raise()
     try:
         return args.fn(args)
     except ConfigError as err:
@@ -348,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``ftbench`` command. After Ctrl-C the process ends at once with 130: a library's own interrupt or
     exit handling (some re-deliver SIGINT to themselves at shutdown) must not turn the one line into a kill."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup)
+        signal.signal(signal.SIGINT, interrupted_before_work)
     rc = main()
     if rc == 130:
         sys.stdout.flush()

@@ -36,6 +36,24 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def interrupted_before_work(signum, frame) -> None:
+    """Ctrl-C while ftbench imports its libraries and validates: nothing is being written yet, so end here, in
+    one line. (A KeyboardInterrupt raised inside a library's import can be swallowed by its own bare
+    ``except``, and the run would go on as if nothing happened.)"""
+    import sys
+
+    print("ftbench: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def interrupts_raise() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt again: the work under way says what it leaves behind."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is interrupted_before_work:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class CellProgress:
     """The cell's side: stage lines and rate-limited step lines, with the known reasons for slowness."""
 

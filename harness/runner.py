@@ -15,6 +15,7 @@ from typing import Any
 from harness import forkserver
 from harness.atomic import atomic_write_text
 from harness.executor import run_cell_subprocess
+from harness.progress import interrupts_raise
 from harness.records import RunRecord, cell_identity, read_record, record_path
 from harness.schema import RunConfig, Suite
 from harness.suite import expand
@@ -168,6 +169,7 @@ def run_suite(
     console.print(
         f"[bold]{suite.name}[/]: {len(cells)} cells, {skipped} already recorded, {len(todo)} to run → {results_dir}"
     )
+    interrupts_raise()  # cells are about to run: Ctrl-C now says that finished runs are recorded
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -127,6 +127,11 @@ def test_validation_of_a_cached_hub_id_makes_no_network_connection(tmp_path):
     assert "CONNECT ATTEMPTS: []" in out.stdout, out.stdout
 
 
+@pytest.mark.skipif(
+    signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+    reason="this test process was started with SIGINT ignored (a background job): there the interrupt does not "
+    "reach the child's handler reliably; the behaviour is checked wherever pytest runs in the foreground",
+)
 def test_ctrl_c_while_python_starts_is_one_line(tmp_path):
     suite = tmp_path / "s.yaml"
     suite.write_text(json.dumps(tiny_suite()))
