@@ -21,7 +21,7 @@ from harness.models import ALIASES, check_model_name, fingerprint, resolve_mode,
 from harness.registry import available_methods, get_method
 from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
 from harness.tasks import TASKS, check_task_name, load_task, task_kind
-from harness.userdata import check_task_spec
+from harness.userdata import check_task_spec, read_user_text
 
 
 def parse_suite(data: Any, source: str) -> Suite:
@@ -198,12 +198,7 @@ def read_suite_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such suite file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a suite is a YAML text file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
+    text = read_user_text(path, "; a suite is a YAML text file")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

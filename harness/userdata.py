@@ -17,6 +17,16 @@ from harness.taskdata import Example, TaskData, group_split
 GENERIC = {"csv", "jsonl", "hf"}
 
 
+def read_user_text(path: Path, what: str = "") -> str:
+    """A file a user gave us, as UTF-8 text; whatever makes it unreadable is one ConfigError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}){what}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
+
+
 def generic_kind(spec: TaskSpec) -> str:
     return spec.kind or "classification"
 
@@ -145,12 +155,7 @@ def load_generic(spec: TaskSpec) -> TaskData:
         records, source = [dict(r) for r in ds], f"hf:{spec.dataset}"
     else:
         path = Path(spec.path).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
+        text = read_user_text(path)
         if spec.name == "csv":
             try:
                 records = list(csv.DictReader(io.StringIO(text, newline="")))
