@@ -31,10 +31,6 @@ CATEGORY_COLORS = {
 SERIES_COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 
 
-def label(r: RunRecord) -> str:
-    return html.escape(f"{r.method}/{r.variant}")
-
-
 def run_label(r: RunRecord, records: list[RunRecord]) -> str:
     """A run's name in a figure: model and task too where the set has more than one (model, task), so runs of
     two tasks never share a bar or a point."""
