@@ -112,7 +112,7 @@ def test_peak_measurement_keeps_to_its_budget(fresh_cache, dtype):
     t0 = time.perf_counter()
     peak = hardware.peak_matmul(dtype, CPU, budget_s=1.0, keep_loaded=True)
     # budget plus one matmul at most: where bf16 is emulated the size adapts down instead of taking minutes
-    assert time.perf_counter() - t0 < 1.6
+    assert time.perf_counter() - t0 < 2.0  # 1 s budget + one matmul + the load check, on a busy 2-core machine
     assert peak["peak_matmul_flops"] > 1e8 and 256 <= peak["n"] <= 2048 and "loaded" in peak["load"]
     assert hardware.peak_matmul(dtype, CPU)["peak_matmul_flops"] == peak["peak_matmul_flops"]
     assert measurement_counts(fresh_cache) == {f"peak_matmul:cpu:{dtype}": 1}
