@@ -94,6 +94,7 @@ def evaluate(
         "macro_f1": float(f1_score(y_true, y_pred, average="macro")),
         "loss": loss_sum / len(encoded),
         "examples": len(encoded),
+        "correct": "".join("1" if t == p else "0" for t, p in zip(y_true, y_pred, strict=True)),
     }
     return metrics, stacked
 

@@ -42,14 +42,22 @@ def _fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
-def _render(template: str, fields: dict[str, list[int]], tokenizer) -> list[int]:
-    out = []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        if literal:
-            out += tokenizer(literal, add_special_tokens=False)["input_ids"]
-        if field:
-            out += fields[field]
-    return out
+def _render(template: str, values: dict[str, str]) -> str:
+    return "".join(
+        literal + (values[field] if field else "") for literal, field, _, _ in string.Formatter().parse(template)
+    )
+
+
+def _encode_pair(tokenizer, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """lm-evaluation-harness's convention: the context's trailing whitespace moves to the continuation; the
+    continuation's tokens are those of context + continuation after the context's own tokens. The rendered
+    prompt is tokenised as one string (no token boundary where a template field begins)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuations = context[:-n], [context[-n:] + c for c in continuations]
+    ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer([context + c for c in continuations], add_special_tokens=False)["input_ids"]
+    return ids, [w[len(ids) :] for w in whole]
 
 
 def _continuations(task: TaskData, x: Example) -> tuple[list[str], int]:
@@ -63,31 +71,32 @@ def _continuations(task: TaskData, x: Example) -> tuple[list[str], int]:
 
 
 def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: int) -> list[PromptItem]:
-    """Token ids per example. Field texts are tokenised apart from the template's literal text, so the longest
-    field can be cut to fit ``max_len`` without ever cutting the instruction or a continuation."""
+    """Token ids per example. Where a prompt does not fit ``max_len``, the longest field text is cut (by its
+    own tokens, then re-rendered), never the instruction or a continuation."""
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id else []
     eos = [tokenizer.eos_token_id] if task.kind == "generation" and tokenizer.eos_token_id is not None else []
     names = _fields(task.prompt)
-    fixed = len(bos) + len(_render(task.prompt, {n: [] for n in names}, tokenizer))
-    words_cache: dict[str, list[int]] = {}
     items = []
     for x in examples:
         texts, label = _continuations(task, x)
-        choices = [words_cache.setdefault(t, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        if task.kind == "generation":
+        values = {"text": x.text, "text_pair": x.text_pair or ""}
+        field_ids: dict[str, list[int]] | None = None
+        while True:
+            context, choices = _encode_pair(tokenizer, _render(task.prompt, values), texts)
             choices = [c + eos for c in choices]
+            over = len(bos) + len(context) + max(len(c) for c in choices) - max_len
+            if over <= 0:
+                break
+            if field_ids is None:
+                field_ids = {n: tokenizer(values[n], add_special_tokens=False)["input_ids"] for n in names}
+            longest = max(names, key=lambda n: len(field_ids[n]), default=None)
+            if longest is None or not field_ids[longest]:
+                raise ValueError(f"task {task.name}: max_seq_len {max_len} leaves no room for the text of the prompt")
+            field_ids[longest] = field_ids[longest][: max(0, len(field_ids[longest]) - over)]
+            values[longest] = tokenizer.decode(field_ids[longest])
         if task.kind == "classification" and len({tuple(c) for c in choices}) < len(choices):
             raise ValueError(f"task {task.name}: label words tokenise identically: {texts}")
-        values = {"text": x.text, "text_pair": x.text_pair or ""}
-        fields = {n: tokenizer(values[n], add_special_tokens=False)["input_ids"] for n in names}
-        budget = max_len - fixed - max(len(c) for c in choices)
-        if budget < 1:
-            raise ValueError(f"task {task.name}: max_seq_len {max_len} leaves no room for the text of the prompt")
-        while sum(len(v) for v in fields.values()) > budget:  # cut the longest field first
-            longest = max(fields, key=lambda n: len(fields[n]))
-            over = sum(len(v) for v in fields.values()) - budget
-            fields[longest] = fields[longest][: max(0, len(fields[longest]) - over)]
-        items.append(PromptItem(bos + _render(task.prompt, fields, tokenizer), choices, label, x.answer))
+        items.append(PromptItem(bos + context, choices, label, x.answer))
     return items
 
 
@@ -238,11 +247,14 @@ def evaluate_prompts(
     metrics: dict = {"loss": -float(np.mean(right)), "examples": len(items)}  # mean NLL per right-answer token
     if generated is not None:
         pairs = list(zip(generated, items, strict=True))
-        metrics["accuracy"] = float(np.mean([answer_matches(g, it.answer or "") for g, it in pairs]))
+        hits = [answer_matches(g, it.answer or "") for g, it in pairs]
+        metrics["accuracy"] = float(np.mean(hits))
+        metrics["correct"] = "".join("1" if h else "0" for h in hits)
         metrics["generated_samples"] = [{"answer": it.answer, "generated": g} for g, it in pairs[:5]]
         return metrics, table
     y_pred = table.argmax(-1).numpy()
     metrics["accuracy"] = float(accuracy_score(y_true, y_pred))
+    metrics["correct"] = "".join("1" if t == p else "0" for t, p in zip(y_true, y_pred, strict=True))
     if task.kind == "classification":
         metrics["macro_f1"] = float(f1_score(y_true, y_pred, average="macro"))
     else:
@@ -264,7 +276,10 @@ def lm_loss(model: torch.nn.Module, texts: list[str], tokenizer, max_len: int, d
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             width = batch["input_ids"].shape[1]  # the last `width` logits: prompt-learning methods prepend tokens
             logits = model(**batch, logits_to_keep=width).logits[:, -width:-1].float()
-        target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        # A target counts only where it and the position predicting it are real tokens: with left padding, a
+        # row's first token would otherwise be scored as predicted from a pad.
+        mask = batch["attention_mask"]
+        target = batch["input_ids"][:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
         nll += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
         count += int((target != -100).sum())
     model.train(was_training)

@@ -36,6 +36,9 @@ class EvalMetrics(BaseModel):
     examples: int
     accuracy_norm: float | None = None
     generated_samples: list[dict[str, Any]] | None = None
+    correct: str | None = Field(
+        None, description="per test example in the split's order, '1' right / '0' wrong: for paired tests"
+    )
 
 
 class ExportRecord(BaseModel):

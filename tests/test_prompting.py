@@ -161,3 +161,60 @@ def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
     for e in rec.exports:
         if e.eval is not None and e.kind in ("merged", "merged_fp32", "merged_int"):
             assert e.max_abs_logit_diff < 1e-2, e
+
+
+def _lm_eval_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's ``_encode_pair``, written out here as the reference."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        continuation, context = context[-n:] + continuation, context[:-n]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx) :]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from harness.models import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())  # a byte-level BPE: spaces are part of the word tokens
+
+
+@pytest.mark.parametrize("name", ["rotten_tomatoes", "piqa", "asdiv"])
+@pytest.mark.parametrize("which", ["tiny-llama", "smollm2"])
+def test_prompts_tokenise_as_one_string_like_lm_eval(llama, smollm2_tokenizer, name, which):
+    """The rendered prompt is tokenised whole (tokenised piece by piece, SmolLM2's BPE left a lone " " token
+    after "Review:"), and each continuation's tokens are lm-eval's: those of context + continuation after the
+    context's own."""
+    tok = llama.tokenizer if which == "tiny-llama" else smollm2_tokenizer
+    task = load_task(TaskSpec(name=name, eval_examples=20))
+    items = encode_prompts(task, task.test, tok, 512)
+    bos = [tok.bos_token_id] if getattr(tok, "add_bos_token", False) and tok.bos_token_id else []
+    for it, x in zip(items, task.test, strict=True):
+        context = "".join(
+            lit + {"text": x.text, "text_pair": x.text_pair or ""}.get(f or "", "")
+            for lit, f, _, _ in __import__("string").Formatter().parse(task.prompt)
+        )
+        texts = task.label_words if name == "rotten_tomatoes" else [" " + c for c in (x.choices or [x.answer])]
+        for got, text in zip(it.choices, texts, strict=True):
+            ctx, cont = _lm_eval_pair(tok, context, text)
+            assert it.context == bos + ctx
+            assert got[: len(cont)] == cont  # (+ EOS for generation)
+
+
+def test_forgetting_loss_ignores_tokens_predicted_from_padding(llama):
+    """Left-padded batch NLL equals the unpadded per-row NLL: no row's first token is scored from a pad."""
+    from harness.prompting import lm_loss
+
+    tok, model = llama.tokenizer, llama.model.eval()
+    texts = ["a short one", "a much longer text than the first, so that the short one gets padded on the left"]
+    got = lm_loss(model, texts, tok, 64, torch.float32, CPU)
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+        logits = model(input_ids=ids).logits[0, :-1]
+        nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum").detach())
+        n += ids.shape[1] - 1
+    assert got["tokens"] == n and got["lm_loss"] == pytest.approx(nll / n, rel=1e-4)

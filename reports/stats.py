@@ -1,0 +1,147 @@
+"""Uncertainty for every published figure: intervals over test examples and seeds, and paired tests.
+
+- A run's accuracy gets a 95% Wilson score interval over its test examples (Wilson, 1927; better behaved than
+  the normal interval near 0 and 1 and for small test sets).
+- A configuration run with several seeds gets mean ± sample std over seeds, and a 95% interval over test
+  examples from a bootstrap that resamples the examples (each example's correctness averaged over the seeds).
+- "A is more accurate than B" is decided on the *same* test examples: McNemar's exact test (McNemar, 1947) for
+  one seed each, a paired bootstrap over examples otherwise; Holm's correction over the pairs compared in one
+  (model, task). With two or more seeds each, the seed-to-seed difference must also exceed twice its standard
+  error. Either test failing (or the per-example answers missing) means "within noise": never shown as a win.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
+
+from harness.records import RunRecord
+
+ALPHA = 0.05
+BOOTSTRAP = 2000  # resamples; a fixed generator seed makes every report reproducible
+
+
+def wilson(accuracy: float, n: int) -> tuple[float, float]:
+    """95% Wilson interval of an accuracy over ``n`` test examples."""
+    lo, hi = proportion_confint(round(accuracy * n), n, alpha=ALPHA, method="wilson")
+    return float(lo), float(hi)
+
+
+def _correct(r: RunRecord) -> np.ndarray | None:
+    bits = r.eval_after.correct if r.eval_after else None
+    return None if not bits else np.frombuffer(bits.encode(), dtype=np.uint8) - ord("0")
+
+
+def _per_example(runs: list[RunRecord]) -> np.ndarray | None:
+    """Each test example's correctness averaged over seeds; None unless every run kept its answers on the same
+    test examples (same count; the test split is a function of the task config, equal within a group)."""
+    rows = [_correct(r) for r in runs]
+    if not rows or any(x is None for x in rows) or len({len(x) for x in rows}) != 1:
+        return None
+    return np.mean(rows, axis=0)
+
+
+@dataclass
+class Summary:
+    """One configuration (model, task, method, variant) over its seeds."""
+
+    runs: list[RunRecord]
+    mean: float
+    std: float  # sample std over seeds; 0 with one seed
+    seeds: int
+    examples: int
+    ci: tuple[float, float]  # 95% over test examples
+
+    @property
+    def label(self) -> str:
+        spread = f" ± {self.std:.3f} ({self.seeds} seeds)" if self.seeds > 1 else " (1 seed)"
+        return f"{self.mean:.3f}{spread} [{self.ci[0]:.3f}, {self.ci[1]:.3f}]"
+
+
+def summarize(runs: list[RunRecord]) -> Summary:
+    acc = [r.eval_after.accuracy for r in runs]
+    n = runs[0].eval_after.examples
+    mean = statistics.fmean(acc)
+    per = _per_example(runs) if len(runs) > 1 else None
+    if per is not None:
+        rng = np.random.default_rng(0)
+        boot = per[rng.integers(0, len(per), size=(BOOTSTRAP, len(per)))].mean(axis=1)
+        ci = (float(np.quantile(boot, ALPHA / 2)), float(np.quantile(boot, 1 - ALPHA / 2)))
+    else:
+        ci = wilson(mean, n)
+    return Summary(runs, mean, statistics.stdev(acc) if len(acc) > 1 else 0.0, len(runs), n, ci)
+
+
+@dataclass
+class Paired:
+    """A against B on the same test examples."""
+
+    diff: float  # mean accuracy of A minus B
+    p: float | None  # example-level p-value (Holm-adjusted when part of a family); None when not testable
+    test: str
+    seed_se: float | None  # std error of the difference over seeds; None below two seeds each
+    significant: bool
+    why: str  # one sentence: the evidence, or what is missing
+
+    @property
+    def verdict(self) -> str:
+        return "beyond noise" if self.significant else "within noise"
+
+
+def paired(a: Summary, b: Summary) -> Paired:
+    """The example-level test (unadjusted) and the seed-level check of A vs B."""
+    diff = a.mean - b.mean
+    pa, pb = _per_example(a.runs), _per_example(b.runs)
+    if pa is None or pb is None or len(pa) != len(pb):
+        return Paired(diff, None, "none", None, False, "no per-example answers on a shared test set to pair")
+    if a.seeds == 1 and b.seeds == 1:
+        only_a, only_b = int(((pa == 1) & (pb == 0)).sum()), int(((pa == 0) & (pb == 1)).sum())
+        p = float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue) if only_a + only_b else 1.0
+        test = f"McNemar exact ({only_a} vs {only_b} discordant of {len(pa)})"
+    else:
+        d = pa - pb
+        rng = np.random.default_rng(0)
+        boot = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
+        p = float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())))
+        test = f"paired bootstrap over {len(d)} examples"
+    seed_se = None
+    if a.seeds > 1 and b.seeds > 1:
+        seed_se = (a.std**2 / a.seeds + b.std**2 / b.seeds) ** 0.5
+    return _decide(Paired(diff, p, test, seed_se, False, ""))
+
+
+def _decide(c: Paired) -> Paired:
+    if c.p is None:
+        return c
+    seeds_ok = c.seed_se is None or abs(c.diff) > 2 * c.seed_se
+    c.significant = c.p < ALPHA and seeds_ok and c.diff != 0
+    seed_part = (
+        "seed noise not measured (1 seed)"
+        if c.seed_se is None
+        else f"2 × seed standard error {2 * c.seed_se:.3f}" + ("" if seeds_ok else " not exceeded")
+    )
+    c.why = f"{c.test}: p = {c.p:.3g}; {seed_part}"
+    return c
+
+
+def family(pairs: dict[tuple[str, str], Paired]) -> dict[tuple[str, str], Paired]:
+    """Holm's correction over the pairs compared within one (model, task), then the verdicts again."""
+    tested = [k for k, c in pairs.items() if c.p is not None]
+    if len(tested) > 1:
+        adjusted = multipletests([pairs[k].p for k in tested], alpha=ALPHA, method="holm")[1]
+        for k, p in zip(tested, adjusted, strict=True):
+            pairs[k].p = float(p)
+            pairs[k].test += ", Holm-adjusted"
+            _decide(pairs[k])
+    return pairs
+
+
+def compare_all(summaries: dict[str, Summary]) -> dict[tuple[str, str], Paired]:
+    """Every pair of configurations of one (model, task), named by their labels, Holm-adjusted together."""
+    names = list(summaries)
+    return family({(x, y): paired(summaries[x], summaries[y]) for i, x in enumerate(names) for y in names[i + 1 :]})
