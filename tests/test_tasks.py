@@ -130,3 +130,26 @@ def test_bbc_news_trains_a_five_way_head(tmp_path):
     rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
     assert rec.status == "ok", rec.error
     assert rec.task_info["labels"][0] == "business" and rec.eval_after.examples == 32
+
+
+@pytest.mark.parametrize("name", sorted(__import__("harness.tasks", fromlist=["TASKS"]).TASKS))
+def test_no_test_or_validation_input_is_also_a_training_input(name):
+    """Copies (BBC News has verbatim duplicate articles under other file names) share a split with their
+    original: no test or validation input equals a training input, whitespace and case aside."""
+    from harness.taskdata import content_key
+
+    data = load_task(TaskSpec(name=name))
+    train = {content_key(x) for x in data.train}
+    assert not [x for x in data.test + data.validation if content_key(x) in train]
+    if name in ("rotten_tomatoes", "boolq"):  # and groups (movie, passage) still never straddle splits
+        assert not {x.group for x in data.train} & {x.group for x in data.test}
+
+
+def test_group_split_joins_groups_that_share_content():
+    from harness.taskdata import Example, group_split
+
+    rows = [Example(f"text {i}", 0, f"g{i}") for i in range(200)] + [Example("TEXT  7", 1, "copy")]
+    for seed in range(5):
+        splits = group_split(rows, seed)
+        where = {x.group: i for i, s in enumerate(splits) for x in s}
+        assert where["copy"] == where["g7"]
