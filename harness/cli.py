@@ -173,7 +173,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     _warn(res.problems)
     if args.format == "html":
         with writing(args.output or str(results / "report.html")):
-            print(write_report(results, Path(args.output) if args.output else None))
+            print(write_report(results, Path(args.output) if args.output else None, args.plotly))
         return 0
     text = _tabular(res.records, args.format)
     if args.output:
@@ -292,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("results")
     rp.add_argument("-o", "--output", help="output file (default: RESULTS/report.html; stdout for md/csv/json)")
     rp.add_argument("--format", choices=["html", "md", "csv", "json"], default="html")
+    rp.add_argument(
+        "--plotly",
+        choices=["embed", "cdn"],
+        default="embed",
+        help="embed plotly.js (default: the page opens offline) or reference its CDN (a much smaller file)",
+    )
     rp.set_defaults(fn=cmd_report)
     cp = sub.add_parser("compare", help="compare two results directories cell by cell")
     cp.add_argument("old")

@@ -9,6 +9,7 @@ from collections import defaultdict
 import plotly.graph_objects as go
 
 from harness.records import RunRecord
+from reports import stats
 
 MIB = 2**20
 COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff"]
@@ -79,8 +80,8 @@ def pareto(records: list[RunRecord]) -> go.Figure:
         mem = [peak_bytes(r)[0] for r in rs if peak_bytes(r)[0] is not None]
         if not mem:
             continue
-        acc = [r.eval_after.accuracy for r in rs]
-        series[(model, task)].append((statistics.fmean(mem) / MIB, statistics.fmean(acc), f"{method}/{variant}"))
+        acc = stats.summarize(rs)
+        series[(model, task)].append((statistics.fmean(mem) / MIB, acc.mean, f"{method}/{variant}", acc))
     kind = peak_bytes(records[0])[1] if records else ""
     fig = go.Figure()
     several = len(series) > 1
@@ -102,22 +103,36 @@ def pareto(records: list[RunRecord]) -> go.Figure:
             if p[1] > best:
                 frontier.append(p)
                 best = p[1]
+        # A star only where the gain over the last starred (cheaper) point is beyond noise on the same test
+        # examples; a frontier point within noise of a cheaper one is drawn open, its hover says so.
+        stars, hover, last = [], [], None
+        for p in frontier:
+            c = stats.paired(p[3], last[3]) if last is not None else None
+            starred = c is None or c.significant
+            stars.append("star" if starred else "circle-open")
+            hover.append(html.escape(p[2] if c is None else f"{p[2]}: {c.diff:+.3f} over {last[2]}, {c.verdict}"))
+            last = p if starred else last
         fig.add_scatter(
             x=[p[0] for p in frontier],
             y=[p[1] for p in frontier],
             mode="lines+markers",
-            name=(f"{name}: " if several else "") + "Pareto frontier (no run is both cheaper and better)",
+            name=(f"{name}: " if several else "")
+            + "Pareto frontier (no run is both cheaper and better; ☆ = beyond noise)",
             legendgroup=name,
+            hovertext=hover,
+            hoverinfo="text+x+y",
             line=dict(dash="dash", color=colour, width=2),  # explicit: plotly would copy the clear marker colour
-            marker=dict(symbol="star", size=16, color="rgba(0,0,0,0)", line=dict(width=2, color=colour)),
+            marker=dict(symbol=stars, size=16, color="rgba(0,0,0,0)", line=dict(width=2, color=colour)),
         )
     fig.update_layout(
         **_layout(
             f"Peak memory vs accuracy ({kind}; lower-left is cheaper, up is better)",
             f"peak memory, MiB ({kind})",
             "test accuracy after training",
+            legend=dict(orientation="h", yanchor="top", y=-0.2, x=0),
         )
     )
+    fig.update_layout(height=460 + 24 * len(series), margin=dict(b=70 + 30 * len(series)))
     return fig
 
 
@@ -147,16 +162,35 @@ def memory_breakdown(records: list[RunRecord]) -> go.Figure:
 
 
 def throughput(records: list[RunRecord]) -> go.Figure:
-    ok = [r for r in records if r.status == "ok" and r.tokens_per_s]
+    """Median step time per run with its interquartile range over the measured steps; tokens/s as the label."""
+    ok = [r for r in records if r.status == "ok" and r.tokens_per_s and r.step_times_s[r.timing_warmup_steps :]]
+    quart = []
+    for r in ok:
+        xs = r.step_times_s[r.timing_warmup_steps :]
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        quart.append([v * 1000 for v in q])
     fig = go.Figure()
     fig.add_bar(
         x=[run_label(r, ok) for r in ok],
-        y=[r.tokens_per_s for r in ok],
-        name="tokens/s",
-        text=[f"{r.step_time_stats.get('median_s', 0) * 1000:.0f} ms/step" for r in ok],
-        textposition="auto",
+        y=[q[1] for q in quart],
+        name="ms/step",
+        error_y=dict(
+            type="data",
+            symmetric=False,
+            array=[q[2] - q[1] for q in quart],
+            arrayminus=[q[1] - q[0] for q in quart],
+            visible=True,
+        ),
+        hovertext=[f"{r.tokens_per_s:,.0f} tokens/s" for r in ok],
+        marker_color=SERIES_COLORS[0],
     )
-    fig.update_layout(**_layout("Training throughput (measured steps, warm-up excluded)", "run", "non-pad tokens / s"))
+    fig.update_layout(
+        **_layout(
+            "Training step time: median over measured steps (warm-up excluded), bars to the interquartile range",
+            "run",
+            "ms per optimizer step",
+        )
+    )
     return fig
 
 
@@ -201,39 +235,57 @@ def loss_curves(records: list[RunRecord]) -> go.Figure:
 
 
 def seed_spread(records: list[RunRecord]) -> tuple[go.Figure, list[str]]:
-    """Accuracy mean ± std over seeds, and plain sentences on which differences are within noise."""
-    stats = []
+    """Accuracy mean ± std over seeds with its 95% interval over test examples, and plain sentences on which
+    differences are beyond noise (paired tests on the same examples, Holm-adjusted; reports/stats.py)."""
+    from reports import stats
+
     grouped = groups(records)
     several = len({(m, t) for m, t, _, _ in grouped}) > 1
+    rows, by_pair = [], defaultdict(dict)
     for (model, task, method, variant), rs in grouped.items():
-        acc = [r.eval_after.accuracy for r in rs]
-        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         name = f"{_short(model)} · {task} · {method}/{variant}" if several else f"{method}/{variant}"
-        stats.append((name, statistics.fmean(acc), sd, len(acc), (model, task)))
+        summary = stats.summarize(rs)
+        rows.append((name, summary))
+        by_pair[(model, task)][name] = summary
     fig = go.Figure()  # dots, not bars: bars would anchor at 0 and hide differences of a point or two
+    xs = [html.escape(n) for n, _ in rows]
     fig.add_scatter(
-        x=[html.escape(s[0]) for s in stats],
-        y=[s[1] for s in stats],
+        x=xs,
+        y=[s.mean for _, s in rows],
         mode="markers+text",
-        error_y=dict(type="data", array=[s[2] for s in stats], visible=True),
-        marker=dict(size=12),
-        text=[f"n={s[3]}" for s in stats],
+        name="mean ± std over seeds",
+        error_y=dict(type="data", array=[s.std for _, s in rows], visible=True, thickness=3),
+        marker=dict(size=12, color=SERIES_COLORS[0]),
+        text=[f"n={s.seeds}" for _, s in rows],
         textposition="middle right",
     )
-    fig.update_layout(**_layout("Accuracy after training, mean ± std over seeds", "method/variant", "accuracy"))
+    fig.add_scatter(
+        x=xs,
+        y=[s.mean for _, s in rows],
+        mode="markers",
+        name="95% interval over test examples",
+        error_y=dict(
+            type="data",
+            symmetric=False,
+            array=[s.ci[1] - s.mean for _, s in rows],
+            arrayminus=[s.mean - s.ci[0] for _, s in rows],
+            visible=True,
+            color=SERIES_COLORS[1],
+            thickness=1,
+            width=8,
+        ),
+        marker=dict(size=4, color=SERIES_COLORS[1]),
+    )
+    fig.update_layout(
+        **_layout("Accuracy after training: mean ± std over seeds, and its 95% interval", "configuration", "accuracy")
+    )
     notes = []
-    if stats and all(s[3] < 2 for s in stats):
+    if rows and all(s.seeds < 2 for _, s in rows):
         notes.append(
-            "Each configuration ran with one seed, so no difference between them can be told apart from "
-            "seed-to-seed noise. Add seeds to the suite to judge differences."
+            "Each configuration ran with one seed: seed-to-seed noise is not measured, so a difference below is "
+            "judged on the test examples only. Add seeds to the suite to judge it across seeds too."
         )
-        return fig, notes
-    for i, a in enumerate(stats):
-        for b in stats[i + 1 :]:
-            if a[3] < 2 or b[3] < 2 or a[4] != b[4]:  # only runs of one model on one task compare
-                continue
-            se = (a[2] ** 2 / a[3] + b[2] ** 2 / b[3]) ** 0.5
-            diff = a[1] - b[1]
-            verdict = "within noise" if abs(diff) <= 2 * se else "larger than the noise"
-            notes.append(f"{a[0]} vs {b[0]}: difference {diff:+.3f}, 2 × standard error {2 * se:.3f} → {verdict}.")
+    for summaries in by_pair.values():
+        for (a, b), c in stats.compare_all(summaries).items():
+            notes.append(f"{a} vs {b}: difference {c.diff:+.3f} → {c.verdict} ({c.why}).")
     return fig, notes

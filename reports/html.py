@@ -1,4 +1,5 @@
-"""One self-contained HTML page per results set: plotly.js is embedded, nothing is fetched from a network.
+"""One self-contained HTML page per results set: plotly.js is embedded (or, on request, referenced from its
+CDN), nothing else is fetched from a network.
 
 Every user-supplied string (suite name, variants, error text, config) is HTML-escaped; figure data travels as
 JSON inside ``<script type="application/json">`` with ``<`` escaped, so no string can close a script tag.
@@ -15,8 +16,8 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, cell_identity, read_record
-from reports import figures
-from reports.summary import shown_columns, summary_rows
+from reports import explore, figures, headline
+from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;
@@ -27,6 +28,13 @@ vertical-align:top}th{background:#f4f4f4;cursor:pointer;user-select:none}th:hove
 tr:nth-child(even) td{background:#fafafa}.fail td{background:#fff0f0}pre{background:#f6f8fa;padding:10px;
 overflow:auto;font-size:.8em;max-height:420px}.note{color:#555;font-size:.9em}.plot{min-height:420px}
 .warn{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.scroll{overflow-x:auto;max-width:100%}
+.sig{color:#0a6b2f;font-weight:600}.nosig{color:#8a5a00}ul.best li{margin:.2em 0}
+@media (max-width:600px){body{margin:8px auto;padding:0 8px}table{font-size:.75em}.plot{min-height:320px}}
+@media print{body{max-width:none;margin:0}.plot,.js-plotly-plot,tr,pre,ul.best{break-inside:avoid;
+page-break-inside:avoid}h2,h3{break-after:avoid}.plot{width:100%!important}pre{max-height:none;white-space:pre-wrap}
+th{cursor:auto}.scroll{overflow:visible}table{font-size:6.5pt;word-break:break-word}th,td{padding:2px 3px}
+.num{white-space:normal}}
 """
 
 SORT_JS = """
@@ -44,6 +52,14 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
     rows.forEach(function(r){ tbody.appendChild(r); });
   });
 });
+// Printed, a plot keeps the width it was drawn at: give every plot a width that fits an A4 or Letter page
+// (default margins) before printing, and its own width back after.
+var PRINT_WIDTH = 680;
+function eachPlot(update){
+  document.querySelectorAll('.js-plotly-plot').forEach(function(el){ Plotly.relayout(el, update); });
+}
+window.addEventListener('beforeprint', function(){ eachPlot({width: PRINT_WIDTH, autosize: false}); });
+window.addEventListener('afterprint', function(){ eachPlot({width: null, autosize: true}); });
 document.querySelectorAll('script.fig').forEach(function(s){
   var fig = JSON.parse(s.textContent);
   Plotly.newPlot(s.dataset.target, fig.data, fig.layout, {responsive: true, displaylogo: false});
@@ -61,7 +77,8 @@ def _sort_value(r: RunRecord, col: str, text: str) -> str:
         "peak memory": peak,
         "tokens/s": r.tokens_per_s,
         "MFU": r.mfu,
-        "export": r.export_bytes,
+        "exports": r.export_bytes,
+        "peak RSS": r.peak_rss_bytes,
         "step time (median)": r.step_time_stats.get("median_s"),
         "accuracy before → after": r.eval_after.accuracy if r.eval_after else None,
         "forgetting: LM loss before → after": (r.forgetting or {}).get("after", {}).get("lm_loss"),
@@ -75,17 +92,21 @@ def _table(records: list[RunRecord]) -> str:
     rows = summary_rows(records)
     constant = [c for c in ("model", "task", "seed") if rows and len({r[c] for r in rows}) == 1]
     cols = [c for c in shown_columns(rows) if c not in constant]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f'<th title="{html.escape(MEANINGS.get(c, c))}">{html.escape(c)}</th>' for c in cols)
     body = []
     for r, row in zip(records, rows, strict=True):
         cls = "" if r.status == "ok" else ' class="fail"'
         cells = "".join(
-            f'<td data-v="{html.escape(_sort_value(r, c, row[c]))}">{html.escape(row[c])}</td>' for c in cols
+            f'<td{" class=num" if c in NUMERIC else ""} data-v="{html.escape(_sort_value(r, c, row[c]))}">'
+            f"{html.escape(row[c])}</td>"
+            for c in cols
         )
         body.append(f"<tr{cls}>{cells}</tr>")
     same = " · ".join(f"{c}: <b>{html.escape(rows[0][c])}</b>" for c in constant)
+    foot = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape(MEANINGS[c])}</li>" for c in cols if c in MEANINGS)
     return (f"<p>{same}</p>" if same else "") + (
-        f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead>'
+        f'<tbody>{"".join(body)}</tbody></table></div><ul class="note">{foot}</ul>'
     )
 
 
@@ -121,12 +142,34 @@ def _hardware(records: list[RunRecord]) -> str:
 
         env = records[0].environment  # with the measured bf16 speed where the record has it
         line = describe(env) if "bf16_speedup_vs_fp32" in env else machines[0]
-        return f'<p class="note">Hardware: <b>{html.escape(line)}</b></p>'
+        return f'<p class="note">Hardware: <b>{html.escape(line)}</b></p>' + _provenance(records)
     items = "".join(f"<li>{html.escape(m)}</li>" for m in machines)
     return (
         f'<p class="warn">These runs come from {len(machines)} different machines; step time, tokens/s and MFU '
         f"do not compare across them:</p><ul>{items}</ul>"
     )
+
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def _provenance(records: list[RunRecord]) -> str:
+    """The code and libraries behind the numbers; a dirty tree is a visible warning (its code is not a commit)."""
+    envs = [r.environment for r in records]
+    commits = sorted({str(e.get("git_commit"))[:10] for e in envs})
+    libs = " · ".join(
+        f"{lib} {'/'.join(sorted({str((e.get('versions') or {}).get(lib)) for e in envs}))}" for lib in LIBRARIES
+    )
+    out = f'<p class="note">Commit {html.escape(", ".join(commits))} · {html.escape(libs)}</p>'
+    dirty = sum(bool(e.get("git_dirty")) for e in envs)
+    if dirty:
+        out += (
+            f'<p class="warn">{dirty} of {len(envs)} runs ran from a working tree with uncommitted changes: the '
+            "commit named above is not the code that produced them.</p>"
+        )
+    if len(commits) > 1:
+        out += f'<p class="warn">These runs come from {len(commits)} different commits.</p>'
+    return out
 
 
 def _environment(records: list[RunRecord]) -> str:
@@ -198,7 +241,9 @@ def current_records(records: list[RunRecord], index: dict | None) -> tuple[list[
     return list(newest.values()), stale
 
 
-def render(records: list[RunRecord], suite_text: str, suite_name: str, problems: list[str] | None = None) -> str:
+def render(
+    records: list[RunRecord], suite_text: str, suite_name: str, problems: list[str] | None = None, plotly: str = "embed"
+) -> str:
     figs = [
         ("pareto", figures.pareto(records)),
         ("memory", figures.memory_breakdown(records)),
@@ -216,10 +261,14 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str, problems:
         "live tensor bytes, never VRAM. Click a column header to sort.</p>",
         _hardware(records) if records else "",
         "".join(f'<p class="warn">{html.escape(p)}</p>' for p in problems or []),
-        "<h2>Summary</h2>",
+        "<h2>Headline: each configuration over its seeds</h2>",
+        headline.render(records),
+        "<h2>Every run</h2>",
         _table(records),
         "<h2>Memory vs accuracy</h2>",
         plots["pareto"],
+        "<h2>Any two metrics</h2>",
+        explore.render(records),
         "<h2>Memory breakdown</h2>",
         plots["memory"],
         '<p class="note">Categories: parameters (trainable, frozen, quantized storage incl. constants), gradients, '
@@ -240,16 +289,29 @@ def render(records: list[RunRecord], suite_text: str, suite_name: str, problems:
         f"<pre>{html.escape(suite_text or '(suite.yaml not found)')}</pre>",
     ]
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ftbench · {name}</title>'
-        f"<style>{CSS}</style><script>{get_plotlyjs()}</script></head><body>{''.join(sections)}"
-        f"<script>{SORT_JS}</script></body></html>"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>ftbench · {name}</title>'
+        f"<style>{CSS}</style>{plotly_script(plotly)}</head><body>{''.join(sections)}"
+        f"<script>{SORT_JS}{explore.JS}</script></body></html>"
     )
 
 
-def write_report(results_dir: Path, out: Path | None = None) -> Path:
+def plotly_script(how: str = "embed") -> str:
+    """plotly.js inside the page (default: opens offline, ~4.8 MB), or a reference to its CDN (small file,
+    needs the network to draw the figures)."""
+    if how == "cdn":
+        from plotly.offline import get_plotlyjs_version
+
+        return f'<script src="https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js" charset="utf-8"></script>'
+    if how != "embed":
+        raise ValueError(f"plotly must be 'embed' or 'cdn', got {how!r}")
+    return f"<script>{get_plotlyjs()}</script>"
+
+
+def write_report(results_dir: Path, out: Path | None = None, plotly: str = "embed") -> Path:
     res = load_results(results_dir)
     out = Path(out) if out else Path(results_dir) / "report.html"
     from harness.atomic import atomic_write_text
 
-    atomic_write_text(out, render(res.records, res.suite_text, res.name, res.problems))
+    atomic_write_text(out, render(res.records, res.suite_text, res.name, res.problems, plotly))
     return out

@@ -8,6 +8,24 @@ import pandas as pd
 
 from harness.records import RunRecord
 
+NUMERIC = {"trainable", "trainable %", "weights", "peak memory", "peak RSS", "step time (median)", "tokens/s", "MFU"}
+# What each column means (the HTML header's hover and the footnotes under the table).
+MEANINGS = {
+    "trainable": "parameters the optimizer updates",
+    "trainable %": "trainable / all parameters, in % (quantized weights counted by their logical number)",
+    "weights": "bytes of parameter storage, packed 4-bit weights and their constants included",
+    "peak memory": "CUDA allocator peak, or the peak of live CPU tensor bytes in a training step (never VRAM)",
+    "peak RSS": "the cell process's peak resident set size (whole run: libraries, loading and evaluation too)",
+    "optimizer": "the optimizer, and whether paged state really was paged",
+    "step time (median)": "median time of an optimizer step over measured steps (warm-up excluded)",
+    "tokens/s": "non-pad training tokens per second over measured steps",
+    "MFU": "model FLOP/s over measured steps / this machine's measured matmul peak in the named dtype",
+    "accuracy before → after": "test accuracy before and after training, [95% Wilson interval over test examples]",
+    "forgetting: LM loss before → after": "LM loss on another task's held-out text, before and after training",
+    "exports": "each artifact written, with its size on disk",
+    "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| vs "
+    "the trained in-memory model on the test split",
+}
 COLUMNS = [
     "method",
     "variant",
@@ -19,13 +37,14 @@ COLUMNS = [
     "trainable %",
     "weights",
     "peak memory",
+    "peak RSS",
     "optimizer",
     "step time (median)",
     "tokens/s",
     "MFU",
     "accuracy before → after",
     "forgetting: LM loss before → after",
-    "export",
+    "exports",
     "merged exports: accuracy (max Δlogit)",
 ]
 
@@ -41,7 +60,21 @@ def accuracy_label(r: RunRecord) -> str:
     if b is None:
         return "—"
     before = f"{b.accuracy:.3f}" + (" zero-shot" if prompt_mode(r) else "")
-    return f"{before} → {a.accuracy:.3f}" if a is not None else f"{before} → —"
+    if a is None:
+        return f"{before} → —"
+    lo, hi = wilson(a.accuracy, a.examples)
+    return f"{before} → {a.accuracy:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def wilson(accuracy: float, n: int) -> tuple[float, float]:
+    from reports.stats import wilson as w  # statsmodels: only where an interval is drawn
+
+    return w(accuracy, n)
+
+
+def fmt_diff(x: float) -> str:
+    """A max |Δlogit| without exponents in a table."""
+    return "0" if x == 0 else ("< 0.0001" if x < 1e-4 else f"{x:.4f}")
 
 
 def forgetting_label(r: RunRecord) -> str:
@@ -106,17 +139,19 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "trainable %": f"{r.trainable_pct:.2f}" if r.trainable_pct is not None else "—",
                 "weights": fmt_bytes(r.weight_bytes),
                 "peak memory": peak_memory_label(r),
+                "peak RSS": fmt_bytes(r.peak_rss_bytes),
                 "optimizer": optimizer_label(r),
                 "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms"
                 if r.step_time_stats.get("median_s")
                 else "—",
                 "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
-                "MFU": f"{r.mfu * 100:.1f}%" if r.mfu else "—",
+                "MFU": f"{r.mfu * 100:.1f}% of {r.mfu_dtype or '?'} peak" if r.mfu else "—",
                 "accuracy before → after": accuracy_label(r),
                 "forgetting: LM loss before → after": forgetting_label(r),
-                "export": fmt_bytes(r.export_bytes),
+                "exports": "; ".join(f"{e.kind} {fmt_bytes(e.bytes_on_disk)}" for e in r.exports if not e.unsupported)
+                or "—",
                 "merged exports: accuracy (max Δlogit)": "; ".join(
-                    [f"{e.kind} {e.eval.accuracy:.3f} ({e.max_abs_logit_diff:.1e})" for e in merged]
+                    [f"{e.kind} {e.eval.accuracy:.3f} ({fmt_diff(e.max_abs_logit_diff)})" for e in merged]
                     + [f"{e.kind}: {e.unsupported}" for e in r.exports if e.unsupported]
                 )
                 or "—",

@@ -44,21 +44,21 @@ def report(tmp_path_factory):
     return write_report(d)
 
 
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
 def test_report_renders_offline_with_no_errors(report):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-            ],
-        )
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = browser.new_context(offline=True)  # the page must load with the network off
         page = context.new_page()
         errors, dialogs, requests = [], [], []
@@ -77,7 +77,7 @@ def test_report_renders_offline_with_no_errors(report):
         sort_after = page.eval_on_selector_all("table.sortable tbody tr", "rs => rs.map(r => r.cells[0].innerText)")
         browser.close()
     assert errors == [] and dialogs == [] and requests == []
-    assert len(plots) == 5 and all(plots)
+    assert len(plots) == 6 and all(plots)  # five figures and the two-metric explorer
     assert EVIL in title and EVIL in h1  # shown as text, never run
     assert 'Boom <img src=x onerror="alert(2)"> & more' in failures and "<b>bold</b>" in failures
     assert sorted(sort_before) == sorted(sort_after) and sort_after == sorted(sort_after)
@@ -89,3 +89,71 @@ def test_report_files_are_self_contained_json_safe(report):
     figs = [chunk.split("</script>")[0] for chunk in html.split('class="fig"')[1:]]
     for f in figs:
         json.loads(f.split(">", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def grid_report(tmp_path_factory, report):
+    """2 models × 2 tasks × 2 seeds × 2 methods, made from the real tiny runs (model, task, seed relabelled;
+    accuracies shifted per task and seed, the per-example answers kept consistent with them)."""
+    d = tmp_path_factory.mktemp("grid")
+    base = [r for r in map(read_record, sorted((report.parent / "records").glob("*.json"))) if r.status == "ok"]
+    for model in ("tiny-bert", "other-model"):
+        for task in ("rotten_tomatoes", "bbc_news"):
+            for seed in (0, 1):
+                for r in base:
+                    n = r.eval_after.examples
+                    k = min(n, round(r.eval_after.accuracy * n) + 2 * seed + (n // 3 if task == "bbc_news" else 0))
+                    after = r.eval_after.model_copy(update={"accuracy": k / n, "correct": "1" * k + "0" * (n - k)})
+                    cid = f"{model}__{task}__{r.method}-{r.variant}__s{seed}__x"
+                    rec = r.model_copy(
+                        update={"cell_id": cid, "model": model, "task": task, "seed": seed, "eval_after": after}
+                    )
+                    write_record(d, rec.model_copy(update={"suite": "grid"}))
+    return write_report(d)
+
+
+def test_grid_report_per_model_and_task_on_a_phone_and_in_print(grid_report, tmp_path):
+    """Bars, seeds and verdicts are per (model, task); the frontier line has a visible stroke; 390 px wide
+    has no horizontal page scroll; printed, no plot is wider than the page."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_context(offline=True, viewport={"width": 1440, "height": 900}).new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(grid_report.as_uri())
+        page.wait_for_timeout(500)
+        sections = page.eval_on_selector_all("h3", "hs => hs.map(h => h.innerText)")
+        bars = page.eval_on_selector_all("#fig-throughput .bars .point", "ps => ps.length")
+        seeds = page.eval_on_selector_all("#fig-seeds .xtick", "ts => ts.map(t => t.textContent)")
+        strokes = page.eval_on_selector_all(
+            "#fig-pareto .scatterlayer .trace path.js-line", "ps => ps.map(p => getComputedStyle(p).stroke)"
+        )
+        body = page.inner_text("body")
+        page.set_viewport_size({"width": 390, "height": 800})
+        page.wait_for_timeout(300)
+        phone = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        page.emulate_media(media="print")
+        page.set_viewport_size({"width": 1440, "height": 900})  # printed from a wide window
+        page.wait_for_timeout(300)
+        page.evaluate("window.dispatchEvent(new Event('beforeprint'))")  # what the browser's print does
+        page.wait_for_timeout(300)
+        # A4 at 96 px/inch is 794 px wide; Chromium's default print margins leave about 718 px of it
+        printed = page.eval_on_selector_all(".js-plotly-plot svg.main-svg", "ss => ss.map(s => s.width.baseVal.value)")
+        pdf = tmp_path / "report.pdf"
+        page.pdf(path=str(pdf), format="A4")
+        browser.close()
+    assert errors == []
+    assert sorted(s.split(" (")[0] for s in sections) == sorted(
+        f"{m} · {t}" for m in ("tiny-bert", "other-model") for t in ("rotten_tomatoes", "bbc_news")
+    )
+    assert bars == 16  # one bar per run, none stacked onto another (model, task)'s
+    assert len(seeds) == 8 and len(set(seeds)) == 8 and all(" · " in s for s in seeds)
+    assert body.count("within noise") + body.count("beyond noise") >= 4
+    assert strokes and all(s not in ("none", "rgba(0, 0, 0, 0)") for s in strokes)
+    assert phone[0] <= phone[1], f"horizontal page scroll at 390 px: {phone}"
+    assert pdf.stat().st_size > 10_000
+    if os.environ.get("FTBENCH_KEEP_PDF"):
+        shutil.copy(pdf, os.environ["FTBENCH_KEEP_PDF"])
+    assert printed and max(printed) <= 718, printed

@@ -42,7 +42,11 @@ def test_html_report_written(results, capsys):
     assert main(["report", str(results)]) == 0
     path = capsys.readouterr().out.strip()
     html = open(path).read()
-    assert html.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in html and html.count('class="plot"') == 5
+    assert html.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in html and html.count('class="plot"') == 6
+    embedded = len(html)
+    assert main(["report", str(results), "--plotly", "cdn", "-o", str(results / "cdn.html")]) == 0
+    cdn = (results / "cdn.html").read_text()
+    assert '<script src="https://cdn.plot.ly/plotly-' in cdn and len(cdn) < embedded - 3_000_000
     import torch
 
     assert f"Hardware: <b>{rec_cpu(results)} · {torch.backends.cpu.get_cpu_capability()} · bf16 " in html

@@ -1,0 +1,97 @@
+"""Intervals and paired tests of reports/stats.py, and the report's refusal to call a win within noise."""
+
+import numpy as np
+import pytest
+
+from harness.records import EvalMetrics, RunRecord
+from reports import headline, stats
+
+
+def run(method: str, bits: str, seed: int = 0, task: str = "t", step_s: float = 0.1) -> RunRecord:
+    acc = bits.count("1") / len(bits)
+    return RunRecord(
+        cell_id=f"m__{task}__{method}__s{seed}",
+        suite="s",
+        method=method,
+        variant="default",
+        model="m",
+        task=task,
+        seed=seed,
+        status="ok",
+        started_at="2026-12-02T00:00:00+00:00",
+        wall_time_s=1.0,
+        config={},
+        environment={},
+        eval_after=EvalMetrics(accuracy=acc, loss=0.5, examples=len(bits), correct=bits),
+        step_times_s=[step_s * (1 + 0.01 * i) for i in range(20)],
+        trainable_params=100 if method != "full" else 10_000,
+    )
+
+
+def bits(n: int, right: set[int]) -> str:
+    return "".join("1" if i in right else "0" for i in range(n))
+
+
+def test_wilson_interval_matches_the_formula():
+    lo, hi = stats.wilson(0.8, 100)
+    z = 1.959964
+    centre = (0.8 + z**2 / 200) / (1 + z**2 / 100)
+    half = z / (1 + z**2 / 100) * np.sqrt(0.8 * 0.2 / 100 + z**2 / 40_000)
+    assert lo == pytest.approx(centre - half, abs=1e-4) and hi == pytest.approx(centre + half, abs=1e-4)
+
+
+def test_mcnemar_decides_on_the_examples_where_the_two_disagree():
+    n = 300
+    base = set(range(150))
+    a = stats.summarize([run("a", bits(n, base | set(range(150, 190))))])  # 40 more right
+    b = stats.summarize([run("b", bits(n, base))])
+    c = stats.paired(a, b)
+    assert c.significant and c.test.startswith("McNemar exact (40 vs 0") and c.p < 1e-6
+    # The same 40-example gap made of swaps (45 vs 5 discordant) is still significant, but 3 vs 0 is not
+    swapped = stats.summarize([run("a", bits(n, (base - set(range(5))) | set(range(150, 195))))])
+    assert stats.paired(swapped, b).significant
+    near = stats.summarize([run("a", bits(n, base | {150, 151, 152}))])
+    assert not stats.paired(near, b).significant and stats.paired(near, b).verdict == "within noise"
+
+
+def test_seed_noise_can_overrule_a_significant_example_level_difference():
+    """Two seeds each: an example-level gap of 0.05 with seed-to-seed swings of 0.2 is within noise."""
+    n = 400
+    a = [run("a", bits(n, set(range(300))), 0), run("a", bits(n, set(range(220))), 1)]  # 0.75, 0.55
+    b = [run("b", bits(n, set(range(250))), 0), run("b", bits(n, set(range(230))), 1)]  # 0.625, 0.575
+    c = stats.paired(stats.summarize(a), stats.summarize(b))
+    assert c.p < 0.05 and c.seed_se is not None and not c.significant and "not exceeded" in c.why
+
+
+def test_holm_raises_p_values_over_a_family():
+    n = 200
+    runs = {k: stats.summarize([run(k, bits(n, set(range(100 + d))))]) for k, d in (("a", 14), ("b", 7), ("c", 0))}
+    raw = stats.paired(runs["a"], runs["c"]).p
+    adjusted = stats.compare_all(runs)[("a", "c")]
+    assert adjusted.p >= raw and "Holm" in adjusted.test
+
+
+def test_multi_seed_interval_is_a_bootstrap_over_examples_and_contains_the_mean():
+    n = 200
+    s = stats.summarize([run("a", bits(n, set(range(120))), 0), run("a", bits(n, set(range(130))), 1)])
+    assert s.seeds == 2 and s.mean == pytest.approx(0.625) and s.ci[0] < s.mean < s.ci[1]
+    assert "± 0.035 (2 seeds)" in s.label
+
+
+def test_headline_bolds_and_calls_best_only_beyond_noise():
+    n = 300
+    clear = [run("a", bits(n, set(range(200)))), run("b", bits(n, set(range(140))))]
+    close = [run("a", bits(n, set(range(150)))), run("b", bits(n, set(range(148))))]
+    page_clear, page_close = headline.render(clear), headline.render(close)
+    assert "<b>0.667" in page_clear and "below a/default" in page_clear
+    assert "<b>" + "0.500" not in page_close and "within noise of a/default" in page_close
+    best = {b.axis: b for b in headline.best_per_axis(headline.configs(close)[("m", "t")])}
+    assert best["accuracy"].significant is False and best["trainable parameters"].significant is None
+
+
+def test_records_without_per_example_answers_are_never_called_different():
+    old = [run("a", bits(100, set(range(90)))), run("b", bits(100, set(range(10))))]
+    for r in old:
+        r.eval_after.correct = None
+    c = stats.paired(stats.summarize(old[:1]), stats.summarize(old[1:]))
+    assert not c.significant and c.p is None and "no per-example answers" in c.why
