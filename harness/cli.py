@@ -211,25 +211,27 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from reports.compare import compare, fmt, hardware_warning
+    """One row per cell, old → new per metric, better / worse only beyond noise; every warning (config, commit,
+    dirty tree, threads, versions, hardware) in the output itself. csv / json: the raw long rows."""
+    import json
+
+    import pandas as pd
+
+    from reports.compare import compare, pivot
     from reports.html import load_results
 
     old_res, new_res = load_results(_records_dir(args.old)), load_results(_records_dir(args.new))
     _warn(old_res.problems + new_res.problems)
     old, new = old_res.records, new_res.records
+    if args.format == "md":
+        print(f"ftbench compare: OLD {args.old} → NEW {args.new}\n")
+        print(pivot(old, new))
+        return 0
     rows, notes = compare(old, new)
-    hw = hardware_warning(old, new)
-    if hw:  # in the output itself, above the table: it changes how every speed row reads
-        print(hw)
-    cols = ["cell", "metric", "old", "new", "delta", "relative", "status"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        rel = f"{r['relative'] * 100:+.1f}%" if r["relative"] is not None else "—"
-        vals = [r["cell"], r["metric"], fmt(r["old"]), fmt(r["new"]), fmt(r["delta"]), rel, r["status"]]
-        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
-    print("\n".join(lines))
-    for n in notes:
-        print(f"warning: environments differ: {n}" if "→" in n else f"note: {n}", file=sys.stderr)
+    if args.format == "csv":
+        print("".join(f"# {n}\n" for n in notes) + pd.DataFrame(rows).to_csv(index=False), end="")
+    else:
+        print(json.dumps({"warnings": notes, "rows": rows}, indent=1))
     return 0
 
 
@@ -302,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare two results directories cell by cell")
     cp.add_argument("old")
     cp.add_argument("new")
+    cp.add_argument("--format", choices=["md", "csv", "json"], default="md", help="md (default): the pivoted table")
     cp.set_defaults(fn=cmd_compare)
     e = sub.add_parser("estimate", help="analytic peak-memory estimate for models that do not fit here")
     e.add_argument("--model", action="append", help="llama-7b, llama-13b, llama-33b, llama-65b, llama-70b, gpt3-175b")

@@ -17,7 +17,7 @@ METRICS = {
     "trainable_params": lambda r: r.trainable_params,
     "export_bytes": lambda r: r.export_bytes,
 }
-ENV_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu", "python")
+ENV_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu", "python", "git_commit")
 HARDWARE_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "gpu")
 
 
@@ -86,6 +86,8 @@ def env_differences(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
         return out
 
     a, b = summary(old), summary(new)
+    for side in (a, b):
+        side["git_commit"] = {c[:10] for c in side.get("git_commit", set())}
     return [
         f"{k}: {sorted(a.get(k, set()))} → {sorted(b.get(k, set()))}"
         for k in sorted(set(a) | set(b))
@@ -93,12 +95,26 @@ def env_differences(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
     ]
 
 
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Fields whose values differ between two resolved configs ("train.steps: 30 → 60")."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{k}.")
+        elif x != y and k not in ("suite", "cell_id"):
+            out.append(f"{prefix}{k}: {x} → {y}")
+    return out
+
+
 def compare(old: list[RunRecord], new: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of (cell, metric, old, new, delta, relative delta) for cells present in both sets."""
+    """Raw rows of (cell, metric, old, new, delta, relative, same config) for cells in both sets, and the
+    warnings that change how they read."""
     old_by, new_by = {key(r): r for r in old}, {key(r): r for r in new}
     rows = []
     for k in [k for k in old_by if k in new_by]:
         o, n = old_by[k], new_by[k]
+        same = not config_diff(o.config, n.config)
         for metric, f in METRICS.items():
             a, b = f(o), f(n)
             if a is None and b is None:
@@ -114,14 +130,35 @@ def compare(old: list[RunRecord], new: list[RunRecord]) -> tuple[list[dict[str, 
                     "delta": delta,
                     "relative": rel,
                     "status": f"{o.status} → {n.status}",
+                    "same_config": same,
                 }
             )
-    notes = env_differences(old, new)
+    return rows, warnings(old, new)
+
+
+def warnings(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
+    """Everything that makes OLD and NEW differ besides the change being measured: config, code, machine."""
+    out = []
+    hw = hardware_warning(old, new)
+    if hw:
+        out.append(hw)
+    out += [f"warning: environments differ: {d}" for d in env_differences(old, new)]
+    old_by, new_by = {key(r): r for r in old}, {key(r): r for r in new}
+    differ = {}
+    for k in [k for k in old_by if k in new_by]:
+        for d in config_diff(old_by[k].config, new_by[k].config):
+            differ.setdefault(d, []).append(k)
+    for d, ks in differ.items():
+        out.append(f"warning: config differs in {len(ks)} cell(s), not judged: {d}")
+    for side, rs in (("OLD", old), ("NEW", new)):
+        dirty = sum(bool(r.environment.get("git_dirty")) for r in rs)
+        if dirty:
+            out.append(f"warning: {dirty} {side} run(s) ran from a working tree with uncommitted changes")
     only_old = [k for k in old_by if k not in new_by]
     only_new = [k for k in new_by if k not in old_by]
     if only_old or only_new:
-        notes.append(f"{len(only_old)} cells only in OLD, {len(only_new)} only in NEW (not compared)")
-    return rows, notes
+        out.append(f"note: {len(only_old)} cells only in OLD, {len(only_new)} only in NEW (not compared)")
+    return out
 
 
 def fmt(v: Any) -> str:
@@ -130,3 +167,112 @@ def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# The pivoted table: one row per cell, one column per metric, "old → new (change, verdict)"; a change is
+# called better or worse only where it is beyond noise (reports/stats.py), on the same config and machine:
+# accuracy by McNemar on the same test examples, step time against the run-to-run spread of the seeds.
+HIGHER_IS_BETTER = {"accuracy": True, "peak memory": False, "step time": False, "tokens/s": True}
+
+
+def _judge(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: bool, noise: tuple) -> str:
+    from reports import stats
+
+    if not comparable:
+        return "config differs: not judged"
+    if metric == "accuracy":
+        c = stats.paired(stats.summarize([n]), stats.summarize([o]))
+        if c.p is None:
+            return "not testable"
+        same_test = (o.task_info.get("examples_sha256") or {}).get("test") == (
+            n.task_info.get("examples_sha256") or {}
+        ).get("test")
+        if not same_test:
+            return "different test examples: not judged"
+        return _word(metric, c.diff, c.significant, f"p = {c.p:.2g}")
+    if metric in ("step time", "tokens/s"):
+        if not same_hw:
+            return "different hardware: not judged"
+        sig, why = stats.step_time_verdict([n], [o], *noise)
+        diff = (stats.run_median_s(n) or 0) - (stats.run_median_s(o) or 0)
+        if "not measured" in why or "no measured" in why:
+            return "run-to-run noise not measured: not judged"
+        return _word(metric, -diff if metric == "tokens/s" else diff, sig, why.split(" (")[0])
+    return ""
+
+
+def _word(metric: str, diff: float, significant: bool, evidence: str) -> str:
+    if not significant or diff == 0:
+        return f"within noise, {evidence}"
+    up = diff > 0
+    return f"{'▲' if up else '▼'} {'better' if up == HIGHER_IS_BETTER[metric] else 'worse'}, {evidence}"
+
+
+def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: bool, noise: tuple) -> str:
+    from reports.summary import fmt_bytes, fmt_count
+
+    get = {
+        "accuracy": (lambda r: r.eval_after.accuracy if r.eval_after else None, lambda v: f"{v:.3f}"),
+        "peak memory": (lambda r: peak_bytes(r)[0], fmt_bytes),
+        "step time": (lambda r: r.step_time_stats.get("median_s"), lambda v: f"{v * 1000:.0f} ms"),
+        "tokens/s": (lambda r: r.tokens_per_s, lambda v: f"{v:,.0f}"),
+        "trainable": (lambda r: r.trainable_params, fmt_count),
+        "exports": (lambda r: r.export_bytes, fmt_bytes),
+    }[metric]
+    a, b = get[0](o), get[0](n)
+    if a is None and b is None:
+        return "—"
+    if a is None or b is None:
+        return f"{get[1](a) if a is not None else '—'} → {get[1](b) if b is not None else '—'}"
+    rel = f"{b - a:+.3f}" if metric == "accuracy" else (f"{(b - a) / a * 100:+.1f}%" if a else f"{b - a:+g}")
+    verdict = _judge(metric, o, n, comparable, same_hw, noise) if comparable else ""
+    if metric in ("peak memory", "trainable", "exports") and comparable:
+        verdict = "same" if a == b else ("▼ smaller" if b < a else "▲ larger") + " (exact, same seed and data)"
+    return f"{get[1](a)} → {get[1](b)} ({rel}{'; ' + verdict if verdict else ''})"
+
+
+def _run_noise(old: list[RunRecord], new: list[RunRecord]) -> tuple[float | None, int]:
+    """Run-to-run spread of step time, from the seeds of each configuration within OLD and within NEW."""
+    from reports import stats
+
+    groups: dict[tuple, list[RunRecord]] = {}
+    for side, rs in (("old", old), ("new", new)):
+        for r in rs:
+            if r.status == "ok":
+                groups.setdefault((side, r.model, r.task, r.method, r.variant), []).append(r)
+    return stats.run_to_run_sigma(list(groups.values()))
+
+
+def pivot(old: list[RunRecord], new: list[RunRecord]) -> str:
+    """PR-ready markdown: the warnings first, constant columns stated once, one row per cell, HTML-special
+    characters escaped."""
+    import html
+
+    def esc(s: str) -> str:
+        return html.escape(s, quote=False).replace("|", "\\|")
+
+    old_by, new_by = {key(r): r for r in old}, {key(r): r for r in new}
+    both = [k for k in old_by if k in new_by]
+    lines = [f"- {esc(w)}" for w in warnings(old, new)]
+    same_hw = hardware_warning(old, new) is None
+    names = ("model", "task", "method/variant", "seed")
+    parts = [(k[0], k[1], f"{k[2]}/{k[3]}", str(k[4])) for k in both]
+    constant = [i for i in range(4) if parts and len({p[i] for p in parts}) == 1]
+    if constant:
+        lines.insert(0, " · ".join(f"{names[i]}: **{esc(parts[0][i])}**" for i in constant))
+    shown = [i for i in range(4) if i not in constant] or [2]
+    metrics = ["accuracy", "peak memory", "step time", "tokens/s", "trainable", "exports"]
+    diffs = {k: config_diff(old_by[k].config, new_by[k].config) for k in both}
+    extra = ["config"] if any(diffs.values()) else []
+    head = [names[i] for i in shown] + metrics + extra
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    noise = _run_noise(old, new)
+    for k, p in zip(both, parts, strict=True):
+        o, n = old_by[k], new_by[k]
+        cells = [p[i] for i in shown] + [_cell_text(m, o, n, not diffs[k], same_hw, noise) for m in metrics]
+        if extra:
+            cells.append("differs, not judged: " + "; ".join(diffs[k]) if diffs[k] else "same")
+        lines.append("| " + " | ".join(esc(c) for c in cells) + " |")
+    if not both:
+        lines.append("(no cell is in both sets)")
+    return "\n".join(lines)

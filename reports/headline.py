@@ -9,8 +9,6 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from scipy.stats import mannwhitneyu
-
 from harness.records import RunRecord
 from reports import stats
 from reports.figures import peak_bytes
@@ -78,10 +76,8 @@ def best_per_axis(cs: dict[str, Config]) -> list[Best]:
     timed = sorted((c for c in cs.values() if c.median_step_s()), key=lambda c: c.median_step_s())
     if len(timed) > 1:
         a, b = timed[0], timed[1]
-        p = float(mannwhitneyu(a.steps_s(), b.steps_s()).pvalue)
-        sig = p < stats.ALPHA
+        sig, why = stats.step_time_verdict(a.runs, b.runs, *stats.run_to_run_sigma([c.runs for c in cs.values()]))
         margin = f"{(b.median_step_s() - a.median_step_s()) * 1000:.0f} ms/step less than {b.name}"
-        why = f"Mann–Whitney U over {len(a.steps_s())} vs {len(b.steps_s())} measured steps: p = {p:.3g}"
         out.append(Best("step time", a.name, margin, sig, why))
     for axis, f, fmt in (
         ("trainable parameters", lambda r: r.trainable_params, fmt_count),

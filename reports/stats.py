@@ -145,3 +145,40 @@ def compare_all(summaries: dict[str, Summary]) -> dict[tuple[str, str], Paired]:
     """Every pair of configurations of one (model, task), named by their labels, Holm-adjusted together."""
     names = list(summaries)
     return family({(x, y): paired(summaries[x], summaries[y]) for i, x in enumerate(names) for y in names[i + 1 :]})
+
+
+# Step time. Steps within one run are not independent samples of a configuration's speed: two runs of the same
+# cell on a shared machine differ by 5-35% (measured here) while a test over their steps calls p < 1e-9. The
+# unit is the run: each run's median step time, compared on a log scale against the run-to-run spread that
+# the set itself shows (runs of one configuration with different seeds), pooled over configurations.
+def run_median_s(r: RunRecord) -> float | None:
+    xs = r.step_times_s[r.timing_warmup_steps :]
+    return statistics.median(xs) if xs else None
+
+
+def run_to_run_sigma(groups: list[list[RunRecord]]) -> tuple[float | None, int]:
+    """Pooled std of log(run median step time) within groups of repeated runs, and its degrees of freedom."""
+    ss, dof = 0.0, 0
+    for runs in groups:
+        logs = [np.log(m) for m in map(run_median_s, runs) if m]
+        if len(logs) > 1:
+            ss += float(np.var(logs, ddof=1)) * (len(logs) - 1)
+            dof += len(logs) - 1
+    return ((ss / dof) ** 0.5, dof) if dof else (None, 0)
+
+
+def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | None, dof: int) -> tuple[bool, str]:
+    """Is A's step time different from B's beyond run-to-run noise? (significant, evidence)."""
+    la = [np.log(m) for m in map(run_median_s, a) if m]
+    lb = [np.log(m) for m in map(run_median_s, b) if m]
+    if not la or not lb:
+        return False, "no measured steps"
+    if sigma is None:
+        return False, "run-to-run noise not measured (one run per configuration): add seeds to judge step time"
+    diff = float(np.mean(la) - np.mean(lb))
+    se = sigma * (1 / len(la) + 1 / len(lb)) ** 0.5
+    ratio = float(np.exp(diff))
+    return abs(diff) > 2 * se, (
+        f"×{ratio:.2f} vs a run-to-run spread of ±{(np.exp(2 * se) - 1) * 100:.0f}% (2 standard errors; "
+        f"pooled over {dof} repeat(s))"
+    )

@@ -161,11 +161,20 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
 
 
 def to_markdown(records: Iterable[RunRecord]) -> str:
+    """PR-ready: columns equal in every row stated once above the table, one row per run, HTML-special
+    characters and pipes escaped (a variant named ``<b>`` stays text)."""
+    import html
+
+    def esc(s: str) -> str:
+        return html.escape(s, quote=False).replace("|", "\\|")
+
     rows = summary_rows(records)
-    cols = shown_columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    constant = [c for c in ("model", "task", "seed", "status", "optimizer") if rows and len({r[c] for r in rows}) == 1]
+    cols = [c for c in shown_columns(rows) if c not in constant]
+    lines = [" · ".join(f"{c}: **{esc(rows[0][c])}**" for c in constant), ""] if constant else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(row[c].replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(esc(row[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -202,8 +202,8 @@ def test_compare_says_when_records_come_from_different_cpus(tmp_path, capsys):
     }
     write_record(tmp_path / "new", rec.model_copy(update={"environment": other}))
     assert main(["compare", str(tmp_path), str(tmp_path / "new")]) == 0
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("warning: records come from different hardware")
+    first = next(line for line in capsys.readouterr().out.splitlines() if "different hardware" in line)
+    assert first.startswith("- warning: records come from different hardware")
     assert rec.environment["cpu_model"] in first and "Intel(R) Xeon(R) Platinum 8480+ · AVX512 · native bf16" in first
     assert main(["compare", str(tmp_path), str(tmp_path)]) == 0
     assert "different hardware" not in capsys.readouterr().out

@@ -27,7 +27,10 @@ def rec_cpu(results) -> str:
 def test_markdown_csv_json(results, capsys):
     assert main(["report", str(results), "--format", "md"]) == 0
     md = capsys.readouterr().out
-    assert md.startswith("| method |") and md.count("\n| lora") + md.count("\n| full") == 2
+    head, _, table = md.partition("\n\n")
+    assert head.startswith("model: **tiny-bert** · task: **rotten_tomatoes** · seed: **0** · status: **ok**")
+    assert table.startswith("| method |") and table.count("\n| lora") + table.count("\n| full") == 2
+    assert "| model |" not in table and "e+0" not in table and "e-0" not in table  # no exponents in a table
     assert main(["report", str(results), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["method"] for r in rows} == {"lora", "full"} and all(float(r["accuracy_after"]) >= 0 for r in rows)
@@ -58,11 +61,71 @@ def test_compare_reports_deltas_and_environment_changes(results, tmp_path, capsy
         rec = read_record(p)
         env = {**rec.environment, "versions": {**rec.environment["versions"], "torch": "9.9.9"}}
         write_record(new, rec.model_copy(update={"tokens_per_s": rec.tokens_per_s * 2, "environment": env}))
+    assert main(["compare", str(results), str(new), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tps = [r for r in out["rows"] if r["metric"] == "tokens_per_s"]
+    assert len(tps) == 2 and all(r["relative"] == pytest.approx(1.0) for r in tps)
+    assert any(w.startswith("warning: environments differ: torch") for w in out["warnings"])
     assert main(["compare", str(results), str(new)]) == 0
-    out = capsys.readouterr()
-    tps = [line for line in out.out.splitlines() if "| tokens_per_s |" in line]
-    assert len(tps) == 2 and all("+100.0%" in line for line in tps)
-    assert "warning: environments differ: torch" in out.err
+    md = capsys.readouterr().out
+    assert "- warning: environments differ: torch: ['2.13.0'] → ['9.9.9']" in md or "torch: [" in md
+
+
+def _relabelled(results, out, **update):
+    for p in (results / "records").glob("*.json"):
+        rec = read_record(p)
+        write_record(out, rec.model_copy(update={k: v(rec) if callable(v) else v for k, v in update.items()}))
+    return out
+
+
+def test_compare_says_a_config_differs_and_judges_nothing_there(results, tmp_path, capsys):
+    """Two dirs differing only in `steps`: the output says so, per cell and above the table."""
+
+    def more_steps(rec):
+        return {**rec.config, "train": {**rec.config["train"], "steps": rec.config["train"]["steps"] + 10}}
+
+    new = _relabelled(results, tmp_path / "new", config=more_steps)
+    steps = read_record(next((results / "records").glob("*.json"))).config["train"]["steps"]
+    change = f"train.steps: {steps} → {steps + 10}"
+    assert main(["compare", str(results), str(new)]) == 0
+    md = capsys.readouterr().out
+    assert f"warning: config differs in 2 cell(s), not judged: {change}" in md
+    rows = [line for line in md.splitlines() if line.startswith("| lora") or line.startswith("| full")]
+    assert len(rows) == 2 and all(f"differs, not judged: {change}" in r for r in rows)
+    assert not any(w in md for w in ("better", "worse", "within noise"))
+
+
+def test_compare_on_equal_configs_marks_what_is_within_noise(results, tmp_path, capsys):
+    """Same configs: a change of two test answers is within noise; forty is beyond it (McNemar on the same
+    examples); step time without repeated runs is not judged; md escapes HTML and pipes."""
+
+    def answers(flip):  # the first `flip` wrong answers made right
+        def f(rec):
+            bits = list(rec.eval_after.correct)
+            for i in [i for i, b in enumerate(bits) if b == "0"][:flip]:
+                bits[i] = "1"
+            k = bits.count("1")
+            return rec.eval_after.model_copy(update={"correct": "".join(bits), "accuracy": k / len(bits)})
+
+        return f
+
+    def rows_of(md):
+        return [line for line in md.splitlines() if line.startswith(("| lora", "| full"))]
+
+    far = _relabelled(results, tmp_path / "far", eval_after=answers(40))
+    assert main(["compare", str(results), str(far)]) == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert len(rows) == 2 and all("▲ better, p = " in r.split(" | ")[1] for r in rows), rows
+    assert all("run-to-run noise not measured: not judged" in r for r in rows)
+    near = _relabelled(results, tmp_path / "near", eval_after=answers(2))
+    assert main(["compare", str(results), str(near)]) == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert len(rows) == 2 and all("(+0.0" in r and "; within noise, p = " in r.split(" | ")[1] for r in rows), rows
+    evil_old = _relabelled(results, tmp_path / "evil_old", variant="<b>|x</b>")
+    evil_new = _relabelled(results, tmp_path / "evil_new", variant="<b>|x</b>")
+    assert main(["compare", str(evil_old), str(evil_new)]) == 0
+    md = capsys.readouterr().out
+    assert "<b>" not in md and md.count("&lt;b&gt;\\|x&lt;/b&gt;") == 2
 
 
 def test_report_of_a_non_results_dir_is_a_user_error(tmp_path, capsys):
