@@ -21,7 +21,7 @@ from harness.data import ClassifierIO
 from harness.flops import mfu_dtype, training_flops
 from harness.hardware import describe, identity, resolve_config_dtypes
 from harness.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
-from harness.measure import memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
+from harness.measure import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
 from harness.models import head_module_names, load_model, resolve_mode
 from harness.progress import CellProgress
@@ -117,24 +117,32 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     batches = io.batches(cfg.train.batch_size, cfg.seed)
+    contention = Contention()  # other processes' CPU use while we train: flags step times measured under load
     try:
         res = train(model, method, batches, cfg.train, cfg.seed, device, io.objective, progress.step)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
         r = err.result
         rec.update(losses=r.losses, lrs=r.lrs, grad_norms=r.grad_norms, step_times_s=r.step_times_s)
         raise
+    rec["contention"] = contention.result()
+    if rec["contention"]["loaded"]:
+        progress.say(
+            f"warning: other processes took {rec['contention']['other_processes_cores']} cores while this "
+            "run trained: its step times and MFU are flagged as measured under load"
+        )
     rec["train_time_s"] = time.perf_counter() - t0
-    measured, n_warm = res.measured_step_times_s, res.timing_warmup_steps
+    measured, n_warm, timed = res.measured_step_times_s, res.timing_warmup_steps, res.timed_steps
     rec.update(
         losses=res.losses,
         lrs=res.lrs,
         grad_norms=res.grad_norms,
         step_times_s=res.step_times_s,
         timing_warmup_steps=n_warm,
+        memory_tracked_steps=res.memory_tracked_steps,
         step_time_stats=step_time_stats(measured),
         final_loss=res.losses[-1],
-        tokens_per_s=sum(res.tokens_per_step[n_warm:]) / sum(measured) if measured else None,
-        samples_per_s=sum(res.samples_per_step[n_warm:]) / sum(measured) if measured else None,
+        tokens_per_s=sum(res.tokens_per_step[i] for i in timed) / sum(measured) if measured else None,
+        samples_per_s=sum(res.samples_per_step[i] for i in timed) / sum(measured) if measured else None,
         peak_live_tensor_bytes=res.peak_live_tensor_bytes,
         optimizer_state_bytes=res.optimizer_state_bytes,
         memory_at_peak_bytes=res.memory_at_peak_bytes,

@@ -75,13 +75,13 @@ def training_flops(
     """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.loop.LoopResult`).
     Every layer runs on every computed token; the output head on the positions it computed (prompts: the
     answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in ``dtype_name``."""
-    n_warm, measured = res.timing_warmup_steps, res.measured_step_times_s
+    timed, measured = res.timed_steps, res.measured_step_times_s
     fpt = flops_per_token(model, frozenset(output_names))
     if not measured:
         return {"flops_per_token": fpt}
     step_flops = [
-        fpt["total"] * c + fpt["output_per_position"] * p
-        for c, p in zip(res.computed_tokens_per_step[n_warm:], res.head_positions_per_step[n_warm:], strict=True)
+        fpt["total"] * res.computed_tokens_per_step[i] + fpt["output_per_position"] * res.head_positions_per_step[i]
+        for i in timed
     ]
     peak = peak_flops(results_dir, dtype_name, device)
     return {

@@ -5,8 +5,9 @@ groups, by the method's own optimizer where it has one), LR schedule, then for e
 ``grad_accum`` micro-batches of forward/backward (the task's loss plus the method's loss term), clipping, the
 optimizer and scheduler steps, and the method's ``on_step_end`` hook. The first ``timing_warmup_steps`` steps
 are real training steps but are excluded from the step-time statistics (allocator growth, lazy initialisation
-and the first optimizer-state allocation make them slow); memory is tracked *during* those steps so that the
-tracker's own overhead never touches a measured step.
+and the first optimizer-state allocation make them slow). Memory is tracked during those steps and during any
+later step whose batch is larger (batch × padded length) than every step tracked so far, so the peak covers the
+largest batches of the whole run; a tracked step is never a timed one (the tracker's bookkeeping costs time).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from harness.measure import cuda_memory_peaks, cuda_memory_reset, sync
 from harness.memory import MemoryTracker, NullTracker, step_roots
 from harness.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
+from harness.records import timed_steps
 from harness.registry import Method
 from harness.schema import TrainConfig
 
@@ -49,7 +51,8 @@ class LoopResult:
     optimizer_name: str = ""  # the optimizer that ran: the suite's by name, or the method's own by class
     param_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
     timing_warmup_steps: int = 0
-    peak_live_tensor_bytes: int | None = None  # from the tensors themselves, over the warm-up steps
+    memory_tracked_steps: list[int] = field(default_factory=list)  # warm-up + each new largest batch; not timed
+    peak_live_tensor_bytes: int | None = None  # from the tensors themselves, over the tracked steps
     memory_at_peak_bytes: dict = field(default_factory=dict)  # category -> bytes at that peak
     memory_category_max_bytes: dict = field(default_factory=dict)  # category -> its own maximum
     optimizer_state_bytes: int = 0
@@ -57,8 +60,12 @@ class LoopResult:
     cuda: dict = field(default_factory=dict)
 
     @property
+    def timed_steps(self) -> list[int]:
+        return timed_steps(len(self.step_times_s), self.timing_warmup_steps, self.memory_tracked_steps)
+
+    @property
     def measured_step_times_s(self) -> list[float]:
-        return self.step_times_s[self.timing_warmup_steps :]
+        return [self.step_times_s[i] for i in self.timed_steps]
 
 
 def set_seed(seed: int) -> None:
@@ -125,11 +132,17 @@ def train(
     ]
     model.train()
     cuda_memory_reset(device)
+    largest_tracked = 0
     for step in range(cfg.steps):
         drawn = [next(batches) for _ in range(cfg.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in drawn]
-        # Memory is tracked by category during the timing warm-up steps only (its bookkeeping costs time).
-        tracking = step < res.timing_warmup_steps
+        # Memory is tracked (by category) in the warm-up steps and in any step with a larger batch than every
+        # tracked one: the peak then covers the run's largest batches, and no timed step pays for tracking.
+        size = sum(b["input_ids"].numel() for b in micro)
+        tracking = step < res.timing_warmup_steps or size > largest_tracked
+        if tracking:
+            largest_tracked = max(largest_tracked, size)
+            res.memory_tracked_steps.append(step)
         tracker = MemoryTracker(step_roots(model, optimizer, micro), device.type) if tracking else NullTracker()
         sync(device)
         t0 = time.perf_counter()

@@ -100,7 +100,8 @@ def sync(device: torch.device) -> None:
 def memory_methods(device_type: str) -> dict[str, str]:
     """How each memory figure of a record was measured (the record says it beside the numbers)."""
     out = {
-        "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the timing warm-up steps",
+        "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the tracked steps: the "
+        "timing warm-up and each step with a larger batch than every tracked one (memory_tracked_steps; never timed)",
         "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/memory.py)",
         "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
         "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
@@ -110,3 +111,47 @@ def memory_methods(device_type: str) -> dict[str, str]:
         out["cuda_max_reserved_bytes"] = "torch.cuda.max_memory_reserved over training"
         out["nvml_process_bytes"] = "NVML compute-process usedGpuMemory for this pid"
     return out
+
+
+class Contention:
+    """How much CPU other processes took while we trained: (machine busy CPU-seconds − ours) / wall seconds, in
+    cores. Step times and MFU measured while others take more than half a core are flagged in the record (on 2
+    cores, one busy neighbour moved full fine-tuning's MFU from 60.6% to 36.7%)."""
+
+    LOADED_CORES = 0.5
+
+    def __init__(self) -> None:
+        import os
+        import time
+
+        import psutil
+
+        self._t = time.perf_counter
+        self._own = psutil.Process(os.getpid())
+        self._psutil = psutil
+        self.before = self._sample()
+
+    def _sample(self) -> dict:
+        import os
+
+        cpu = self._psutil.cpu_times()
+        own = self._own.cpu_times()
+        idle = cpu.idle + getattr(cpu, "iowait", 0.0)
+        return {
+            "wall": self._t(),
+            "busy": sum(cpu) - idle,
+            "own": own.user + own.system,
+            "loadavg_1m": os.getloadavg()[0],
+        }
+
+    def result(self) -> dict:
+        after = self._sample()
+        wall = max(after["wall"] - self.before["wall"], 1e-9)
+        others = max(0.0, (after["busy"] - self.before["busy"]) - (after["own"] - self.before["own"])) / wall
+        return {
+            "other_processes_cores": round(others, 3),
+            "loadavg_1m_before": self.before["loadavg_1m"],
+            "loadavg_1m_after": after["loadavg_1m"],
+            "seconds": round(wall, 3),
+            "loaded": others > self.LOADED_CORES,
+        }

@@ -82,6 +82,9 @@ class RunRecord(BaseModel):
     grad_norms: list[float] = Field(default_factory=list)
     step_times_s: list[float] = Field(default_factory=list, description="every step, warm-up included")
     timing_warmup_steps: int = 0
+    memory_tracked_steps: list[int] = Field(
+        default_factory=list, description="steps whose memory was tracked (warm-up + each new largest batch): not timed"
+    )
     step_time_stats: dict[str, float | int | None] = Field(default_factory=dict, description="measured steps only")
     final_loss: float | None = None
     tokens_per_s: float | None = Field(None, description="non-pad tokens over measured steps")
@@ -94,6 +97,11 @@ class RunRecord(BaseModel):
     mfu_dtype: str | None = Field(None, description="the dtype whose peak MFU is measured against")
     peak_matmul_info: dict[str, Any] = Field(
         default_factory=dict, description="how the peak was measured: size, repeats, seconds, load, source"
+    )
+    contention: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other processes' CPU use while training: other_processes_cores, loadavg_1m_before/after, "
+        "loaded (> 0.5 cores: step times and MFU measured under load)",
     )
     resolved_dtypes: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="dtype fields: {field: {choice, value, why}} (auto resolved per machine)"
@@ -238,3 +246,14 @@ def load_records(results_dir: Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     return pd.json_normalize(rows, max_level=1)
+
+
+def timed_steps(n: int, warmup: int, tracked: list[int]) -> list[int]:
+    """The steps whose times count: after the warm-up, and not slowed by memory tracking."""
+    skip = set(tracked)
+    return [i for i in range(warmup, n) if i not in skip]
+
+
+def measured_step_times_s(r: RunRecord) -> list[float]:
+    """A record's timed steps: after the warm-up, and not slowed by memory tracking."""
+    return [r.step_times_s[i] for i in timed_steps(len(r.step_times_s), r.timing_warmup_steps, r.memory_tracked_steps)]

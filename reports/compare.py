@@ -197,6 +197,8 @@ def _judge(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: b
         diff = (stats.run_median_s(n) or 0) - (stats.run_median_s(o) or 0)
         if "not measured" in why or "no measured" in why:
             return "run-to-run noise not measured: not judged"
+        if "under load" in why:
+            return "measured under load: not judged"
         return _word(metric, -diff if metric == "tokens/s" else diff, sig, why.split(" (")[0])
     return ""
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import plotly.graph_objects as go
 
-from harness.records import RunRecord
+from harness.records import RunRecord, measured_step_times_s
 from reports import stats
 
 MIB = 2**20
@@ -163,10 +163,10 @@ def memory_breakdown(records: list[RunRecord]) -> go.Figure:
 
 def throughput(records: list[RunRecord]) -> go.Figure:
     """Median step time per run with its interquartile range over the measured steps; tokens/s as the label."""
-    ok = [r for r in records if r.status == "ok" and r.tokens_per_s and r.step_times_s[r.timing_warmup_steps :]]
+    ok = [r for r in records if r.status == "ok" and r.tokens_per_s and measured_step_times_s(r)]
     quart = []
     for r in ok:
-        xs = r.step_times_s[r.timing_warmup_steps :]
+        xs = measured_step_times_s(r)
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
         quart.append([v * 1000 for v in q])
     fig = go.Figure()

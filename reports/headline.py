@@ -9,7 +9,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from harness.records import RunRecord
+from harness.records import RunRecord, measured_step_times_s
 from reports import stats
 from reports.figures import peak_bytes
 from reports.summary import fmt_bytes, fmt_count
@@ -24,7 +24,7 @@ class Config:
     acc: stats.Summary
 
     def steps_s(self) -> list[float]:
-        return [t for r in self.runs for t in r.step_times_s[r.timing_warmup_steps :]]
+        return [t for r in self.runs for t in measured_step_times_s(r)]
 
     def median_step_s(self) -> float | None:
         xs = self.steps_s()
@@ -132,6 +132,8 @@ def _row(c: Config, verdict: tuple[str, str], bold: bool) -> str:
     if steps:
         q = statistics.quantiles(steps, n=4) if len(steps) > 1 else [steps[0]] * 3
         step = f"{q[1] * 1000:.0f} ms (IQR {q[0] * 1000:.0f}–{q[2] * 1000:.0f})"
+        if any(map(stats.under_load, c.runs)):
+            step += " ⚠ measured under load"
     exports = "; ".join(f"{e.kind} {fmt_bytes(e.bytes_on_disk)}" for e in r.exports if not e.unsupported) or "—"
     acc = html.escape(c.acc.label)
     cells = [

@@ -20,7 +20,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
-from harness.records import RunRecord
+from harness.records import RunRecord, measured_step_times_s
 
 ALPHA = 0.05
 BOOTSTRAP = 2000  # resamples; a fixed generator seed makes every report reproducible
@@ -151,8 +151,13 @@ def compare_all(summaries: dict[str, Summary]) -> dict[tuple[str, str], Paired]:
 # cell on a shared machine differ by 5-35% (measured here) while a test over their steps calls p < 1e-9. The
 # unit is the run: each run's median step time, compared on a log scale against the run-to-run spread that
 # the set itself shows (runs of one configuration with different seeds), pooled over configurations.
+def under_load(r: RunRecord) -> bool:
+    """Other processes took more than half a core while this run trained (harness/measure.py::Contention)."""
+    return bool((r.contention or {}).get("loaded"))
+
+
 def run_median_s(r: RunRecord) -> float | None:
-    xs = r.step_times_s[r.timing_warmup_steps :]
+    xs = measured_step_times_s(r)
     return statistics.median(xs) if xs else None
 
 
@@ -160,6 +165,7 @@ def run_to_run_sigma(groups: list[list[RunRecord]]) -> tuple[float | None, int]:
     """Pooled std of log(run median step time) within groups of repeated runs, and its degrees of freedom."""
     ss, dof = 0.0, 0
     for runs in groups:
+        runs = [r for r in runs if not under_load(r)]
         logs = [np.log(m) for m in map(run_median_s, runs) if m]
         if len(logs) > 1:
             ss += float(np.var(logs, ddof=1)) * (len(logs) - 1)
@@ -173,6 +179,8 @@ def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | Non
     lb = [np.log(m) for m in map(run_median_s, b) if m]
     if not la or not lb:
         return False, "no measured steps"
+    if any(map(under_load, a + b)):
+        return False, "measured under load (other processes took CPU while it trained): not judged"
     if sigma is None:
         return False, "run-to-run noise not measured (one run per configuration): add seeds to judge step time"
     diff = float(np.mean(la) - np.mean(lb))

@@ -17,7 +17,8 @@ MEANINGS = {
     "peak memory": "CUDA allocator peak, or the peak of live CPU tensor bytes in a training step (never VRAM)",
     "peak RSS": "the cell process's peak resident set size (whole run: libraries, loading and evaluation too)",
     "optimizer": "the optimizer, and whether paged state really was paged",
-    "step time (median)": "median time of an optimizer step over measured steps (warm-up excluded)",
+    "step time (median)": "median time of an optimizer step over measured steps (warm-up excluded); ⚠ where other "
+    "processes took more than half a core while the run trained",
     "tokens/s": "non-pad training tokens per second over measured steps",
     "MFU": "model FLOP/s over measured steps / this machine's measured matmul peak in the named dtype",
     "accuracy before → after": "test accuracy before and after training, [95% Wilson interval over test examples]",
@@ -127,6 +128,8 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
     rows = []
     for r in records:
         merged = [e for e in r.exports if e.max_abs_logit_diff is not None and e.eval is not None]
+        busy = (r.contention or {}).get("other_processes_cores")
+        loaded = f" ⚠ under load ({busy:.1f} other cores)" if (r.contention or {}).get("loaded") else ""
         rows.append(
             {
                 "method": r.method,
@@ -141,11 +144,11 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "peak memory": peak_memory_label(r),
                 "peak RSS": fmt_bytes(r.peak_rss_bytes),
                 "optimizer": optimizer_label(r),
-                "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms"
+                "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms{loaded}"
                 if r.step_time_stats.get("median_s")
                 else "—",
                 "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
-                "MFU": f"{r.mfu * 100:.1f}% of {r.mfu_dtype or '?'} peak" if r.mfu else "—",
+                "MFU": f"{r.mfu * 100:.1f}% of {r.mfu_dtype or '?'} peak{loaded}" if r.mfu else "—",
                 "accuracy before → after": accuracy_label(r),
                 "forgetting: LM loss before → after": forgetting_label(r),
                 "exports": "; ".join(f"{e.kind} {fmt_bytes(e.bytes_on_disk)}" for e in r.exports if not e.unsupported)

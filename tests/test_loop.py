@@ -41,8 +41,10 @@ def test_lr_schedule_warmup_then_linear_decay(tmp_path):
 
 
 def test_grad_accum_doubles_samples_per_step(tmp_path):
+    from harness.records import measured_step_times_s
+
     rec = _run(tmp_path, grad_accum=2)
-    measured = rec.step_times_s[rec.timing_warmup_steps :]
+    measured = measured_step_times_s(rec)
     # same micro-batch size, twice the micro-batches: each optimizer step sees 16 examples
     assert rec.samples_per_s * sum(measured) == pytest.approx(16 * len(measured))
     assert rec.losses != _run(tmp_path / "one").losses
@@ -60,19 +62,50 @@ def test_bfloat16_autocast_trains(tmp_path):
     assert rec.losses != _run(tmp_path / "f32", steps=8).losses
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw_8bit"])
+@pytest.mark.parametrize("opt", ["adamw", "sgd", "adamw_8bit"])
 def test_optimizer_by_name(tmp_path, opt):
     rec = _run(tmp_path, optimizer=opt, lr=1e-2)
-    assert rec.optimizer_state_bytes is not None
-    if opt == "adamw_8bit":  # 8-bit state: well under 2 × 4 bytes per trainable parameter
+    assert rec.optimizer == opt
+    if opt == "adamw":  # two fp32 moments per trainable parameter (+ a step count per tensor)
+        assert 8 * rec.trainable_params <= rec.optimizer_state_bytes < 8 * rec.trainable_params * 1.01
+    elif opt == "sgd":  # plain SGD keeps no state
+        assert rec.optimizer_state_bytes == 0
+    else:  # 8-bit state: well under 2 × 4 bytes per trainable parameter
         assert 0 < rec.optimizer_state_bytes < 8 * rec.trainable_params / 2
 
 
-def test_timing_warmup_excluded(tmp_path):
+def test_timing_warmup_and_memory_tracked_steps_excluded(tmp_path):
+    from harness.records import measured_step_times_s
+
     rec = _run(tmp_path, steps=5, timing_warmup_steps=2)
-    assert len(rec.step_times_s) == 5 and rec.step_time_stats["count"] == 3
-    assert rec.step_time_stats["median_s"] == pytest.approx(sorted(rec.step_times_s[2:])[1])
+    tracked = rec.memory_tracked_steps
+    assert tracked[:2] == [0, 1] and len(rec.step_times_s) == 5
+    timed = measured_step_times_s(rec)
+    assert rec.step_time_stats["count"] == len(timed) == 5 - len(tracked)
+    assert rec.step_time_stats["median_s"] == pytest.approx(__import__("statistics").median(timed))
     assert rec.peak_live_tensor_bytes > 0
+
+
+def test_memory_is_tracked_on_the_largest_batches_even_without_warmup():
+    """Batches of 8, 32, 16, 64 and 8 tokens with no warm-up: the steps tracked are the first and each new
+    largest (0, 1, 3); the peak is the 64-token step's, not the first's; tracked steps are not timed."""
+    from harness.loop import train
+    from harness.models import load_model
+    from harness.registry import build_method
+
+    loaded = load_model("tiny-bert", 2, 0)
+    method = build_method("full", {})
+    model = method.prepare(loaded.model, None)
+
+    def batch(n: int) -> dict:
+        ids = torch.randint(5, 100, (4, n))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+
+    cfg = TrainConfig(steps=5, batch_size=4, lr=1e-3, max_seq_len=64, timing_warmup_steps=0)
+    res = train(model, method, iter([batch(n) for n in (8, 32, 16, 64, 8)]), cfg, 0, torch.device("cpu"))
+    assert res.memory_tracked_steps == [0, 1, 3] and res.timed_steps == [2, 4]
+    first = train(model, method, iter([batch(8)] * 5), cfg, 0, torch.device("cpu"))
+    assert res.peak_live_tensor_bytes > first.peak_live_tensor_bytes > 0
 
 
 def test_train_config_defaults_are_valid():

@@ -45,3 +45,33 @@ def test_parameter_counts():
     lin.bias.requires_grad_(False)
     c = parameter_counts(lin)
     assert c["total_params"] == 55 and c["trainable_params"] == 50
+
+
+def _burn(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_contention_counts_other_processes_not_our_own_work():
+    import multiprocessing as mp
+    import time
+
+    from harness.measure import Contention
+
+    quiet = Contention()
+    _burn(0.6)  # our own CPU time is not contention
+    own = quiet.result()
+    assert own["other_processes_cores"] < 0.5 and set(own) >= {"loadavg_1m_before", "loadavg_1m_after", "loaded"}
+    burners = [mp.get_context("fork").Process(target=_burn, args=(1.5,)) for _ in range(2)]
+    for b in burners:
+        b.start()
+    time.sleep(0.2)
+    busy = Contention()
+    time.sleep(1.0)
+    loaded = busy.result()
+    for b in burners:
+        b.join()
+    assert loaded["other_processes_cores"] > 1.0 and loaded["loaded"]
