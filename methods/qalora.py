@@ -23,6 +23,7 @@ the quantized layers, bits, group size and the formula. :func:`methods.intquant.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -69,6 +70,14 @@ class QALoraLinear(torch.nn.Module):
         delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # d_out × groups
         out.zeros = (out.zeros.float() + delta).to(out.zeros.dtype)
         return out
+
+
+def _digest(q: QuantLinear) -> str:
+    """SHA-256 of a layer's packed integers and scales (its zero points are what the merge changes)."""
+    h = hashlib.sha256()
+    for t in (q.qweight, q.scales):
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class QALoraOptions(Strict):
@@ -159,6 +168,7 @@ class QALora(MethodBase):
             p.requires_grad_(False)
         err = ref = 0.0
         n = packed = consts = 0
+        self._quantized: dict[str, str] = {}  # each layer's integers and scales as quantized, before training
         gptq = None
         if c.quantizer == "gptq":
             if ctx.calibration is None:
@@ -186,6 +196,7 @@ class QALora(MethodBase):
             n += w.numel()
             packed += q.storage_bytes()["packed_weight_bytes"]
             consts += q.storage_bytes()["scale_zero_bytes"]
+            self._quantized[path] = _digest(q)
             set_module(model, path, QALoraLinear(q, c.r, c.alpha, c.dropout))
         for name in ctx.head_names:  # the classifier head trains in full, as with LoRA
             for p in model.get_submodule(name).parameters():
@@ -227,16 +238,13 @@ class QALora(MethodBase):
         (adapter_dir / "adapter_config.json").write_text(json.dumps(self.config.model_dump(), indent=1))
 
         merged = self.merged_model(model)
-        same_ints = all(
-            torch.equal(merged.get_submodule(p).qweight, model.get_submodule(p).base.qweight)
-            and torch.equal(merged.get_submodule(p).scales, model.get_submodule(p).base.scales)
-            for p in self._layers
-        )
         path = out_dir / "merged_int"
         c = self.config
         save_int_model(merged, self._layers, path, c.bits, c.group_size, c.param_dtype, c.compute_dtype)
         device = next(model.parameters()).device  # the trained model's (CUDA in a GPU run): compare them there
         reloaded = load_merged(path).to(device)
+        # the exported integers and scales, read back from disk, against those quantized before training
+        same_ints = all(_digest(reloaded.get_submodule(p)) == self._quantized[p] for p in self._layers)
         vocab = min(2000, getattr(model.config, "vocab_size", 2000))
         ids = torch.randint(vocab // 2, vocab, (8, 64), device=device)
         batch = {"input_ids": ids, "attention_mask": torch.ones(8, 64, dtype=torch.long, device=device)}
