@@ -35,8 +35,22 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     cfg = cells(
         models=["smollm2-135m"],
         tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 64}],
-        train={"steps": 3, "batch_size": 4, "lr": 1e-4, "max_seq_len": 64, "timing_warmup_steps": 1},
-        methods=[{"method": "qalora", "config": {"r": 4, "group_size": 64}}],
+        # float32 everywhere, scales and zero points too, so the check is the merge's arithmetic: with the default
+        # fp16 zero points, rounding the merged zeros to fp16 moves label-word log-probs by up to 0.11 here
+        train={
+            "steps": 3,
+            "batch_size": 4,
+            "lr": 1e-4,
+            "max_seq_len": 64,
+            "timing_warmup_steps": 1,
+            "dtype": "float32",
+        },
+        methods=[
+            {
+                "method": "qalora",
+                "config": {"r": 4, "group_size": 64, "compute_dtype": "float32", "param_dtype": "float32"},
+            }
+        ],
     )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
@@ -44,7 +58,7 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     assert rec.total_params == pytest.approx(134.5e6, rel=0.01) and "Q4_1" in rec.model_info["weights_note"]
     assert rec.eval_before.accuracy > 0.65, rec.eval_before  # chance: 0.5; P(≥ 42/64 | 0.5) < 0.01
     merged = next(e for e in rec.exports if e.kind == "merged_int")
-    assert merged.eval.accuracy == pytest.approx(rec.eval_after.accuracy, abs=0.02) and merged.max_abs_logit_diff < 0.1
+    assert merged.eval.accuracy == rec.eval_after.accuracy and merged.max_abs_logit_diff < 1e-2, merged
 
 
 def test_smollm2_as_a_classifier_on_request(tmp_path):
