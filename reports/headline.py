@@ -136,24 +136,29 @@ def _row(c: Config, verdict: tuple[str, str], bold: bool) -> str:
             step += " ⚠ measured under load"
     exports = "; ".join(f"{e.kind} {fmt_bytes(e.bytes_on_disk)}" for e in r.exports if not e.unsupported) or "—"
     acc = html.escape(c.acc.label)
+    g = stats.gain(c.runs)
+    pv = f", p = {g.p:.2g}" if g.p is not None else ""
+    gained = f"{g.diff:+.3f} ({g.verdict}{pv})"
     cells = [
         html.escape(c.name),
         f"<b>{acc}</b>" if bold else acc,
+        f'<span title="{html.escape(g.why)}">{html.escape(gained)}</span>',
         f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
         html.escape(peak),
         html.escape(step),
         html.escape(exports),
         f'<span title="{html.escape(verdict[1])}">{html.escape(verdict[0])}</span>',
     ]
-    return "<tr>" + "".join(f'<td class="{"num" if 0 < i < 5 else ""}">{x}</td>' for i, x in enumerate(cells)) + "</tr>"
+    return "<tr>" + "".join(f'<td class="{"num" if 0 < i < 6 else ""}">{x}</td>' for i, x in enumerate(cells)) + "</tr>"
 
 
 HEAD = [
     ("configuration", "method/variant"),
     ("accuracy", "test accuracy: mean ± sample std over seeds, [95% interval over test examples]"),
+    ("gain from training", "accuracy after − before on the same test examples, and whether it is beyond noise"),
     ("trainable", "trainable parameters as % of all (quantized weights counted by their logical size)"),
     ("peak memory", "mean over seeds (± std): CUDA allocator peak or CPU live-tensor peak, as named"),
-    ("step time", "median over every measured step of every seed (warm-up excluded), interquartile range"),
+    ("step time", "median over every timed step of every seed (warm-up and memory-tracked steps excluded), IQR"),
     ("exports", "each artifact on disk"),
     (
         "vs the most accurate",

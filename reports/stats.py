@@ -32,15 +32,16 @@ def wilson(accuracy: float, n: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _correct(r: RunRecord) -> np.ndarray | None:
-    bits = r.eval_after.correct if r.eval_after else None
+def _correct(r: RunRecord, which: str = "eval_after") -> np.ndarray | None:
+    ev = getattr(r, which)
+    bits = ev.correct if ev else None
     return None if not bits else np.frombuffer(bits.encode(), dtype=np.uint8) - ord("0")
 
 
-def _per_example(runs: list[RunRecord]) -> np.ndarray | None:
+def _per_example(runs: list[RunRecord], which: str = "eval_after") -> np.ndarray | None:
     """Each test example's correctness averaged over seeds; None unless every run kept its answers on the same
     test examples (same count; the test split is a function of the task config, equal within a group)."""
-    rows = [_correct(r) for r in runs]
+    rows = [_correct(r, which) for r in runs]
     if not rows or any(x is None for x in rows) or len({len(x) for x in rows}) != 1:
         return None
     return np.mean(rows, axis=0)
@@ -99,19 +100,34 @@ def paired(a: Summary, b: Summary) -> Paired:
     pa, pb = _per_example(a.runs), _per_example(b.runs)
     if pa is None or pb is None or len(pa) != len(pb):
         return Paired(diff, None, "none", None, False, "no per-example answers on a shared test set to pair")
-    if a.seeds == 1 and b.seeds == 1:
-        only_a, only_b = int(((pa == 1) & (pb == 0)).sum()), int(((pa == 0) & (pb == 1)).sum())
-        p = float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue) if only_a + only_b else 1.0
-        test = f"McNemar exact ({only_a} vs {only_b} discordant of {len(pa)})"
-    else:
-        d = pa - pb
-        rng = np.random.default_rng(0)
-        boot = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
-        p = float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())))
-        test = f"paired bootstrap over {len(d)} examples"
+    p, test = _example_test(pa, pb, a.seeds == 1 and b.seeds == 1)
     seed_se = None
     if a.seeds > 1 and b.seeds > 1:
         seed_se = (a.std**2 / a.seeds + b.std**2 / b.seeds) ** 0.5
+    return _decide(Paired(diff, p, test, seed_se, False, ""))
+
+
+def _example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[float, str]:
+    if one_seed_each:
+        only_a, only_b = int(((pa == 1) & (pb == 0)).sum()), int(((pa == 0) & (pb == 1)).sum())
+        p = float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue) if only_a + only_b else 1.0
+        return p, f"McNemar exact ({only_a} vs {only_b} discordant of {len(pa)})"
+    d = pa - pb
+    rng = np.random.default_rng(0)
+    boot = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
+    return float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))), f"paired bootstrap over {len(d)} examples"
+
+
+def gain(runs: list[RunRecord]) -> Paired:
+    """After training against before, on the same test examples: is training's gain beyond noise? With two or
+    more seeds, the per-seed gains must also exceed twice their standard error."""
+    after, before = _per_example(runs), _per_example(runs, "eval_before")
+    diffs = [r.eval_after.accuracy - r.eval_before.accuracy for r in runs if r.eval_before and r.eval_after]
+    diff = statistics.fmean(diffs) if diffs else 0.0
+    if after is None or before is None or len(after) != len(before):
+        return Paired(diff, None, "none", None, False, "no per-example answers before and after to pair")
+    p, test = _example_test(after, before, len(runs) == 1)
+    seed_se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
     return _decide(Paired(diff, p, test, seed_se, False, ""))
 
 

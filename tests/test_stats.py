@@ -95,3 +95,13 @@ def test_records_without_per_example_answers_are_never_called_different():
         r.eval_after.correct = None
     c = stats.paired(stats.summarize(old[:1]), stats.summarize(old[1:]))
     assert not c.significant and c.p is None and "no per-example answers" in c.why
+
+
+def test_gain_from_training_is_paired_on_the_same_examples():
+    n = 400
+    r = run("a", bits(n, set(range(240))))  # after: 0.60
+    r.eval_before = EvalMetrics(accuracy=0.5, loss=0.7, examples=n, correct=bits(n, set(range(200))))
+    assert stats.gain([r]).significant and stats.gain([r]).diff == pytest.approx(0.1)  # 40 vs 0 discordant
+    small = run("b", bits(n, set(range(205))))
+    small.eval_before = r.eval_before
+    assert not stats.gain([small]).significant  # 5 vs 0: p = 0.06
