@@ -67,6 +67,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     progress.say("dtypes: " + "; ".join(f"{k} = {v['value']} ({v['why']})" for k, v in rec["resolved_dtypes"].items()))
     task = load_task(cfg.task)
     rec["task_info"] = task.info()
+    if cfg.train.val_examples:
+        task.validation = task.validation[: cfg.train.val_examples]
     mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
     progress.say(f"loading {cfg.model.name}")
     m = cfg.model
@@ -97,7 +99,10 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     if forgetting:
         rec["forgetting"] = {"task": cfg.forgetting.task, "before": forgetting(model)}
 
-    res = _train(model, method, io, cfg, device, progress, rec)
+    validation = Validation(cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"))
+    res = _train(model, method, io, cfg, device, progress, rec, validation)
+    validation.restore_selected(model, method)  # select: val_* puts the best step's weights back
+    rec.update(validation.fields())
     compute = mfu_dtype(cfg.train.dtype, method.compute_dtype())
     rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device))
     rec["memory_methods"] = memory_methods(device.type)
@@ -112,14 +117,57 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec["method_metrics"] = method.report(model)
 
 
-def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, rec: dict) -> LoopResult:
-    """THE loop (harness/loop.py) on the task's batches and objective; its measurements into ``rec``."""
+class Validation:
+    """The validation curve (every ``eval_every`` steps and after the last, outside the timed steps) and, with
+    ``select: val_accuracy | val_loss``, a copy of the trainable parameters at the best step so far."""
+
+    def __init__(self, train: TrainConfig, evaluate: Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]):
+        self.every, self.select, self.evaluate = train.eval_every, train.select, evaluate
+        self.curve: list[dict] = []
+        self.best: tuple[float, int, dict] | None = None  # (score, step, parameters)
+
+    def after_step(self, model: torch.nn.Module, method: Method, done: int, total: int) -> None:
+        if not self.every or (done % self.every and done != total):
+            return
+        t0 = time.perf_counter()
+        m, _ = self.evaluate(model)
+        keep = ("loss", "accuracy", "macro_f1", "accuracy_norm", "examples")
+        self.curve.append({"step": done, **{k: m[k] for k in keep if m.get(k) is not None}})
+        self.curve[-1]["seconds"] = time.perf_counter() - t0
+        if self.select != "last":
+            score = m["accuracy"] if self.select == "val_accuracy" else -m["loss"]
+            if self.best is None or score > self.best[0]:  # ties keep the earlier step
+                params = {n: p.detach().clone() for n, p in method.trainable_parameters(model)}
+                self.best = (score, done, params)
+
+    def restore_selected(self, model: torch.nn.Module, method: Method) -> None:
+        if self.best is None:
+            return
+        with torch.no_grad():
+            for n, p in method.trainable_parameters(model):
+                p.copy_(self.best[2][n])
+
+    def fields(self) -> dict:
+        if not self.every:
+            return {}
+        step = self.best[1] if self.best else (self.curve[-1]["step"] if self.curve else None)
+        return {"validation_curve": self.curve, "selected_step": step, "selected_by": self.select}
+
+
+def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, rec: dict, validation) -> LoopResult:
+    """THE loop (harness/loop.py) on the task's batches and objective; its measurements into ``rec``. After each
+    step (outside its timing) the runner hears of it and the validation split may be evaluated."""
     set_seed(cfg.seed)
     t0 = time.perf_counter()
     batches = io.batches(cfg.train.batch_size, cfg.seed)
+
+    def on_step(done: int, total: int, step_time_s: float) -> None:
+        progress.step(done, total, step_time_s)
+        validation.after_step(model, method, done, total)
+
     contention = Contention()  # other processes' CPU use while we train: flags step times measured under load
     try:
-        res = train(model, method, batches, cfg.train, cfg.seed, device, io.objective, progress.step)
+        res = train(model, method, batches, cfg.train, cfg.seed, device, io.objective, on_step)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
         r = err.result
         rec.update(losses=r.losses, lrs=r.lrs, grad_norms=r.grad_norms, step_times_s=r.step_times_s)

@@ -216,9 +216,10 @@ class TaskIO(Protocol):
         """The task's training loss on a batch."""
 
     def evaluate(
-        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device
+        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device, split: str = "test"
     ) -> tuple[dict[str, Any], torch.Tensor]:
-        """Metrics on the test examples, and the per-example scores behind them (export fidelity compares them)."""
+        """Metrics on the ``split`` examples ("test" or "validation"), and the per-example scores behind them
+        (export fidelity compares them)."""
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
         """Model-input batches of the first ``n`` training examples, as training sees them."""

@@ -109,6 +109,8 @@ class ClassifierIO:
         self.pad_id = tokenizer.pad_token_id
         self.train = encode(task.train, tokenizer, max_seq_len)
         self.test = encode(task.test, tokenizer, max_seq_len)
+        self._validation = lambda: encode(task.validation, tokenizer, max_seq_len)  # encoded when first asked for
+        self.validation: list[dict] | None = None
 
     def output_names(self, model: torch.nn.Module) -> list[str]:
         return []
@@ -120,9 +122,13 @@ class ClassifierIO:
         return model(**batch).loss
 
     def evaluate(
-        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device
+        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device, split: str = "test"
     ) -> tuple[dict, torch.Tensor]:
-        return evaluate(model, self.test, batch_size, self.pad_id, dtype, device)
+        if split == "validation" and self.validation is None:
+            self.validation = self._validation()
+        return evaluate(
+            model, {"test": self.test, "validation": self.validation}[split], batch_size, self.pad_id, dtype, device
+        )
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
         return calibration_batches(self.train, n, self.pad_id, collate)

@@ -297,6 +297,8 @@ class PromptIO:
         self.pad_id = tokenizer.pad_token_id
         self.train = encode_prompts(task, task.train, tokenizer, max_seq_len)
         self.test = encode_prompts(task, task.test, tokenizer, max_seq_len)
+        self._validation = lambda: encode_prompts(task, task.validation, tokenizer, max_seq_len)  # when asked for
+        self.validation: list[PromptItem] | None = None
 
     def output_names(self, model: torch.nn.Module) -> list[str]:
         from harness.models import output_module_names
@@ -316,11 +318,12 @@ class PromptIO:
         return continuation_loss(model, batch)
 
     def evaluate(
-        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device
+        self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device, split: str = "test"
     ) -> tuple[dict, torch.Tensor]:
-        return evaluate_prompts(
-            model, self.task, self.test, self.tokenizer, batch_size, dtype, device, self.max_new_tokens
-        )
+        if split == "validation" and self.validation is None:
+            self.validation = self._validation()
+        items = {"test": self.test, "validation": self.validation}[split]
+        return evaluate_prompts(model, self.task, items, self.tokenizer, batch_size, dtype, device, self.max_new_tokens)
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:  # prompt + right answer, as in training
         return calibration_batches(self.train, n, self.pad_id, collate_prompts)

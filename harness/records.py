@@ -124,6 +124,11 @@ class RunRecord(BaseModel):
     # quality
     eval_before: EvalMetrics | None = None
     eval_after: EvalMetrics | None = None
+    validation_curve: list[dict[str, Any]] = Field(
+        default_factory=list, description="every eval_every steps: {step, loss, accuracy, ..., examples, seconds}"
+    )
+    selected_step: int | None = Field(None, description="the step whose weights were tested and exported")
+    selected_by: str | None = Field(None, description="last, val_accuracy or val_loss")
     forgetting: dict[str, Any] | None = Field(
         None, description="LM loss on another task's held-out text: {task, before: {lm_loss, ...}, after: {...}}"
     )

@@ -54,6 +54,24 @@ class TrainConfig(Strict):
     max_seq_len: PositiveInt = 128
     eval_batch_size: PositiveInt = 64
     timing_warmup_steps: int = Field(2, ge=0, description="first steps excluded from step-time statistics")
+    eval_every: PositiveInt | None = Field(
+        None, description="evaluate the validation split every N optimizer steps and after the last (null: never)"
+    )
+    val_examples: PositiveInt | None = Field(None, description="validation examples per evaluation (null: all)")
+    select: Literal["last", "val_accuracy", "val_loss"] = Field(
+        "last",
+        description="the weights evaluated on the test split and exported: the last step's, or the step best on "
+        "the validation split (needs eval_every)",
+    )
+
+    @field_validator("select")
+    @classmethod
+    def _select_needs_validation(cls, v: str, info) -> str:
+        if v != "last" and info.data.get("eval_every") is None:
+            raise ValueError(
+                f"select: {v} picks a step by its validation score, so it needs eval_every (every N steps)"
+            )
+        return v
 
     @field_validator("optimizer")
     @classmethod

@@ -203,7 +203,8 @@ def _moving_average(xs: list[float], window: int) -> list[float]:
 
 
 def loss_curves(records: list[RunRecord]) -> go.Figure:
-    """Per-step losses of small batches are noisy: show a moving average, raw curves one click away."""
+    """Per-step losses of small batches are noisy: show a moving average, raw curves one click away, and the
+    validation loss where it was measured."""
     fig = go.Figure()
     window = 10
     with_losses = [r for r in records if r.losses]
@@ -228,6 +229,16 @@ def loss_curves(records: list[RunRecord]) -> go.Figure:
             line=dict(width=1, color=COLORS[i % len(COLORS)]),
             opacity=0.4,
         )
+        if r.validation_curve:  # the validation split's loss, where the suite asked for it (eval_every)
+            fig.add_scatter(
+                x=[p["step"] for p in r.validation_curve],
+                y=[p["loss"] for p in r.validation_curve],
+                mode="lines+markers",
+                name=f"{name} (validation)",
+                legendgroup=name,
+                line=dict(dash="dot", color=COLORS[i % len(COLORS)]),
+                marker=dict(symbol="diamond", size=7),
+            )
     fig.update_layout(
         **_layout(f"Training loss per optimizer step (moving average over {window} steps)", "step", "loss")
     )

@@ -1,0 +1,62 @@
+"""Validation during training: the curve, which split each evaluation reads (counted, not trusted), and the
+best step's weights put back for the test split and the exports."""
+
+import pytest
+
+from harness.cell import run_cell
+from tests.conftest import cells
+
+BASE = {"steps": 6, "batch_size": 8, "lr": 3e-3, "max_seq_len": 32, "timing_warmup_steps": 1, "schedule": "constant"}
+
+
+def _run(tmp_path, **train):
+    cfg = cells(
+        train={**BASE, **train},
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 128, "eval_examples": 48}],
+        methods=[{"method": "lora", "config": {"r": 4}}],
+    )[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "ok", rec.error
+    return rec
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """Every evaluation's split, in order: the classifier IO's evaluate, spied."""
+    from harness.data import ClassifierIO
+
+    seen, real = [], ClassifierIO.evaluate
+
+    def spy(self, model, batch_size, dtype, device, split="test"):
+        seen.append((split, len(self.test if split == "test" else self.validation or [])))
+        return real(self, model, batch_size, dtype, device, split)
+
+    monkeypatch.setattr(ClassifierIO, "evaluate", spy)
+    return seen
+
+
+def test_the_curve_reads_validation_only_and_the_test_split_twice(tmp_path, splits):
+    rec = _run(tmp_path, eval_every=2, val_examples=24)
+    assert [p["step"] for p in rec.validation_curve] == [2, 4, 6]
+    assert all(p["examples"] == 24 and 0 <= p["accuracy"] <= 1 and p["loss"] > 0 for p in rec.validation_curve)
+    assert [s for s, _ in splits] == ["test", "validation", "validation", "validation", "test"]  # before, after
+    assert rec.selected_step == 6 and rec.selected_by == "last"
+    assert len(rec.step_times_s) == 6 and rec.step_time_stats["count"] == 6 - len(rec.memory_tracked_steps)
+
+
+def test_selecting_the_best_validation_step_tests_that_steps_weights(tmp_path):
+    """With a constant LR, the weights after step k of a longer run are those of a k-step run (same seed, same
+    batches): so the selected run's test result must equal the k-step run's, exactly."""
+    best = _run(tmp_path / "best", eval_every=1, select="val_loss", lr=2e-2)
+    losses = {p["step"]: p["loss"] for p in best.validation_curve}
+    k = best.selected_step
+    assert losses[k] == min(losses.values()) and min(losses, key=losses.get) == k
+    short = _run(tmp_path / "short", steps=k, lr=2e-2)
+    assert best.eval_after.accuracy == short.eval_after.accuracy
+    assert best.eval_after.loss == pytest.approx(short.eval_after.loss, rel=1e-5)
+    assert best.eval_after.correct == short.eval_after.correct
+
+
+def test_without_eval_every_nothing_reads_validation(tmp_path, splits):
+    rec = _run(tmp_path)
+    assert [s for s, _ in splits] == ["test", "test"] and rec.validation_curve == [] and rec.selected_step is None
