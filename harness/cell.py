@@ -93,9 +93,11 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec.update(parameter_counts(model))
 
     # Before training: for a decoder this is its zero-shot accuracy (as the method prepared it, e.g. quantized).
-    progress.say(f"evaluating before training ({len(task.test)} test examples)")
-    rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
-    forgetting = _forgetting(cfg, loaded.tokenizer, dtype, device)
+    # A tuning trial (read_test false) never reads the test split: not before, not after, no exports.
+    if cfg.read_test:
+        progress.say(f"evaluating before training ({len(task.test)} test examples)")
+        rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
+    forgetting = _forgetting(cfg, loaded.tokenizer, dtype, device) if cfg.read_test else None
     if forgetting:
         rec["forgetting"] = {"task": cfg.forgetting.task, "before": forgetting(model)}
 
@@ -107,6 +109,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device))
     rec["memory_methods"] = memory_methods(device.type)
 
+    if not cfg.read_test:
+        return
     progress.say(f"evaluating after training ({len(task.test)} test examples)")
     after, scores = evaluate(model)
     rec["eval_after"] = EvalMetrics(**after)

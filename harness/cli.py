@@ -89,6 +89,22 @@ def _run(args: argparse.Namespace, suite) -> int:
             raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
     from harness.runner import ResultsLocked
 
+    cells = None
+    if args.command == "tune" and suite.tune is None:
+        raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see README: Fair comparisons)")
+    if getattr(args, "trials", None) is not None and args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: the budget must be at least 1 trial per method")
+    if suite.tune is not None:
+        if args.executor != "local":
+            raise ConfigError(f"{args.suite}: tune: trials run on the local executor for now; drop --executor ray")
+        if getattr(args, "trials", None):
+            suite = suite.model_copy(update={"tune": suite.tune.model_copy(update={"trials": args.trials})})
+        from harness.runner import tuned_cells
+
+        try:
+            cells = tuned_cells(suite, results)
+        except ResultsLocked as err:
+            raise ConfigError(str(err)) from None
     try:
         records = run_suite(
             suite,
@@ -97,6 +113,7 @@ def _run(args: argparse.Namespace, suite) -> int:
             retry_failed=args.retry_failed,
             executor=args.executor,
             address=args.address,
+            cells=cells,
         )
     except ResultsLocked as err:
         raise ConfigError(str(err)) from None
@@ -284,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run (default local)")
     r.add_argument("--address", help="Ray cluster address (default: start a local one)")
     r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("tune", help="run a suite with a tune: block (tune each method on validation, then run)")
+    t.add_argument("suite", help="suite YAML file with a tune: block")
+    t.add_argument("--results", help="results directory (default: results/<suite name>)")
+    t.add_argument("--trials", type=int, help="trials per method (overrides tune.trials)")
+    t.add_argument("--retry-failed", action="store_true", help="rerun final cells whose record is not ok")
+    t.set_defaults(fn=cmd_run, executor="local", address=None)
     sub.add_parser("methods", help="list methods with their config fields").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list model aliases").set_defaults(fn=cmd_models)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)

@@ -149,8 +149,10 @@ def run_suite(
     quiet: bool = False,
     executor: str = "local",
     address: str | None = None,
+    cells: list[RunConfig] | None = None,
 ) -> list[RunRecord]:
-    """Run every pending cell of ``suite``; return the records of all its cells (old and new)."""
+    """Run every pending cell of ``suite`` (or of ``cells``: the suite's grid at tuned hyperparameters); return
+    the records of all its cells (old and new)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -158,7 +160,7 @@ def run_suite(
     results_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_results(results_dir)  # held until this function returns (or the process dies)
     atomic_write_text(results_dir / "suite.yaml", suite_text)
-    cells = expand(suite)
+    cells = cells if cells is not None else expand(suite)
     console = Console(stderr=True, quiet=quiet)
     for line in set_aside_stale(cells, results_dir):
         console.print(f"[yellow]{line}[/]", soft_wrap=True)
@@ -219,3 +221,38 @@ def run_suite(
     atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
     lock.close()
     return records
+
+
+def tuned_cells(suite: Suite, results_dir: Path, quiet: bool = False) -> list[RunConfig]:
+    """The suite's grid with each (model, task, method/variant) at its best hyperparameters on the validation
+    split (harness/tune.py): the trials run first, one cell each, in the local executor."""
+    from rich.console import Console
+
+    from harness.tune import tune_cells, with_params
+
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True, quiet=quiet)
+    grid = expand(suite)
+    base = [c for c in grid if c.seed == suite.seeds[0]]
+    lock = lock_results(results_dir)
+    try:
+        _before_cells(base, results_dir, console)
+
+        def execute(cfg: RunConfig, trial_dir: Path) -> RunRecord:
+            forked = forkserver.enabled() and not cfg.memory_limit_mb
+            server = forkserver.server_for(cfg.allow_network) if forked else None
+            return run_cell_subprocess(cfg, trial_dir, None, server)
+
+        interrupts_raise()
+        best = {
+            (c.model.name, c.task.name, c.method, c.variant): c
+            for c in tune_cells(suite, base, results_dir, execute, console.print)
+        }
+    finally:
+        lock.close()
+    out = []
+    for c in grid:
+        b = best[(c.model.name, c.task.name, c.method, c.variant)]
+        out.append(with_params(c, (b.tuning or {}).get("best_params", {}), tuning=b.tuning) if b.tuning else c)
+    return out

@@ -9,7 +9,16 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.optim import OPTIMIZERS
 
@@ -151,6 +160,68 @@ class MethodEntry(Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train settings")
 
 
+class SearchRange(Strict):
+    """One hyperparameter's search space: a range (``log`` for a log-uniform one, ``integer`` for integers) or a
+    list of ``choices``."""
+
+    low: float | None = Field(None, allow_inf_nan=False)
+    high: float | None = Field(None, allow_inf_nan=False)
+    log: bool = False
+    integer: bool = False
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _a_range_or_choices(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs low and high (or give choices)")
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+TUNABLE_TRAIN = ("lr", "warmup_steps", "weight_decay", "max_grad_norm", "batch_size")
+DEFAULT_SPACE = {"lr": {"low": 1e-5, "high": 1e-2, "log": True}}
+
+
+class Tune(Strict):
+    """Every method at its own hyperparameters, chosen on the validation split with the same budget each."""
+
+    trials: PositiveInt = Field(description="trials per method (the same budget for every method)")
+    objective: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="a validation metric (maximised / minimised); the test split is never read"
+    )
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = Field(0, ge=0, description="the sampler's seed")
+    space: dict[str, dict[str, SearchRange]] = Field(
+        default_factory=dict,
+        description="per method name (or method/variant): {lr | warmup_steps | weight_decay | max_grad_norm | "
+        "batch_size | config.<field>: range}; default: lr log-uniform in [1e-5, 1e-2]",
+    )
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _never_the_test_split(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.startswith("test"):
+            raise ValueError(f"{v}: tuning selects on the validation split; the test split is read once, at the end")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _known_fields(cls, v: dict) -> dict:
+        for method, fields in v.items():
+            for name in fields:
+                if name not in TUNABLE_TRAIN and not name.startswith("config."):
+                    allowed = ", ".join(TUNABLE_TRAIN)
+                    raise ValueError(f"{method}.{name}: unknown; allowed: {allowed}, or config.<a method field>")
+        return v
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
@@ -172,6 +243,13 @@ class Suite(Strict):
     allow_network: bool = Field(False, description="let runs reach the Hugging Face hub (default: offline)")
     export: bool = True
     forgetting: Forgetting | None = Field(None, description="decoders: LM loss on another task's text, before/after")
+    tune: Tune | None = Field(None, description="`ftbench tune`: tune each method on the validation split first")
+
+    @model_validator(mode="after")
+    def _tuning_reads_a_validation_curve(self) -> Suite:
+        if self.tune is not None and self.train.eval_every is None:
+            raise ValueError("tune: the objective is read from the validation curve, so train.eval_every is needed")
+        return self
 
     @field_validator("models", "tasks", mode="before")
     @classmethod
@@ -199,6 +277,8 @@ class RunConfig(Strict):
     num_gpus: int = 0
     retries: int = 0
     forgetting: Forgetting | None = None
+    read_test: bool = Field(True, description="false for tuning trials: the test split is never read")
+    tuning: dict[str, Any] | None = Field(None, description="how this cell's hyperparameters were chosen")
 
     @property
     def cell_id(self) -> str:

@@ -34,7 +34,32 @@ def parse_suite(data: Any, source: str) -> Suite:
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err, Suite)) from None
     _check_names(suite, source)
+    _check_tune(suite, source)
     return suite
+
+
+def _check_tune(suite: Suite, source: str) -> None:
+    """Each space names a method of the suite, and each tuned ``config.<field>`` is a field that method's config
+    accepts (its own validation, on the range's first value)."""
+    if suite.tune is None:
+        return
+    known = available_methods()
+    entries = {m.method: m for m in suite.methods} | {f"{m.method}/{m.variant}": m for m in suite.methods}
+    for name, fields in suite.tune.space.items():
+        if name not in entries:
+            raise ConfigError(
+                f"{source}: tune.space.{name}: no such method in this suite; methods: {', '.join(sorted(entries))}"
+            )
+        entry = entries[name]
+        for key, r in fields.items():
+            if not key.startswith("config."):
+                continue
+            value = r.choices[0] if r.choices is not None else (int(r.low) if r.integer else r.low)
+            try:
+                known[entry.method].Config.model_validate({**entry.config, key.removeprefix("config."): value})
+            except ValidationError as err:
+                why = err.errors()[0]["msg"]
+                raise ConfigError(f"{source}: tune.space.{name}.{key}: {why} (method {entry.method})") from None
 
 
 def _check_names(suite: Suite, source: str) -> None:

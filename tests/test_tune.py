@@ -1,0 +1,109 @@
+"""Tuning on the validation split (harness/tune.py): the test split is never read by a trial and read once
+after training by each final run (the calls are counted); an interrupted study continues where it stopped and
+ends where an uninterrupted one does."""
+
+import pytest
+
+from harness.cell import run_cell
+from harness.suite import expand, parse_suite
+from harness.tune import tune_cells, with_params
+from tests.conftest import tiny_suite
+
+TUNE = {
+    "trials": 3,
+    "sampler": "random",
+    "seed": 7,
+    "space": {"lora": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}},
+}
+
+
+def _suite(**tune):
+    data = tiny_suite(
+        methods=[{"method": "lora", "config": {"r": 4}}],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 128, "eval_examples": 32}],
+        seeds=[0, 1],
+    )
+    data["train"] = {**data["train"], "eval_every": 2, "val_examples": 32}
+    data["export"] = False
+    data["tune"] = {**TUNE, **tune}
+    return parse_suite(data, "<test>")
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """Every evaluation's split, in order (the classifier IO's evaluate, spied on; cells run in this process)."""
+    from harness.data import ClassifierIO
+
+    seen, real = [], ClassifierIO.evaluate
+
+    def spy(self, model, batch_size, dtype, device, split="test"):
+        seen.append(split)
+        return real(self, model, batch_size, dtype, device, split)
+
+    monkeypatch.setattr(ClassifierIO, "evaluate", spy)
+    return seen
+
+
+def _tune(suite, d, execute=None):
+    base = [c for c in expand(suite) if c.seed == suite.seeds[0]]
+    ran = []
+
+    def in_process(cfg, trial_dir):
+        ran.append(cfg.train.lr)
+        return run_cell(cfg, trial_dir)
+
+    return tune_cells(suite, base, d, execute or in_process, say=lambda _: None), ran
+
+
+def test_trials_never_read_the_test_split_and_final_runs_read_it_once_after_training(tmp_path, splits):
+    suite = _suite()
+    (best,), ran = _tune(suite, tmp_path)
+    assert len(ran) == 3 and "test" not in splits and splits.count("validation") == 3 * 2  # steps 2 and 4
+    t = best.tuning
+    assert t["trials"] == 3 and t["selected_on"] == "validation split (val_accuracy)" and len(t["history"]) == 3
+    assert best.train.lr == t["best_params"]["lr"] == max(t["history"], key=lambda h: h["value"])["params"]["lr"]
+    for seed in suite.seeds:  # the final runs: the tuned config on every seed of the suite
+        splits.clear()
+        cfg = with_params(best.model_copy(update={"seed": seed}), {})
+        rec = run_cell(cfg, tmp_path / "final")
+        assert rec.status == "ok" and rec.config["tuning"]["best_params"] == t["best_params"]
+        assert splits == ["test", "validation", "validation", "test"]  # untrained model, curve, trained model
+    trial_records = list((tmp_path / "tuning" / "records").glob("*.json"))
+    assert len(trial_records) == 3
+
+
+def test_an_interrupted_study_resumes_without_repeating_trials_and_ends_like_an_uninterrupted_one(tmp_path):
+    suite = _suite()
+    (whole,), whole_ran = _tune(suite, tmp_path / "whole")
+
+    calls = []
+
+    def dies_on_the_second(cfg, trial_dir):
+        calls.append(cfg.train.lr)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the runner is killed mid-trial: that trial stays RUNNING in the journal
+        return run_cell(cfg, trial_dir)
+
+    with pytest.raises(KeyboardInterrupt):
+        _tune(suite, tmp_path / "cut", dies_on_the_second)
+    (resumed,), resumed_ran = _tune(suite, tmp_path / "cut")
+    assert len(set(whole_ran)) == 3  # three different proposals
+    assert len(resumed_ran) == 2  # the finished first trial is not run again; the interrupted one is
+    assert calls[0] == whole_ran[0] and resumed_ran == whole_ran[1:]  # the same proposals, in the same order
+    assert resumed.tuning["best_params"] == whole.tuning["best_params"]
+    assert [h["params"] for h in resumed.tuning["history"]] == [h["params"] for h in whole.tuning["history"]]
+
+
+def test_the_trials_option_of_the_command_line_is_the_budget(tmp_path):
+    from harness.cli import main
+
+    path = tmp_path / "s.yaml"
+    import yaml
+
+    data = tiny_suite(methods=[{"method": "lora", "config": {"r": 4}}], seeds=[0])
+    data["train"] = {**data["train"], "eval_every": 2}
+    data["export"] = False
+    data["tune"] = TUNE
+    path.write_text(yaml.safe_dump(data))
+    assert main(["tune", str(path), "--results", str(tmp_path / "r"), "--trials", "0"]) == 2
+    assert not (tmp_path / "r").exists()
