@@ -30,6 +30,7 @@ from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, n
 from harness.registry import build_method, get_method
 from harness.schema import RunConfig, TaskSpec, TrainConfig
 from harness.tasks import load_task
+from harness.trialstate import Pruned
 
 TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # by the model's mode
 Evaluate = Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]
@@ -101,7 +102,9 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     if forgetting:
         rec["forgetting"] = {"task": cfg.forgetting.task, "before": forgetting(model)}
 
-    validation = Validation(cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"))
+    validation = Validation(
+        cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"), cfg.trial
+    )
     res = _train(model, method, io, cfg, device, progress, rec, validation)
     validation.restore_selected(model, method)  # select: val_* puts the best step's weights back
     rec.update(validation.fields())
@@ -125,10 +128,15 @@ class Validation:
     """The validation curve (every ``eval_every`` steps and after the last, outside the timed steps) and, with
     ``select: val_accuracy | val_loss``, a copy of the trainable parameters at the best step so far."""
 
-    def __init__(self, train: TrainConfig, evaluate: Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]):
+    def __init__(self, train: TrainConfig, evaluate: Callable, trial: dict | None = None):
         self.every, self.select, self.evaluate = train.eval_every, train.select, evaluate
         self.curve: list[dict] = []
         self.best: tuple[float, int, dict] | None = None  # (score, step, parameters)
+        self.trial = None
+        if trial is not None:  # a tuning trial tells its study each point; its pruner may stop it
+            from harness.tune import TrialReporter
+
+            self.trial = TrialReporter(trial)
 
     def after_step(self, model: torch.nn.Module, method: Method, done: int, total: int) -> None:
         if not self.every or (done % self.every and done != total):
@@ -138,6 +146,8 @@ class Validation:
         keep = ("loss", "accuracy", "macro_f1", "accuracy_norm", "examples")
         self.curve.append({"step": done, **{k: m[k] for k in keep if m.get(k) is not None}})
         self.curve[-1]["seconds"] = time.perf_counter() - t0
+        if self.trial is not None:
+            self.trial.report(done, m, self.curve)  # raises Pruned where the study's pruner says stop
         if self.select != "last":
             score = m["accuracy"] if self.select == "val_accuracy" else -m["loss"]
             if self.best is None or score > self.best[0]:  # ties keep the earlier step
@@ -249,6 +259,9 @@ def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
     status, error = "ok", None
     try:
         _stages(cfg, results_dir, rec)
+    except Pruned as err:  # a tuning trial its study stopped early: a result too, with its curve so far
+        status, error = "pruned", str(err)
+        rec["validation_curve"] = err.curve
     except Exception as err:  # a failing run is a result, not a crash of the suite
         status = "oom" if _is_oom(err) else "failed"
         tb = traceback.format_exc(limit=-3)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness.atomic import atomic_write_text
 
 SCHEMA_VERSION = 1
-Status = Literal["ok", "failed", "oom", "timeout"]
+Status = Literal["ok", "failed", "oom", "timeout", "pruned"]  # pruned: a tuning trial stopped early
 
 
 class EvalMetrics(BaseModel):

@@ -197,6 +197,9 @@ class Tune(Strict):
         "val_accuracy", description="a validation metric (maximised / minimised); the test split is never read"
     )
     sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = Field(
+        "none", description="stop unpromising trials early, on their validation curve (every eval_every steps)"
+    )
     seed: int = Field(0, ge=0, description="the sampler's seed")
     space: dict[str, dict[str, SearchRange]] = Field(
         default_factory=dict,
@@ -278,6 +281,9 @@ class RunConfig(Strict):
     retries: int = 0
     forgetting: Forgetting | None = None
     read_test: bool = Field(True, description="false for tuning trials: the test split is never read")
+    trial: dict[str, Any] | None = Field(
+        None, description="a tuning trial: {journal, study, number, objective, pruner} to report its curve to"
+    )
     tuning: dict[str, Any] | None = Field(None, description="how this cell's hyperparameters were chosen")
 
     @property

@@ -80,77 +80,116 @@ def tune_cells(
 ) -> list[RunConfig]:
     """Run (or continue) each base cell's study; return the suite's final cells at each one's best config."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune = suite.tune
     trial_dir = Path(results_dir) / "tuning"
     trial_dir.mkdir(parents=True, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(trial_dir / "studies.journal")))
+    journal = str(trial_dir / "studies.journal")
+    storage = _storage(journal)
     direction = "maximize" if tune.objective == "val_accuracy" else "minimize"
     finals = []
     for cfg in base:
+        key = study_key(cfg)
         study = optuna.create_study(
-            study_name=study_key(cfg), storage=storage, direction=direction, load_if_exists=True
+            study_name=key, storage=storage, direction=direction, load_if_exists=True, pruner=_pruner(tune.pruner)
         )
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its runner was killed:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # not counted; proposed again
             study.tell(t.number, state=TrialState.FAIL)
         dists = _distributions(space_for(tune, cfg))
-        while (done := _finished(study)) < tune.trials:
+        while (done := len(_counted(study))) < tune.trials:
             study.sampler = _sampler(tune, done)
             trial = study.ask(dists)
-            cell = with_params(cfg, trial.params, read_test=False, export=False)
-            rec = execute(cell, trial_dir)
+            info = {"journal": journal, "study": key, "number": trial.number}
+            info.update(objective=tune.objective, pruner=tune.pruner)
+            rec = execute(with_params(cfg, trial.params, read_test=False, export=False, trial=info), trial_dir)
             value = objective_value(rec, tune.objective)
-            if value is None:
+            if rec.status == "pruned":
+                study.tell(trial, state=TrialState.PRUNED)
+            elif value is None:
                 study.tell(trial, state=TrialState.FAIL)
             else:
                 study.tell(trial, value)
-            say(f"tune {study_key(cfg)}: trial {done + 1}/{tune.trials} {trial.params} → {tune.objective} {value}")
+            study.set_user_attr(f"wall_s_{trial.number}", rec.wall_time_s)
+            result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
+            say(f"tune {key}: trial {done + 1}/{tune.trials} {trial.params} → {result}")
         trials = _counted(study)
-        history = [{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in trials]
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
         if not completed:
-            say(f"tune {study_key(cfg)}: every trial failed; the suite's own hyperparameters are used")
+            say(f"tune {key}: no trial completed; the suite's own hyperparameters are used")
             finals.append(cfg)
             continue
         best = study.best_trial
-        cost = sum(_trial_seconds(trial_dir, with_params(cfg, t.params, read_test=False, export=False)) for t in trials)
         tuning = {
             "selected_on": f"validation split ({tune.objective})",
             "objective": tune.objective,
             "best_value": best.value,
             "best_params": best.params,
             "trials": len(trials),
-            "trials_failed": len(trials) - len(completed),
-            "trial_wall_seconds": cost,
+            "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
+            "trial_wall_seconds": sum(study.user_attrs.get(f"wall_s_{t.number}", 0.0) for t in trials),
             "sampler": tune.sampler,
-            "history": history,
+            "pruner": tune.pruner,
+            "history": [
+                {"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in trials
+            ],
         }
         finals.append(with_params(cfg, best.params, tuning=tuning))
     return finals
 
 
 def _counted(study) -> list:
-    """Trials that count against the budget: completed or failed, not those cut short by a killed runner."""
+    """Trials that count against the budget: finished (complete, pruned, failed), not those cut short by a
+    killed runner."""
     from optuna.trial import TrialState
 
-    finished = (TrialState.COMPLETE, TrialState.FAIL)
+    finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     return [t for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted")]
 
 
-def _finished(study) -> int:
-    return len(_counted(study))
+def _pruner(name: str):
+    """Pruners that act on small budgets: the median one once 2 trials finished, from the first point."""
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
 
 
-def _trial_seconds(trial_dir: Path, cell: RunConfig) -> float:
-    from harness.records import read_record, record_path
+def _storage(journal: str):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
 
-    p = record_path(trial_dir, cell.cell_id)
-    try:
-        return read_record(p).wall_time_s
-    except (OSError, ValueError):
-        return 0.0
+    return JournalStorage(JournalFileBackend(journal))
+
+
+class TrialReporter:
+    """Inside a trial's cell: each validation point goes to the study (Optuna's journal file is safe to share
+    between processes); where the study's pruner says stop, :class:`Pruned` ends the run."""
+
+    def __init__(self, trial: dict) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.info = trial
+        study = optuna.load_study(
+            study_name=trial["study"], storage=_storage(trial["journal"]), pruner=_pruner(trial["pruner"])
+        )
+        trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial["number"])
+        self.trial = optuna.trial.Trial(study, trial_id)
+
+    def report(self, step: int, metrics: dict, curve: list[dict]) -> None:
+        from harness.trialstate import Pruned
+
+        value = metrics["accuracy"] if self.info["objective"] == "val_accuracy" else metrics["loss"]
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            what = f"{self.info['objective']} {value:.4g}"
+            raise Pruned(f"pruned by the {self.info['pruner']} pruner at step {step} ({what})", step, list(curve))

@@ -107,3 +107,24 @@ def test_the_trials_option_of_the_command_line_is_the_budget(tmp_path):
     path.write_text(yaml.safe_dump(data))
     assert main(["tune", str(path), "--results", str(tmp_path / "r"), "--trials", "0"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def _steps_trained(trial_dir) -> tuple[int, list[str]]:
+    from harness.records import read_record
+
+    recs = [read_record(p) for p in sorted((trial_dir / "records").glob("*.json"))]
+    return sum(r.validation_curve[-1]["step"] for r in recs), [r.status for r in recs]
+
+
+def test_pruning_saves_steps_on_the_same_seed(tmp_path):
+    """The median pruner on the validation loss: the same proposals (same sampler seed), fewer steps trained."""
+    space = {"lora": {"lr": {"low": 1e-4, "high": 3.0, "log": True}}}
+    common = {"trials": 5, "objective": "val_loss", "seed": 3, "space": space}
+    _, ran_full = _tune(_suite(**common, pruner="none"), tmp_path / "none")
+    (pruned,), ran_pruned = _tune(_suite(**common, pruner="median"), tmp_path / "median")
+    assert ran_pruned == ran_full  # the same trials were proposed
+    steps_full, status_full = _steps_trained(tmp_path / "none" / "tuning")
+    steps_pruned, status_pruned = _steps_trained(tmp_path / "median" / "tuning")
+    assert status_full == ["ok"] * 5 and "pruned" in status_pruned
+    assert steps_pruned < steps_full == 5 * 4
+    assert pruned.tuning["trials_pruned"] == status_pruned.count("pruned") and pruned.tuning["trials"] == 5
