@@ -196,7 +196,9 @@ class Tune(Strict):
     objective: Literal["val_accuracy", "val_loss"] = Field(
         "val_accuracy", description="a validation metric (maximised / minimised); the test split is never read"
     )
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="grid: `trials` points per range (log-spaced where log), every combination, in seeded order"
+    )
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = Field(
         "none", description="stop unpromising trials early, on their validation curve (every eval_every steps)"
     )

@@ -71,6 +71,34 @@ def _sampler(tune: Tune, finished: int):
     return optuna.samplers.TPESampler(seed=seed) if tune.sampler == "tpe" else optuna.samplers.RandomSampler(seed)
 
 
+def grid_points(space: dict[str, SearchRange], points: int, seed: int) -> list[dict]:
+    """Every combination of the grid's values, in a seeded order (the first ``trials`` of them are run)."""
+    import itertools
+    import random
+
+    values = grid(space, points)
+    combos = [dict(zip(values, c, strict=True)) for c in itertools.product(*values.values())]
+    random.Random(seed).shuffle(combos)
+    return combos
+
+
+def grid(space: dict[str, SearchRange], points: int) -> dict[str, list]:
+    """The grid sampler's values: a range's ``points`` values, log-spaced where ``log`` (integers rounded and
+    deduplicated), or its choices."""
+    import numpy as np
+
+    out = {}
+    for name, r in space.items():
+        if r.choices is not None:
+            out[name] = list(r.choices)
+            continue
+        xs = np.clip(
+            np.geomspace(r.low, r.high, points) if r.log else np.linspace(r.low, r.high, points), r.low, r.high
+        )
+        out[name] = sorted({int(round(x)) for x in xs}) if r.integer else [float(x) for x in xs]
+    return out
+
+
 def study_key(cfg: RunConfig) -> str:
     return f"{cfg.model.name}|{cfg.task.name}|{cfg.method}/{cfg.variant}"
 
@@ -98,12 +126,16 @@ def tune_cells(
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its runner was killed:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # not counted; proposed again
             study.tell(t.number, state=TrialState.FAIL)
-        dists = _distributions(space_for(tune, cfg))
+        space = space_for(tune, cfg)
+        dists = _distributions(space)
         while (done := len(_counted(study))) < tune.trials:
             study.sampler = _sampler(tune, done)
+            if tune.sampler == "grid":  # the next grid point, fixed (Optuna's GridSampler needs optimize())
+                points = grid_points(space, tune.trials, tune.seed)
+                study.enqueue_trial(points[done % len(points)])
             trial = study.ask(dists)
             info = {"journal": journal, "study": key, "number": trial.number}
-            info.update(objective=tune.objective, pruner=tune.pruner)
+            info.update(objective=tune.objective, pruner=tune.pruner, first_point=cfg.train.eval_every)
             rec = execute(with_params(cfg, trial.params, read_test=False, export=False, trial=info), trial_dir)
             value = objective_value(rec, tune.objective)
             if rec.status == "pruned":
@@ -114,7 +146,10 @@ def tune_cells(
                 study.tell(trial, value)
             study.set_user_attr(f"wall_s_{trial.number}", rec.wall_time_s)
             result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
-            say(f"tune {key}: trial {done + 1}/{tune.trials} {trial.params} → {result}")
+            counted = _counted(study)
+            pruned = sum(t.state == TrialState.PRUNED for t in counted)
+            best = f"best so far {study.best_value:.4g}" if any(t.state == TrialState.COMPLETE for t in counted) else ""
+            say(f"tune {key}: trial {done + 1}/{tune.trials} ({pruned} pruned) {trial.params} → {result}; {best}")
         trials = _counted(study)
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
         if not completed:
@@ -150,16 +185,19 @@ def _counted(study) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted")]
 
 
-def _pruner(name: str):
-    """Pruners that act on small budgets: the median one once 2 trials finished, from the first point."""
+def _pruner(name: str, first_point: int = 0):
+    """Pruners that act on small budgets: the median one once 2 trials finished. None prunes at a trial's first
+    validation point (``first_point``, the step of it): early in a run every learning rate still scores the
+    majority class (MiniLM at step 20 of 60: 0.555 for nearly all), and pruning there cut the trials that became
+    the best ones (tune_quick's first run)."""
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first_point + 1)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_point + 1)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        return optuna.pruners.HyperbandPruner(min_resource=first_point + 1)
     return optuna.pruners.NopPruner()
 
 
@@ -180,7 +218,9 @@ class TrialReporter:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.info = trial
         study = optuna.load_study(
-            study_name=trial["study"], storage=_storage(trial["journal"]), pruner=_pruner(trial["pruner"])
+            study_name=trial["study"],
+            storage=_storage(trial["journal"]),
+            pruner=_pruner(trial["pruner"], trial.get("first_point", 0)),
         )
         trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial["number"])
         self.trial = optuna.trial.Trial(study, trial_id)

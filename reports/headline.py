@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from harness.records import RunRecord, measured_step_times_s
-from reports import stats
+from reports import stats, tuning
 from reports.figures import peak_bytes
 from reports.summary import fmt_bytes, fmt_count
 
@@ -157,6 +157,7 @@ def _row(c: Config, verdict: tuple[str, str], bold: bool) -> str:
         html.escape(step),
         html.escape(exports),
         f'<span title="{html.escape(verdict[1])}">{html.escape(verdict[0])}</span>',
+        html.escape(tuning.label(r)),
     ]
     return "<tr>" + "".join(f'<td class="{"num" if 0 < i < 6 else ""}">{x}</td>' for i, x in enumerate(cells)) + "</tr>"
 
@@ -175,6 +176,7 @@ HEAD = [
         "Holm-adjusted within this model and task; with 2+ seeds each the difference must also exceed twice its "
         "seed standard error. Hover for the evidence. Bold only where beyond noise",
     ),
+    ("hyperparameters", "tuned on the validation split (trials, objective, the chosen values) or hand-set"),
 ]
 
 

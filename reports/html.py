@@ -16,7 +16,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, cell_identity, read_record
-from reports import explore, figures, headline
+from reports import explore, figures, headline, tuning
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
 CSS = """
@@ -242,7 +242,12 @@ def current_records(records: list[RunRecord], index: dict | None) -> tuple[list[
 
 
 def render(
-    records: list[RunRecord], suite_text: str, suite_name: str, problems: list[str] | None = None, plotly: str = "embed"
+    records: list[RunRecord],
+    suite_text: str,
+    suite_name: str,
+    problems: list[str] | None = None,
+    plotly: str = "embed",
+    results_dir: Path | None = None,
 ) -> str:
     figs = [
         ("pareto", figures.pareto(records)),
@@ -263,6 +268,8 @@ def render(
         "".join(f'<p class="warn">{html.escape(p)}</p>' for p in problems or []),
         "<h2>Headline: each configuration over its seeds</h2>",
         headline.render(records),
+        "<h2>Hyperparameters: tuned on the validation split, or hand-set</h2>",
+        tuning.render(records, results_dir, _figure),
         "<h2>Every run</h2>",
         _table(records),
         "<h2>Memory vs accuracy</h2>",
@@ -313,5 +320,5 @@ def write_report(results_dir: Path, out: Path | None = None, plotly: str = "embe
     out = Path(out) if out else Path(results_dir) / "report.html"
     from harness.atomic import atomic_write_text
 
-    atomic_write_text(out, render(res.records, res.suite_text, res.name, res.problems, plotly))
+    atomic_write_text(out, render(res.records, res.suite_text, res.name, res.problems, plotly, Path(results_dir)))
     return out

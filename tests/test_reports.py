@@ -46,6 +46,7 @@ def test_html_report_written(results, capsys):
     path = capsys.readouterr().out.strip()
     html = open(path).read()
     assert html.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in html and html.count('class="plot"') == 6
+    assert "ran at <b>hand-set hyperparameters</b>" in html  # no tune: block, and the report says so
     embedded = len(html)
     assert main(["report", str(results), "--plotly", "cdn", "-o", str(results / "cdn.html")]) == 0
     cdn = (results / "cdn.html").read_text()

@@ -17,13 +17,13 @@ TUNE = {
 }
 
 
-def _suite(**tune):
+def _suite(steps: int = 4, **tune):
     data = tiny_suite(
         methods=[{"method": "lora", "config": {"r": 4}}],
         tasks=[{"name": "rotten_tomatoes", "train_examples": 128, "eval_examples": 32}],
         seeds=[0, 1],
     )
-    data["train"] = {**data["train"], "eval_every": 2, "val_examples": 32}
+    data["train"] = {**data["train"], "steps": steps, "eval_every": 2, "val_examples": 32}
     data["export"] = False
     data["tune"] = {**TUNE, **tune}
     return parse_suite(data, "<test>")
@@ -65,11 +65,16 @@ def test_trials_never_read_the_test_split_and_final_runs_read_it_once_after_trai
     for seed in suite.seeds:  # the final runs: the tuned config on every seed of the suite
         splits.clear()
         cfg = with_params(best.model_copy(update={"seed": seed}), {})
-        rec = run_cell(cfg, tmp_path / "final")
+        rec = run_cell(cfg, tmp_path)
         assert rec.status == "ok" and rec.config["tuning"]["best_params"] == t["best_params"]
         assert splits == ["test", "validation", "validation", "test"]  # untrained model, curve, trained model
     trial_records = list((tmp_path / "tuning" / "records").glob("*.json"))
     assert len(trial_records) == 3
+    from reports.html import write_report
+
+    page = write_report(tmp_path).read_text()  # the tuning section, with Optuna's own figure of the study
+    assert "Hyperparameters: tuned on the validation split" in page and 'id="fig-tune-lr-0"' in page
+    assert "optimization history" in page and "tuned: 3 trials on val_accuracy (lr " in page
 
 
 def test_an_interrupted_study_resumes_without_repeating_trials_and_ends_like_an_uninterrupted_one(tmp_path):
@@ -117,14 +122,25 @@ def _steps_trained(trial_dir) -> tuple[int, list[str]]:
 
 
 def test_pruning_saves_steps_on_the_same_seed(tmp_path):
-    """The median pruner on the validation loss: the same proposals (same sampler seed), fewer steps trained."""
+    """The median pruner on the validation loss: the same proposals (same sampler seed), fewer steps trained
+    (never pruned at a trial's first validation point: step 2 of 6 here)."""
     space = {"lora": {"lr": {"low": 1e-4, "high": 3.0, "log": True}}}
     common = {"trials": 5, "objective": "val_loss", "seed": 3, "space": space}
-    _, ran_full = _tune(_suite(**common, pruner="none"), tmp_path / "none")
-    (pruned,), ran_pruned = _tune(_suite(**common, pruner="median"), tmp_path / "median")
+    _, ran_full = _tune(_suite(6, **common, pruner="none"), tmp_path / "none")
+    (pruned,), ran_pruned = _tune(_suite(6, **common, pruner="median"), tmp_path / "median")
     assert ran_pruned == ran_full  # the same trials were proposed
     steps_full, status_full = _steps_trained(tmp_path / "none" / "tuning")
     steps_pruned, status_pruned = _steps_trained(tmp_path / "median" / "tuning")
     assert status_full == ["ok"] * 5 and "pruned" in status_pruned
-    assert steps_pruned < steps_full == 5 * 4
+    assert steps_pruned < steps_full == 5 * 6
+    from harness.records import read_record
+
+    stopped = [read_record(p) for p in (tmp_path / "median" / "tuning" / "records").glob("*.json")]
+    assert all(r.validation_curve[-1]["step"] >= 4 for r in stopped if r.status == "pruned")
     assert pruned.tuning["trials_pruned"] == status_pruned.count("pruned") and pruned.tuning["trials"] == 5
+
+
+def test_the_grid_sampler_tries_each_log_spaced_point_once(tmp_path):
+    suite = _suite(sampler="grid", space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    (best,), ran = _tune(suite, tmp_path)
+    assert sorted(ran) == pytest.approx([1e-4, 1e-3, 1e-2]) and best.tuning["sampler"] == "grid"

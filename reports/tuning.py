@@ -1,0 +1,168 @@
+"""The tuning section: each method's trials (validation objective against learning rate), the chosen one, the
+ratio of the LoRA family's best learning rate to full fine-tuning's, the trial table, and Optuna's own figures
+of each study (read from ``RESULTS/tuning/studies.journal``), embedded as they are."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from harness.records import RunRecord
+from reports.figures import SERIES_COLORS, _layout
+
+LORA_FAMILY = ("lora", "qlora", "qalora", "peft")
+
+
+def tuned(records: list[RunRecord]) -> dict[tuple[str, str], dict[str, dict]]:
+    """(model, task) → method/variant → its tuning summary (one per configuration: seeds share it)."""
+    out: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        t = r.config.get("tuning")
+        if t:
+            out[(r.model, r.task)].setdefault(f"{r.method}/{r.variant}", t)
+    return dict(out)
+
+
+def label(r: RunRecord) -> str:
+    """How a run's hyperparameters were chosen, for the headline."""
+    t = r.config.get("tuning")
+    if not t:
+        return "hand-set"
+    params = ", ".join(f"{k} {_fmt(v)}" for k, v in t["best_params"].items())
+    return f"tuned: {t['trials']} trials on {t['objective']} ({params})"
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def lr_figure(studies: dict[str, dict]) -> go.Figure:
+    fig = go.Figure()
+    objective = next(iter(studies.values()))["objective"]
+    for i, (name, t) in enumerate(studies.items()):
+        pts = [h for h in t["history"] if h["value"] is not None and "lr" in h["params"]]
+        colour = SERIES_COLORS[i % len(SERIES_COLORS)]
+        fig.add_scatter(
+            x=[h["params"]["lr"] for h in pts],
+            y=[h["value"] for h in pts],
+            mode="markers",
+            name=html.escape(name),
+            legendgroup=html.escape(name),
+            marker=dict(size=9, color=colour),
+            hovertext=[html.escape(f"trial {h['number']}: {h['params']}") for h in pts],
+        )
+        if "lr" in t["best_params"]:
+            fig.add_scatter(
+                x=[t["best_params"]["lr"]],
+                y=[t["best_value"]],
+                mode="markers",
+                name=html.escape(f"{name}: chosen"),
+                legendgroup=html.escape(name),
+                marker=dict(symbol="star", size=17, color=colour, line=dict(width=1, color="#000")),
+            )
+    fig.update_layout(
+        **_layout(f"Validation {objective} against learning rate, per method", "learning rate", objective)
+    )
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def lr_ratio(studies: dict[str, dict]) -> list[str]:
+    """The LoRA family's best learning rate over full fine-tuning's, with the range its three best trials span
+    (how flat the optimum is: the spread a single chosen point hides)."""
+    full = next((t for n, t in studies.items() if n.startswith("full/") and "lr" in t["best_params"]), None)
+    if full is None:
+        return []
+
+    def top(t: dict) -> list[float]:
+        done = sorted((h for h in t["history"] if h["value"] is not None), key=lambda h: h["value"])
+        best = done[::-1] if t["objective"] == "val_accuracy" else done
+        return [h["params"]["lr"] for h in best[:3] if "lr" in h["params"]]
+
+    out = []
+    for name, t in studies.items():
+        if name.split("/")[0] in LORA_FAMILY and "lr" in t["best_params"]:
+            ratio = t["best_params"]["lr"] / full["best_params"]["lr"]
+            a, b = top(t), top(full)
+            spread = f" (its 3 best trials against full's: ×{min(a) / max(b):.2g} to ×{max(a) / min(b):.2g})"
+            out.append(f"{name}: best learning rate ×{ratio:.3g} full fine-tuning's{spread if a and b else ''}")
+    return out
+
+
+def _table(studies: dict[str, dict]) -> str:
+    rows = []
+    for name, t in studies.items():
+        for h in t["history"]:
+            chosen = " ☆" if h["params"] == t["best_params"] and h["value"] == t["best_value"] else ""
+            value = (
+                "—"
+                if h["value"] is None or (isinstance(h["value"], float) and math.isnan(h["value"]))
+                else f"{h['value']:.4f}"
+            )
+            params = ", ".join(f"{k} {_fmt(v)}" for k, v in h["params"].items())
+            cells = [name, str(h["number"]), params, value + chosen, h["state"].lower()]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{c}</th>" for c in ("configuration", "trial", "parameters", "validation value", "state"))
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def optuna_figures(results_dir: Path | None, keys: list[str]) -> list[tuple[str, go.Figure]]:
+    """Optuna's own figures of each study, where the journal is there to read (an exported records folder
+    alone has none)."""
+    journal = Path(results_dir) / "tuning" / "studies.journal" if results_dir else None
+    if journal is None or not journal.exists():
+        return []
+    import optuna
+    from optuna.visualization import plot_optimization_history, plot_parallel_coordinate
+
+    from harness.tune import _storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = []
+    for key in keys:
+        try:
+            study = optuna.load_study(study_name=key, storage=_storage(str(journal)))
+        except KeyError:
+            continue
+        out.append((f"{key}: optimization history", plot_optimization_history(study)))
+        if len(study.best_trial.params) > 1:
+            out.append((f"{key}: parallel coordinates", plot_parallel_coordinate(study)))
+    return out
+
+
+def render(records: list[RunRecord], results_dir: Path | None, figure_html) -> str:
+    """The section's HTML; ``figure_html(fig, id)`` embeds a figure the way the rest of the report does."""
+    by = tuned(records)
+    if not by:
+        return (
+            '<p class="note">Every configuration ran at <b>hand-set hyperparameters</b> (the suite has no '
+            "<code>tune:</code> block): a difference between methods may be nothing more than a better-guessed "
+            "learning rate.</p>"
+        )
+    parts = []
+    for k, ((model, task), studies) in enumerate(by.items()):
+        parts.append(f"<h3>{html.escape(model)} · {html.escape(task)}</h3>")
+        budgets = {t["trials"] for t in studies.values()}
+        same = "the same budget for every method" if len(budgets) == 1 else "budgets differ between methods"
+        parts.append(
+            f'<p class="note">{html.escape(", ".join(map(str, sorted(budgets))))} trials per method '
+            f"({same}), selected on the validation split; the test split was read only by the final runs.</p>"
+        )
+        parts.append(figure_html(lr_figure(studies), f"fig-tune-lr-{k}"))
+        flat = [n for n, t in studies.items() if len({h["value"] for h in t["history"] if h["value"] is not None}) == 1]
+        if flat:
+            parts.append(
+                f'<p class="warn">Every trial of {html.escape(", ".join(flat))} scored the same on validation: the '
+                "chosen one is simply the first, and says nothing about which learning rate is better (a larger "
+                "validation set, more steps or the loss as the objective may tell them apart).</p>"
+            )
+        parts += [f"<p>{html.escape(line)}</p>" for line in lr_ratio(studies)]
+        parts.append(_table(studies))
+        keys = [f"{model}|{task}|{name}" for name in studies]
+        for j, (title, fig) in enumerate(optuna_figures(results_dir, keys)):
+            parts.append(f"<h4>{html.escape(title)}</h4>" + figure_html(fig, f"fig-tune-optuna-{k}-{j}"))
+    return "".join(parts)
