@@ -37,7 +37,11 @@ def test_step_lines_are_rate_limited_and_keep_first_and_last(capsys):
 
 
 def test_the_runner_sees_the_cells_steps_while_it_trains(tmp_path):
-    cfg = cells(train={"steps": 400, "batch_size": 8, "max_seq_len": 32, "timing_warmup_steps": 1})[0]
+    cfg = cells(
+        train={"steps": 400, "batch_size": 8, "max_seq_len": 32, "timing_warmup_steps": 1},
+        # enough test examples that evaluating outlasts the runner's half-second poll (it shows the newest line)
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 128, "eval_examples": 1000}],
+    )[0]
     seen: list[str] = []
     server = forkserver.server_for(allow_network=False)  # the session's zygote: the cell is a fork, as in a run
     rec = run_cell_subprocess(cfg.model_copy(update={"export": False}), tmp_path, seen.append, server)
