@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.ftbench-installed
 SUITE   ?= suites/quick.yaml
 RESULTS ?= results/quick
 
-.PHONY: setup browser demo test bench lint clean
+.PHONY: setup browser demo test gpu-check bench lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q tests
+
+# On a machine with an NVIDIA GPU: the CUDA tests (tests/test_gpu.py, skipped elsewhere), then the GPU suite,
+# then the estimator against the measured peaks. It needs a CUDA build of torch: if the venv's torch has no CUDA
+# it says so and stops (install the CUDA wheel of the same version, e.g. from download.pytorch.org).
+gpu-check: setup
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: this torch has no CUDA (or no GPU is visible): ' + torch.__version__)"
+	$(BIN)/python -m pip install -q nvidia-ml-py
+	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+	$(BIN)/ftbench run suites/gpu.yaml --results results/gpu
+	$(BIN)/ftbench estimate --model llama-7b --batch 8 --seq-len 256
 
 bench: setup
 	$(BIN)/python bench/overhead.py
