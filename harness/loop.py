@@ -138,7 +138,7 @@ def train(
         micro = [{k: v.to(device) for k, v in b.items()} for b in drawn]
         # Memory is tracked (by category) in the warm-up steps and in any step with a larger batch than every
         # tracked one: the peak then covers the run's largest batches, and no timed step pays for tracking.
-        size = sum(b["input_ids"].numel() for b in micro)
+        size = sum(b["input_ids"].numel() for b in micro)  # batch × padded length: what costs FLOPs
         tracking = step < res.timing_warmup_steps or size > largest_tracked
         if tracking:
             largest_tracked = max(largest_tracked, size)
@@ -179,7 +179,7 @@ def train(
         res.grad_norms.append(float(norm))
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
-        res.computed_tokens_per_step.append(sum(b["input_ids"].numel() for b in micro))
+        res.computed_tokens_per_step.append(size)
         res.head_positions_per_step.append(sum(getattr(b, "head_positions", 0) for b in drawn))
         if on_step is not None:
             on_step(step + 1, cfg.steps, res.step_times_s[-1])

@@ -161,14 +161,6 @@ def warnings(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
     return out
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 # The pivoted table: one row per cell, one column per metric, "old → new (change, verdict)"; a change is
 # called better or worse only where it is beyond noise (reports/stats.py), on the same config and machine:
 # accuracy by McNemar on the same test examples, step time against the run-to-run spread of the seeds.
