@@ -1,7 +1,8 @@
 """One run, inside its own process: load, evaluate, prepare, train, evaluate, export, record.
 
 Everything measured is written to the record even when a later stage fails, so a ``failed`` record still
-says how far the run got (e.g. the accuracy before training, or the step whose loss went non-finite).
+says how far the run got (e.g. the step whose loss went non-finite, or the accuracy after training when an
+export failed). The test split is read once training and checkpoint selection are over, never before.
 The cell drives two contracts (:mod:`harness.contract`) and branches on neither: the *method* and the
 *task IO* (a classifier head, or a decoder reading every task through prompts).
 """
@@ -93,15 +94,11 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))
 
-    # Before training: for a decoder this is its zero-shot accuracy (as the method prepared it, e.g. quantized).
-    # A tuning trial (read_test false) never reads the test split: not before, not after, no exports.
-    if cfg.read_test:
-        progress.say(f"evaluating before training ({len(task.test)} test examples)")
-        rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
-    forgetting = _forgetting(cfg, loaded.tokenizer, dtype, device) if cfg.read_test else None
-    if forgetting:
-        rec["forgetting"] = {"task": cfg.forgetting.task, "before": forgetting(model)}
-
+    # The test split is read only after training and selection (never by a tuning trial, whose read_test is
+    # false). The untrained model's score (a decoder's zero-shot accuracy, as the method prepared it, e.g.
+    # quantized) is measured then too, on the trainable parameters' initial values kept on disk: on disk so that
+    # the copy adds nothing to the memory this run measures.
+    initial = _InitialWeights(model, method) if cfg.read_test else None
     validation = Validation(
         cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"), cfg.trial
     )
@@ -112,16 +109,41 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device))
     rec["memory_methods"] = memory_methods(device.type)
 
-    if not cfg.read_test:
+    if initial is None:
         return
     progress.say(f"evaluating after training ({len(task.test)} test examples)")
     after, scores = evaluate(model)
     rec["eval_after"] = EvalMetrics(**after)
+    forgetting = _forgetting(cfg, loaded.tokenizer, dtype, device)
     if forgetting:
-        rec["forgetting"]["after"] = forgetting(model)
+        rec["forgetting"] = {"task": cfg.forgetting.task, "after": forgetting(model)}
     if cfg.export:
         rec.update(_exports(method, model, results_dir / "exports" / cfg.cell_id, evaluate, scores, progress, device))
     rec["method_metrics"] = method.report(model)
+    progress.say(f"evaluating the untrained model ({len(task.test)} test examples)")
+    initial.restore(model)
+    rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
+    if forgetting:
+        rec["forgetting"]["before"] = forgetting(model)
+
+
+class _InitialWeights:
+    """The trainable parameters as the method prepared them, in a file that lives as long as this object."""
+
+    def __init__(self, model: torch.nn.Module, method: Method) -> None:
+        import tempfile
+
+        self.method = method
+        self._dir = tempfile.TemporaryDirectory(prefix="ftbench-initial-")
+        self.path = Path(self._dir.name) / "initial.pt"
+        torch.save({n: p.detach().cpu() for n, p in method.trainable_parameters(model)}, self.path)
+
+    def restore(self, model: torch.nn.Module) -> None:
+        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for n, p in self.method.trainable_parameters(model):
+                p.copy_(saved[n])
+        self._dir.cleanup()
 
 
 class Validation:

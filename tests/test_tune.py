@@ -67,7 +67,8 @@ def test_trials_never_read_the_test_split_and_final_runs_read_it_once_after_trai
         cfg = with_params(best.model_copy(update={"seed": seed}), {})
         rec = run_cell(cfg, tmp_path)
         assert rec.status == "ok" and rec.config["tuning"]["best_params"] == t["best_params"]
-        assert splits == ["test", "validation", "validation", "test"]  # untrained model, curve, trained model
+        assert splits == ["validation", "validation", "test", "test"]  # the curve, the trained and untrained model
+        assert rec.eval_after.examples == rec.eval_before.examples == len(rec.eval_after.correct)
     trial_records = list((tmp_path / "tuning" / "records").glob("*.json"))
     assert len(trial_records) == 3
     from reports.html import write_report

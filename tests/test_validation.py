@@ -35,13 +35,23 @@ def splits(monkeypatch):
     return seen
 
 
-def test_the_curve_reads_validation_only_and_the_test_split_twice(tmp_path, splits):
+def test_the_curve_reads_validation_only_and_the_test_split_only_after_training(tmp_path, splits):
     rec = _run(tmp_path, eval_every=2, val_examples=24)
     assert [p["step"] for p in rec.validation_curve] == [2, 4, 6]
     assert all(p["examples"] == 24 and 0 <= p["accuracy"] <= 1 and p["loss"] > 0 for p in rec.validation_curve)
-    assert [s for s, _ in splits] == ["test", "validation", "validation", "validation", "test"]  # before, after
+    # the curve, then the trained model, then the untrained one (its initial weights put back from disk)
+    assert [s for s, _ in splits] == ["validation", "validation", "validation", "test", "test"]
     assert rec.selected_step == 6 and rec.selected_by == "last"
     assert len(rec.step_times_s) == 6 and rec.step_time_stats["count"] == 6 - len(rec.memory_tracked_steps)
+
+
+def test_the_untrained_score_is_of_the_initial_weights_whatever_the_training(tmp_path):
+    """Measured after training, on the initial weights put back: so it is the same for a 2-step and a 6-step run
+    (same seed), and differs from the trained model's (were nothing put back, it would equal it)."""
+    long, short = _run(tmp_path / "long"), _run(tmp_path / "short", steps=2)
+    assert long.eval_before.loss == pytest.approx(short.eval_before.loss, rel=1e-6)
+    assert long.eval_before.correct == short.eval_before.correct
+    assert long.eval_after.loss != pytest.approx(long.eval_before.loss, rel=1e-3)
 
 
 def test_selecting_the_best_validation_step_tests_that_steps_weights(tmp_path):
