@@ -94,16 +94,32 @@ def _run(args: argparse.Namespace, suite) -> int:
         raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see README: Fair comparisons)")
     if getattr(args, "trials", None) is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: the budget must be at least 1 trial per method")
+    if getattr(args, "storage", None) and suite.tune is None:
+        raise ConfigError(f"--storage: {args.suite} has no tune: block, so there is no study to store")
     if suite.tune is not None:
-        if args.executor != "local":
-            raise ConfigError(f"{args.suite}: tune: trials run on the local executor for now; drop --executor ray")
-        if getattr(args, "trials", None):
-            suite = suite.model_copy(update={"tune": suite.tune.model_copy(update={"trials": args.trials})})
+        update = {"trials": args.trials} if getattr(args, "trials", None) else {}
+        if getattr(args, "storage", None):
+            from harness.schema import check_storage_url
+
+            try:
+                update["storage"] = check_storage_url(args.storage)
+            except ValueError as err:
+                raise ConfigError(f"--storage: {err}") from None
+        suite = suite.model_copy(update={"tune": suite.tune.model_copy(update=update)})
         from harness.runner import tuned_cells
+        from harness.tune import StorageUnreachable, open_storage
+
+        if suite.tune.storage:  # before anything is written or measured
+            try:
+                open_storage(suite.tune.storage)
+            except StorageUnreachable as err:
+                raise ConfigError(str(err)) from None
 
         try:
-            cells = tuned_cells(suite, results)
+            cells = tuned_cells(suite, results, executor=args.executor, address=args.address)
         except ResultsLocked as err:
+            raise ConfigError(str(err)) from None
+        except StorageUnreachable as err:
             raise ConfigError(str(err)) from None
     try:
         records = run_suite(
@@ -300,13 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="rerun cells whose record is not ok")
     r.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run (default local)")
     r.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    r.add_argument("--storage", help="database URL for a tune: block's studies (overrides tune.storage)")
     r.set_defaults(fn=cmd_run)
     t = sub.add_parser("tune", help="run a suite with a tune: block (tune each method on validation, then run)")
     t.add_argument("suite", help="suite YAML file with a tune: block")
     t.add_argument("--results", help="results directory (default: results/<suite name>)")
     t.add_argument("--trials", type=int, help="trials per method (overrides tune.trials)")
     t.add_argument("--retry-failed", action="store_true", help="rerun final cells whose record is not ok")
-    t.set_defaults(fn=cmd_run, executor="local", address=None)
+    t.add_argument("--executor", choices=["local", "ray"], default="local", help="where trials and cells run")
+    t.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    t.add_argument("--storage", help="database URL for the studies (overrides tune.storage), e.g. postgresql://…")
+    t.set_defaults(fn=cmd_run)
     sub.add_parser("methods", help="list methods with their config fields").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list model aliases").set_defaults(fn=cmd_models)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)

@@ -33,41 +33,55 @@ def _remote_cell(cfg_json: str, results_dir: str) -> str:
     return run_cell_subprocess(cfg, target).model_dump_json()
 
 
-def run_cells_ray(
-    cells: list[RunConfig], results_dir: Path, address: str | None, done: Callable[[RunConfig, RunRecord], None]
-) -> list[RunRecord]:
-    import ray
+class RayPool:
+    """Cells as Ray tasks: ``submit`` returns at once, ``next_done`` waits for any one (the tuning loop's
+    :class:`harness.tune.TrialPool`). Each record is written into its results dir on the driver."""
 
-    if not ray.is_initialized():  # a local cluster's workers inherit this process's environment
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            **({} if address else {"num_cpus": os.cpu_count()}),
-        )
-    remote = ray.remote(_remote_cell)
-    pending = {}
-    for cfg in cells:
-        ref = remote.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=cfg.retries).remote(
-            cfg.model_dump_json(), str(Path(results_dir).resolve())
-        )
-        pending[ref] = (cfg, now_iso(), time.perf_counter())
-    records = []
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        cfg, started, t0 = pending.pop(ready[0])
+    def __init__(self, address: str | None, slots: int) -> None:
+        import ray
+
+        if not ray.is_initialized():  # a local cluster's workers inherit this process's environment
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                **({} if address else {"num_cpus": os.cpu_count()}),
+            )
+        self.slots = max(1, slots)
+        self.remote = ray.remote(_remote_cell)
+        self.pending: dict = {}
+
+    def submit(self, ticket, cfg: RunConfig, results_dir: Path, show: Callable[[str], None] | None = None) -> None:
+        opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=cfg.retries)
+        ref = self.remote.options(**opts).remote(cfg.model_dump_json(), str(Path(results_dir).resolve()))
+        self.pending[ref] = (ticket, cfg, Path(results_dir), now_iso(), time.perf_counter())
+        if show:
+            show("on Ray")
+
+    def next_done(self) -> tuple[object, RunRecord]:
+        import ray
+
+        ready, _ = ray.wait(list(self.pending), num_returns=1)
+        ticket, cfg, results_dir, started, t0 = self.pending.pop(ready[0])
         try:
             rec = RunRecord.model_validate_json(ray.get(ready[0]))
         except (ray.exceptions.RayError, ValueError) as err:  # worker crashed, node lost, task error
             text = str(err).strip().splitlines()
-            rec = failure_record(
-                cfg,
-                "failed",
-                f"ray: {type(err).__name__}: {' '.join(text[:3])[:500]}",
-                started,
-                time.perf_counter() - t0,
-            )
+            reason = f"ray: {type(err).__name__}: {' '.join(text[:3])[:500]}"
+            rec = failure_record(cfg, "failed", reason, started, time.perf_counter() - t0)
         write_record(results_dir, rec)
+        return ticket, rec
+
+
+def run_cells_ray(
+    cells: list[RunConfig], results_dir: Path, address: str | None, done: Callable[[RunConfig, RunRecord], None]
+) -> list[RunRecord]:
+    pool = RayPool(address, len(cells))
+    for i, cfg in enumerate(cells):
+        pool.submit(i, cfg, results_dir)
+    records = []
+    while pool.pending:
+        i, rec = pool.next_done()
         records.append(rec)
-        done(cfg, rec)
+        done(cells[i], rec)
     return records

@@ -223,12 +223,17 @@ def run_suite(
     return records
 
 
-def tuned_cells(suite: Suite, results_dir: Path, quiet: bool = False) -> list[RunConfig]:
+def tuned_cells(
+    suite: Suite, results_dir: Path, quiet: bool = False, executor: str = "local", address: str | None = None
+) -> list[RunConfig]:
     """The suite's grid with each (model, task, method/variant) at its best hyperparameters on the validation
-    split (harness/tune.py): the trials run first, one cell each, in the local executor."""
+    split (harness/tune.py): the trials run first, one cell each, in the local executor (one at a time) or on
+    Ray (the studies side by side). A bar per study: trials done and pruned, the best value so far, the running
+    trial's latest step."""
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from harness.tune import tune_cells, with_params
+    from harness.tune import LocalPool, tune_cells, with_params
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -239,16 +244,30 @@ def tuned_cells(suite: Suite, results_dir: Path, quiet: bool = False) -> list[Ru
     try:
         _before_cells(base, results_dir, console)
 
-        def execute(cfg: RunConfig, trial_dir: Path) -> RunRecord:
+        def execute(cfg: RunConfig, trial_dir: Path, show) -> RunRecord:
             forked = forkserver.enabled() and not cfg.memory_limit_mb
             server = forkserver.server_for(cfg.allow_network) if forked else None
-            return run_cell_subprocess(cfg, trial_dir, None, server)
+            return run_cell_subprocess(cfg, trial_dir, show, server)
 
+        if executor == "ray":
+            from harness.ray_executor import RayPool
+
+            pool = RayPool(address, slots=len(base))
+        else:
+            pool = LocalPool(execute)
         interrupts_raise()
-        best = {
-            (c.model.name, c.task.name, c.method, c.variant): c
-            for c in tune_cells(suite, base, results_dir, execute, console.print)
-        }
+        columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), TextColumn("{task.fields[text]}"))
+        with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+            bars: dict[str, int] = {}
+
+            def status(key: str, text: str, done: int, total: int) -> None:
+                name = "tune " + " · ".join(key.split("|")[:3])
+                if key not in bars:
+                    bars[key] = progress.add_task(name, total=total, text="")
+                progress.update(bars[key], completed=done, total=total, text=text)
+
+            finals = tune_cells(suite, base, results_dir, pool, progress.console.print, status)
+        best = {(c.model.name, c.task.name, c.method, c.variant): c for c in finals}
     finally:
         lock.close()
     out = []

@@ -189,6 +189,28 @@ TUNABLE_TRAIN = ("lr", "warmup_steps", "weight_decay", "max_grad_norm", "batch_s
 DEFAULT_SPACE = {"lr": {"low": 1e-5, "high": 1e-2, "log": True}}
 
 
+STORAGE_DIALECTS = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def check_storage_url(url: str) -> str:
+    """A database URL Optuna's RDBStorage can open (SQLAlchemy's form); the driver's presence is checked when
+    the study opens."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    allowed = "sqlite:///PATH, postgresql://USER@HOST/DB, mysql://USER@HOST/DB"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"{url!r}: not a database URL; allowed: {allowed}") from None
+    dialect = parsed.get_backend_name()
+    if dialect == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ValueError(f"{url!r}: an in-memory database; each trial's process must reach it: sqlite:///PATH")
+    if dialect not in STORAGE_DIALECTS:
+        raise ValueError(f"{url!r}: unknown database {dialect!r}; allowed: {allowed}")
+    return url
+
+
 class Tune(Strict):
     """Every method at its own hyperparameters, chosen on the validation split with the same budget each."""
 
@@ -203,6 +225,11 @@ class Tune(Strict):
         "none", description="stop unpromising trials early, on their validation curve (every eval_every steps)"
     )
     seed: int = Field(0, ge=0, description="the sampler's seed")
+    storage: str | None = Field(
+        None,
+        description="a database URL for the studies (sqlite:///PATH, postgresql://USER@HOST/DB, mysql://...), "
+        "shared by many machines; default: a journal file in RESULTS/tuning/",
+    )
     space: dict[str, dict[str, SearchRange]] = Field(
         default_factory=dict,
         description="per method name (or method/variant): {lr | warmup_steps | weight_decay | max_grad_norm | "
@@ -215,6 +242,11 @@ class Tune(Strict):
         if isinstance(v, str) and v.startswith("test"):
             raise ValueError(f"{v}: tuning selects on the validation split; the test split is read once, at the end")
         return v
+
+    @field_validator("storage")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_storage_url(v)
 
     @field_validator("space")
     @classmethod

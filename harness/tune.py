@@ -1,8 +1,9 @@
 """Every method at its own tuned hyperparameters, chosen on the validation split with the same budget each.
 
 For each (model, task, method/variant) of a suite with a ``tune:`` block, an Optuna study (its journal file in
-``RESULTS/tuning/studies.journal``) proposes ``trials`` configurations. A trial is a cell: it runs through the
-same executor as any cell (its own process, timeout, memory limit, record under ``RESULTS/tuning/``), with
+``RESULTS/tuning/studies.journal``, or the database at ``tune.storage``) proposes ``trials`` configurations. A
+trial is a cell: it runs through the same executors as any cell (local: one at a time; Ray: the studies side by
+side), in its own process, with its timeout, memory limit and record under ``RESULTS/tuning/``, with
 ``read_test: false``, so it never reads the test split; its value is the suite's validation objective at the
 trial's selected step. Then the best configuration of each method runs on the suite's seeds as ordinary cells
 (the test split read there, once per run), each carrying how it was chosen (``config.tuning``).
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness.records import RunRecord
 from harness.schema import DEFAULT_SPACE, RunConfig, SearchRange, Suite, TrainConfig, Tune
 
 Execute = Callable[[RunConfig, Path], RunRecord]
+
+
+class StorageUnreachable(Exception):
+    """The study's database cannot be opened from this machine."""
 
 
 def space_for(tune: Tune, cfg: RunConfig) -> dict[str, SearchRange]:
@@ -99,27 +104,83 @@ def grid(space: dict[str, SearchRange], points: int) -> dict[str, list]:
     return out
 
 
-def study_key(cfg: RunConfig) -> str:
-    return f"{cfg.model.name}|{cfg.task.name}|{cfg.method}/{cfg.variant}"
+def study_key(cfg: RunConfig, tune: Tune) -> str:
+    """The study's name: what it tunes, and a digest of the cell (seed aside) and of the tuning settings (budget
+    and storage aside), so that a changed suite starts a new study instead of mixing its trials with old ones,
+    and many suites can share one database."""
+    import hashlib
+    import json
+
+    what = {
+        "cell": cfg.model_dump(mode="json", exclude={"seed", "tuning", "trial"}),
+        "tune": tune.model_dump(mode="json", exclude={"trials", "storage"}),
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.model.name}|{cfg.task.name}|{cfg.method}/{cfg.variant}|{digest}"
+
+
+class TrialPool(Protocol):
+    """Where trials run. ``submit`` returns at once; ``next_done`` waits for any submitted trial to end and
+    returns its ticket and record. ``slots``: trials in flight at once."""
+
+    slots: int
+
+    def submit(self, ticket: int, cfg: RunConfig, trial_dir: Path, show: Callable[[str], None]) -> None: ...
+
+    def next_done(self) -> tuple[int, RunRecord]: ...
+
+
+class LocalPool:
+    """One trial at a time, in this machine's executor: what the study proposes next may depend on every
+    finished trial, and two trials sharing 2 cores would measure each other."""
+
+    slots = 1
+
+    def __init__(self, execute: Execute) -> None:
+        import inspect
+
+        self.queue = []
+        self.with_progress = len(inspect.signature(execute).parameters) >= 3  # execute(cfg, dir[, show])
+        self.execute = execute
+
+    def submit(self, ticket: int, cfg: RunConfig, trial_dir: Path, show: Callable[[str], None]) -> None:
+        self.queue.append((ticket, cfg, trial_dir, show))
+
+    def next_done(self) -> tuple[int, RunRecord]:
+        ticket, cfg, trial_dir, show = self.queue.pop(0)
+        return ticket, self.execute(cfg, trial_dir, show) if self.with_progress else self.execute(cfg, trial_dir)
+
+
+Status = Callable[[str, str, int, int], None]  # study, text, trials counted, budget
 
 
 def tune_cells(
-    suite: Suite, base: list[RunConfig], results_dir: Path, execute: Execute, say: Callable[[str], None] = print
+    suite: Suite,
+    base: list[RunConfig],
+    results_dir: Path,
+    pool: Execute | TrialPool,
+    say: Callable[[str], None] = print,
+    status: Status | None = None,
 ) -> list[RunConfig]:
-    """Run (or continue) each base cell's study; return the suite's final cells at each one's best config."""
+    """Run (or continue) each base cell's study; return the suite's final cells at each one's best config.
+
+    Each study has at most one trial in flight (its next proposal depends on its finished trials, and a
+    resumed study must propose what an uninterrupted one would have); studies run side by side where the
+    pool has slots (Ray), one after another otherwise."""
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pool = pool if hasattr(pool, "next_done") else LocalPool(pool)
     tune = suite.tune
     trial_dir = Path(results_dir) / "tuning"
     trial_dir.mkdir(parents=True, exist_ok=True)
-    journal = str(trial_dir / "studies.journal")
-    storage = _storage(journal)
+    spec = tune.storage or str(trial_dir / "studies.journal")
+    storage = open_storage(spec)
     direction = "maximize" if tune.objective == "val_accuracy" else "minimize"
-    finals = []
+    studies = []
     for cfg in base:
-        key = study_key(cfg)
+        key = study_key(cfg, tune)
         study = optuna.create_study(
             study_name=key, storage=storage, direction=direction, load_if_exists=True, pruner=_pruner(tune.pruner)
         )
@@ -127,53 +188,104 @@ def tune_cells(
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # not counted; proposed again
             study.tell(t.number, state=TrialState.FAIL)
         space = space_for(tune, cfg)
-        dists = _distributions(space)
-        while (done := len(_counted(study))) < tune.trials:
-            study.sampler = _sampler(tune, done)
-            if tune.sampler == "grid":  # the next grid point, fixed (Optuna's GridSampler needs optimize())
-                points = grid_points(space, tune.trials, tune.seed)
-                study.enqueue_trial(points[done % len(points)])
-            trial = study.ask(dists)
-            info = {"journal": journal, "study": key, "number": trial.number}
-            info.update(objective=tune.objective, pruner=tune.pruner, first_point=cfg.train.eval_every)
-            rec = execute(with_params(cfg, trial.params, read_test=False, export=False, trial=info), trial_dir)
-            value = objective_value(rec, tune.objective)
-            if rec.status == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
-            elif value is None:
-                study.tell(trial, state=TrialState.FAIL)
-            else:
-                study.tell(trial, value)
-            study.set_user_attr(f"wall_s_{trial.number}", rec.wall_time_s)
-            result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
-            counted = _counted(study)
-            pruned = sum(t.state == TrialState.PRUNED for t in counted)
-            best = f"best so far {study.best_value:.4g}" if any(t.state == TrialState.COMPLETE for t in counted) else ""
-            say(f"tune {key}: trial {done + 1}/{tune.trials} ({pruned} pruned) {trial.params} → {result}; {best}")
-        trials = _counted(study)
-        completed = [t for t in trials if t.state == TrialState.COMPLETE]
-        if not completed:
-            say(f"tune {key}: no trial completed; the suite's own hyperparameters are used")
-            finals.append(cfg)
-            continue
-        best = study.best_trial
-        tuning = {
-            "selected_on": f"validation split ({tune.objective})",
-            "objective": tune.objective,
-            "best_value": best.value,
-            "best_params": best.params,
-            "trials": len(trials),
-            "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-            "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
-            "trial_wall_seconds": sum(study.user_attrs.get(f"wall_s_{t.number}", 0.0) for t in trials),
-            "sampler": tune.sampler,
-            "pruner": tune.pruner,
-            "history": [
-                {"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in trials
-            ],
-        }
-        finals.append(with_params(cfg, best.params, tuning=tuning))
-    return finals
+        studies.append({"cfg": cfg, "key": key, "study": study, "space": space, "dists": _distributions(space)})
+    status = status or (lambda *_: None)
+    for st in studies:
+        status(st["key"], _summary(st["study"], tune), len(_counted(st["study"])), tune.trials)
+
+    flight: dict[int, tuple[dict, Any]] = {}  # ticket (the study's index) → (study, trial)
+    while True:
+        for i, st in enumerate(studies):
+            if len(flight) >= pool.slots:
+                break
+            if i in flight or len(_counted(st["study"])) >= tune.trials:
+                continue
+            trial = _propose(st, tune)
+            info = {"storage": spec, "study": st["key"], "number": trial.number}
+            info.update(objective=tune.objective, pruner=tune.pruner, first_point=st["cfg"].train.eval_every)
+            cfg = with_params(st["cfg"], trial.params, read_test=False, export=False, trial=info)
+            params = ", ".join(f"{k} {_fmt(v)}" for k, v in trial.params.items())
+
+            def show(line: str, key=st["key"], study=st["study"], params=params) -> None:
+                text = f"{_summary(study, tune)} · trial: {params} · {line}"
+                status(key, text, len(_counted(study)), tune.trials)
+
+            show("starting")
+            pool.submit(i, cfg, trial_dir, show)
+            flight[i] = (st, trial)
+        if not flight:
+            break
+        ticket, rec = pool.next_done()
+        st, trial = flight.pop(ticket)
+        study = st["study"]
+        value = objective_value(rec, tune.objective)
+        if rec.status == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        elif value is None:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, value)
+        study.set_user_attr(f"wall_s_{trial.number}", rec.wall_time_s)
+        result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
+        done = len(_counted(study))
+        params = ", ".join(f"{k} {_fmt(v)}" for k, v in trial.params.items())
+        say(f"tune {st['key']}: trial {done}/{tune.trials} ({params}) → {result}; {_summary(study, tune)}")
+        status(st["key"], _summary(study, tune), done, tune.trials)
+    return [_final(st, tune, spec, say) for st in studies]
+
+
+def _propose(st: dict, tune: Tune):
+    study = st["study"]
+    done = len(_counted(study))
+    study.sampler = _sampler(tune, done)
+    if tune.sampler == "grid":  # the next grid point, fixed (Optuna's GridSampler needs optimize())
+        points = grid_points(st["space"], tune.trials, tune.seed)
+        study.enqueue_trial(points[done % len(points)])
+    return study.ask(st["dists"])
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _summary(study, tune: Tune) -> str:
+    """Trials done and pruned, and the best value so far: the study's line in the progress display."""
+    from optuna.trial import TrialState
+
+    counted = _counted(study)
+    pruned = sum(t.state == TrialState.PRUNED for t in counted)
+    text = f"{len(counted)}/{tune.trials} trials, {pruned} pruned"
+    if any(t.state == TrialState.COMPLETE for t in counted):
+        text += f", best {tune.objective} {study.best_value:.4g}"
+    return text
+
+
+def _final(st: dict, tune: Tune, spec: str, say: Callable[[str], None]) -> RunConfig:
+    """The base cell at the study's best trial, carrying how it was chosen and what tuning cost."""
+    from optuna.trial import TrialState
+
+    cfg, study = st["cfg"], st["study"]
+    trials = _counted(study)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        say(f"tune {st['key']}: no trial completed; the suite's own hyperparameters are used")
+        return cfg
+    best = study.best_trial
+    tuning = {
+        "selected_on": f"validation split ({tune.objective})",
+        "objective": tune.objective,
+        "best_value": best.value,
+        "best_params": best.params,
+        "trials": len(trials),
+        "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
+        "trial_wall_seconds": sum(study.user_attrs.get(f"wall_s_{t.number}", 0.0) for t in trials),
+        "sampler": tune.sampler,
+        "pruner": tune.pruner,
+        "study": st["key"],
+        "storage": _public(spec),
+        "history": [{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in trials],
+    }
+    return with_params(cfg, best.params, tuning=tuning)
 
 
 def _counted(study) -> list:
@@ -201,11 +313,36 @@ def _pruner(name: str, first_point: int = 0):
     return optuna.pruners.NopPruner()
 
 
-def _storage(journal: str):
+def _storage(spec: str):
+    """A database URL (sqlite:///, postgresql://, mysql://: Optuna's RDBStorage, for many machines) or the path
+    of a journal file (the default, in the results dir: no server, safe between processes of one machine)."""
+    if "://" in spec:
+        from optuna.storages import RDBStorage
+
+        return RDBStorage(spec)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(journal))
+    return JournalStorage(JournalFileBackend(spec))
+
+
+def open_storage(spec: str):
+    """The storage, or :class:`StorageUnreachable` in one line."""
+    try:
+        return _storage(spec)
+    except Exception as err:  # a driver not installed (psycopg2, pymysql), a server not reachable
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        what = f"tune.storage {_public(spec)}: cannot open it: {type(err).__name__}: {first}"
+        raise StorageUnreachable(what) from err
+
+
+def _public(spec: str) -> str:
+    """The storage as records may keep it: a URL's password hidden."""
+    if "://" not in spec:
+        return spec
+    from sqlalchemy.engine import make_url
+
+    return make_url(spec).render_as_string(hide_password=True)
 
 
 class TrialReporter:
@@ -217,11 +354,19 @@ class TrialReporter:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.info = trial
-        study = optuna.load_study(
-            study_name=trial["study"],
-            storage=_storage(trial["journal"]),
-            pruner=_pruner(trial["pruner"], trial.get("first_point", 0)),
-        )
+        where = trial.get("storage") or trial["journal"]
+        try:
+            study = optuna.load_study(
+                study_name=trial["study"],
+                storage=_storage(where),
+                pruner=_pruner(trial["pruner"], trial.get("first_point", 0)),
+            )
+        except Exception as err:  # a worker that cannot reach the driver's journal file, a database down
+            raise RuntimeError(
+                f"this trial cannot reach its study's storage ({_public(where)}): {type(err).__name__}: {err}. "
+                "On a cluster without a filesystem shared with the driver, set tune.storage (or --storage) to a "
+                "database URL every machine reaches"
+            ) from err
         trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial["number"])
         self.trial = optuna.trial.Trial(study, trial_id)
 

@@ -1,6 +1,6 @@
 """The tuning section: each method's trials (validation objective against learning rate), the chosen one, the
 ratio of the LoRA family's best learning rate to full fine-tuning's, the trial table, and Optuna's own figures
-of each study (read from ``RESULTS/tuning/studies.journal``), embedded as they are."""
+of each study (read from ``RESULTS/tuning/studies.journal`` or the study's database), embedded as they are."""
 
 from __future__ import annotations
 
@@ -110,27 +110,31 @@ def _table(studies: dict[str, dict]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def optuna_figures(results_dir: Path | None, keys: list[str]) -> list[tuple[str, go.Figure]]:
-    """Optuna's own figures of each study, where the journal is there to read (an exported records folder
-    alone has none)."""
-    journal = Path(results_dir) / "tuning" / "studies.journal" if results_dir else None
-    if journal is None or not journal.exists():
-        return []
+def optuna_figures(results_dir: Path | None, studies: dict[str, dict], prefix: str) -> list[tuple[str, go.Figure]]:
+    """Optuna's own figures of each study, where its storage is there to read: the journal in the results dir
+    (an exported records folder alone has none) or the database the records name (not one whose password the
+    records hide)."""
     import optuna
     from optuna.visualization import plot_optimization_history, plot_parallel_coordinate
 
     from harness.tune import _storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = Path(results_dir) / "tuning" / "studies.journal" if results_dir else None
     out = []
-    for key in keys:
+    for name, t in studies.items():
+        where = t.get("storage")
+        if where is None or "://" not in where:  # the journal: wherever this results dir now is
+            if journal is None or not journal.exists():
+                continue
+            where = str(journal)
         try:
-            study = optuna.load_study(study_name=key, storage=_storage(str(journal)))
-        except KeyError:
+            study = optuna.load_study(study_name=t.get("study") or f"{prefix}|{name}", storage=_storage(where))
+        except Exception:  # gone, renamed, unreachable: the section's own figures and table stand without it
             continue
-        out.append((f"{key}: optimization history", plot_optimization_history(study)))
+        out.append((f"{prefix}|{name}: optimization history", plot_optimization_history(study)))
         if len(study.best_trial.params) > 1:
-            out.append((f"{key}: parallel coordinates", plot_parallel_coordinate(study)))
+            out.append((f"{prefix}|{name}: parallel coordinates", plot_parallel_coordinate(study)))
     return out
 
 
@@ -162,7 +166,6 @@ def render(records: list[RunRecord], results_dir: Path | None, figure_html) -> s
             )
         parts += [f"<p>{html.escape(line)}</p>" for line in lr_ratio(studies)]
         parts.append(_table(studies))
-        keys = [f"{model}|{task}|{name}" for name in studies]
-        for j, (title, fig) in enumerate(optuna_figures(results_dir, keys)):
+        for j, (title, fig) in enumerate(optuna_figures(results_dir, studies, f"{model}|{task}")):
             parts.append(f"<h4>{html.escape(title)}</h4>" + figure_html(fig, f"fig-tune-optuna-{k}-{j}"))
     return "".join(parts)

@@ -79,3 +79,41 @@ def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):
     assert out.returncode == 1, out.stderr[-2000:]
     assert recs["kill_worker"]["status"] == "failed" and recs["kill_worker"]["error"].startswith("ray:")
     assert recs["lora"]["status"] == "ok"
+
+
+def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_same_proposals(tmp_path, write_suite):
+    """`ftbench tune --executor ray`: each trial a Ray task (its cell in its own process, reporting to the
+    study's journal for the median pruner); the two studies' trials run at the same time; each study proposes
+    what it proposes on the local executor (same sampler seed), and the final runs carry the tuning."""
+    import datetime
+
+    from harness.cell import run_cell
+    from harness.records import read_record
+    from harness.suite import expand, parse_suite
+    from harness.tune import tune_cells
+
+    data = tiny_suite(methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}], seeds=[0])
+    data["train"] = {**data["train"], "steps": 4, "eval_every": 2}
+    data["export"] = False
+    data["tune"] = {"trials": 2, "sampler": "random", "seed": 7, "pruner": "median"}
+    out = ftbench("tune", str(write_suite(data)), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = [read_record(p) for p in (tmp_path / "ray" / "tuning" / "records").glob("*.json")]
+    assert len(trials) == 4 and all(t.status in ("ok", "pruned") for t in trials)
+
+    def span(r):
+        start = datetime.datetime.fromisoformat(r.started_at).timestamp()
+        return start, start + r.wall_time_s
+
+    by_method = {m: sorted((t for t in trials if t.method == m), key=lambda r: r.started_at) for m in ("full", "lora")}
+    (a0, a1), (b0, b1) = span(by_method["full"][0]), span(by_method["lora"][0])
+    assert a0 < b1 and b0 < a1  # the first trials of the two studies overlapped in time
+
+    suite = parse_suite(data, "<test>")
+    local = tune_cells(suite, expand(suite), tmp_path / "local", run_cell, say=lambda _: None)
+    for cfg in local:
+        proposed = [h["params"]["lr"] for h in cfg.tuning["history"]]
+        assert proposed == [t.config["train"]["lr"] for t in by_method[cfg.method]]
+    finals = [read_record(p) for p in (tmp_path / "ray" / "records").glob("*.json")]
+    assert sorted(r.method for r in finals) == ["full", "lora"]
+    assert all(r.status == "ok" and r.config["tuning"]["trials"] == 2 for r in finals)

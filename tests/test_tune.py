@@ -145,3 +145,63 @@ def test_the_grid_sampler_tries_each_log_spaced_point_once(tmp_path):
     suite = _suite(sampler="grid", space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
     (best,), ran = _tune(suite, tmp_path)
     assert sorted(ran) == pytest.approx([1e-4, 1e-3, 1e-2]) and best.tuning["sampler"] == "grid"
+
+
+def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(tmp_path):
+    """tune.storage: Optuna's RDBStorage (SQLite here; PostgreSQL or MySQL by URL, same code path). The trials
+    run in processes of their own (the real command line) and report their validation curves to the database,
+    where the median pruner reads them: no journal file is written; a rerun runs no trial again."""
+    import optuna
+    import yaml
+
+    from tests.conftest import ftbench
+
+    db = tmp_path / "studies.db"
+    data = tiny_suite(methods=[{"method": "lora", "config": {"r": 4}}], seeds=[0])
+    data["train"] = {**data["train"], "steps": 4, "eval_every": 2}
+    data["export"] = False
+    data["tune"] = {**TUNE, "pruner": "median"}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = ftbench("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3/3 trials, " in out.stderr and "pruned, best val_accuracy" in out.stderr  # the study's progress
+    assert not (tmp_path / "r" / "tuning" / "studies.journal").exists()
+    (name,) = optuna.get_all_study_names(f"sqlite:///{db}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3 and name.startswith("tiny-bert|rotten_tomatoes|lora/")
+    assert all(t.intermediate_values == {2: t.intermediate_values[2], 4: t.value} for t in study.trials)
+    from harness.records import read_record
+
+    (final,) = [read_record(p) for p in (tmp_path / "r" / "records").glob("*.json")]
+    assert final.config["tuning"]["storage"] == f"sqlite:///{db}" and final.config["tuning"]["study"] == name
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "optimization history" in page  # Optuna's figure, read back from the database
+    again = ftbench("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
+    assert again.returncode == 0 and len(optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials) == 3
+
+
+def test_storage_urls_that_cannot_work_are_one_line(tmp_path, capsys):
+    import yaml
+
+    from harness.cli import main
+
+    data = tiny_suite(seeds=[0])
+    data["train"] = {**data["train"], "eval_every": 2}
+    data["tune"] = TUNE
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(tiny_suite()))
+    cases = [
+        (path, "postgres-ish", "not a database URL"),
+        (path, "mongodb://h/db", "unknown database 'mongodb'"),
+        (plain, "sqlite:///x.db", "has no tune: block"),
+        (path, f"sqlite:///{tmp_path}/no/such/dir/x.db", "cannot open it"),
+    ]
+    for suite, url, says in cases:
+        command = "tune" if suite == path else "run"
+        code = main([command, str(suite), "--results", str(tmp_path / "r"), "--storage", url])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0], err
+        assert not (tmp_path / "r").exists()
