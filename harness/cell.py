@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from harness.contract import Method, ModelContext, TaskIO
+from harness.contract import Export, Method, ModelContext, TaskIO
 from harness.data import ClassifierIO
+from harness.deploy import measure as measure_deployments
 from harness.flops import mfu_dtype, training_flops
 from harness.hardware import describe, identity, resolve_config_dtypes
 from harness.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
@@ -118,7 +119,17 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     if forgetting:
         rec["forgetting"] = {"task": cfg.forgetting.task, "after": forgetting(model)}
     if cfg.export:
-        rec.update(_exports(method, model, results_dir / "exports" / cfg.cell_id, evaluate, scores, progress, device))
+        known = {id(model): after} if dtype == torch.float32 else {}  # scores that need not be measured again
+        deployments = None
+        if cfg.deploy.enabled:  # as deployed: each form in its own dtype, no autocast
+
+            def deployments(e: Export) -> list:
+                plain = lambda m: io.evaluate(m, cfg.train.eval_batch_size, torch.float32, device)  # noqa: E731
+                causal, seq = mode == "prompt", cfg.train.max_seq_len
+                return measure_deployments(e, plain, causal, seq, cfg.deploy, device, progress.say, known)
+
+        out_dir = results_dir / "exports" / cfg.cell_id
+        rec.update(_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
     rec["method_metrics"] = method.report(model)
     progress.say(f"evaluating the untrained model ({len(task.test)} test examples)")
     initial.restore(model)
@@ -241,9 +252,12 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
     return res
 
 
-def _exports(method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device) -> dict:
+def _exports(
+    method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device, deployments, known: dict
+) -> dict:
     """Each artifact the method writes, evaluated where it comes with a model: its accuracy and how far its
-    scores are from the trained model's (merge fidelity)."""
+    scores are from the trained model's (merge fidelity); then, with ``deployments``, what each of its
+    deployable forms costs (harness/deploy.py)."""
     progress.say("exporting")
     exports = method.export(model, out_dir)
     out = []
@@ -260,6 +274,10 @@ def _exports(method: Method, model, out_dir: Path, evaluate: Evaluate, scores, p
             m, escores = evaluate(e.model.to(device))
             er.eval = EvalMetrics(**m)
             er.max_abs_logit_diff = float((escores - scores).abs().max())
+            if known:  # float32 evaluation: the same figures as a deployment's
+                known[id(e.model)] = m
+        if deployments is not None and e.deploy:
+            er.deployments = deployments(e)
         out.append(er)
     return {"exports": out, "export_bytes": sum(e.bytes_on_disk for e in exports)}
 

@@ -228,7 +228,9 @@ def _tabular(records, fmt: str) -> str:
     from reports.summary import to_markdown
 
     if fmt == "md":
-        return to_markdown(records)
+        from reports.deployment import to_markdown as deployment_markdown
+
+        return "\n\n".join(x for x in (to_markdown(records), deployment_markdown(records)) if x)
     rows = flat_rows(records)
     return pd.DataFrame(rows).to_csv(index=False) if fmt == "csv" else json.dumps(rows, indent=1)
 

@@ -48,6 +48,20 @@ class ModelContext:
 
 
 @dataclass
+class Deployable:
+    """One form in which an artifact is deployed, e.g. "bf16" for a merged model loaded in bfloat16, or "int4
+    kernel" for an INT4 model run through torch's INT4 matmul. ``load`` reads it from disk, ready to run (the
+    runner times it); where ftbench has no loader for the format, ``model`` is the in-memory equivalent and the
+    load time is not measured (``note`` says why)."""
+
+    name: str
+    dtype: str = "float32"  # what its matmuls run in (a form in a dtype this machine emulates is not timed)
+    load: Callable[[], torch.nn.Module] | None = None
+    model: torch.nn.Module | None = None
+    note: str = ""
+
+
+@dataclass
 class Export:
     """One artifact a method wrote. ``model`` (optional) is the in-memory model the artifact represents
     (e.g. the merged model), so the runner can evaluate it and measure merge fidelity."""
@@ -58,6 +72,7 @@ class Export:
     model: torch.nn.Module | None = None
     notes: str = ""
     unsupported: str = ""  # why this artifact could not be made (the method can't, e.g. a merge); nothing written
+    deploy: list[Deployable] = field(default_factory=list)  # its deployable forms: load time, latency, accuracy
 
 
 @runtime_checkable

@@ -41,6 +41,21 @@ class EvalMetrics(BaseModel):
     )
 
 
+class DeploymentRecord(BaseModel):
+    """One deployable form of an export (harness/deploy.py): loaded from disk, evaluated, timed at batch 1."""
+
+    name: str = Field(description="the form, e.g. fp32, bf16, int4 kernel, nf4 + adapter")
+    dtype: str = Field(description="the dtype its matmuls run in")
+    load_time_s: float | None = Field(None, description="from disk to a model ready to run (None: no loader)")
+    note: str = ""
+    eval: EvalMetrics | None = Field(None, description="on the test split, without autocast: as deployed")
+    latency: dict[str, Any] | None = Field(
+        None, description="decoder: prefill and decode_per_token; encoder: batch_1/batch_32_per_example (seconds)"
+    )
+    skipped: str | None = Field(None, description="why it was not measured on this machine")
+    error: str | None = None
+
+
 class ExportRecord(BaseModel):
     kind: str
     path: str
@@ -49,6 +64,7 @@ class ExportRecord(BaseModel):
     max_abs_logit_diff: float | None = Field(None, description="vs the trained in-memory model, on the test split")
     notes: str = ""
     unsupported: str | None = Field(None, description="why the method could not make this artifact (none written)")
+    deployments: list[DeploymentRecord] = Field(default_factory=list)
 
 
 class RunRecord(BaseModel):

@@ -259,6 +259,16 @@ class Tune(Strict):
         return v
 
 
+class Deploy(Strict):
+    """What each exported artifact costs at deployment (harness/deploy.py): load time, latency at batch 1, and
+    the accuracy of each deployable form."""
+
+    enabled: bool = Field(True, description="measure every export's deployable forms (needs export: true)")
+    prompt_tokens: int = Field(64, ge=1, le=4096, description="decoders: the prompt prefilled at batch 1")
+    new_tokens: int = Field(32, ge=1, le=1024, description="decoders: tokens decoded greedily with the KV cache")
+    repeats: int = Field(3, ge=1, le=100, description="timed repeats after one warm-up")
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
@@ -279,6 +289,7 @@ class Suite(Strict):
     retries: int = Field(0, ge=0, description="Ray executor: reruns of a cell whose worker crashed")
     allow_network: bool = Field(False, description="let runs reach the Hugging Face hub (default: offline)")
     export: bool = True
+    deploy: Deploy = Field(default_factory=lambda: Deploy(), description="each export's deployment cost")
     forgetting: Forgetting | None = Field(None, description="decoders: LM loss on another task's text, before/after")
     tune: Tune | None = Field(None, description="`ftbench tune`: tune each method on the validation split first")
 
@@ -310,6 +321,7 @@ class RunConfig(Strict):
     model_fingerprint: str | None = Field(None, description="local model folders: SHA-256 of config + weight files")
     allow_network: bool = False
     export: bool = True
+    deploy: Deploy = Field(default_factory=lambda: Deploy())
     num_cpus: int = 1
     num_gpus: int = 0
     retries: int = 0

@@ -272,6 +272,7 @@ def expand(suite: Suite) -> list[RunConfig]:
                             num_gpus=suite.num_gpus,
                             retries=suite.retries,
                             export=suite.export,
+                            deploy=suite.deploy,
                             forgetting=suite.forgetting,
                         )
                     )

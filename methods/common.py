@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from harness.contract import Export
+from harness.contract import Deployable, Export
 from harness.schema import Strict
 
 # PEFT config fields ftbench sets itself; a suite must not.
@@ -176,5 +176,14 @@ def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[
             out.append(Export("merged", path, 0, unsupported=f"unsupported by {getattr(kind, 'value', kind)}: {err}"))
             return out
         merged.save_pretrained(path, safe_serialization=True)
-        out.append(Export("merged", path, dir_bytes(path), model=merged))
+        out.append(Export("merged", path, dir_bytes(path), model=merged, deploy=pretrained_forms(path, type(merged))))
     return out
+
+
+def pretrained_forms(path: Path, cls: type) -> list[Deployable]:
+    """A transformers model folder deployed as saved (fp32) and loaded in bfloat16 (half the memory; fast only
+    where the hardware has bf16 matmuls)."""
+    return [
+        Deployable("fp32", "float32", load=lambda: cls.from_pretrained(path, dtype=torch.float32)),
+        Deployable("bf16", "bfloat16", load=lambda: cls.from_pretrained(path, dtype=torch.bfloat16)),
+    ]

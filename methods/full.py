@@ -9,7 +9,7 @@ from pydantic import Field
 
 from harness.contract import Export, MethodBase, ModelContext, register_method
 from harness.schema import Strict
-from methods.common import dir_bytes, requires_grad_parameters
+from methods.common import dir_bytes, pretrained_forms, requires_grad_parameters
 
 
 @register_method
@@ -34,4 +34,4 @@ class Full(MethodBase):
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         path = out_dir / "model"
         model.save_pretrained(path, safe_serialization=True)
-        return [Export("full", path, dir_bytes(path))]
+        return [Export("full", path, dir_bytes(path), deploy=pretrained_forms(path, type(model)))]

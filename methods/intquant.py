@@ -136,17 +136,21 @@ class QuantLinear(torch.nn.Module):
         b = None if self.bias is None else self.bias.to(self.compute_dtype)
         return DequantMatmul.apply(x.to(self.compute_dtype), self, b).to(x.dtype)
 
-    def forward_int4_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """INT4 only: torch's CPU weight-only INT4 matmul (bf16 activations); w = (q − 8)·s + (z + 8·s)."""
-        if self.bits != 4:
-            raise ValueError("the INT4 kernel needs bits=4")
+    def int4_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight in the kernel's layout, built once: int4pack integers, and (scale, zero') in bf16."""
         if self._int4 is None:
             q = self.int_weight().to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
             s, z = self.scales.float(), self.zeros.float()
             sz = torch.stack([s, z + 8 * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4 = (packed, sz)
-        packed, sz = self._int4
+        return self._int4
+
+    def forward_int4_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """INT4 only: torch's CPU weight-only INT4 matmul (bf16 activations); w = (q − 8)·s + (z + 8·s)."""
+        if self.bits != 4:
+            raise ValueError("the INT4 kernel needs bits=4")
+        packed, sz = self.int4_packed()
         shape = x.shape
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, shape[-1]).to(torch.bfloat16), packed, self.group_size, sz
@@ -250,3 +254,27 @@ def load_merged(path: Path) -> torch.nn.Module:
         )
     load_state_dict(model, Path(path) / "model.safetensors")
     return model.eval()
+
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU INT4 kernel takes
+
+
+def int_forms(path: Path, bits: int, group_size: int) -> list:
+    """A merged INT-N export deployed through ftbench's loader: dequantize-then-matmul (any bits), and for INT4
+    at a group size the kernel takes, torch's CPU weight-only INT4 matmul (the deployment QA-LoRA aims at)."""
+    from harness.contract import Deployable
+
+    forms = [Deployable(f"int{bits} dequant", "float32", load=lambda: load_merged(path))]
+    if bits == 4 and group_size in INT4_KERNEL_GROUPS and not torch.cuda.is_available():
+
+        def kernel() -> torch.nn.Module:
+            model = load_merged(path)
+            for m in model.modules():
+                if isinstance(m, QuantLinear):
+                    m.kernel = "int4"
+                    m.int4_packed()  # part of loading: the kernel's layout is built once
+            return model
+
+        note = "torch's _weight_int4pack_mm_for_cpu, bf16 activations; repacked at load"
+        forms.append(Deployable("int4 kernel", "int4", load=kernel, note=note))
+    return forms

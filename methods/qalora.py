@@ -40,7 +40,7 @@ from harness.measure import sync
 from harness.schema import AutoDtype, Strict
 from methods.common import dir_bytes, requires_grad_parameters
 from methods.gptq import gptq_available, gptq_quantize
-from methods.intquant import DTYPES, QuantLinear, load_merged, save_int_model, set_module
+from methods.intquant import DTYPES, QuantLinear, int_forms, load_merged, save_int_model, set_module
 
 
 class QALoraLinear(torch.nn.Module):
@@ -272,6 +272,7 @@ class QALora(MethodBase):
                 dir_bytes(path),
                 model=reloaded,
                 notes="adapter folded into float zero points; integers unchanged; reloaded from disk",
+                deploy=int_forms(path, c.bits, c.group_size),
             ),
         ]
 

@@ -25,13 +25,14 @@ import torch
 from peft import get_peft_model
 from pydantic import Field, field_validator
 
-from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.contract import Deployable, Export, MethodBase, ModelContext, register_method
 from harness.hardware import torch_dtype
 from harness.schema import AutoDtype
 from methods.common import (
     check_peft_fits,
     dir_bytes,
     export_peft,
+    pretrained_forms,
     requires_grad_parameters,
     save_state_dict,
     task_type_of,
@@ -227,6 +228,9 @@ class QLora(MethodBase):
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         """(a) adapter; (b) merged + requantized 4-bit (bitsandbytes state dict, safetensors); (c) merged fp32."""
         out = export_peft(model, out_dir, mergeable=False)
+        in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
+        dtype = self.config.compute_dtype
+        out[0].deploy = [Deployable("nf4 + adapter", dtype, model=model, note=in_memory)]
         merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
         path4 = out_dir / "merged_4bit"
         path4.mkdir(parents=True, exist_ok=True)
@@ -240,6 +244,7 @@ class QLora(MethodBase):
                 dir_bytes(path4),
                 model=merged4,
                 notes="dequantize → add ΔW → requantize to the same 4-bit format (lossy)",
+                deploy=[Deployable(f"{self.config.quant_type} merged", dtype, model=merged4, note=in_memory)],
             )
         )
         merged32 = merged_full_precision(model)
@@ -252,6 +257,7 @@ class QLora(MethodBase):
                 dir_bytes(path32),
                 model=merged32,
                 notes="adapter merged into dequantized 32-bit weights (exact up to float rounding)",
+                deploy=pretrained_forms(path32, type(merged32)),
             )
         )
         if self.config.export_int_bits:
@@ -261,7 +267,7 @@ class QLora(MethodBase):
     def _export_int(self, merged32: torch.nn.Module, out_dir: Path) -> Export:
         """QLoRA's deployment route to an integer model: merge in full precision, then quantize group-wise to
         INT-N with RTN — the point of comparison for QA-LoRA's exact merge (paper: QLoRA + GPTQ vs QA-LoRA)."""
-        from methods.intquant import QuantLinear, load_merged, save_int_model
+        from methods.intquant import QuantLinear, int_forms, load_merged, save_int_model
 
         c = self.config
         bits, g = c.export_int_bits, c.export_int_group_size
@@ -290,6 +296,7 @@ class QLora(MethodBase):
             dir_bytes(path),
             model=load_merged(path),
             notes=f"merged in fp32, then requantized to INT{bits} group {g} ({c.export_int_quantizer.upper()})",
+            deploy=int_forms(path, bits, g),
         )
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:

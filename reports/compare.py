@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.deploy import headline_latency_s
 from harness.records import RunRecord
 from reports.figures import peak_bytes
 
@@ -71,6 +72,11 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             if e.eval is not None:
                 row[f"export_{e.kind}_accuracy"] = e.eval.accuracy
                 row[f"export_{e.kind}_max_abs_logit_diff"] = e.max_abs_logit_diff
+            for d in e.deployments:
+                key = f"deploy_{e.kind}_{d.name.replace(' ', '_')}"
+                row[f"{key}_load_time_s"] = d.load_time_s
+                row[f"{key}_latency_s"] = headline_latency_s(d.latency)
+                row[f"{key}_accuracy"] = d.eval.accuracy if d.eval else None
         rows.append(row)
     return rows
 

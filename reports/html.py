@@ -16,7 +16,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, cell_identity, read_record
-from reports import explore, figures, headline, tuning
+from reports import deployment, explore, figures, headline, tuning
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
 CSS = """
@@ -272,6 +272,8 @@ def render(
         tuning.render(records, results_dir, _figure),
         "<h2>Every run</h2>",
         _table(records),
+        "<h2>Deployment cost of each artifact</h2>",
+        deployment.render(records, _figure),
         "<h2>Memory vs accuracy</h2>",
         plots["pareto"],
         "<h2>Any two metrics</h2>",

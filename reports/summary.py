@@ -24,6 +24,8 @@ MEANINGS = {
     "accuracy before → after": "test accuracy before and after training, [95% Wilson interval over test examples]",
     "forgetting: LM loss before → after": "LM loss on another task's held-out text, before and after training",
     "exports": "each artifact written, with its size on disk",
+    "fastest deployment": "the run's fastest deployable artifact at batch 1: ms per generated token (decoders) or "
+    "per example (encoders); every form in the report's Deployment section",
     "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| vs "
     "the trained in-memory model on the test split",
 }
@@ -124,6 +126,21 @@ def optimizer_label(r: RunRecord) -> str:
     return name
 
 
+def fastest_deployment(r: RunRecord) -> str:
+    """The run's fastest deployable form (harness/deploy.py) and its latency at batch 1."""
+    from harness.deploy import headline_latency_s
+
+    best = None
+    for e in r.exports:
+        for d in e.deployments:
+            x = headline_latency_s(d.latency)
+            if x is not None and (best is None or x < best[0]):
+                best = (x, f"{e.kind} {d.name}", d.latency["kind"] == "decoder")
+    if best is None:
+        return "—"
+    return f"{best[1]} {best[0] * 1e3:.3g} ms/{'token' if best[2] else 'example'}"
+
+
 def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
     rows = []
     for r in records:
@@ -153,6 +170,7 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "forgetting: LM loss before → after": forgetting_label(r),
                 "exports": "; ".join(f"{e.kind} {fmt_bytes(e.bytes_on_disk)}" for e in r.exports if not e.unsupported)
                 or "—",
+                "fastest deployment": fastest_deployment(r),
                 "merged exports: accuracy (max Δlogit)": "; ".join(
                     [f"{e.kind} {e.eval.accuracy:.3f} ({fmt_diff(e.max_abs_logit_diff)})" for e in merged]
                     + [f"{e.kind}: {e.unsupported}" for e in r.exports if e.unsupported]

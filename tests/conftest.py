@@ -55,6 +55,9 @@ def tiny_suite(**over) -> dict:
         "methods": [{"method": "lora", "config": {"r": 4}}],
         "seeds": [0],
         "timeout_s": 300,
+        # deployment cost (harness/deploy.py) is measured by tests/test_deploy.py and the SmolLM2 test; elsewhere
+        # it would only add time
+        "deploy": {"enabled": False},
     }
     suite.update(over)
     return suite

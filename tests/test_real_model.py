@@ -51,6 +51,7 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
                 "config": {"r": 4, "group_size": 64, "compute_dtype": "float32", "param_dtype": "float32"},
             }
         ],
+        deploy={"prompt_tokens": 32, "new_tokens": 8, "repeats": 1},
     )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
@@ -59,6 +60,11 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     assert rec.eval_before.accuracy > 0.65, rec.eval_before  # chance: 0.5; P(≥ 42/64 | 0.5) < 0.01
     merged = next(e for e in rec.exports if e.kind == "merged_int")
     assert merged.eval.accuracy == rec.eval_after.accuracy and merged.max_abs_logit_diff < 1e-2, merged
+    # deployed through torch's INT4 kernel (bf16 activations), the merged model still reads the prompts as well
+    forms = {d.name: d for d in merged.deployments}
+    kernel, dequant = forms["int4 kernel"], forms["int4 dequant"]
+    assert kernel.error is None and kernel.load_time_s > 0 and len(kernel.latency["decode_per_token"]["times_s"]) == 8
+    assert abs(kernel.eval.accuracy - dequant.eval.accuracy) <= 2 / 64, (kernel.eval, dequant.eval)
 
 
 def test_smollm2_as_a_classifier_on_request(tmp_path):
