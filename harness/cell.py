@@ -119,14 +119,15 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     if forgetting:
         rec["forgetting"] = {"task": cfg.forgetting.task, "after": forgetting(model)}
     if cfg.export:
-        known = {id(model): after} if dtype == torch.float32 else {}  # scores that need not be measured again
+        # float32 scores (no autocast): what a float32 form with the same weights would score, so it is reused
+        known = {id(model): (model, after)} if dtype == torch.float32 else None
         deployments = None
         if cfg.deploy.enabled:  # as deployed: each form in its own dtype, no autocast
 
             def deployments(e: Export) -> list:
                 plain = lambda m: io.evaluate(m, cfg.train.eval_batch_size, torch.float32, device)  # noqa: E731
                 causal, seq = mode == "prompt", cfg.train.max_seq_len
-                return measure_deployments(e, plain, causal, seq, cfg.deploy, device, progress.say, known)
+                return measure_deployments(e, plain, causal, seq, cfg.deploy, device, progress.say, known or {})
 
         out_dir = results_dir / "exports" / cfg.cell_id
         rec.update(_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
@@ -253,7 +254,7 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
 
 
 def _exports(
-    method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device, deployments, known: dict
+    method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device, deployments, known
 ) -> dict:
     """Each artifact the method writes, evaluated where it comes with a model: its accuracy and how far its
     scores are from the trained model's (merge fidelity); then, with ``deployments``, what each of its
@@ -274,8 +275,8 @@ def _exports(
             m, escores = evaluate(e.model.to(device))
             er.eval = EvalMetrics(**m)
             er.max_abs_logit_diff = float((escores - scores).abs().max())
-            if known:  # float32 evaluation: the same figures as a deployment's
-                known[id(e.model)] = m
+            if known is not None:
+                known[id(e.model)] = (e.model, m)
         if deployments is not None and e.deploy:
             er.deployments = deployments(e)
         out.append(er)

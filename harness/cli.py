@@ -92,34 +92,14 @@ def _run(args: argparse.Namespace, suite) -> int:
     cells = None
     if args.command == "tune" and suite.tune is None:
         raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see README: Fair comparisons)")
-    if getattr(args, "trials", None) is not None and args.trials < 1:
-        raise ConfigError(f"--trials {args.trials}: the budget must be at least 1 trial per method")
-    if getattr(args, "storage", None) and suite.tune is None:
-        raise ConfigError(f"--storage: {args.suite} has no tune: block, so there is no study to store")
-    if suite.tune is not None:
-        update = {"trials": args.trials} if getattr(args, "trials", None) else {}
-        if getattr(args, "storage", None):
-            from harness.schema import check_storage_url
-
-            try:
-                update["storage"] = check_storage_url(args.storage)
-            except ValueError as err:
-                raise ConfigError(f"--storage: {err}") from None
-        suite = suite.model_copy(update={"tune": suite.tune.model_copy(update=update)})
+    if suite.tune is not None or getattr(args, "trials", None) is not None or getattr(args, "storage", None):
         from harness.runner import tuned_cells
-        from harness.tune import StorageUnreachable, open_storage
-
-        if suite.tune.storage:  # before anything is written or measured
-            try:
-                open_storage(suite.tune.storage)
-            except StorageUnreachable as err:
-                raise ConfigError(str(err)) from None
+        from harness.tune import StorageUnreachable, with_command_line
 
         try:
+            suite = with_command_line(suite, args.suite, getattr(args, "trials", None), getattr(args, "storage", None))
             cells = tuned_cells(suite, results, executor=args.executor, address=args.address)
-        except ResultsLocked as err:
-            raise ConfigError(str(err)) from None
-        except StorageUnreachable as err:
+        except (ValueError, ResultsLocked, StorageUnreachable) as err:
             raise ConfigError(str(err)) from None
     try:
         records = run_suite(
@@ -270,35 +250,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    """The papers' claims: run suites/claims.yaml (resuming), measure, print and write the verdict table."""
+    from harness.claims import run_claims
+    from harness.runner import ResultsLocked
+    from harness.suite import load_suite
+
+    results = _results_dir(args.results, "claims")
+    try:  # stdout is the verdict table: a library's import banner (gptqmodel, through peft) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            load_suite(args.suite)  # a bad suite is one line, before anything runs
+            page, md = run_claims(args.suite, results, run=not args.no_run, say=lambda s: print(s, file=sys.stderr))
+    except ResultsLocked as err:
+        raise ConfigError(str(err)) from None
+    print(md)
+    print(f"claims: {page}")
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Analytic peak memory for models this machine cannot hold (see harness/estimate.py for the formulas)."""
-    from harness.estimate import ARCHS, Setup, table
+    from harness.estimate import ARCHS, print_table
 
-    names = args.model or list(ARCHS)
-    unknown = [n for n in names if n not in ARCHS]
+    unknown = [n for n in args.model or [] if n not in ARCHS]
     if unknown:
         raise ConfigError(f"--model {unknown[0]!r}: unknown; allowed: {', '.join(ARCHS)}")
-    methods = args.method or ["full", "lora", "qlora", "qalora"]
-    base = Setup(
-        r=args.r,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        grad_checkpointing=args.grad_checkpointing,
-        optimizer=args.optimizer,
-        double_quant=not args.no_double_quant,
-        bits=args.bits,
-        group_size=args.group_size,
-        attention=args.attention,
-    )
-    rows = table(names, methods, base)
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(row[c] for c in cols) + " |")
-    print(
-        f"(estimates in GB = 1e9 bytes; batch {args.batch}, seq {args.seq_len}, r {args.r}, adapters on every "
-        f"linear, optimizer {args.optimizer}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'})"
-    )
+    print_table(args)
     return 0
 
 
@@ -351,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("new")
     cp.add_argument("--format", choices=["md", "csv", "json"], default="md", help="md (default): the pivoted table")
     cp.set_defaults(fn=cmd_compare)
+    c = sub.add_parser("claims", help="the papers' claims reproduced in miniature, with verdicts")
+    c.add_argument("--suite", default="suites/claims.yaml", help="the claims suite (default suites/claims.yaml)")
+    c.add_argument("--results", help="results directory (default: results/claims)")
+    c.add_argument("--no-run", action="store_true", help="judge the records already there; run nothing")
+    c.set_defaults(fn=cmd_claims)
     e = sub.add_parser("estimate", help="analytic peak-memory estimate for models that do not fit here")
     e.add_argument("--model", action="append", help="llama-7b, llama-13b, llama-33b, llama-65b, llama-70b, gpt3-175b")
     e.add_argument("--method", action="append", choices=["full", "lora", "qlora", "qalora"])

@@ -158,3 +158,29 @@ def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, s
                 }
             )
     return rows
+
+
+def print_table(args) -> None:
+    """``ftbench estimate``'s markdown table, for the command line's arguments."""
+    names = args.model or list(ARCHS)
+    methods = args.method or ["full", "lora", "qlora", "qalora"]
+    base = Setup(
+        r=args.r,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        grad_checkpointing=args.grad_checkpointing,
+        optimizer=args.optimizer,
+        double_quant=not args.no_double_quant,
+        bits=args.bits,
+        group_size=args.group_size,
+        attention=args.attention,
+    )
+    rows = table(names, methods, base)
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(row[c] for c in cols) + " |")
+    print(
+        f"(estimates in GB = 1e9 bytes; batch {args.batch}, seq {args.seq_len}, r {args.r}, adapters on every "
+        f"linear, optimizer {args.optimizer}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'})"
+    )

@@ -29,6 +29,26 @@ class StorageUnreachable(Exception):
     """The study's database cannot be opened from this machine."""
 
 
+def with_command_line(suite: Suite, path: str, trials: int | None, storage: str | None) -> Suite:
+    """The suite with ``--trials`` / ``--storage``, its storage opened before anything is written or measured."""
+    if trials is not None and trials < 1:
+        raise ValueError(f"--trials {trials}: the budget must be at least 1 trial per method")
+    if suite.tune is None:
+        raise ValueError(f"--storage: {path} has no tune: block, so there is no study to store")  # --trials: tune only
+    update: dict[str, Any] = {"trials": trials} if trials else {}
+    if storage:
+        from harness.schema import check_storage_url
+
+        try:
+            update["storage"] = check_storage_url(storage)
+        except ValueError as err:
+            raise ValueError(f"--storage: {err}") from None
+    suite = suite.model_copy(update={"tune": suite.tune.model_copy(update=update)})
+    if suite.tune.storage:
+        open_storage(suite.tune.storage)
+    return suite
+
+
 def space_for(tune: Tune, cfg: RunConfig) -> dict[str, SearchRange]:
     """A method's search space: by ``method/variant``, else by method name, else the default (lr)."""
     raw = tune.space.get(f"{cfg.method}/{cfg.variant}") or tune.space.get(cfg.method)

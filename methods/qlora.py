@@ -48,8 +48,8 @@ class QLoraOptions(LoraOptions):
         "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
     )
     skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
-    export_int_bits: Literal[2, 3, 4, 8] | None = Field(
-        None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format"
+    export_int_bits: Literal[2, 3, 4, 8] | list[Literal[2, 3, 4, 8]] | None = Field(
+        None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format; a list: each"
     )
     export_int_group_size: Literal[16, 32, 64, 128] = Field(32, description="group size of that INT-N export")
     export_int_quantizer: Literal["rtn", "gptq"] = Field(
@@ -260,17 +260,18 @@ class QLora(MethodBase):
                 deploy=pretrained_forms(path32, type(merged32)),
             )
         )
-        if self.config.export_int_bits:
-            out.append(self._export_int(merged32, out_dir))
+        bits = self.config.export_int_bits
+        for b in sorted(set(bits if isinstance(bits, list) else [bits] if bits else []), reverse=True):
+            out.append(self._export_int(merged32, out_dir, b))
         return out
 
-    def _export_int(self, merged32: torch.nn.Module, out_dir: Path) -> Export:
+    def _export_int(self, merged32: torch.nn.Module, out_dir: Path, bits: int) -> Export:
         """QLoRA's deployment route to an integer model: merge in full precision, then quantize group-wise to
         INT-N with RTN — the point of comparison for QA-LoRA's exact merge (paper: QLoRA + GPTQ vs QA-LoRA)."""
         from methods.intquant import QuantLinear, int_forms, load_merged, save_int_model
 
         c = self.config
-        bits, g = c.export_int_bits, c.export_int_group_size
+        g = c.export_int_group_size
         m = copy.deepcopy(merged32)
         targets = [(name, m.get_submodule(name)) for name in self._quantized]
         for name, lin in targets:

@@ -99,3 +99,24 @@ def test_the_report_and_md_show_the_deployment_table(tmp_path):
     assert "/example at batch 1" in page
     md = to_markdown([rec])
     assert "| lora/default | merged | fp32 (float32) |" in md and "ms/example at batch 1" in md
+
+
+def test_a_form_with_the_exports_weights_is_not_evaluated_again(tmp_path, monkeypatch):
+    """fp32 training: the merged model loaded back from disk in fp32 has the in-memory merged model's weights
+    bit for bit, so it reuses that evaluation; the bf16 form does not (4 test-split reads, not 5)."""
+    from harness.data import ClassifierIO
+
+    calls, real = [], ClassifierIO.evaluate
+
+    def spy(self, model, batch_size, dtype, device, split="test"):
+        calls.append(split)
+        return real(self, model, batch_size, dtype, device, split)
+
+    monkeypatch.setattr(ClassifierIO, "evaluate", spy)
+    rec = _run(tmp_path, "tiny-bert", "lora", {"r": 4})
+    assert rec.config["train"]["dtype"] == "float32"
+    merged = next(e for e in rec.exports if e.kind == "merged")
+    forms = {d.name: d for d in merged.deployments}
+    assert forms["fp32"].eval == merged.eval and forms["fp32"].load_time_s > 0
+    expected = 4 if forms["bf16"].skipped is None else 3  # trained, merged export, bf16 form, untrained
+    assert calls.count("test") == expected, calls

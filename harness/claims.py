@@ -1,0 +1,57 @@
+"""``ftbench claims``: run the claims suite (resuming), take the measurement claims' figures, and write the
+verdict table (``RESULTS/claims.html`` and ``claims.md``). The verdicts themselves are in reports/claims.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from harness.atomic import atomic_write_text
+
+
+def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> tuple[Path, str]:
+    """Returns (claims.html, the markdown table)."""
+    from harness.hardware import default_device, describe, identity
+    from harness.records import _git, read_record
+    from harness.runner import run_suite
+    from harness.suite import expand, load_suite
+    from reports.claims import measurement_claims, render_html, task_claims, to_markdown
+
+    t0 = time.perf_counter()
+    suite = load_suite(suite_path)
+    if run:
+        run_suite(suite, Path(suite_path).read_text(), results)
+    cells = {c.cell_id for c in expand(suite)}
+    records = [read_record(p) for p in sorted((results / "records").glob("*.json")) if p.stem in cells]
+    cache = results / "claims_measurements.json"
+    if cache.exists():
+        meas = json.loads(cache.read_text())
+    else:
+        say("measuring quantization error per layer (NF4, FP4, INT4) and double quantization's bits")
+        from harness.quanterror import measure
+
+        meas = measure()
+        atomic_write_text(cache, json.dumps(meas))
+    verdicts = task_claims(records) + measurement_claims(meas)
+    hw = describe(identity(default_device()))
+    when = time.strftime("%Y-%m-%d", time.gmtime())
+    notes = [
+        f"{suite.name}: {len(records)} of {len(cells)} runs recorded in {results}; measured on {hw}; "
+        f"commit {(_git('rev-parse', '--short', 'HEAD') or '?')}; page written {when}.",
+        "Each accuracy difference is paired on the same test examples, its 95% interval a bootstrap over test "
+        "examples and seeds; '≈' means inside ±1 accuracy point (the margin the papers call parity). A claim "
+        f"that does not reproduce at this scale ({', '.join(m.name for m in suite.models)}, {suite.train.steps} "
+        "steps, one task) says so; it says nothing about the papers' own models.",
+    ]
+    title = "ftbench · claims" + ("" if suite.name == "claims" else f" · {suite.name}")
+    page = render_html(verdicts, title, notes)
+    out = results / "claims.html"
+    atomic_write_text(out, page)
+    md = to_markdown(verdicts)
+    atomic_write_text(results / "claims.md", f"{notes[0]}\n\n{md}\n")
+    say(
+        f"claims: {sum(v.verdict == 'reproduced' for v in verdicts)} of {len(verdicts)} reproduced "
+        f"({time.perf_counter() - t0:.0f} s here)"
+    )
+    return out, md
