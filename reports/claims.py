@@ -52,18 +52,22 @@ def _matrix(evals: list[EvalMetrics | None]) -> np.ndarray | None:
     return np.stack(rows).astype(float)
 
 
+def boot_means(mats: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """DRAWS × len(mats) bootstrap means of each seeds × examples matrix (the same test examples in all). One
+    resample of the examples is shared by every matrix (paired), and so is the resample of the seeds among
+    matrices with the same number of seeds (seed s: the same batches, the same head initialisation)."""
+    rng = np.random.default_rng(seed)
+    n = mats[0].shape[1]
+    idx = rng.integers(0, n, size=(DRAWS, n))
+    seeds = {k: rng.integers(0, k, size=(DRAWS, k)) for k in sorted({m.shape[0] for m in mats})}
+    return np.array([[m[seeds[m.shape[0]][i]].mean(0)[idx[i]].mean() for m in mats] for i in range(DRAWS)])
+
+
 def diff_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """Mean accuracy of A minus B (seeds × examples each, the same examples), with a 95% bootstrap interval
-    that resamples the examples (paired) and the seeds (paired too where both sides ran the same number)."""
-    rng = np.random.default_rng(seed)
-    n = a.shape[1]
-    idx = rng.integers(0, n, size=(DRAWS, n))
-    sa = rng.integers(0, a.shape[0], size=(DRAWS, a.shape[0]))
-    # the same seeds on both sides (seed s: the same batches, the same head initialisation) stay paired
-    sb = sa if a.shape[0] == b.shape[0] else rng.integers(0, b.shape[0], size=(DRAWS, b.shape[0]))
-    ma = np.stack([a[sa[i]].mean(0)[idx[i]].mean() for i in range(DRAWS)])
-    mb = np.stack([b[sb[i]].mean(0)[idx[i]].mean() for i in range(DRAWS)])
-    d = ma - mb
+    over examples and seeds (:func:`boot_means`)."""
+    means = boot_means([a, b], seed)
+    d = means[:, 0] - means[:, 1]
     return float(a.mean() - b.mean()), float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))
 
 
@@ -241,13 +245,9 @@ def _gap_grows(runs: Runs) -> Verdict:
         return Verdict(claim, source, paper, "—", "not run", "the four configurations' records are missing")
     gap4, lo4, hi4 = diff_interval(m[0], m[1])
     gap2, lo2, hi2 = diff_interval(m[2], m[3])
-    rng = np.random.default_rng(1)
+    g = boot_means(m)
+    draws = (g[:, 2] - g[:, 3]) - (g[:, 0] - g[:, 1])
     n = m[0].shape[1]
-    draws = []
-    for _ in range(DRAWS):
-        idx = rng.integers(0, n, n)
-        g = [x[rng.integers(0, x.shape[0], x.shape[0])].mean(0)[idx].mean() for x in m]
-        draws.append((g[2] - g[3]) - (g[0] - g[1]))
     d, lo, hi = gap2 - gap4, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
     verdict, why = direction(d, lo, hi, n, runs.available or n)
     measured = f"gap INT4 {_pts(gap4)} [{_pts(lo4)}, {_pts(hi4)}], INT2 {_pts(gap2)} [{_pts(lo2)}, {_pts(hi2)}] points"

@@ -12,6 +12,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from harness.records import RunRecord
+from harness.tune import _fmt
 from reports.figures import SERIES_COLORS, _layout
 
 LORA_FAMILY = ("lora", "qlora", "qalora", "peft")
@@ -34,10 +35,6 @@ def label(r: RunRecord) -> str:
         return "hand-set"
     params = ", ".join(f"{k} {_fmt(v)}" for k, v in t["best_params"].items())
     return f"tuned: {t['trials']} trials on {t['objective']} ({params})"
-
-
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def lr_figure(studies: dict[str, dict]) -> go.Figure:
