@@ -43,7 +43,7 @@ def _layer(kind: str, d: int) -> tuple[torch.nn.Module, torch.dtype]:
         return _lora(holder[0], d), torch.float32
     if kind == "qalora_int4":
         from methods.intquant import QuantLinear
-        from methods.qalora import QALoraLinear
+        from methods.qalora_layer import QALoraLinear
 
         q = QuantLinear.from_linear(lin, 4, 32, torch.float16, torch.float32)
         return QALoraLinear(q, r=16, alpha=32, dropout=0.0), torch.float32

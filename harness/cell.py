@@ -60,8 +60,21 @@ def resolve_dtypes(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, dic
     return cfg.model_copy(update=update), {**resolved, **more}
 
 
+class _Stopwatch:
+    """Wall seconds per stage, into the record as each stage ends (so a failed record has them too)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.seconds, self.t = into, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.t
+        self.t = now
+
+
 def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     """The run's stages in order; each writes what it measured into ``rec`` as soon as it has it."""
+    clock = _Stopwatch(rec.setdefault("stage_seconds", {}))
     device = _device()
     cfg, rec["resolved_dtypes"] = resolve_dtypes(cfg, device)
     dtype = DTYPES[cfg.train.dtype]
@@ -78,6 +91,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     loaded = load_model(m.name, len(task.labels), cfg.seed, m.trust_remote_code, mode, m.allow_pickle)
     rec["model_info"] = loaded.info
     io: TaskIO = TASK_IO[mode](task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
+    clock.lap("load")
 
     def evaluate(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
         return io.evaluate(m, cfg.train.eval_batch_size, dtype, device)
@@ -100,6 +114,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     # quantized) is measured then too, on the trainable parameters' initial values kept on disk: on disk so that
     # the copy adds nothing to the memory this run measures.
     initial = _InitialWeights(model, method) if cfg.read_test else None
+    clock.lap("prepare")
     validation = Validation(
         cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"), cfg.trial
     )
@@ -109,6 +124,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     compute = mfu_dtype(cfg.train.dtype, method.compute_dtype())
     rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device))
     rec["memory_methods"] = memory_methods(device.type)
+    clock.lap("train")
 
     if initial is None:
         return
@@ -118,6 +134,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     forgetting = _forgetting(cfg, loaded.tokenizer, dtype, device)
     if forgetting:
         rec["forgetting"] = {"task": cfg.forgetting.task, "after": forgetting(model)}
+    clock.lap("evaluate")
     if cfg.export:
         # float32 scores (no autocast): what a float32 form with the same weights would score, so it is reused
         known = {id(model): (model, after)} if dtype == torch.float32 else None
@@ -125,18 +142,23 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         if cfg.deploy.enabled:  # as deployed: each form in its own dtype, no autocast
 
             def deployments(e: Export) -> list:
+                clock.lap("export")
                 plain = lambda m: io.evaluate(m, cfg.train.eval_batch_size, torch.float32, device)  # noqa: E731
                 causal, seq = mode == "prompt", cfg.train.max_seq_len
-                return measure_deployments(e, plain, causal, seq, cfg.deploy, device, progress.say, known or {})
+                forms = measure_deployments(e, plain, causal, seq, cfg.deploy, device, progress.say, known or {})
+                clock.lap("deploy")
+                return forms
 
         out_dir = results_dir / "exports" / cfg.cell_id
         rec.update(_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
+        clock.lap("export")
     rec["method_metrics"] = method.report(model)
     progress.say(f"evaluating the untrained model ({len(task.test)} test examples)")
     initial.restore(model)
     rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
     if forgetting:
         rec["forgetting"]["before"] = forgetting(model)
+    clock.lap("evaluate_before")
 
 
 class _InitialWeights:
@@ -207,7 +229,7 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
     step (outside its timing) the runner hears of it and the validation split may be evaluated."""
     set_seed(cfg.seed)
     t0 = time.perf_counter()
-    batches = io.batches(cfg.train.batch_size, cfg.seed)
+    batches = io.batches(cfg.train.batch_size, cfg.seed, cfg.train.group_by_length)
 
     def on_step(done: int, total: int, step_time_s: float) -> None:
         progress.step(done, total, step_time_s)
@@ -314,7 +336,7 @@ def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
 
 def run_cell_file(cell_file: Path, results_dir: Path) -> int:
     """A cell process's whole job (``python -m harness _cell`` or a fork of the zygote): exit code 0 if ok."""
-    from harness.progress import quiet_libraries
+    from harness.libs import quiet_libraries
 
     quiet_libraries()
     rec = run_cell(RunConfig.model_validate_json(Path(cell_file).read_text()), Path(results_dir))

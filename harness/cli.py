@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from harness.progress import interrupted_before_work, interrupts_raise, quiet_libraries
+from harness.libs import quiet_libraries
+from harness.progress import interrupted_before_work, interrupts_raise
 from harness.schema import ConfigError
 
 EXIT_USER_ERROR = 2
@@ -65,29 +66,30 @@ def _offline_unless_the_suite_allows(path: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Cheap checks first (schema, names, configs, data, results dir: no torch), then the model-skeleton checks."""
     _offline_unless_the_suite_allows(args.suite)
-    from harness import forkserver
-    from harness.suite import load_suite
+    from harness.suite import check_cheap, check_fit, read_suite_file
 
-    if args.executor == "local" and forkserver.enabled():  # its imports overlap the suite's validation below
-        forkserver.server_for(allow_network=False)
-    try:
-        return _run(args, load_suite(args.suite))
-    finally:
-        forkserver.close_all()
-
-
-def _run(args: argparse.Namespace, suite) -> int:
-    from harness.runner import run_suite
-    from reports.summary import console, to_rich_table
-
+    suite = check_cheap(read_suite_file(args.suite), args.suite)
     results = _results_dir(args.results, suite.name)
     if args.executor == "ray":
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
-    from harness.runner import ResultsLocked
+    from harness import forkserver
+
+    if args.executor == "local" and forkserver.enabled():  # its imports overlap the suite's validation below
+        forkserver.server_for(allow_network=False)
+    try:
+        check_fit(suite, args.suite)
+        return _run(args, suite, results)
+    finally:
+        forkserver.close_all()
+
+
+def _run(args: argparse.Namespace, suite, results: Path) -> int:
+    from harness.runner import ResultsLocked, run_suite
 
     cells = None
     if args.command == "tune" and suite.tune is None:
@@ -102,19 +104,14 @@ def _run(args: argparse.Namespace, suite) -> int:
         except (ValueError, ResultsLocked, StorageUnreachable) as err:
             raise ConfigError(str(err)) from None
     try:
-        records = run_suite(
-            suite,
-            Path(args.suite).read_text(),
-            results,
-            retry_failed=args.retry_failed,
-            executor=args.executor,
-            address=args.address,
-            cells=cells,
-        )
+        text = Path(args.suite).read_text()
+        kw = dict(retry_failed=args.retry_failed, executor=args.executor, address=args.address, cells=cells)
+        records = run_suite(suite, text, results, **kw)
     except ResultsLocked as err:
         raise ConfigError(str(err)) from None
-    out = console()
-    out.print(to_rich_table(records, title=f"ftbench · {suite.name}"))
+    from reports.terminal import print_summary
+
+    out = print_summary(records, f"ftbench · {suite.name}", args.wide)
     out.print(f"records: {results / 'records'}")
     from reports.html import write_report
 
@@ -217,11 +214,11 @@ def _tabular(records, fmt: str) -> str:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from reports.html import load_results
-    from reports.summary import console, to_rich_table
+    from reports.terminal import print_summary
 
     res = load_results(_records_dir(args.results))
     _warn(res.problems)
-    console().print(to_rich_table(res.records, title=f"ftbench · {res.name}"))
+    print_summary(res.records, f"ftbench · {res.name}", args.wide)
     return 0
 
 
@@ -323,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed plotly.js (default: the page opens offline) or reference its CDN (a much smaller file)",
     )
     rp.set_defaults(fn=cmd_report)
+    for sp in (r, t, s):
+        sp.add_argument("--wide", action="store_true", help="the summary with every column (default: compact)")
     cp = sub.add_parser("compare", help="compare two results directories cell by cell")
     cp.add_argument("old")
     cp.add_argument("new")

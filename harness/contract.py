@@ -19,10 +19,12 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # annotations only: the contract imports without torch (a suite's cheap checks use it)
+    import torch
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
@@ -224,8 +226,9 @@ class TaskIO(Protocol):
     def output_names(self, model: torch.nn.Module) -> list[str]:
         """Modules that are the output head, run on a few positions only (FLOPs counted per position)."""
 
-    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
-        """Endless stream of shuffled training batches (each epoch reshuffled from ``seed``)."""
+    def batches(self, batch_size: int, seed: int, group_by_length: bool = False) -> Iterator[Batch]:
+        """Endless stream of shuffled training batches (each epoch reshuffled from ``seed``); with
+        ``group_by_length``, examples of similar length batched together (fewer pad tokens computed)."""
 
     def objective(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task's training loss on a batch."""

@@ -42,12 +42,23 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
 
 
+GROUP_BY_LENGTH_WINDOW = 50  # batches per window sorted by length (transformers' LengthGroupedSampler: 50 too)
+
+
 def train_batches(
-    encoded: list, batch_size: int, seed: int, pad_id: int, collate_fn: Callable[[list, int], dict] | None = None
+    encoded: list,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    collate_fn: Callable[[list, int], dict] | None = None,
+    length: Callable[[object], int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless stream of shuffled batches; each epoch reshuffles with a seed derived from ``seed``.
     ``collate_fn`` turns a list of encoded examples into a batch (default: :func:`collate`; prompts pass
-    :func:`harness.prompting.collate_prompts`)."""
+    :func:`harness.prompting.collate_prompts`). With ``length`` (an example's token count), batches are grouped
+    by length: each window of 50 batches' worth of shuffled examples is sorted by length and cut into batches,
+    and the batches are shuffled again, so a batch pads to a width near its examples' own and fewer pad tokens
+    are computed; which examples train together is still random from window to window."""
     collate_fn = collate_fn or collate
     if len(encoded) < batch_size:
         raise ValueError(f"train split has {len(encoded)} examples, fewer than batch_size {batch_size}")
@@ -55,8 +66,17 @@ def train_batches(
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged tail: equal-size steps
-            yield collate_fn([encoded[j] for j in order[i : i + batch_size]], pad_id)
+        n = len(order) - len(order) % batch_size  # drop the ragged tail: equal-size steps
+        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if length is not None:
+            batches = []
+            window = batch_size * GROUP_BY_LENGTH_WINDOW
+            for w in range(0, n, window):
+                chunk = sorted(order[w : min(w + window, n)], key=lambda j: length(encoded[j]))
+                batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            rng.shuffle(batches)
+        for idx in batches:
+            yield collate_fn([encoded[j] for j in idx], pad_id)
 
 
 def calibration_batches(encoded: list, n: int, pad_id: int, collate_fn: Callable) -> list[dict[str, torch.Tensor]]:
@@ -115,8 +135,11 @@ class ClassifierIO:
     def output_names(self, model: torch.nn.Module) -> list[str]:
         return []
 
-    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
-        return train_batches(self.train, batch_size, seed, self.pad_id, lambda items, pad: Batch(collate(items, pad)))
+    def batches(self, batch_size: int, seed: int, group_by_length: bool = False) -> Iterator[Batch]:
+        length = (lambda it: len(it["input_ids"])) if group_by_length else None
+        return train_batches(
+            self.train, batch_size, seed, self.pad_id, lambda items, pad: Batch(collate(items, pad)), length
+        )
 
     def objective(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

@@ -105,15 +105,6 @@ def latency(model: torch.nn.Module, causal: bool, device, seq_len: int, cfg) -> 
     return encoder_latency(model, device, seq_len, (1, 32), max(cfg.repeats, 3))
 
 
-def headline_latency_s(lat: dict[str, Any] | None) -> float | None:
-    """The one latency figure of a deployment: seconds per generated token (decoders) or per example at batch 1
-    (encoders)."""
-    if not lat:
-        return None
-    block = lat.get("decode_per_token") if lat["kind"] == "decoder" else lat.get("batch_1_per_example")
-    return block["median_s"] if block else None
-
-
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Same class, same tensors (names, dtypes, values): the same scores on the same inputs."""
     if type(a) is not type(b):

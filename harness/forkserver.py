@@ -25,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-# Modules a cell imports lazily (peft's LoRA dispatch imports gptqmodel whenever it is installed: ~3 s here).
+# Modules a cell imports lazily. Not gptqmodel: hidden unless a cell quantizes with GPTQ (harness/libs.py).
 WARM = (
-    "gptqmodel",
     "transformers.models.bert.modeling_bert",
     "transformers.models.llama.modeling_llama",
     "bitsandbytes.nn",

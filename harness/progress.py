@@ -9,11 +9,9 @@ beside the cell's name, so a slow cell is never a frozen bar.
 
 from __future__ import annotations
 
-import logging
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 MARK = "[ftbench] "
@@ -25,15 +23,6 @@ def fmt_duration(seconds: float) -> str:
         return f"{seconds}s"
     m, s = divmod(seconds, 60)
     return f"{m}m {s:02d}s" if m < 60 else f"{m // 60}h {m % 60:02d}m"
-
-
-def quiet_libraries() -> None:
-    # bitsandbytes and transformers log advisory noise at import on CPU machines; keep the terminal for results.
-    # torchao (pulled in by the gptq extra) warns about its CUDA-only libraries when transformers imports it.
-    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub", "torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def interrupted_before_work(signum, frame) -> None:

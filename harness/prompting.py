@@ -305,14 +305,15 @@ class PromptIO:
 
         return output_module_names(model)
 
-    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, seed: int, group_by_length: bool = False) -> Iterator[Batch]:
         def collate(items: list[PromptItem], pad_id: int) -> Batch:
             batch = Batch(collate_prompts(items, pad_id))
             labels = batch["labels"]
             batch.head_positions = labels.shape[0] * (labels.shape[1] + 1)  # logits_to_keep = K + 1 per row
             return batch
 
-        return train_batches(self.train, batch_size, seed, self.pad_id, collate)
+        length = (lambda it: len(it.context) + len(it.choices[it.label])) if group_by_length else None
+        return train_batches(self.train, batch_size, seed, self.pad_id, collate, length)
 
     def objective(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return continuation_loss(model, batch)

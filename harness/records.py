@@ -106,6 +106,11 @@ class RunRecord(BaseModel):
     tokens_per_s: float | None = Field(None, description="non-pad tokens over measured steps")
     samples_per_s: float | None = None
     train_time_s: float | None = None
+    stage_seconds: dict[str, float] = Field(
+        default_factory=dict,
+        description="wall seconds of each stage of the cell: load, prepare, train (validation included), evaluate "
+        "(the test split after training), export (exports written and evaluated), deploy, evaluate_before",
+    )
     flops_per_token: dict[str, float] = Field(default_factory=dict, description="model FLOPs (harness/flops.py)")
     model_flops_per_step: float | None = Field(None, description="mean over measured steps")
     peak_matmul_flops: float | None = Field(None, description="this machine, run dtype, measured per suite")
@@ -173,6 +178,7 @@ def _git(*args: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Where a record was produced: enough to judge whether two records are comparable."""
     from harness.hardware import identity  # torch: only where a record is made, not where one is read
+    from harness.libs import measurement_env
 
     dirty = _git("status", "--porcelain")
     hw = identity()  # CPU model, ISA level, native bf16 (measured), threads, GPU: what decides speed
@@ -188,6 +194,7 @@ def environment() -> dict[str, Any]:
         "machine_key": hw["machine_key"],
         "cpu_count": os.cpu_count(),
         "torch_threads": hw["torch_threads"],
+        "measurement_env": measurement_env(),  # allocator configuration and thread pools, as this run had them
         "gpu": hw["gpu"],
         "versions": {
             p: _v(p)
@@ -278,3 +285,12 @@ def timed_steps(n: int, warmup: int, tracked: list[int]) -> list[int]:
 def measured_step_times_s(r: RunRecord) -> list[float]:
     """A record's timed steps: after the warm-up, and not slowed by memory tracking."""
     return [r.step_times_s[i] for i in timed_steps(len(r.step_times_s), r.timing_warmup_steps, r.memory_tracked_steps)]
+
+
+def headline_latency_s(lat: dict[str, Any] | None) -> float | None:
+    """The one latency figure of a deployment: seconds per generated token (decoders) or per example at batch 1
+    (encoders)."""
+    if not lat:
+        return None
+    block = lat.get("decode_per_token") if lat["kind"] == "decoder" else lat.get("batch_1_per_example")
+    return block["median_s"] if block else None

@@ -61,6 +61,11 @@ class TrainConfig(Strict):
     optimizer: str = Field("adamw", description=f"one of {', '.join(OPTIMIZERS)}")
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     max_seq_len: PositiveInt = 128
+    group_by_length: bool = Field(
+        False,
+        description="batch training examples of similar length together (fewer pad tokens; as transformers' "
+        "group_by_length), each batch still drawn at random from a window of 50 batches",
+    )
     eval_batch_size: PositiveInt = 64
     timing_warmup_steps: int = Field(2, ge=0, description="first steps excluded from step-time statistics")
     eval_every: PositiveInt | None = Field(

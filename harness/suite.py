@@ -5,6 +5,11 @@ config) and seeds. :func:`load_suite` validates everything — including each me
 that method's ``Config`` model, and each method against each model's architecture — before anything trains,
 and turns every problem into a one-line :class:`ConfigError` naming the file, the field, the value and what
 is allowed. :func:`expand` turns a suite into its grid of cells (:class:`RunConfig`).
+
+Validation has two phases. :func:`check_cheap` needs neither torch nor transformers: the schema, every name,
+each method's config (peft-backed configs import peft to check the fields they pass to it) and each task's
+data, so a typo is reported in about a second. :func:`check_fit` then builds optimizers and each model's
+skeleton (on the meta device) to check what only an architecture can say: target modules, ranks, group sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from harness.models import ALIASES, check_model_name, fingerprint, resolve_mode, skeleton
+from harness.modelnames import ALIASES, check_model_name, fingerprint
 from harness.registry import available_methods, get_method
 from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
 from harness.tasks import TASKS, check_task_name, load_task, task_kind
@@ -25,6 +30,14 @@ from harness.userdata import check_task_spec, read_user_text
 
 
 def parse_suite(data: Any, source: str) -> Suite:
+    """The suite in ``data`` (read from ``source``), validated in full: both phases."""
+    suite = check_cheap(data, source)
+    check_fit(suite, source)
+    return suite
+
+
+def check_cheap(data: Any, source: str) -> Suite:
+    """Every check that needs no torch: schema, names, method configs, task data, tuning spaces."""
     if data is None:
         raise ConfigError(f"{source}: the file is empty; a suite needs name, models, tasks and methods")
     if not isinstance(data, dict):
@@ -35,7 +48,21 @@ def parse_suite(data: Any, source: str) -> Suite:
         raise ConfigError(format_validation_error(source, err, Suite)) from None
     _check_names(suite, source)
     _check_tune(suite, source)
+    if len(set(suite.seeds)) != len(suite.seeds):
+        raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
+    if suite.forgetting and suite.forgetting.task not in TASKS:
+        raise ConfigError(
+            f"{source}: forgetting.task: unknown task {suite.forgetting.task!r}; allowed: {', '.join(sorted(TASKS))}"
+        )
     return suite
+
+
+def check_fit(suite: Suite, source: str) -> None:
+    """The checks that need torch: each optimizer built once, each model's skeleton against each task and
+    method."""
+    _check_optimizers(suite, source)
+    _check_tasks_fit_models(suite, source)
+    _check_methods_fit_models(suite, source, available_methods())
 
 
 def _check_tune(suite: Suite, source: str) -> None:
@@ -105,11 +132,6 @@ def _check_names(suite: Suite, source: str) -> None:
                         f"{source}: {where}: {batch} is more than the {n_train} training examples of tasks[{i}] "
                         f"({t.name}); allowed: ≤ {n_train}"
                     )
-    _check_optimizers(suite, source)
-    if len(set(suite.seeds)) != len(suite.seeds):
-        raise ConfigError(f"{source}: seeds: duplicate seed in {suite.seeds}")
-    _check_tasks_fit_models(suite, source)
-    _check_methods_fit_models(suite, source, known)
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,10 +184,8 @@ def _with_config_file(config: dict[str, Any], source: str, where: str) -> dict[s
 
 def _check_tasks_fit_models(suite: Suite, source: str) -> None:
     """Multiple-choice and generation tasks (and the forgetting measure) need a model that reads prompts."""
-    if suite.forgetting and suite.forgetting.task not in TASKS:
-        raise ConfigError(
-            f"{source}: forgetting.task: unknown task {suite.forgetting.task!r}; allowed: {', '.join(sorted(TASKS))}"
-        )
+    from harness.models import resolve_mode
+
     for i, spec in enumerate(suite.models):
         if resolve_mode(spec.name, spec.mode, spec.trust_remote_code) != "classifier":
             continue
@@ -185,6 +205,8 @@ def _check_tasks_fit_models(suite: Suite, source: str) -> None:
 def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
     """Each method checks its config against each model's architecture (built on the meta device: no weights,
     no memory), so e.g. a QA-LoRA group size that does not divide a layer's d_in fails before any training."""
+    from harness.models import resolve_mode, skeleton
+
     for spec in suite.models:
         mode = resolve_mode(spec.name, spec.mode, spec.trust_remote_code) or "classifier"
         model = skeleton(spec.name, spec.trust_remote_code, mode)
@@ -215,6 +237,7 @@ def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
 
 
 def load_suite(path: str | Path) -> Suite:
+    """The suite file at ``path``, validated in full (both phases)."""
     return parse_suite(read_suite_file(path), str(path))
 
 

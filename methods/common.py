@@ -9,11 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ConfigDict, Field, model_validator
 
 from harness.contract import Deployable, Export
+from harness.lazy import lazy_module
 from harness.schema import Strict
+
+torch = lazy_module("torch")  # imported at first use: configs validate without it (harness/lazy.py)
 
 # PEFT config fields ftbench sets itself; a suite must not.
 PEFT_RESERVED = frozenset(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
 
 from harness.contract import Export, MethodBase, ModelContext, register_method
 from harness.schema import Strict
 from methods.common import dir_bytes, pretrained_forms, requires_grad_parameters
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_method

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
+from harness.libs import gptqmodel_installed, import_gptqmodel_quietly
 from methods.intquant import QuantLinear
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
@@ -33,19 +34,16 @@ class _StopForward(Exception):
 
 
 def gptq_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gptqmodel") is not None
+    return gptqmodel_installed()
 
 
 def _import_gptq():
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))  # default: every core
     try:
-        from gptqmodel.quantization.config import QuantizeConfig
-        from gptqmodel.quantization.gptq import GPTQ
+        config, gptq = import_gptqmodel_quietly("gptqmodel.quantization.config", "gptqmodel.quantization.gptq")
     except ImportError as err:
         raise RuntimeError(f"quantizer 'gptq' needs the optional extra: pip install 'ftbench[gptq]' ({err})") from err
-    return GPTQ, QuantizeConfig
+    return gptq.GPTQ, config.QuantizeConfig
 
 
 def _blocks(targets: list[tuple[str, torch.nn.Linear]]) -> list[list[tuple[str, torch.nn.Linear]]]:

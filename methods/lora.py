@@ -10,11 +10,10 @@ by name and validated by peft when the suite is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from peft import LoraConfig, TaskType, get_peft_model
 from pydantic import Field, model_validator
 
 from harness.contract import Export, MethodBase, ModelContext, register_method
@@ -27,9 +26,19 @@ from methods.common import (
     task_type_of,
 )
 
-LORA_PASSTHROUGH = sorted(
-    {f.name for f in dataclasses.fields(LoraConfig)} - PEFT_RESERVED - {"r", "lora_alpha", "lora_dropout"}
-)
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig
+
+
+@functools.cache
+def lora_passthrough() -> list[str]:
+    """LoraConfig's own fields a suite may set by name (peft is imported here, not when the file is)."""
+    from peft import LoraConfig
+
+    return sorted(
+        {f.name for f in dataclasses.fields(LoraConfig)} - PEFT_RESERVED - {"r", "lora_alpha", "lora_dropout"}
+    )
 
 
 class LoraOptions(PeftOptions):
@@ -44,11 +53,11 @@ class LoraOptions(PeftOptions):
     @model_validator(mode="after")
     def _passthrough_known(self) -> LoraOptions:
         extra = dict(self.model_extra or {})
-        unknown = sorted(set(extra) - set(LORA_PASSTHROUGH))
+        unknown = sorted(set(extra) - set(lora_passthrough()))
         if unknown:
             raise ValueError(
                 f"unknown key {unknown[0]!r}; allowed: r, alpha, dropout, target_modules, bias, or a LoraConfig "
-                f"field ({', '.join(LORA_PASSTHROUGH)})"
+                f"field ({', '.join(lora_passthrough())})"
             )
         try:
             self.lora_config()
@@ -56,7 +65,9 @@ class LoraOptions(PeftOptions):
             raise ValueError(f"LoraConfig rejects these options: {err}") from None
         return self
 
-    def lora_config(self, task_type: str | None = TaskType.SEQ_CLS, **overrides: Any) -> LoraConfig:
+    def lora_config(self, task_type: str | None = "SEQ_CLS", **overrides: Any) -> LoraConfig:
+        from peft import LoraConfig
+
         return LoraConfig(
             task_type=task_type,
             r=self.r,
@@ -79,6 +90,8 @@ class Lora(MethodBase):
         check_peft_fits(model, self.config.lora_config(task_type=task_type_of(model)))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        from peft import get_peft_model
+
         return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -16,11 +16,10 @@ Example suite entry::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from peft import PEFT_TYPE_TO_CONFIG_MAPPING, TaskType, get_peft_model
-from peft.tuners.tuners_utils import BaseTuner
 from pydantic import Field, field_validator, model_validator
 
 from harness.contract import Export, MethodBase, ModelContext, register_method
@@ -33,7 +32,16 @@ from methods.common import (
     task_type_of,
 )
 
-PEFT_TYPES = sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+if TYPE_CHECKING:
+    import torch
+
+
+@functools.cache
+def peft_types() -> list[str]:
+    """Every PEFT type this peft knows (peft is imported here, when a config needs it, not with the file)."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return sorted(str(k.value if hasattr(k, "value") else k) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
 
 
 def _active_rank(model: torch.nn.Module) -> int | None:
@@ -49,6 +57,8 @@ def _active_rank(model: torch.nn.Module) -> int | None:
 
 
 def _config_class(peft_type: str):
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
     return next(v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items() if str(getattr(k, "value", k)) == peft_type)
 
 
@@ -59,13 +69,16 @@ class PeftGeneric(MethodBase):
     name = "peft"
 
     class Config(PeftOptions):
-        peft_type: str = Field(description=f"one of {', '.join(PEFT_TYPES)}; other keys are that config's fields")
+        peft_type: str = Field(
+            description="a PEFT type (LORA, LOHA, LOKR, IA3, VERA, BOFT, PROMPT_TUNING, …: every type the installed "
+            "peft knows); other keys are that config's fields"
+        )
 
         @field_validator("peft_type")
         @classmethod
         def _known(cls, v: str) -> str:
-            if v.upper() not in PEFT_TYPES:
-                raise ValueError(f"unknown peft_type {v!r}; allowed: {', '.join(PEFT_TYPES)}")
+            if v.upper() not in peft_types():
+                raise ValueError(f"unknown peft_type {v!r}; allowed: {', '.join(peft_types())}")
             return v.upper()
 
         @model_validator(mode="after")
@@ -81,7 +94,7 @@ class PeftGeneric(MethodBase):
                 raise ValueError(f"{cls.__name__} rejects these options: {err}") from None
             return self
 
-        def peft_config(self, task_type: str = TaskType.SEQ_CLS, total_step: int | None = None):
+        def peft_config(self, task_type: str = "SEQ_CLS", total_step: int | None = None):
             """``total_step`` (AdaLoRA's schedule): the run's steps where the suite gives none (a placeholder when
             the config is only validated, before the steps are known)."""
             cls = _config_class(self.peft_type)
@@ -94,6 +107,8 @@ class PeftGeneric(MethodBase):
         check_peft_fits(model, self.config.peft_config(task_type_of(model)))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
+        from peft import get_peft_model
+
         model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
         self._ranks = [(0, _active_rank(model))]
         return model
@@ -119,6 +134,8 @@ class PeftGeneric(MethodBase):
         return requires_grad_parameters(model)
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
+        from peft.tuners.tuners_utils import BaseTuner
+
         # Prompt-learning methods (prompt/prefix tuning) have nothing to merge into the weights.
         mergeable = isinstance(model.base_model, BaseTuner) and hasattr(model.base_model, "merge_and_unload")
         return export_peft(model, out_dir, mergeable=mergeable)

@@ -23,61 +23,28 @@ the quantized layers, bits, group size and the formula. :func:`methods.intquant.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import Field, field_validator
-from safetensors.torch import save_file
 
 from harness.contract import Export, MethodBase, ModelContext, register_method
-from harness.hardware import torch_dtype
-from harness.measure import sync
+from harness.lazy import lazy_module
+from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
 from methods.common import dir_bytes, requires_grad_parameters
-from methods.gptq import gptq_available, gptq_quantize
-from methods.intquant import DTYPES, QuantLinear, int_forms, load_merged, save_int_model, set_module
 
-
-class QALoraLinear(torch.nn.Module):
-    """A frozen QuantLinear plus a LoRA adapter on the group-pooled input."""
-
-    def __init__(self, base: QuantLinear, r: int, alpha: float, dropout: float) -> None:
-        super().__init__()
-        self.base = base
-        self.groups = base.in_features // base.group_size
-        self.lora_A = torch.nn.Linear(self.groups, r, bias=False)
-        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False)
-        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as LoRA: random A, zero B
-        torch.nn.init.zeros_(self.lora_B.weight)
-        self.scaling = alpha / r
-        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(*x.shape[:-1], self.groups, self.base.group_size).sum(-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.lora_B(self.lora_A(self.pool(self.dropout(x)).to(self.lora_A.weight.dtype)))
-        return self.base(x) + (update * self.scaling).to(x.dtype)
-
-    def merged(self) -> QuantLinear:
-        """The base with the adapter folded into its zero points; integers and scales untouched."""
-        out = copy.deepcopy(self.base)
-        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # d_out × groups
-        out.zeros = (out.zeros.float() + delta).to(out.zeros.dtype)
-        return out
-
-
-def _digest(q: QuantLinear) -> str:
-    """SHA-256 of a layer's packed integers and scales (its zero points are what the merge changes)."""
-    h = hashlib.sha256()
-    for t in (q.qweight, q.scales):
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+# Imported at first use, so that the config validates without torch (harness/lazy.py). The layers live in
+# methods/qalora_layer.py and methods/intquant.py, which define torch modules and so import torch themselves.
+torch = lazy_module("torch")
+layers = lazy_module("methods.qalora_layer")
+intquant = lazy_module("methods.intquant")
+gptq = lazy_module("methods.gptq")
+hardware = lazy_module("harness.hardware")
+measure = lazy_module("harness.measure")
+safetensors_torch = lazy_module("safetensors.torch")
 
 
 class QALoraOptions(Strict):
@@ -95,7 +62,7 @@ class QALoraOptions(Strict):
     @field_validator("quantizer")
     @classmethod
     def _quantizer_installed(cls, v: str) -> str:
-        if v == "gptq" and not gptq_available():
+        if v == "gptq" and not gptqmodel_installed():
             raise ValueError("quantizer 'gptq' needs the optional extra gptqmodel: pip install 'ftbench[gptq]'")
         return v
 
@@ -125,10 +92,10 @@ def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5, budget_s: 
         model(**batch)
         times = []
         for _ in range(repeats):
-            sync(device)
+            measure.sync(device)
             t0 = time.perf_counter()
             model(**batch)
-            sync(device)
+            measure.sync(device)
             times.append(time.perf_counter() - t0)
             if time.perf_counter() - t_start > budget_s:
                 break
@@ -169,25 +136,25 @@ class QALora(MethodBase):
         err = ref = 0.0
         n = packed = consts = 0
         self._quantized: dict[str, str] = {}  # each layer's integers and scales as quantized, before training
-        gptq = None
+        by_gptq = None
         if c.quantizer == "gptq":
             if ctx.calibration is None:
                 raise ValueError("qalora: quantizer gptq needs calibration data, and the runner gave none")
-            gptq = gptq_quantize(
+            by_gptq = gptq.gptq_quantize(
                 model,
                 targets,
                 ctx.calibration(c.calibration_examples),
                 c.bits,
                 c.group_size,
-                DTYPES[c.param_dtype],
-                torch_dtype(c.compute_dtype),
+                intquant.DTYPES[c.param_dtype],
+                hardware.torch_dtype(c.compute_dtype),
             )
         for path, lin in targets:
             q = (
-                gptq[path]
-                if gptq
-                else QuantLinear.from_linear(
-                    lin, c.bits, c.group_size, DTYPES[c.param_dtype], torch_dtype(c.compute_dtype)
+                by_gptq[path]
+                if by_gptq
+                else intquant.QuantLinear.from_linear(
+                    lin, c.bits, c.group_size, intquant.DTYPES[c.param_dtype], hardware.torch_dtype(c.compute_dtype)
                 )
             )
             w = lin.weight.detach().float()
@@ -196,8 +163,8 @@ class QALora(MethodBase):
             n += w.numel()
             packed += q.storage_bytes()["packed_weight_bytes"]
             consts += q.storage_bytes()["scale_zero_bytes"]
-            self._quantized[path] = _digest(q)
-            set_module(model, path, QALoraLinear(q, c.r, c.alpha, c.dropout))
+            self._quantized[path] = layers.digest(q)
+            intquant.set_module(model, path, layers.QALoraLinear(q, c.r, c.alpha, c.dropout))
         for name in ctx.head_names:  # the classifier head trains in full, as with LoRA
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
@@ -225,13 +192,13 @@ class QALora(MethodBase):
     def merged_model(self, model: torch.nn.Module) -> torch.nn.Module:
         merged = copy.deepcopy(model)
         for path in self._layers:
-            set_module(merged, path, merged.get_submodule(path).merged())
+            intquant.set_module(merged, path, merged.get_submodule(path).merged())
         return merged.eval()
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         adapter_dir = out_dir / "adapter"
         adapter_dir.mkdir(parents=True, exist_ok=True)
-        save_file(
+        safetensors_torch.save_file(
             {n: p.detach().contiguous() for n, p in self.trainable_parameters(model)},
             adapter_dir / "adapter.safetensors",
         )
@@ -240,11 +207,11 @@ class QALora(MethodBase):
         merged = self.merged_model(model)
         path = out_dir / "merged_int"
         c = self.config
-        save_int_model(merged, self._layers, path, c.bits, c.group_size, c.param_dtype, c.compute_dtype)
+        intquant.save_int_model(merged, self._layers, path, c.bits, c.group_size, c.param_dtype, c.compute_dtype)
         device = next(model.parameters()).device  # the trained model's (CUDA in a GPU run): compare them there
-        reloaded = load_merged(path).to(device)
+        reloaded = intquant.load_merged(path).to(device)
         # the exported integers and scales, read back from disk, against those quantized before training
-        same_ints = all(_digest(reloaded.get_submodule(p)) == self._quantized[p] for p in self._layers)
+        same_ints = all(layers.digest(reloaded.get_submodule(p)) == self._quantized[p] for p in self._layers)
         vocab = min(2000, getattr(model.config, "vocab_size", 2000))
         ids = torch.randint(vocab // 2, vocab, (8, 64), device=device)
         batch = {"input_ids": ids, "attention_mask": torch.ones(8, 64, dtype=torch.long, device=device)}
@@ -272,7 +239,7 @@ class QALora(MethodBase):
                 dir_bytes(path),
                 model=reloaded,
                 notes="adapter folded into float zero points; integers unchanged; reloaded from disk",
-                deploy=int_forms(path, c.bits, c.group_size),
+                deploy=intquant.int_forms(path, c.bits, c.group_size),
             ),
         ]
 

@@ -21,12 +21,10 @@ import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
-from peft import get_peft_model
 from pydantic import Field, field_validator
 
 from harness.contract import Deployable, Export, MethodBase, ModelContext, register_method
-from harness.hardware import torch_dtype
+from harness.lazy import lazy_module
 from harness.schema import AutoDtype
 from methods.common import (
     check_peft_fits,
@@ -38,6 +36,8 @@ from methods.common import (
     task_type_of,
 )
 from methods.lora import LoraOptions
+
+torch = lazy_module("torch")  # imported at first use: the config validates without it (harness/lazy.py)
 
 
 class QLoraOptions(LoraOptions):
@@ -59,9 +59,9 @@ class QLoraOptions(LoraOptions):
     @field_validator("export_int_quantizer")
     @classmethod
     def _quantizer_installed(cls, v: str) -> str:
-        from methods.gptq import gptq_available
+        from harness.libs import gptqmodel_installed
 
-        if v == "gptq" and not gptq_available():
+        if v == "gptq" and not gptqmodel_installed():
             raise ValueError("export_int_quantizer 'gptq' needs the extra gptqmodel: pip install 'ftbench[gptq]'")
         return v
 
@@ -70,6 +70,8 @@ def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) 
     """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component or the full path) by
     a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names."""
     import bitsandbytes as bnb
+
+    from harness.hardware import torch_dtype
 
     done = []
     for parent_name, parent in list(model.named_modules()):
@@ -217,6 +219,8 @@ class QLora(MethodBase):
         }
         model.is_loaded_in_4bit = True  # tells peft to wrap the bnb layers with its 4-bit-aware LoRA layers
         # LoraConfig's own default would target only query/value; keep the user's choice as is.
+        from peft import get_peft_model
+
         return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def compute_dtype(self) -> str:

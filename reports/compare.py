@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.deploy import headline_latency_s
-from harness.records import RunRecord
+from harness.records import RunRecord, headline_latency_s
 from reports.figures import peak_bytes
 
 METRICS = {

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
 
-from harness.deploy import headline_latency_s
-from harness.records import DeploymentRecord, RunRecord
+from harness.records import DeploymentRecord, RunRecord, headline_latency_s
 from reports.figures import SERIES_COLORS, _layout
 from reports.stats import wilson
 from reports.summary import fmt_bytes, prompt_mode

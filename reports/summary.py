@@ -128,7 +128,7 @@ def optimizer_label(r: RunRecord) -> str:
 
 def fastest_deployment(r: RunRecord) -> str:
     """The run's fastest deployable form (harness/deploy.py) and its latency at batch 1."""
-    from harness.deploy import headline_latency_s
+    from harness.records import headline_latency_s
 
     best = None
     for e in r.exports:

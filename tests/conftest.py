@@ -86,7 +86,7 @@ def ftbench(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 # variables (set when first imported) are set before the first one starts. A test that changes the environment
 # (another FTBENCH_CACHE_DIR) gets a zygote of its own, closed when its run ends.
 import harness.cell  # noqa: E402,F401
-from harness.progress import quiet_libraries  # noqa: E402
+from harness.libs import quiet_libraries  # noqa: E402
 
 quiet_libraries()
 _close_all_zygotes, _server_for = forkserver.close_all, forkserver.server_for

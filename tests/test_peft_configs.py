@@ -2,7 +2,6 @@
 before anything trains (tests/bad_suites/ has one suite per kind); a saved adapter_config.json loads as it is."""
 
 import json
-import time
 from pathlib import Path
 
 from harness.cell import run_cell
@@ -58,7 +57,8 @@ def test_refusals_name_the_field_and_come_before_any_cell(tmp_path, write_suite)
     assert "methods[0].config.target_modules: no module named 'x'" in out.stderr and not (tmp_path / "r").exists()
 
 
-def test_validating_forty_peft_variants_on_a_decoder_takes_seconds():
+def test_forty_peft_variants_on_a_decoder_validate():
+    """Forty variants of eight PEFT types against SmolLM2's skeleton (how long it takes: bench/validation.py)."""
     variants = [
         {"method": "peft", "variant": f"v{i}", "config": {"peft_type": t, "target_modules": ["q_proj", "v_proj"]}}
         for i, t in enumerate(["LORA", "LOHA", "LOKR", "VERA", "IA3", "FOURIERFT", "LILY", "BOFT"] * 5)
@@ -68,9 +68,8 @@ def test_validating_forty_peft_variants_on_a_decoder_takes_seconds():
             v["config"]["feedforward_modules"] = []
         if v["config"]["peft_type"] == "BOFT":
             v["config"]["boft_block_size"] = 4
-    t0 = time.perf_counter()
     suite = parse_suite(tiny_suite(models=["smollm2-135m"], methods=variants), "<test>")
-    assert len(suite.methods) == 40 and time.perf_counter() - t0 < 20
+    assert [m.config["peft_type"] for m in suite.methods] == [v["config"]["peft_type"] for v in variants]
 
 
 def test_dora_and_vera_run_in_a_suite(tmp_path, write_suite):

@@ -8,7 +8,7 @@ from harness.contract import ModelContext
 from harness.models import load_model
 from harness.registry import get_method
 from methods.intquant import BITS, QuantLinear, load_merged, pack, quantize_rtn, unpack
-from methods.qalora import QALoraLinear
+from methods.qalora_layer import QALoraLinear
 from tests.conftest import cells
 
 CTX = ModelContext("seq_cls", 2, "bert", ["classifier"])
@@ -202,18 +202,18 @@ def test_qalora_peak_is_not_above_qlora_on_smollm2(tmp_path):
 def test_integer_check_compares_the_export_with_the_integers_quantized_before_training(tmp_path, monkeypatch):
     """integer_weights_unchanged reads the exported integers back and compares them with those quantized
     before training: an export whose integers changed (one bit, here) says so."""
-    import methods.qalora as qalora
+    import methods.intquant as intquant
 
     m, model = _prepared(bits=4, group_size=32)
     _randomize_adapters(model)
     m.export(model, tmp_path / "ok")
     assert m.report(model)["integer_weights_unchanged"] is True
-    real = qalora.save_int_model
+    real = intquant.save_int_model
 
     def flip_one_bit(merged, layers, *args):
         merged.get_submodule(layers[0]).qweight[0] ^= 1
         return real(merged, layers, *args)
 
-    monkeypatch.setattr(qalora, "save_int_model", flip_one_bit)
+    monkeypatch.setattr(intquant, "save_int_model", flip_one_bit)  # methods.qalora calls it through intquant
     m.export(model, tmp_path / "bad")
     assert m.report(model)["integer_weights_unchanged"] is False

@@ -1,0 +1,74 @@
+"""Third-party libraries: quiet in the user's terminal, and leaving the process as they found it.
+
+Some libraries change the process when imported: gptqmodel prints a banner and sets ``PYTORCH_ALLOC_CONF``
+(the CUDA allocator's configuration, which changes every reserved-memory figure we publish) and
+``CUDA_DEVICE_ORDER``. peft imports gptqmodel from its LoRA dispatch whenever it is installed, so a run that
+never uses GPTQ would pay for it all. Here gptqmodel is hidden from every import until a cell asks for GPTQ,
+and that import puts back every environment variable it changed. A record keeps the measurement-relevant
+variables it ran with (:func:`measurement_env`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import io
+import logging
+import os
+import sys
+import warnings
+
+# Variables that change what ftbench measures: the allocators' configuration and the thread pools.
+MEASUREMENT_ENV = (
+    "PYTORCH_ALLOC_CONF",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "CUDA_DEVICE_ORDER",
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+HIDDEN = "gptqmodel"  # imported only by a cell that quantizes with GPTQ (methods/gptq.py)
+
+
+def quiet_libraries() -> None:
+    """Advisory noise at import (bitsandbytes and transformers on CPU machines; torchao, pulled in by the gptq
+    extra, about its CUDA-only libraries) stays out of the terminal; gptqmodel stays unimported."""
+    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    hide_gptqmodel()
+
+
+def hide_gptqmodel() -> None:
+    """``import gptqmodel`` fails and ``importlib.util.find_spec`` says it is absent (a ``None`` entry in
+    ``sys.modules`` means both), so peft's dispatch skips it. Nothing changes if it is already imported."""
+    sys.modules.setdefault(HIDDEN, None)
+
+
+def gptqmodel_installed() -> bool:
+    """Whether gptqmodel is installed, hidden or not (the path finder does not look at ``sys.modules``)."""
+    return importlib.machinery.PathFinder.find_spec(HIDDEN) is not None
+
+
+def import_gptqmodel_quietly(*modules: str) -> list:
+    """Import gptqmodel's ``modules`` with its banner kept out of the terminal and every measurement variable
+    it sets put back as it was (before CUDA starts, so the allocator never sees them)."""
+    if sys.modules.get(HIDDEN, 0) is None:
+        del sys.modules[HIDDEN]
+    before = {k: os.environ.get(k) for k in MEASUREMENT_ENV}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return [importlib.import_module(m) for m in modules]
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def measurement_env() -> dict[str, str | None]:
+    """The measurement-relevant environment variables of this process, as a record keeps them."""
+    return {k: os.environ.get(k) for k in MEASUREMENT_ENV}

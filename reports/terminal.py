@@ -1,0 +1,123 @@
+"""The compact summary a terminal shows after ``ftbench run`` and ``ftbench summary``: per (model, task), one row
+per configuration with the figures compared first and the headline's verdicts (reports/headline.py), fitting the
+terminal (100 columns when the output is not one). The wide table (``--wide``), ``report --format md|csv`` and
+the HTML report keep every column."""
+
+from __future__ import annotations
+
+import statistics
+
+from harness.records import RunRecord
+from reports import headline, stats
+
+PIPE_WIDTH = 100  # columns when stdout is a file or a pipe (a log, CI)
+HEAD = ("method", "trainable", "peak", "step", "accuracy [95% CI]", "gain", "vs the most accurate")
+LEGEND = (
+    "peak: CPU live tensors or CUDA allocated, as the report names it · step: median of timed steps (⚠ measured "
+    "under load) · gain: accuracy after − before on the same test examples, ✓ beyond noise, ≈ within noise · vs "
+    "the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise · every column: "
+    "--wide, report.html"
+)
+
+
+def console():
+    """A rich console as wide as the terminal, or PIPE_WIDTH columns when the output is not a terminal."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def _p(p: float | None) -> str:
+    return "not testable" if p is None else ("p < 0.0001" if p < 1e-4 else f"p = {p:.2g}")
+
+
+def _size(n: float) -> str:
+    """Bytes in three significant figures: 318 MiB, 1.41 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 999.5 or unit == "TiB":
+            return f"{n:.3g} {unit}" if n >= 1 else f"{n:.0f} {unit}"
+        n /= 1024
+    return "—"
+
+
+def _row(c: headline.Config, verdict: str) -> list[str]:
+    r = c.runs[0]
+    peaks = c.peaks()
+    peak = _size(statistics.fmean(peaks)) if peaks else "—"
+    step = c.median_step_s()
+    step_text = f"{step * 1000:.0f} ms" if step else "—"
+    if step and any(map(stats.under_load, c.runs)):
+        step_text += " ⚠"
+    g = stats.gain(c.runs)
+    return [
+        c.name.removesuffix("/default"),
+        f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
+        peak,
+        step_text,
+        c.acc.label.replace(" (1 seed)", ""),
+        f"{g.diff:+.3f} {'✓' if g.significant else '≈'}",
+        verdict,
+    ]
+
+
+def _verdict(cs: dict[str, headline.Config], name: str) -> str:
+    """Against the most accurate configuration: "most accurate", "within noise (p = …)" or "below (p = …)"."""
+    ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
+    if len(ranked) == 1:
+        return ""
+    pairs = stats.compare_all({c.name: c.acc for c in ranked})
+    top = ranked[0].name
+    if name == top:
+        second = pairs[(top, ranked[1].name)]
+        return "most accurate" if second.significant else "most accurate, a tie"
+    p = pairs[(top, name)]
+    return f"{'below' if p.significant else 'within noise'} ({_p(p.p)})"
+
+
+def tables(records: list[RunRecord], title: str = "") -> list:
+    """Rich renderables: a table per (model, task), then one line per run that did not finish ok."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list = []
+    for (model, task), cs in headline.configs(records).items():
+        first = next(iter(cs.values()))
+        seeds = sorted({r.seed for c in cs.values() for r in c.runs})
+        caption = f"{model} · {task} · {first.acc.examples} test examples · {len(seeds)} seed(s)"
+        table = Table(
+            title=escape(" · ".join(x for x in (title, caption) if x)),
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            pad_edge=False,
+        )
+        for i, h in enumerate(HEAD):
+            table.add_column(h, overflow="fold", justify="right" if 0 < i < 4 else "left", no_wrap=0 < i < 6)
+        for c in sorted(cs.values(), key=lambda c: -c.acc.mean):
+            table.add_row(*(escape(x) for x in _row(c, _verdict(cs, c.name))))
+        out.append(table)
+    for r in records:
+        if r.status != "ok":
+            why = (r.error or "").strip().splitlines()[0][:200] if r.error else ""
+            out.append(Text(f"{r.status}: {r.model} · {r.task} · {r.method}/{r.variant} · seed {r.seed}: {why}"))
+    if out:
+        out.append(Text(LEGEND, style="dim"))
+    return out
+
+
+def print_summary(records: list[RunRecord], title: str, wide: bool = False):
+    """The compact tables, or with ``wide`` the table of every column (reports/summary.py). Returns the console
+    it printed on."""
+    if wide:
+        from reports.summary import console as wide_console
+        from reports.summary import to_rich_table
+
+        out = wide_console()
+        out.print(to_rich_table(records, title=title))
+        return out
+    out = console()
+    for part in tables(records, title):
+        out.print(part)
+    return out

@@ -1,0 +1,77 @@
+"""Third-party libraries stay quiet and leave the process as they found it (harness/libs.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from harness.libs import MEASUREMENT_ENV, gptqmodel_installed
+from tests.conftest import ROOT
+
+# Everything a run imports before and inside a cell: the CLI, the cell, every built-in method, peft's LoRA
+# dispatch on a real model (where peft would import gptqmodel), bitsandbytes' 4-bit layers.
+RUN_IMPORTS = textwrap.dedent(
+    """
+    import io, json, os, sys, contextlib
+    before = {k: os.environ.get(k) for k in %r}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        import harness.cli
+        from harness.libs import quiet_libraries
+        quiet_libraries()
+        import harness.cell, harness.runner, methods
+        from harness.registry import build_method
+        from harness.contract import ModelContext
+        from harness.models import load_model
+        loaded = load_model("tiny-llama", 2, 0, False, "prompt", False)
+        ctx = ModelContext(task_type="causal_lm", num_labels=2, model_type="llama")
+        for name, cfg in [("lora", {"r": 2}), ("qlora", {"r": 2})]:
+            build_method(name, cfg).prepare(load_model("tiny-llama", 2, 0, False, "prompt", False).model, ctx)
+    after = {k: os.environ.get(k) for k in before}
+    print(json.dumps({"before": before, "after": after, "stdout": out.getvalue(),
+                      "gptqmodel": sys.modules.get("gptqmodel", "absent") is not None}))
+    """
+)
+
+
+def test_a_run_imports_no_library_that_changes_the_environment_or_prints():
+    env = {k: v for k, v in os.environ.items() if k not in MEASUREMENT_ENV}
+    code = RUN_IMPORTS % (MEASUREMENT_ENV,)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["after"] == got["before"] == dict.fromkeys(MEASUREMENT_ENV)
+    assert got["stdout"] == "" and not got["gptqmodel"]  # peft's dispatch did not import it
+    assert "GPT-QModel" not in out.stderr and "PYTORCH_ALLOC_CONF" not in out.stderr
+
+
+@pytest.mark.skipif(not gptqmodel_installed(), reason="needs the optional extra gptqmodel")
+def test_importing_gptqmodel_for_a_gptq_cell_puts_its_environment_back():
+    code = textwrap.dedent(
+        """
+        import json, os
+        from harness.libs import MEASUREMENT_ENV, hide_gptqmodel, import_gptqmodel_quietly
+        hide_gptqmodel()
+        (mod,) = import_gptqmodel_quietly("gptqmodel.quantization.gptq")
+        print(json.dumps({"gptq": hasattr(mod, "GPTQ"), "env": {k: os.environ.get(k) for k in MEASUREMENT_ENV}}))
+        """
+    )
+    env = {**{k: v for k, v in os.environ.items() if k not in MEASUREMENT_ENV}, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])  # the banner would be on stdout before this line
+    assert got == {"gptq": True, "env": {**dict.fromkeys(MEASUREMENT_ENV), "OMP_NUM_THREADS": "2"}}
+    assert len(out.stdout.strip().splitlines()) == 1 and "GPT-QModel" not in out.stderr
+
+
+def test_a_record_keeps_the_measurement_environment(monkeypatch):
+    from harness.records import environment
+
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    env = environment()["measurement_env"]
+    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True" and set(env) == set(MEASUREMENT_ENV)
