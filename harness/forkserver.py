@@ -35,11 +35,16 @@ WARM = (
 
 
 def enabled() -> bool:
+    """Cells fork from a zygote unless FTBENCH_FORKSERVER=0 or a GPU is there (a CUDA context does not survive a
+    fork). Where torch is not imported yet, the GPU's device files answer, so that the runner can start the zygote
+    before it imports torch itself."""
     if os.environ.get("FTBENCH_FORKSERVER", "1") == "0" or not hasattr(os, "fork"):
         return False
-    import torch
+    if "torch" in sys.modules:
+        return not sys.modules["torch"].cuda.is_available()
+    import glob
 
-    return not torch.cuda.is_available()
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
 
 
 CHILD_ENV = {
@@ -213,7 +218,7 @@ def serve() -> int:
     os.dup2(2, 1)
     import importlib
 
-    import harness.cell  # noqa: F401 - the point: torch, transformers, peft, bitsandbytes, sklearn, once
+    import harness.cell  # noqa: F401 - the point: torch, transformers, peft, bitsandbytes, once
     from harness.registry import available_methods
 
     available_methods()  # entry points too

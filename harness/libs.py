@@ -33,10 +33,20 @@ HIDDEN = "gptqmodel"  # imported only by a cell that quantizes with GPTQ (method
 
 def quiet_libraries() -> None:
     """Advisory noise at import (bitsandbytes and transformers on CPU machines; torchao, pulled in by the gptq
-    extra, about its CUDA-only libraries) stays out of the terminal; gptqmodel stays unimported."""
-    for name in ("bitsandbytes", "transformers", "peft", "huggingface_hub", "torchao", "torch.utils._pytree"):
+    extra, about its CUDA-only libraries; ``kernels``, through bitsandbytes, about the hub being offline) and
+    transformers' deprecation notices stay out of the terminal; gptqmodel stays unimported."""
+    for name in (
+        "bitsandbytes",
+        "transformers",
+        "peft",
+        "huggingface_hub",
+        "torchao",
+        "torch.utils._pytree",
+        "kernels",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     hide_gptqmodel()
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 
 from harness.contract import Batch
-from harness.data import calibration_batches, train_batches
+from harness.data import accuracy, calibration_batches, macro_f1, train_batches
 from harness.taskdata import Example, TaskData
 
 
@@ -253,10 +252,10 @@ def evaluate_prompts(
         metrics["generated_samples"] = [{"answer": it.answer, "generated": g} for g, it in pairs[:5]]
         return metrics, table
     y_pred = table.argmax(-1).numpy()
-    metrics["accuracy"] = float(accuracy_score(y_true, y_pred))
+    metrics["accuracy"] = accuracy(y_true, y_pred)
     metrics["correct"] = "".join("1" if t == p else "0" for t, p in zip(y_true, y_pred, strict=True))
     if task.kind == "classification":
-        metrics["macro_f1"] = float(f1_score(y_true, y_pred, average="macro"))
+        metrics["macro_f1"] = macro_f1(y_true, y_pred)
     else:
         norm = [[sc / n for sc, n in zip(s, ln, strict=True)] for s, ln in zip(scores, lengths, strict=True)]
         hits = [int(np.argmax(n)) == it.label for n, it in zip(norm, items, strict=True)]

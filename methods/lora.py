@@ -53,6 +53,8 @@ class LoraOptions(PeftOptions):
     @model_validator(mode="after")
     def _passthrough_known(self) -> LoraOptions:
         extra = dict(self.model_extra or {})
+        if not extra:  # the named fields are typed above; peft is imported only to check keys passed through to it
+            return self  # (and LoraConfig itself is built when the method is checked against the model skeleton)
         unknown = sorted(set(extra) - set(lora_passthrough()))
         if unknown:
             raise ValueError(

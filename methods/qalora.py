@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,7 +42,6 @@ layers = lazy_module("methods.qalora_layer")
 intquant = lazy_module("methods.intquant")
 gptq = lazy_module("methods.gptq")
 hardware = lazy_module("harness.hardware")
-measure = lazy_module("harness.measure")
 safetensors_torch = lazy_module("safetensors.torch")
 
 
@@ -81,25 +79,6 @@ def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | Non
         if names is None or last in names or path in names:
             out.append((path, mod))
     return out
-
-
-def _latency_s(model: torch.nn.Module, batch: dict, repeats: int = 5, budget_s: float = 3.0) -> float:
-    """Median forward time after one warm-up: ``repeats`` runs, fewer (at least one) where they would take
-    longer than ``budget_s`` — a slow CPU gets a coarser figure, not minutes of latency timing."""
-    device = batch["input_ids"].device
-    with torch.no_grad():
-        t_start = time.perf_counter()
-        model(**batch)
-        times = []
-        for _ in range(repeats):
-            measure.sync(device)
-            t0 = time.perf_counter()
-            model(**batch)
-            measure.sync(device)
-            times.append(time.perf_counter() - t0)
-            if time.perf_counter() - t_start > budget_s:
-                break
-    return sorted(times)[len(times) // 2]
 
 
 @register_method
@@ -223,14 +202,7 @@ class QALora(MethodBase):
             integer_weights_unchanged=same_ints,
             merged_vs_unmerged_max_abs_diff_random=diff,
             bits_per_quantized_param_merged=self._bits(reloaded),
-            latency_unmerged_s=_latency_s(model, batch),
-            latency_merged_s=_latency_s(reloaded, batch),
-        )
-        if c.bits == 4 and c.group_size >= 32:  # torch's INT4 CPU kernel takes groups of 32, 64, 128, 256
-            fast = copy.deepcopy(reloaded)
-            for p in self._layers:
-                fast.get_submodule(p).kernel = "int4"
-            self._metrics["latency_merged_int4_kernel_s"] = _latency_s(fast, batch)
+        )  # latency: each deployable form (int_forms) is timed by harness/deploy.py, the one latency timer
         return [
             Export("adapter", adapter_dir, dir_bytes(adapter_dir)),
             Export(

@@ -114,7 +114,7 @@ def test_export_reload_and_run_record(tmp_path):
     mm = rec.method_metrics
     assert mm["bits_per_quantized_param"] == mm["bits_per_quantized_param_merged"] == pytest.approx(5.0)
     assert mm["integer_weights_unchanged"] and mm["merged_vs_unmerged_max_abs_diff_random"] < 1e-3
-    assert mm["latency_merged_s"] > 0 and mm["latency_unmerged_s"] > 0 and mm["latency_merged_int4_kernel_s"] > 0
+    assert not any(k.startswith("latency") for k in mm)  # timed once, per deployable form, by harness/deploy.py
     (merged,) = [e for e in rec.exports if e.kind == "merged_int"]
     assert merged.eval.accuracy == rec.eval_after.accuracy and merged.max_abs_logit_diff < 1e-3
     reloaded = load_merged(merged.path)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import ROOT, ftbench, run_cli, tiny_suite
+from tests.conftest import ROOT, run_cli, tiny_suite
 
 pytest.importorskip("ray")
 
@@ -24,26 +24,17 @@ def _records(d):
     return {p.name: json.loads(p.read_text()) for p in (d / "records").glob("*.json")}
 
 
-def test_ray_records_equal_local_records(tmp_path, write_suite):
-    path = write_suite(tiny_suite(**SUITE))
-    assert run_cli("run", str(path), "--results", str(tmp_path / "local")).returncode == 0
-    out = ftbench("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
-    assert out.returncode == 0, out.stderr[-2000:]
-    local, ray_ = _records(tmp_path / "local"), _records(tmp_path / "ray")
-    assert set(local) == set(ray_) and len(local) == 2
-    for name, a in local.items():
-        b = ray_[name]
-        assert a["status"] == b["status"] == "ok"
-        assert a["config"] == b["config"] and a["task_info"] == b["task_info"]
-        assert a["trainable_params"] == b["trainable_params"] and a["total_params"] == b["total_params"]
-        # Ray gives each cell num_cpus=1 thread: float sums may round differently in the last bits
-        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
-        assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
-    resumed = run_cli("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
-    assert "2 already recorded, 0 to run" in resumed.stderr
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # nothing to run: no cluster
+@pytest.fixture(scope="module")
+def one_cluster():
+    """The runs below that need no environment of their own run in this process, so they share the one local
+    cluster the first of them starts (``RayPool`` joins a running one); it stops when the module ends."""
+    yield
+    import ray
+
+    ray.shutdown()
 
 
+# First: it needs a cluster of its own (its workers must inherit PYTHONPATH), before the shared one starts.
 def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):
     (tmp_path / "killer.py").write_text(
         textwrap.dedent('''
@@ -81,7 +72,34 @@ def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):
     assert recs["lora"]["status"] == "ok"
 
 
-def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_same_proposals(tmp_path, write_suite):
+def test_ray_records_equal_local_records(tmp_path, write_suite, one_cluster, monkeypatch):
+    path = write_suite(tiny_suite(**SUITE))
+    assert run_cli("run", str(path), "--results", str(tmp_path / "local")).returncode == 0
+    out = run_cli("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    assert out.returncode == 0, out.stderr[-2000:]
+    local, ray_ = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert set(local) == set(ray_) and len(local) == 2
+    for name, a in local.items():
+        b = ray_[name]
+        assert a["status"] == b["status"] == "ok"
+        assert a["config"] == b["config"] and a["task_info"] == b["task_info"]
+        assert a["trainable_params"] == b["trainable_params"] and a["total_params"] == b["total_params"]
+        # Ray gives each cell num_cpus=1 thread: float sums may round differently in the last bits
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
+        assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
+    import harness.ray_executor
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("nothing to run, yet a Ray pool was made")
+
+    monkeypatch.setattr(harness.ray_executor, "RayPool", no_pool)
+    resumed = run_cli("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    assert resumed.returncode == 0 and "2 already recorded, 0 to run" in resumed.stderr
+
+
+def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_same_proposals(
+    tmp_path, write_suite, one_cluster
+):
     """`ftbench tune --executor ray`: each trial a Ray task (its cell in its own process, reporting to the
     study's journal for the median pruner); the two studies' trials run at the same time; each study proposes
     what it proposes on the local executor (same sampler seed), and the final runs carry the tuning."""
@@ -96,7 +114,7 @@ def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_sa
     data["train"] = {**data["train"], "steps": 4, "eval_every": 2}
     data["export"] = False
     data["tune"] = {"trials": 2, "sampler": "random", "seed": 7, "pruner": "median"}
-    out = ftbench("tune", str(write_suite(data)), "--results", str(tmp_path / "ray"), "--executor", "ray")
+    out = run_cli("tune", str(write_suite(data)), "--results", str(tmp_path / "ray"), "--executor", "ray")
     assert out.returncode == 0, out.stderr[-3000:]
     trials = [read_record(p) for p in (tmp_path / "ray" / "tuning" / "records").glob("*.json")]
     assert len(trials) == 4 and all(t.status in ("ok", "pruned") for t in trials)

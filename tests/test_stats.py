@@ -105,3 +105,19 @@ def test_gain_from_training_is_paired_on_the_same_examples():
     small = run("b", bits(n, set(range(205))))
     small.eval_before = r.eval_before
     assert not stats.gain([small]).significant  # 5 vs 0: p = 0.06
+
+
+def test_accuracy_and_macro_f1_agree_with_scikit_learn():
+    """harness.data computes both without scikit-learn (a second of every cell's start): same numbers, a label
+    never predicted and a predicted label that never occurs included."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from harness.data import accuracy, macro_f1
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 4, 200), rng.integers(0, 4, 200)), (np.array([0, 0, 1, 1]), np.array([0, 2, 2, 2]))]
+    cases.append((np.array([1, 1, 1]), np.array([1, 1, 1])))
+    for y_true, y_pred in cases:
+        assert accuracy(y_true, y_pred) == accuracy_score(y_true, y_pred)
+        assert macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))

@@ -7,7 +7,7 @@ import pytest
 from harness.cell import run_cell
 from harness.suite import expand, parse_suite
 from harness.tune import tune_cells, with_params
-from tests.conftest import tiny_suite
+from tests.conftest import run_cli, tiny_suite
 
 TUNE = {
     "trials": 3,
@@ -177,7 +177,7 @@ def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(t
     assert final.config["tuning"]["storage"] == f"sqlite:///{db}" and final.config["tuning"]["study"] == name
     page = (tmp_path / "r" / "report.html").read_text()
     assert "optimization history" in page  # Optuna's figure, read back from the database
-    again = ftbench("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
+    again = run_cli("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
     assert again.returncode == 0 and len(optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials) == 3
 
 
