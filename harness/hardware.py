@@ -51,8 +51,9 @@ def _cpuinfo(field: str) -> str | None:
     """The first ``field : value`` line of /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == field:
+                return value.strip()
     except OSError:
         pass
     return None
@@ -63,6 +64,8 @@ def static_identity(device: torch.device | None = None) -> dict[str, Any]:
     device = device or default_device()
     ident = {
         "cpu_model": _cpuinfo("model name") or platform.processor() or platform.machine(),
+        # "AMD EPYC" names Zen 1 to Zen 5 alike, 2.5× apart in fp32 speed: family and model tell them apart
+        "cpu_family_model": f"family {_cpuinfo('cpu family')} model {_cpuinfo('model')}" if _cpuinfo("model") else None,
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": sorted(
             set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}
@@ -213,15 +216,16 @@ def identity(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def describe(ident: dict[str, Any]) -> str:
-    """One line: 'AMD EPYC · AVX2 · bf16 emulated (71× slower than fp32) · 2 threads'."""
+    """One line: 'AMD EPYC family 23 model 1 · AVX2 · bf16 emulated (71× slower than fp32) · 2 threads'."""
     s = ident.get("bf16_speedup_vs_fp32") or 0.0
     bf16 = (
         f"bf16 native ({s:.1f}× fp32)"
         if ident.get("native_bf16")
         else (f"bf16 emulated ({1 / s:.0f}× slower than fp32)" if 0 < s < 0.5 else f"bf16 not faster ({s:.2f}× fp32)")
     )
+    cpu = " ".join(str(x) for x in (ident.get("cpu_model"), ident.get("cpu_family_model")) if x)
     parts = [
-        ident.get("gpu") or ident.get("cpu_model"),
+        ident.get("gpu") or cpu,
         ident.get("cpu_isa"),
         bf16,
         f"{ident.get('torch_threads')} threads",

@@ -187,6 +187,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": hw["cpu_model"],
+        "cpu_family_model": hw.get("cpu_family_model"),
         "cpu_isa": hw["cpu_isa"],
         "cpu_bf16_flags": hw["cpu_bf16_flags"],
         "native_bf16": hw["native_bf16"],

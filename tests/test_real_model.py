@@ -13,7 +13,15 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
     cfg = cells(
         models=["minilm-l6"],
         tasks=[{"name": "rotten_tomatoes", "eval_examples": 300}],
-        train={"steps": 100, "batch_size": 8, "lr": lr, "max_seq_len": 40, "warmup_steps": 10, "group_by_length": True},
+        train={
+            "steps": 60,
+            "batch_size": 8,
+            "lr": lr,
+            "max_seq_len": 40,
+            "warmup_steps": 6,
+            "schedule": "constant",
+            "group_by_length": True,
+        },
         methods=[{"method": method, "config": config}],
     )[0]
     rec = run_cell(cfg, tmp_path)
