@@ -54,6 +54,7 @@ gpu-check: setup
 bench: setup
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/validation.py
 	$(BIN)/python -m pytest -q bench/test_layers.py --benchmark-autosave --benchmark-columns=min,median,mean,stddev -p no:cacheprovider
 
 lint: setup

@@ -79,6 +79,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = _results_dir(args.results, suite.name)
         if args.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
+        from harness.runner import ResultsLocked, check_unlocked
+
+        try:
+            check_unlocked(results)  # another runner: refused now, not after the imports below
+        except ResultsLocked as err:
+            raise ConfigError(str(err)) from None
         check_fit(suite, args.suite)
         return _run(args, suite, results)
     finally:

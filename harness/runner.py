@@ -25,6 +25,28 @@ class ResultsLocked(Exception):
     """Another runner holds the results directory."""
 
 
+def _in_use(results_dir: Path, holder: str) -> ResultsLocked:
+    return ResultsLocked(
+        f"{results_dir} is in use by another ftbench run (pid {holder}); wait for it to finish "
+        "or use another --results directory"
+    )
+
+
+def check_unlocked(results_dir: Path) -> None:
+    """Refuse at once, writing nothing, where another runner holds ``results_dir`` (the CLI asks before the
+    checks that import torch; :func:`lock_results` takes the lock itself later)."""
+    import fcntl
+
+    path = Path(results_dir) / ".ftbench.lock"
+    if not path.is_file():
+        return
+    with open(path) as fh:  # read-only: flock needs no write access, and nothing is written
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(results_dir, fh.read().strip() or "?") from None
+
+
 def lock_results(results_dir: Path):
     """An exclusive, non-blocking lock on the results dir for the whole suite; released when the process ends
     (even by SIGKILL), so a stale lock cannot outlive its runner."""
@@ -37,10 +59,7 @@ def lock_results(results_dir: Path):
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise ResultsLocked(
-            f"{results_dir} is in use by another ftbench run (pid {holder}); wait for it to finish "
-            "or use another --results directory"
-        ) from None
+        raise _in_use(results_dir, holder) from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))

@@ -65,3 +65,38 @@ def test_unreadable_suite_files_are_one_line(tmp_path, capsys, content, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and str(path) in err[0], err
     assert not (tmp_path / "results").exists()  # nothing written
+
+
+# Suites whose error needs no model skeleton: reported by the cheap checks, before torch is imported (the
+# others need an architecture, a peft config class or the optimizer to say what is wrong).
+CHEAP = [
+    "unknown_method", "unknown_train_field", "negative_rank", "bad_variant", "bad_dtype", "bad_schedule",
+    "duplicate_cell", "duplicate_seed", "empty", "malformed_yaml", "missing_methods", "negative_lr", "seed_huge",
+    "qalora_bad_bits", "qalora_bad_group_size", "qlora_bad_blocksize", "qlora_bad_quant_type", "csv_missing_file",
+    "missing_local_path", "forgetting_unknown_task", "batch_larger_than_split", "tune_inverted_range",
+]  # fmt: skip
+
+
+def test_a_typo_is_reported_before_torch_is_imported(tmp_path):
+    """`ftbench run` checks the schema, the names, each method's config and the data first, without torch,
+    transformers or peft: a typo is one line in a fraction of a second (bench/validation.py times it)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = f"""
+import contextlib, io, json, sys
+from harness.cli import main
+heavy = {{}}
+for name in {CHEAP!r}:
+    with contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["run", "tests/bad_suites/" + name + ".yaml", "--results", {str(tmp_path / "r")!r}])
+    heavy[name] = (rc, [m for m in ("torch", "transformers", "peft", "sklearn") if m in sys.modules])
+print(json.dumps(heavy))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {name: [2, []] for name in CHEAP}, got

@@ -234,3 +234,23 @@ def test_compare_says_when_records_come_from_different_cpus(tmp_path, capsys):
     assert rec.environment["cpu_model"] in first and "Intel(R) Xeon(R) Platinum 8480+ · AVX512 · native bf16" in first
     assert main(["compare", str(tmp_path), str(tmp_path)]) == 0
     assert "different hardware" not in capsys.readouterr().out
+
+
+def test_the_cpu_is_named_with_its_family_and_model():
+    """ "AMD EPYC" names Zen 1 and Zen 4 alike (2.5-4× apart): the identity, the run line and every record say the
+    family and model /proc/cpuinfo gives, and they are part of the machine cache's key."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo")
+    fields = dict(line.split(":", 1) for line in info.read_text().splitlines()[:30] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    ident = hardware.static_identity(CPU)
+    assert ident["cpu_family_model"] == f"family {fields['cpu family']} model {fields['model']}"
+    line = hardware.describe(hardware.identity(CPU))
+    assert line.startswith(f"{ident['cpu_model']} family {fields['cpu family']} model {fields['model']} · ")
+    import hashlib
+
+    fields = {k: v for k, v in ident.items() if k != "machine_key"}  # the key is a digest of every field
+    assert hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12] == ident["machine_key"]

@@ -111,3 +111,31 @@ def test_memory_is_tracked_on_the_largest_batches_even_without_warmup():
 def test_train_config_defaults_are_valid():
     TrainConfig()
     assert torch.get_num_threads() >= 1
+
+
+def test_batches_grouped_by_length_pad_less_and_cover_the_same_examples():
+    """train.group_by_length: every epoch still trains on the same examples (the ragged tail dropped), batches
+    of similar length pad far less, the order is seeded, and without it the stream is the one it always was."""
+    import random
+
+    from harness.data import train_batches
+
+    rng = random.Random(0)
+    encoded = [{"input_ids": [7] * rng.randint(3, 60), "label": i % 2, "id": i} for i in range(1000)]
+
+    def collate(items, pad):
+        return {"ids": [it["id"] for it in items], "width": max(len(it["input_ids"]) for it in items)}
+
+    def epoch(length, seed=0):
+        stream = train_batches(encoded, 16, seed, 0, collate, length)
+        return [next(stream) for _ in range(len(encoded) // 16)]
+
+    plain, grouped = epoch(None), epoch(lambda it: len(it["input_ids"]))
+    assert sorted(i for b in grouped for i in b["ids"]) == sorted(i for b in plain for i in b["ids"])
+    real = sum(len(encoded[i]["input_ids"]) for b in plain for i in b["ids"])
+    padded = {name: sum(b["width"] * 16 for b in batches) for name, batches in (("plain", plain), ("grouped", grouped))}
+    assert padded["grouped"] < 1.1 * real < padded["plain"]
+    assert epoch(lambda it: len(it["input_ids"])) == grouped != epoch(lambda it: len(it["input_ids"]), seed=1)
+    order = list(range(1000))
+    random.Random(0).shuffle(order)
+    assert [b["ids"] for b in plain] == [order[i : i + 16] for i in range(0, 992, 16)]  # unchanged without it

@@ -21,7 +21,9 @@ def results(tmp_path_factory):
 
 
 def rec_cpu(results) -> str:
-    return read_record(next((results / "records").glob("*.json"))).environment["cpu_model"]
+    """The CPU as the report names it: model name, then family and model (AMD EPYC is Zen 1 to Zen 5 alike)."""
+    env = read_record(next((results / "records").glob("*.json"))).environment
+    return " ".join(x for x in (env["cpu_model"], env["cpu_family_model"]) if x)
 
 
 def test_markdown_csv_json(results, capsys):
@@ -178,3 +180,33 @@ def test_figures_of_two_models_and_two_tasks_never_merge_runs(results):
     par = pareto(recs)
     for points, frontier in zip(par.data[::2], par.data[1::2], strict=True):
         assert frontier.line.color == points.marker.color and "rgba(0,0,0,0)" not in frontier.line.color
+
+
+def test_the_summary_fits_a_terminal_and_the_wide_one_keeps_every_column(results, tmp_path, capsys):
+    """`ftbench summary`: one compact table (method, trainable, peak, step, accuracy with its interval, gain,
+    verdict) within 100 columns when the output is not a terminal; `--wide` keeps every column; a failed run is
+    one line under the table, not a row of dashes."""
+    from harness.records import make_record
+
+    assert main(["summary", str(results)]) == 0
+    out = capsys.readouterr().out
+    lines = out.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    for word in ("method", "trainable", "peak", "accuracy [95% CI]", "gain", "vs the most accurate"):
+        assert word in out
+    rows = [line.split() for line in lines if line.split()[:1] in (["lora"], ["full"])]
+    assert sorted(r[0] for r in rows) == ["full", "lora"] and all("[" in " ".join(r) for r in rows)
+    assert "tokens/s" not in out and "peak RSS" not in out  # the wide table's columns
+    assert main(["summary", str(results), "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert "tokens/s" in wide and "peak RSS" in wide and "optimizer" in wide
+
+    d = tmp_path / "with_failure"
+    (d / "records").mkdir(parents=True)
+    for p in (results / "records").glob("*.json"):
+        (d / "records" / p.name).write_text(p.read_text())
+    cfg = cells(methods=[{"method": "qlora"}])[0]
+    write_record(d, make_record(cfg, "failed", "RuntimeError: boom\ntraceback…", "2026-12-04T00:00:00+00:00", 1.0))
+    assert main(["summary", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "failed: tiny-bert · rotten_tomatoes · qlora/default · seed 0: RuntimeError: boom" in out
