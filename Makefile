@@ -10,9 +10,9 @@ RESULTS ?= results/quick
 
 setup: $(STAMP)
 
-# --no-compile: pip would byte-compile every file of every package (torch alone has thousands) at install time,
-# half the install on a 2-core machine; Python compiles the modules a run really imports when it first imports them.
-PIP     := $(BIN)/python -m pip install -q --no-compile
+# pip byte-compiles every package at install (half of a warm install's time on 2 cores). Keep it: where
+# PYTHONDONTWRITEBYTECODE is set (as on our machines) Python would otherwise compile torch & co. at every import.
+PIP     := $(BIN)/python -m pip install -q
 
 $(STAMP): pyproject.toml Makefile
 	@echo "ftbench: installing into $(VENV) (torch 2.13.0 CPU, ftbench, the model and data wheels)"
