@@ -46,8 +46,8 @@ def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 def cpu() -> str:
     info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    keys = ("Model name", "CPU family", "Model:")
-    return " · ".join(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(keys))
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
+    return f"{field.get('Model name')}, family {field.get('CPU family')} model {field.get('Model')}"
 
 
 def main() -> None:
