@@ -229,6 +229,7 @@ def run_suite(
                     done(cfg, run_cell_subprocess(cfg, results_dir, show, server))
             finally:
                 forkserver.close_all()
+        progress.update(bar, description="cells done")  # not the last cell's last stage, left on screen
     records = []
     for c in cells:
         p = record_path(results_dir, c.cell_id)

@@ -52,3 +52,16 @@ def test_the_runner_sees_the_cells_steps_while_it_trains(tmp_path):
     log = (tmp_path / "logs" / f"{cfg.model_copy(update={'export': False}).cell_id}.log").read_text()
     ours = [line for line in log.splitlines() if line.startswith(MARK)]
     assert f"{MARK}step 400/400" in log and ours[0].startswith(f"{MARK}hardware: ")  # identity comes first
+
+
+def test_the_run_output_ends_without_a_stale_stage_line(tmp_path, write_suite):
+    """After the last cell, the progress bar says the cells are done rather than showing the last cell's last
+    stage (issue 31: "evaluating the untrained model…" was left on screen after the last ok line)."""
+    from tests.conftest import run_cli, tiny_suite
+
+    out = run_cli("run", str(write_suite(tiny_suite())), "--results", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    last_ok = max(i for i, line in enumerate(lines) if line.startswith("ok "))
+    after = "\n".join(lines[last_ok + 1 :])
+    assert "cells done" in after and "evaluating" not in after and "loading" not in after, after
