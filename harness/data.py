@@ -82,14 +82,16 @@ def train_batches(
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
-        n = len(order) - len(order) % batch_size  # drop the ragged tail: equal-size steps
-        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-        if length is not None:
-            batches = []
+        order = order[: len(order) - len(order) % batch_size]  # drop the ragged tail: equal-size steps
+        if length is not None:  # windows of 50 batches, each sorted by length (the order within a batch is moot)
             window = batch_size * GROUP_BY_LENGTH_WINDOW
-            for w in range(0, n, window):
-                chunk = sorted(order[w : min(w + window, n)], key=lambda j: length(encoded[j]))
-                batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            order = [
+                j
+                for w in range(0, len(order), window)
+                for j in sorted(order[w : w + window], key=lambda j: length(encoded[j]))
+            ]
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if length is not None:
             rng.shuffle(batches)
         for idx in batches:
             yield collate_fn([encoded[j] for j in idx], pad_id)

@@ -62,10 +62,11 @@ def _cpuinfo(field: str) -> str | None:
 def static_identity(device: torch.device | None = None) -> dict[str, Any]:
     """What identifies a machine for speed: the cache key is made of exactly these fields."""
     device = device or default_device()
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
     ident = {
         "cpu_model": _cpuinfo("model name") or platform.processor() or platform.machine(),
         # "AMD EPYC" names Zen 1 to Zen 5 alike, 2.5× apart in fp32 speed: family and model tell them apart
-        "cpu_family_model": f"family {_cpuinfo('cpu family')} model {_cpuinfo('model')}" if _cpuinfo("model") else None,
+        "cpu_family_model": f"family {family} model {model}" if model else None,
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": sorted(
             set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}

@@ -61,18 +61,18 @@ def _row(c: headline.Config, verdict: str) -> list[str]:
     ]
 
 
-def _verdict(cs: dict[str, headline.Config], name: str) -> str:
-    """Against the most accurate configuration: "most accurate", "within noise (p = …)" or "below (p = …)"."""
-    ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
+def _verdicts(ranked: list[headline.Config]) -> dict[str, str]:
+    """Each configuration against the most accurate (``ranked[0]``), from one family of paired tests:
+    "most accurate", "within noise (p = …)" or "below (p = …)"."""
     if len(ranked) == 1:
-        return ""
+        return {ranked[0].name: ""}
     pairs = stats.compare_all({c.name: c.acc for c in ranked})
     top = ranked[0].name
-    if name == top:
-        second = pairs[(top, ranked[1].name)]
-        return "most accurate" if second.significant else "most accurate, a tie"
-    p = pairs[(top, name)]
-    return f"{'below' if p.significant else 'within noise'} ({_p(p.p)})"
+    out = {top: "most accurate" if pairs[(top, ranked[1].name)].significant else "most accurate, a tie"}
+    for c in ranked[1:]:
+        p = pairs[(top, c.name)]
+        out[c.name] = f"{'below' if p.significant else 'within noise'} ({_p(p.p)})"
+    return out
 
 
 def tables(records: list[RunRecord], title: str = "") -> list:
@@ -95,8 +95,10 @@ def tables(records: list[RunRecord], title: str = "") -> list:
         )
         for i, h in enumerate(HEAD):
             table.add_column(h, overflow="fold", justify="right" if 0 < i < 4 else "left", no_wrap=0 < i < 6)
-        for c in sorted(cs.values(), key=lambda c: -c.acc.mean):
-            table.add_row(*(escape(x) for x in _row(c, _verdict(cs, c.name))))
+        ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
+        verdicts = _verdicts(ranked)
+        for c in ranked:
+            table.add_row(*(escape(x) for x in _row(c, verdicts[c.name])))
         out.append(table)
     for r in records:
         if r.status != "ok":
