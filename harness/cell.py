@@ -9,6 +9,7 @@ The cell drives two contracts (:mod:`harness.contract`) and branches on neither:
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from harness.contract import Export, Method, ModelContext, TaskIO
 from harness.data import ClassifierIO
 from harness.deploy import measure as measure_deployments
 from harness.flops import mfu_dtype, training_flops
-from harness.hardware import describe, identity, resolve_config_dtypes
+from harness.hardware import default_device, describe, identity, resolve_config_dtypes
 from harness.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
 from harness.measure import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.memory import nvml_process_bytes
@@ -29,17 +30,13 @@ from harness.models import head_module_names, load_model, resolve_mode
 from harness.progress import CellProgress
 from harness.prompting import PromptIO, lm_loss
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
-from harness.registry import build_method, get_method
+from harness.registry import build_method, get_method, load_method_file
 from harness.schema import RunConfig, TaskSpec, TrainConfig
 from harness.tasks import load_task
 from harness.trialstate import Pruned
 
 TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # by the model's mode
 Evaluate = Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]
-
-
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -75,7 +72,11 @@ class _Stopwatch:
 def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     """The run's stages in order; each writes what it measured into ``rec`` as soon as it has it."""
     clock = _Stopwatch(rec.setdefault("stage_seconds", {}))
-    device = _device()
+    if cfg.method_source:  # a method from a file beside the suite: registered in this process too
+        load_method_file(cfg.method_source)
+    device = default_device(cfg.device)
+    if device.index is not None:  # cuda:N: the allocator's peak counters and NVML read the current device
+        torch.cuda.set_device(device)
     cfg, rec["resolved_dtypes"] = resolve_dtypes(cfg, device)
     dtype = DTYPES[cfg.train.dtype]
     progress = CellProgress(cfg, rec["resolved_dtypes"], device)
@@ -243,7 +244,12 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
         rec.update(losses=r.losses, lrs=r.lrs, grad_norms=r.grad_norms, step_times_s=r.step_times_s)
         raise
     rec["contention"] = contention.result()
-    if rec["contention"]["loaded"]:
+    if rec["contention"]["concurrent_cells"] > 1:
+        progress.say(
+            f"note: {rec['contention']['concurrent_cells']} cells ran side by side (--jobs): this run's step times "
+            "and MFU are flagged as measured under load"
+        )
+    elif rec["contention"]["loaded"]:
         progress.say(
             f"warning: other processes took {rec['contention']['other_processes_cores']} cores while this "
             "run trained: its step times and MFU are flagged as measured under load"
@@ -339,5 +345,7 @@ def run_cell_file(cell_file: Path, results_dir: Path) -> int:
     from harness.libs import quiet_libraries
 
     quiet_libraries()
+    if os.environ.get("FTBENCH_THREADS"):  # --jobs N: the machine's cores split between the cells in flight
+        torch.set_num_threads(int(os.environ["FTBENCH_THREADS"]))
     rec = run_cell(RunConfig.model_validate_json(Path(cell_file).read_text()), Path(results_dir))
     return 0 if rec.status == "ok" else 1

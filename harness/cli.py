@@ -7,37 +7,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib.util
 import os
 import sys
 from pathlib import Path
 
+from harness.cli_facts import cmd_estimate, cmd_methods, cmd_models, cmd_tasks
+from harness.cli_results import OutputError, cmd_compare, cmd_report, cmd_summary, writing
 from harness.libs import quiet_libraries
 from harness.progress import interrupted_before_work, interrupts_raise
 from harness.schema import ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_OUTPUT_ERROR = 1  # the runs are fine (their records are whole); what could not be written is named
-
-
-class OutputError(Exception):
-    """A file ftbench had to write could not be (disk full, read-only): one line, the path and the errno."""
-
-
-@contextlib.contextmanager
-def writing(what: str):
-    try:
-        yield
-    except OSError as err:
-        code = errno.errorcode.get(err.errno or 0, "?")
-        where = err.filename or what
-        raise OutputError(f"cannot write {where}: {err.strerror or err} ({code})") from None
-
-
-def _warn(problems: list[str]) -> None:
-    for p in problems:
-        print(f"warning: {p}", file=sys.stderr)
 
 
 def _results_dir(arg: str | None, suite_name: str) -> Path:
@@ -53,29 +35,24 @@ def _results_dir(arg: str | None, suite_name: str) -> Path:
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def _offline_unless_the_suite_allows(path: str) -> None:
+def _offline_unless_the_suite_allows(data) -> None:
     """Offline for this whole process (validation reads configs of cached hub ids too) unless the suite says
     ``allow_network: true``. Set before transformers is imported: the hub library reads it at import time."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError, RecursionError):
-        data = None  # load_suite says what is wrong with the file, in one line
     if not (isinstance(data, dict) and data.get("allow_network") is True):
         os.environ.update(dict.fromkeys(OFFLINE, "1"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Cheap checks first (schema, names, configs, data, results dir: no torch), then the model-skeleton checks."""
-    _offline_unless_the_suite_allows(args.suite)
     from harness import forkserver
     from harness.suite import check_cheap, check_fit, read_suite_file
 
+    data = read_suite_file(args.suite)  # not a file, too large, not YAML: one line, before anything starts
+    _offline_unless_the_suite_allows(data)
     if args.executor == "local" and forkserver.enabled():  # its imports (seconds) overlap the checks below
         forkserver.server_for(allow_network=False)
     try:
-        suite = check_cheap(read_suite_file(args.suite), args.suite)
+        suite = check_cheap(data, args.suite)
         results = _results_dir(args.results, suite.name)
         if args.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
@@ -85,10 +62,55 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_unlocked(results)  # another runner: refused now, not after the imports below
         except ResultsLocked as err:
             raise ConfigError(str(err)) from None
+        suite = _with_options(suite, args)
         check_fit(suite, args.suite)
+        _check_device(suite.device)
         return _run(args, suite, results)
     finally:
         forkserver.close_all()
+
+
+def _with_options(suite, args: argparse.Namespace):
+    """--device, --only and --jobs checked (one line, exit 2) and applied: the device to the suite (it is part of
+    each cell), the other two to the run only."""
+    from harness.runner import select_cells
+    from harness.schema import DEVICE_PATTERN, Suite
+    from harness.suite import expand
+
+    if args.device is not None:
+        import re
+
+        if not re.match(DEVICE_PATTERN, args.device):
+            raise ConfigError(f"--device {args.device}: allowed: cpu, cuda, cuda:N")
+        suite = Suite.model_validate({**suite.model_dump(), "device": args.device})
+    if args.only:
+        if suite.tune is not None:
+            raise ConfigError("--only: not with a tune: block yet (a study serves every seed of a method); drop one")
+        if not select_cells(expand(suite), args.only):
+            from harness.runner import cell_key
+
+            keys = sorted({cell_key(c) for c in expand(suite)})
+            more = f", … ({len(keys)} in all)" if len(keys) > 6 else ""
+            raise ConfigError(f"--only {' '.join(args.only)}: matches no cell; cells are {', '.join(keys[:6])}{more}")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.jobs <= cores:
+        raise ConfigError(f"--jobs {args.jobs}: allowed: 1 to {cores} (this machine's cores)")
+    if args.jobs > 1 and args.executor == "ray":
+        raise ConfigError("--jobs: for the local executor; on Ray, cells run side by side by num_cpus")
+    return suite
+
+
+def _check_device(device: str | None) -> None:
+    """A CUDA device torch cannot see is a user error now, not a failed record per cell."""
+    if not device or device == "cpu":
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= n:
+        have = f"{n} CUDA device(s), cuda:0 to cuda:{n - 1}" if n else f"no CUDA device (torch {torch.__version__})"
+        raise ConfigError(f"--device {device}: this machine has {have}")
 
 
 def _run(args: argparse.Namespace, suite, results: Path) -> int:
@@ -109,6 +131,7 @@ def _run(args: argparse.Namespace, suite, results: Path) -> int:
     try:
         text = Path(args.suite).read_text()
         kw = dict(retry_failed=args.retry_failed, executor=args.executor, address=args.address, cells=cells)
+        kw.update(only=args.only, jobs=args.jobs)
         records = run_suite(suite, text, results, **kw)
     except ResultsLocked as err:
         raise ConfigError(str(err)) from None
@@ -121,133 +144,6 @@ def _run(args: argparse.Namespace, suite, results: Path) -> int:
     with writing(str(results / "report.html")):
         out.print(f"report: {write_report(results)}")
     return 0 if all(r.status == "ok" for r in records) else 1
-
-
-def cmd_methods(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from harness.registry import available_methods, describe_config
-
-    console = Console()
-    for name, cls in available_methods().items():
-        table = Table(
-            title=f"{name} — {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}", title_justify="left"
-        )
-        for col in ("field", "type", "default", "help"):
-            table.add_column(col, overflow="fold")
-        for row in describe_config(cls.Config):
-            table.add_row(*(escape(str(row[c])) for c in ("field", "type", "default", "help")))
-        console.print(table)
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from harness.models import ALIASES
-
-    for k, v in ALIASES.items():
-        print(f"{k:12s} {v}")
-    print(
-        "(or any local path / cached hub id transformers loads: a decoder (causal LM) reads every task through "
-        "prompts, an encoder gets a classification head; `mode:` in the suite overrides)"
-    )
-    return 0
-
-
-def cmd_tasks(args: argparse.Namespace) -> int:
-    from harness.tasks import TASKS, task_kind
-
-    for k, fn in TASKS.items():
-        print(f"{k:16s} {task_kind(k):16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    generic = [
-        ("csv / jsonl", "classification", "your file: {name: csv, path: data.csv, columns: {text: ..., label: ...}}"),
-        ("", "multiple_choice", "kind: multiple_choice, columns: {text: ..., choices: ..., label: <the right one>}"),
-        ("", "generation", "kind: generation, columns: {text: ..., answer: ...}"),
-        ("hf", "any", "a hub dataset: {name: hf, dataset: <name>, columns: ...} (needs allow_network: true)"),
-    ]
-    for k, kind, text in generic:
-        print(f"{k:16s} {kind:16s} {text}")
-    return 0
-
-
-def _records_dir(path: str) -> Path:
-    if not (Path(path) / "records").is_dir():
-        raise ConfigError(f"{path}: no records/ folder; is this an ftbench results directory?")
-    return Path(path)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """HTML by default (self-contained); md / csv / json print the summary table to stdout."""
-    from reports.html import load_results, write_report
-
-    results = _records_dir(args.results)
-    res = load_results(results)
-    _warn(res.problems)
-    if args.format == "html":
-        with writing(args.output or str(results / "report.html")):
-            print(write_report(results, Path(args.output) if args.output else None, args.plotly))
-        return 0
-    text = _tabular(res.records, args.format)
-    if args.output:
-        from harness.atomic import atomic_write_text
-
-        with writing(args.output):
-            atomic_write_text(Path(args.output), text)
-    else:
-        print(text, end="" if text.endswith("\n") else "\n")
-    return 0
-
-
-def _tabular(records, fmt: str) -> str:
-    import json
-
-    import pandas as pd
-
-    from reports.compare import flat_rows
-    from reports.summary import to_markdown
-
-    if fmt == "md":
-        from reports.deployment import to_markdown as deployment_markdown
-
-        return "\n\n".join(x for x in (to_markdown(records), deployment_markdown(records)) if x)
-    rows = flat_rows(records)
-    return pd.DataFrame(rows).to_csv(index=False) if fmt == "csv" else json.dumps(rows, indent=1)
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    from reports.html import load_results
-    from reports.terminal import print_summary
-
-    res = load_results(_records_dir(args.results))
-    _warn(res.problems)
-    print_summary(res.records, f"ftbench · {res.name}", args.wide)
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    """One row per cell, old → new per metric, better / worse only beyond noise; every warning (config, commit,
-    dirty tree, threads, versions, hardware) in the output itself. csv / json: the raw long rows."""
-    import json
-
-    import pandas as pd
-
-    from reports.compare import compare, pivot
-    from reports.html import load_results
-
-    old_res, new_res = load_results(_records_dir(args.old)), load_results(_records_dir(args.new))
-    _warn(old_res.problems + new_res.problems)
-    old, new = old_res.records, new_res.records
-    if args.format == "md":
-        print(f"ftbench compare: OLD {args.old} → NEW {args.new}\n")
-        print(pivot(old, new))
-        return 0
-    rows, notes = compare(old, new)
-    if args.format == "csv":
-        print("".join(f"# {n}\n" for n in notes) + pd.DataFrame(rows).to_csv(index=False), end="")
-    else:
-        print(json.dumps({"warnings": notes, "rows": rows}, indent=1))
-    return 0
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
@@ -268,17 +164,6 @@ def cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    """Analytic peak memory for models this machine cannot hold (see harness/estimate.py for the formulas)."""
-    from harness.estimate import ARCHS, print_table
-
-    unknown = [n for n in args.model or [] if n not in ARCHS]
-    if unknown:
-        raise ConfigError(f"--model {unknown[0]!r}: unknown; allowed: {', '.join(ARCHS)}")
-    print_table(args)
-    return 0
-
-
 def cmd_cell(args: argparse.Namespace) -> int:
     """Internal: run one cell (the runner starts this in a subprocess)."""
     from harness.cell import run_cell_file
@@ -288,7 +173,9 @@ def cmd_cell(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftbench", description="Compare fine-tuning methods on one model and task.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"ftbench {_version()}")
+    public = "run,tune,methods,models,tasks,summary,report,compare,claims,estimate"
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + public + "}")
     r = sub.add_parser("run", help="run a suite (resumes: cells with a record are skipped)")
     r.add_argument("suite", help="suite YAML file")
     r.add_argument("--results", help="results directory (default: results/<suite name>)")
@@ -296,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run (default local)")
     r.add_argument("--address", help="Ray cluster address (default: start a local one)")
     r.add_argument("--storage", help="database URL for a tune: block's studies (overrides tune.storage)")
+    _run_options(r)
     r.set_defaults(fn=cmd_run)
     t = sub.add_parser("tune", help="run a suite with a tune: block (tune each method on validation, then run)")
     t.add_argument("suite", help="suite YAML file with a tune: block")
@@ -305,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--executor", choices=["local", "ray"], default="local", help="where trials and cells run")
     t.add_argument("--address", help="Ray cluster address (default: start a local one)")
     t.add_argument("--storage", help="database URL for the studies (overrides tune.storage), e.g. postgresql://…")
+    _run_options(t)
     t.set_defaults(fn=cmd_run)
-    sub.add_parser("methods", help="list methods with their config fields").set_defaults(fn=cmd_methods)
+    me = sub.add_parser("methods", help="list methods with their config fields (or one: ftbench methods qalora)")
+    me.add_argument("name", nargs="?", help="one method's name")
+    me.set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list model aliases").set_defaults(fn=cmd_models)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)
     s = sub.add_parser("summary", help="print the summary table of a results directory")
@@ -336,7 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-run", action="store_true", help="judge the records already there; run nothing")
     c.set_defaults(fn=cmd_claims)
     e = sub.add_parser("estimate", help="analytic peak-memory estimate for models that do not fit here")
-    e.add_argument("--model", action="append", help="llama-7b, llama-13b, llama-33b, llama-65b, llama-70b, gpt3-175b")
+    e.add_argument(
+        "--model",
+        action="append",
+        help="a preset (llama-7b, llama-13b, llama-33b, llama-65b, llama-70b, gpt3-175b), an ftbench model "
+        "(smollm2-135m, minilm-l6, a local folder or its config.json) or shape:hidden=H,intermediate=F,layers=L,"
+        "heads=A,vocab=V[,kv_heads=K]; repeat for several",
+    )
     e.add_argument("--method", action="append", choices=["full", "lora", "qlora", "qalora"])
     e.add_argument("--r", type=int, default=16)
     e.add_argument("--batch", type=int, default=1)
@@ -350,13 +247,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--group-size", type=int, default=32, choices=[16, 32, 64, 128])
     e.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     e.set_defaults(fn=cmd_estimate)
-    z = sub.add_parser("_zygote", help=argparse.SUPPRESS)
+    # internal commands (the fork server, a cell): added without help, so --help never lists them
+    z = sub.add_parser("_zygote")
     z.set_defaults(fn=lambda args: __import__("harness.forkserver").forkserver.serve())
-    c = sub.add_parser("_cell", help=argparse.SUPPRESS)
+    c = sub.add_parser("_cell")
     c.add_argument("cell_file")
     c.add_argument("--results", required=True)
     c.set_defaults(fn=cmd_cell)
     return p
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only cells whose model/task/method/variant/seed matches (glob, whole or a run of parts: lora, "
+        "lora/r8, '*/0'); repeatable. The summary and report still show every recorded cell",
+    )
+    p.add_argument("--device", help="cpu | cuda | cuda:N (overrides the suite's device:; default cuda if present)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cells side by side, the cores split between them; their timings are flagged as under load",
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ftbench")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as err:
         print(f"ftbench: error: {err}", file=sys.stderr)
         return EXIT_OUTPUT_ERROR
+    except BrokenPipeError:  # `ftbench report … | head`: the reader has gone; that is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
     except Exception as err:  # noqa: BLE001 - a bug or an input nothing foresaw: one line, not a traceback
         if os.environ.get("FTBENCH_DEBUG") == "1":
             raise

@@ -21,7 +21,10 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from harness.schema import ConfigError
 
 GB = 1e9
 
@@ -73,6 +76,65 @@ def arch_from_config(config, lm_head: bool = True) -> Arch:
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         lm_head=lm_head,
     )
+
+
+SHAPE_KEYS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
+SHAPE_HELP = "shape:hidden=H,intermediate=F,layers=L,heads=A,vocab=V[,kv_heads=K][,mlp_matrices=2|3]"
+
+
+def _shape(text: str) -> Arch:
+    """``shape:hidden=4096,intermediate=11008,...``: an architecture given by its sizes (Llama-style blocks)."""
+    try:
+        kv = dict(part.split("=", 1) for part in text.removeprefix("shape:").split(","))
+        values = {k.strip(): int(v) for k, v in kv.items()}
+    except ValueError:
+        raise ConfigError(f"--model {text!r}: not a shape; write {SHAPE_HELP}") from None
+    unknown = sorted(set(values) - {*SHAPE_KEYS, "mlp_matrices"})
+    missing = [k for k in SHAPE_KEYS if k not in values and k != "kv_heads"]
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"missing {missing[0]!r}"
+        raise ConfigError(f"--model {text!r}: {what}; write {SHAPE_HELP}")
+    values.setdefault("kv_heads", values["heads"])
+    bad = next((k for k, v in values.items() if not 1 <= v <= 10**7), None)
+    if bad:
+        raise ConfigError(f"--model {text!r}: {bad}={values[bad]}; allowed: 1 … 10^7")
+    if values.get("mlp_matrices", 3) not in (2, 3):
+        raise ConfigError(f"--model {text!r}: mlp_matrices={values['mlp_matrices']}; allowed: 2 (GPT) or 3 (SwiGLU)")
+    if values["hidden"] % values["heads"] or values["heads"] % values["kv_heads"]:
+        raise ConfigError(f"--model {text!r}: heads must divide hidden, and kv_heads must divide heads")
+    return Arch(**values)
+
+
+def resolve_arch(name: str) -> Arch:
+    """A preset (``llama-7b`` …), a ``shape:…``, or any model ftbench can name (an alias such as ``smollm2-135m``,
+    a local model folder or its ``config.json``): read from its config, its blocks from its skeleton."""
+    if name in ARCHS:
+        return ARCHS[name]
+    if name.startswith("shape:"):
+        return _shape(name)
+    from harness.modelnames import ALIASES
+
+    path = Path(name).expanduser()
+    path = path.parent if path.name == "config.json" and path.is_file() else path
+    if name not in ALIASES and not (path / "config.json").is_file():
+        allowed = ", ".join([*ARCHS, *ALIASES])
+        raise ConfigError(
+            f"--model {name!r}: unknown; allowed: {allowed}, a local model folder or its config.json, or {SHAPE_HELP}"
+        )
+    import torch
+
+    from harness.models import is_decoder_only, skeleton
+
+    key = name if name in ALIASES else str(path)
+    config = skeleton(key, mode="classifier").config  # the config as the loader reads it (GGUF included)
+    decoder = is_decoder_only(config)
+    model = skeleton(key, mode="prompt" if decoder else "classifier")
+    linears = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    gated = any("gate" in n or n == "w1" for n in linears)  # SwiGLU's third matrix (Llama, Mistral, Qwen, ...)
+    try:
+        return replace(arch_from_config(config, lm_head=decoder), mlp_matrices=3 if gated else 2)
+    except AttributeError as err:
+        raise ConfigError(f"--model {name!r}: its config lacks a size the estimate needs ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -140,10 +202,12 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
 
 
 def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, str]]:
+    """One row per (model, method): the estimate's parts in GB (trainable parameters in millions)."""
     rows = []
     for name in names:
+        arch = resolve_arch(name)
         for m in methods:
-            e = estimate(ARCHS[name], Setup(**{**base.__dict__, "method": m}))
+            e = estimate(arch, Setup(**{**base.__dict__, "method": m}))
             rows.append(
                 {
                     "model": name,
@@ -164,6 +228,10 @@ def print_table(args) -> None:
     """``ftbench estimate``'s markdown table, for the command line's arguments."""
     names = args.model or list(ARCHS)
     methods = args.method or ["full", "lora", "qlora", "qalora"]
+    limits = (("--r", args.r, 65536), ("--batch", args.batch, 2**20), ("--seq-len", args.seq_len, 2**24))
+    for flag, value, high in limits:
+        if not 1 <= value <= high:
+            raise ConfigError(f"{flag}: {value}; allowed: an integer from 1 to {high}")
     base = Setup(
         r=args.r,
         batch=args.batch,

@@ -22,6 +22,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def die_with_parent() -> None:
 _SERVERS: dict[str, ForkServer] = {}
 # Read by ftbench while a cell runs, never by a library at import: each cell gets the runner's value when it is
 # forked, so a different machine cache (a test's own, say) needs no zygote of its own.
-RUNTIME_VARS = ("FTBENCH_CACHE_DIR", "FTBENCH_KEEP_LOADED_PEAK")
+RUNTIME_VARS = ("FTBENCH_CACHE_DIR", "FTBENCH_KEEP_LOADED_PEAK", "FTBENCH_JOBS", "FTBENCH_THREADS")
 
 
 def zygote_key(env: dict[str, str]) -> str:
@@ -120,6 +121,7 @@ class ForkServer:
         )
         self._buf = b""
         self.exited: dict[int, int] = {}  # pid -> return code (negative: killed by that signal)
+        self._lock = threading.Lock()  # `--jobs N`: several runner threads start and wait on cells of one zygote
 
     def wait_ready(self) -> None:
         """Block until the zygote has imported everything (the runner measures the peak on a quiet machine)."""
@@ -127,6 +129,10 @@ class ForkServer:
             self._read(timeout=None)
 
     def start(self, cell_file: Path, results_dir: Path, log: Path) -> int:
+        with self._lock:  # the next pid message read is this request's
+            return self._start(cell_file, results_dir, log)
+
+    def _start(self, cell_file: Path, results_dir: Path, log: Path) -> int:
         req = {"cell_file": str(cell_file), "results": str(results_dir), "log": str(log)}
         req["env"] = {k: os.environ.get(k) for k in RUNTIME_VARS}
         try:
@@ -142,12 +148,13 @@ class ForkServer:
     def wait(self, pid: int, timeout: float) -> int | None:
         """The cell's return code once it has ended, else None after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while pid not in self.exited:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self._read(timeout=left)
-        return self.exited.pop(pid)
+        with self._lock:  # another thread's cell may end meanwhile: _read files every exit under its own pid
+            while pid not in self.exited:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._read(timeout=left)
+            return self.exited.pop(pid)
 
     def _read(self, timeout: float | None) -> list[dict]:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)

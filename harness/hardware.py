@@ -43,7 +43,10 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftbench"
 
 
-def default_device() -> torch.device:
+def default_device(choice: str | None = None) -> torch.device:
+    """``choice`` (a suite's ``device:`` or ``--device``: cpu, cuda, cuda:N), else CUDA where torch sees it."""
+    if choice:
+        return torch.device(choice)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.atomic import atomic_write_text
 
@@ -225,7 +225,7 @@ def make_record(cfg, status: str, error: str | None, started_at: str, wall_time_
         method=cfg.method,
         variant=cfg.variant,
         model=cfg.model.name,
-        task=cfg.task.name,
+        task=cfg.task.display_name,
         seed=cfg.seed,
         status=status,
         error=error,
@@ -264,7 +264,15 @@ class _ReadRecord(RunRecord):
 
 
 def read_record(path: Path) -> RunRecord:
-    return RunRecord.model_validate(_ReadRecord.model_validate_json(Path(path).read_text()).model_dump())
+    """The record at ``path``; a file that is not one raises ValueError saying what is wrong, in the record's
+    terms (the field and the problem), never the reader's internal class name."""
+    try:
+        return RunRecord.model_validate(_ReadRecord.model_validate_json(Path(path).read_text()).model_dump())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ValueError(f"not an ftbench record: {where}: {first['msg']}{more}") from None
 
 
 def load_records(results_dir: Path) -> pd.DataFrame:

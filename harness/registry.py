@@ -6,11 +6,15 @@ Third-party packages register through the entry-point group ``ftbench.methods``:
 
     [project.entry-points."ftbench.methods"]
     my_method = "my_pkg.my_method:MyMethod"
+
+A suite may also name a method by its file, without packaging it: ``method: my_method.py:MyMethod``
+(:func:`load_method_file`).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -88,3 +92,48 @@ def describe_config(config: type[BaseModel]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def load_method_file(spec: str, base: str | Path = ".") -> tuple[type, str]:
+    """The method class named by ``spec`` — ``file.py:Class``, ``dir/file.py:Class`` or ``module:Class`` (the
+    file ``module.py``) — with relative paths from ``base`` (the suite file's folder), imported from that file
+    and registered under its ``name``; and the spec with the file's absolute path, which a cell process (or a
+    Ray worker, where the same path must exist) loads again. Every problem is a ``ValueError`` of one line."""
+    import hashlib
+    import importlib.util
+    import sys
+
+    where, _, class_name = spec.rpartition(":")
+    if not where or not class_name.isidentifier():
+        raise ValueError(f"{spec!r}: write a method from a file as file.py:Class or module:Class")
+    rel = Path(where if where.endswith(".py") else where.replace(".", "/") + ".py").expanduser()
+    path = (rel if rel.is_absolute() else Path(base) / rel).resolve()
+    if not path.is_file():
+        raise ValueError(f"{spec!r}: no file {path} (a method's file is found from the suite file's folder)")
+    module_name = f"ftbench_user_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module  # before it runs: dataclasses and pickling look a module up by name
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as err:  # noqa: BLE001 - the user's file: its error, one line, where it happened
+            del sys.modules[module_name]
+            line = getattr(err, "lineno", None)
+            at = f" (line {line})" if line and "line" not in str(err) else ""
+            raise ValueError(f"{spec!r}: importing {path} failed{at}: {type(err).__name__}: {err}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and hasattr(v, "prepare"))
+        raise ValueError(f"{spec!r}: {path.name} has no class {class_name}; method classes there: {found or 'none'}")
+    _load_all()  # the built-ins first: a file method may not take a built-in's name
+    name = getattr(cls, "name", None)
+    if name in _REGISTRY and _REGISTRY[name] is not cls and not _REGISTRY[name].__module__.startswith("ftbench_user"):
+        raise ValueError(f"{spec!r}: its name {name!r} is a registered method's; give {class_name} another name")
+    try:
+        if _REGISTRY.get(name) is not cls:
+            register_method(cls)
+    except RegistryError as err:
+        raise ValueError(f"{spec!r}: {err}") from None
+    return cls, f"{path}:{class_name}"

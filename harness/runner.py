@@ -118,7 +118,7 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
         ]
         what = "; ".join(changed[:3]) + (" …" if len(changed) > 3 else "") if old else "its old record is unreadable"
         lines.append(
-            f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.name} ({what})"
+            f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.display_name} ({what})"
         )
     dest = results_dir / "stale" / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
     from harness.hardware import default_device, describe, identity, slow_note
     from harness.registry import build_method
 
-    device = default_device()
+    device = default_device(todo[0].device)  # one device for the whole suite (its `device:` or --device)
     for server in forkserver.running():  # its imports must not load the machine while the peak is measured
         server.wait_ready()
     console.print(f"hardware: {describe(identity(device))}", soft_wrap=True)
@@ -169,9 +169,12 @@ def run_suite(
     executor: str = "local",
     address: str | None = None,
     cells: list[RunConfig] | None = None,
+    only: list[str] | None = None,
+    jobs: int = 1,
 ) -> list[RunRecord]:
-    """Run every pending cell of ``suite`` (or of ``cells``: the suite's grid at tuned hyperparameters); return
-    the records of all its cells (old and new)."""
+    """Run every pending cell of ``suite`` (or of ``cells``: the suite's grid at tuned hyperparameters), those
+    matching ``only`` (:func:`select_cells`) if given, ``jobs`` at a time; return the records of all its cells
+    (old and new)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -183,7 +186,7 @@ def run_suite(
     console = Console(stderr=True, quiet=quiet)
     for line in set_aside_stale(cells, results_dir):
         console.print(f"[yellow]{line}[/]", soft_wrap=True)
-    todo = pending_cells(cells, results_dir, retry_failed)
+    todo = pending_cells(select_cells(cells, only) if only else cells, results_dir, retry_failed)
     if todo:
         _before_cells(todo, results_dir, console)
     skipped = len(cells) - len(todo)
@@ -202,10 +205,10 @@ def run_suite(
         bar = progress.add_task("", total=len(todo))
 
         def label(cfg: RunConfig) -> str:
-            return f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant}"
+            return f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant}"
 
         def done(cfg: RunConfig, rec: RunRecord) -> None:
-            label = f"{cfg.model.name} · {cfg.task.name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"
+            label = f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
             progress.console.print(f"{mark} {label} ({rec.wall_time_s:.1f} s)")
             progress.advance(bar)
@@ -216,17 +219,23 @@ def run_suite(
             progress.update(bar, description=f"on Ray ({address or 'local cluster'})")
             run_cells_ray(todo, results_dir, address, done)
         else:
+            running: dict[str, str] = {}  # cell -> its newest progress line, shown together on the bar
+
+            def one(cfg: RunConfig) -> None:
+                def show(line: str) -> None:
+                    running[cfg.cell_id] = f"{label(cfg)} · {line}"
+                    progress.update(bar, description=" | ".join(list(running.values())))
+
+                show("starting")
+                # a memory limit is for the run alone: the zygote's preloaded libraries would count against it
+                forked = forkserver.enabled() and not cfg.memory_limit_mb
+                server = forkserver.server_for(cfg.allow_network) if forked else None
+                rec = run_cell_subprocess(cfg, results_dir, show, server)
+                running.pop(cfg.cell_id, None)
+                done(cfg, rec)
+
             try:
-                for cfg in todo:
-                    progress.update(bar, description=label(cfg))
-
-                    def show(line: str, cfg: RunConfig = cfg) -> None:
-                        progress.update(bar, description=f"{label(cfg)} · {line}")
-
-                    # a memory limit is for the run alone: the zygote's preloaded libraries would count against it
-                    forked = forkserver.enabled() and not cfg.memory_limit_mb
-                    server = forkserver.server_for(cfg.allow_network) if forked else None
-                    done(cfg, run_cell_subprocess(cfg, results_dir, show, server))
+                _dispatch(todo, one, jobs)
             finally:
                 forkserver.close_all()
         progress.update(bar, description="cells done")  # not the last cell's last stage, left on screen
@@ -243,6 +252,54 @@ def run_suite(
     return records
 
 
+def _dispatch(todo: list[RunConfig], one, jobs: int) -> None:
+    """``one(cell)`` for every cell, ``jobs`` at a time. With ``jobs > 1`` the machine's cores are split between
+    the cells in flight (each cell's torch threads) and every record says how many ran side by side, so their
+    timings are flagged as measured under load (harness/measure.py::Contention)."""
+    if jobs <= 1:
+        for cfg in todo:
+            one(cfg)
+        return
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    saved = {k: os.environ.get(k) for k in ("FTBENCH_JOBS", "FTBENCH_THREADS")}
+    os.environ.update(FTBENCH_JOBS=str(jobs), FTBENCH_THREADS=str(threads))  # read by each cell process
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ftbench-cell")
+    try:
+        futures = [pool.submit(one, cfg) for cfg in todo]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in finished:
+            f.result()  # a bug in the runner itself, not a failing run (those are records): raise it here
+    finally:
+        # never wait for the threads on Ctrl-C: the cells die with this process (parent-death signal)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cell_key(cfg: RunConfig) -> str:
+    """``model/task/method/variant/seed``: what ``--only`` matches (a model path by its last part)."""
+    model = cfg.model.name.rstrip("/").rsplit("/", 1)[-1]
+    return f"{model}/{cfg.task.display_name}/{cfg.method}/{cfg.variant}/{cfg.seed}"
+
+
+def select_cells(cells: list[RunConfig], patterns: list[str]) -> list[RunConfig]:
+    """The cells whose key (:func:`cell_key`) matches one of the shell-style ``patterns``, whole or in any run
+    of consecutive parts: ``lora`` is every lora cell (not qlora's), ``lora/r8``, ``rotten_tomatoes/*/*/0``."""
+    import fnmatch
+
+    def hit(cfg: RunConfig) -> bool:
+        parts = cell_key(cfg).split("/")
+        runs = ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+        return any(fnmatch.fnmatchcase(r, p) for p in patterns for r in runs)
+
+    return [c for c in cells if hit(c)]
+
+
 def tuned_cells(
     suite: Suite, results_dir: Path, quiet: bool = False, executor: str = "local", address: str | None = None
 ) -> list[RunConfig]:
@@ -252,6 +309,7 @@ def tuned_cells(
     trial's latest step."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
     from harness.tune import LocalPool, tune_cells, with_params
 
@@ -276,7 +334,9 @@ def tuned_cells(
         else:
             pool = LocalPool(execute)
         interrupts_raise()
-        columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), TextColumn("{task.fields[text]}"))
+        # the study's text folds onto more lines rather than being cut (the best value and the trial must show)
+        text = TextColumn("{task.fields[text]}", table_column=Column(overflow="fold", ratio=1))
+        columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), text)
         with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
             bars: dict[str, int] = {}
 
@@ -287,11 +347,11 @@ def tuned_cells(
                 progress.update(bars[key], completed=done, total=total, text=text)
 
             finals = tune_cells(suite, base, results_dir, pool, progress.console.print, status)
-        best = {(c.model.name, c.task.name, c.method, c.variant): c for c in finals}
+        best = {(c.model.name, c.task.display_name, c.method, c.variant): c for c in finals}
     finally:
         lock.close()
     out = []
     for c in grid:
-        b = best[(c.model.name, c.task.name, c.method, c.variant)]
+        b = best[(c.model.name, c.task.display_name, c.method, c.variant)]
         out.append(with_params(c, (b.tuning or {}).get("best_params", {}), tuning=b.tuning) if b.tuning else c)
     return out

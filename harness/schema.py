@@ -7,40 +7,26 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from harness.optim import OPTIMIZERS
+from harness.strict import AutoDtype, ConfigError, Strict, format_validation_error  # noqa: F401  (re-exported)
 
 # Below this a cell process cannot even import torch, transformers and peft (measured on Linux x86-64: 900 MiB
 # fails with MemoryError, 1200 MiB imports); above the upper bound the limit no longer fits setrlimit's 64 bits.
 MIN_MEMORY_LIMIT_MB, MAX_MEMORY_LIMIT_MB = 1200, 2**30
 MAX_GRAD_ACCUM = 1024  # micro-batches per step; every one is drawn before the step runs
+DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]{1,3})?)$"
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="a seed for torch and Python's random (0 ≤ seed < 2^63)")]
-
-
-class AutoDtype:
-    """Marks a config field whose value may be ``auto``: the harness resolves it on the machine the run uses
-    (before the method is built), so a method only ever sees a concrete dtype. Use it as pydantic metadata:
-    ``compute_dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = "auto"``."""
-
-
-class ConfigError(Exception):
-    """A user error in a suite or on the command line: shown as one line, exit code 2, no traceback."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TrainConfig(Strict):
@@ -86,6 +72,15 @@ class TrainConfig(Strict):
                 f"select: {v} picks a step by its validation score, so it needs eval_every (every N steps)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps: {self.warmup_steps} is more than the {self.steps} steps (the learning rate would "
+                f"never reach its peak); allowed: ≤ {self.steps}"
+            )
+        return self
 
     @field_validator("optimizer")
     @classmethod
@@ -146,6 +141,21 @@ class TaskSpec(Strict):
     prompt: str | None = Field(None, description="decoders: template over {text} and {text_pair} (default: task's)")
     label_words: list[str] | None = Field(None, description="decoders: the continuation scored for each label")
     max_new_tokens: PositiveInt = Field(16, description="generation tasks: tokens generated per answer")
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="the task's name in cell ids, records and reports (default: the registered name, the data "
+        "file's stem, or the hub dataset)",
+    )
+
+    @property
+    def display_name(self) -> str:
+        """What tells this task apart from the suite's others everywhere it is shown (two csv files are two
+        tasks): the label, else the data file's stem or the dataset, else the registered name."""
+        if self.label:
+            return self.label
+        own = {"csv": Path(self.path or "").stem, "jsonl": Path(self.path or "").stem, "hf": self.dataset or ""}
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", own.get(self.name) or "") or self.name
 
     @field_validator("prompt")
     @classmethod
@@ -159,7 +169,10 @@ class TaskSpec(Strict):
 
 
 class MethodEntry(Strict):
-    method: str
+    method: str = Field(
+        description="a registered name (`ftbench methods`), or `file.py:Class` / `module:Class` beside the suite"
+    )
+    source: str | None = Field(None, description="set by ftbench: the file a `file.py:Class` method came from")
     variant: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     config: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train settings")
@@ -297,6 +310,9 @@ class Suite(Strict):
     deploy: Deploy = Field(default_factory=lambda: Deploy(), description="each export's deployment cost")
     forgetting: Forgetting | None = Field(None, description="decoders: LM loss on another task's text, before/after")
     tune: Tune | None = Field(None, description="`ftbench tune`: tune each method on the validation split first")
+    device: str | None = Field(
+        None, pattern=DEVICE_PATTERN, description="cpu | cuda | cuda:N (default: cuda where torch sees one, else cpu)"
+    )
 
     @model_validator(mode="after")
     def _tuning_reads_a_validation_curve(self) -> Suite:
@@ -336,51 +352,16 @@ class RunConfig(Strict):
         None, description="a tuning trial: {journal, study, number, objective, pruner} to report its curve to"
     )
     tuning: dict[str, Any] | None = Field(None, description="how this cell's hyperparameters were chosen")
+    method_source: str | None = Field(None, description="`file.py:Class` methods: the file, absolute")
+    device: str | None = Field(None, description="the suite's or --device's choice (None: cuda if present, else cpu)")
 
     @property
     def cell_id(self) -> str:
         """Readable identity plus a hash of the whole resolved config: changing any setting makes a new cell."""
-        digest = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+        # fields added later count only when set, so a cell recorded before they existed keeps its id
+        unset = {k for k in ("method_source", "device") if getattr(self, k) is None}
+        fields = self.model_dump(mode="json", exclude=unset)
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
         model = self.model.name.rstrip("/").rsplit("/", 1)[-1] if "/" in self.model.name else self.model.name
-        raw = f"{model}__{self.task.name}__{self.method}-{self.variant}__s{self.seed}"
+        raw = f"{model}__{self.task.display_name}__{self.method}-{self.variant}__s{self.seed}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)[-120:] + "__" + digest
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """Walk ``model`` along ``loc`` (minus the offending key) to list the keys allowed there."""
-    cur: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
-            return None
-        ann = cur.model_fields[part].annotation
-        args = getattr(ann, "__args__", ())
-        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    return None
-
-
-def format_validation_error(source: str, err: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
-    """First error of a pydantic ValidationError as one line: file: field: value — what is allowed."""
-    # A typo'd key is the likeliest root cause of the other errors (e.g. "modelz" → "models missing"): show it first.
-    e = sorted(err.errors(include_url=False), key=lambda x: x["type"] != "extra_forbidden")[0]
-    loc = prefix + tuple(e["loc"])
-    where = _loc(loc) or "(top level)"
-    if e["type"] == "extra_forbidden":
-        allowed = _allowed_fields(model, tuple(e["loc"]))
-        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{source}: {where}: unknown key{hint}"
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "missing":
-        return f"{source}: {where}: required field is missing"
-    got = e.get("input")
-    return f"{source}: {where}: {msg}" + ("" if isinstance(got, (dict, list)) else f" (got {got!r})")

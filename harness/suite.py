@@ -23,10 +23,12 @@ import yaml
 from pydantic import ValidationError
 
 from harness.modelnames import ALIASES, check_model_name, fingerprint
-from harness.registry import available_methods, get_method
+from harness.registry import available_methods, get_method, load_method_file
 from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
 from harness.tasks import TASKS, check_task_name, load_task, task_kind
 from harness.userdata import check_task_spec, read_user_text
+
+MAX_SUITE_BYTES = 2**20
 
 
 def parse_suite(data: Any, source: str) -> Suite:
@@ -46,6 +48,7 @@ def check_cheap(data: Any, source: str) -> Suite:
         suite = Suite.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err, Suite)) from None
+    suite = _paths_from_the_suite_file(suite, source)
     _check_names(suite, source)
     _check_tune(suite, source)
     if len(set(suite.seeds)) != len(suite.seeds):
@@ -63,6 +66,21 @@ def check_fit(suite: Suite, source: str) -> None:
     _check_optimizers(suite, source)
     _check_tasks_fit_models(suite, source)
     _check_methods_fit_models(suite, source, available_methods())
+
+
+def _beside(source: str, name: str) -> str:
+    """``name`` as a path relative to the suite file's folder (absolute and ``~`` paths as they are). A suite
+    given as data rather than a file resolves from the current directory."""
+    path = Path(name).expanduser()
+    suite_path = Path(source)
+    return str(path if path.is_absolute() or not suite_path.is_file() else (suite_path.parent / path).absolute())
+
+
+def _paths_from_the_suite_file(suite: Suite, source: str) -> Suite:
+    """Data files' ``path:`` resolved like ``config_file:``, from the suite file, so a suite runs the same
+    from any directory; the resolved path is what cells and records see."""
+    tasks = [t.model_copy(update={"path": _beside(source, t.path)}) if t.path else t for t in suite.tasks]
+    return suite.model_copy(update={"tasks": tasks})
 
 
 def _check_tune(suite: Suite, source: str) -> None:
@@ -97,8 +115,19 @@ def _check_names(suite: Suite, source: str) -> None:
         where = f"{source}: methods[{i}]"
         if "config_file" in m.config:
             m = suite.methods[i] = m.model_copy(update={"config": _with_config_file(m.config, source, where)})
+        if m.source is not None and ":" not in m.method:
+            raise ConfigError(f"{where}.source: set by ftbench; name a method's file as method: file.py:Class")
+        if ":" in m.method:  # a method from a file beside the suite, no packaging needed
+            try:
+                cls, spec = load_method_file(m.method, Path(_beside(source, ".")))
+            except ValueError as err:
+                raise ConfigError(f"{where}.method: {err}") from None
+            m = suite.methods[i] = m.model_copy(update={"method": cls.name, "source": spec})
+            known = available_methods()
         if m.method not in known:
-            raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}")
+            raise ConfigError(
+                f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}, or file.py:Class"
+            )
         if (m.method, m.variant) in seen:
             raise ConfigError(
                 f"{where}: duplicate cell identity {m.method}/{m.variant}; give each entry a distinct variant"
@@ -114,16 +143,34 @@ def _check_names(suite: Suite, source: str) -> None:
             TrainConfig.model_validate({**suite.train.model_dump(), **m.train})
         except ValidationError as err:
             raise ConfigError(format_validation_error(source, err, TrainConfig, ("methods", i, "train"))) from None
+    models: dict[str, int] = {}
     for i, spec in enumerate(suite.models):
         check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network, spec.allow_pickle)
+        same = _resolved(spec)[0].model_dump_json()  # `./m` and its absolute path are one model
+        if same in models:  # its cells would share ids: run twice, one record overwriting the other
+            raise ConfigError(f"{source}: models[{i}]: the same model as models[{models[same]}] ({spec.name})")
+        models[same] = i
+    shown: dict[str, int] = {}
     for i, t in enumerate(suite.tasks):
         check_task_name(t.name, f"{source}: tasks[{i}].name")
+        if t.display_name in shown:
+            raise ConfigError(
+                f"{source}: tasks[{i}]: shown as {t.display_name!r}, like tasks[{shown[t.display_name]}]; give one "
+                "a distinct label: (its name in cell ids, records and reports)"
+            )
+        shown[t.display_name] = i
         check_task_spec(t, f"{source}: tasks[{i}]", suite.allow_network)
-        if t.name != "hf":  # read the data now: a bad row, or a batch larger than the split, fails here
+        if t.name != "hf":  # read the data now: a bad row, an empty split or a batch larger than one fails here
             try:
-                n_train = _train_size(t.model_dump_json())
+                n_train, n_val, n_test = _split_sizes(t.model_dump_json())
             except ConfigError as err:
                 raise ConfigError(f"{source}: tasks[{i}]: {err}") from None
+            if not (n_val and n_test):
+                raise ConfigError(
+                    f"{source}: tasks[{i}] ({t.display_name}): the split gives {n_train} training, {n_val} validation "
+                    f"and {n_test} test examples; every split needs at least one (rows with the same text, or the "
+                    "same group, stay in one split: give more distinct rows)"
+                )
             for j, m in enumerate(suite.methods):
                 batch = m.train.get("batch_size", suite.train.batch_size)
                 if isinstance(batch, int) and batch > n_train:
@@ -135,9 +182,10 @@ def _check_names(suite: Suite, source: str) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _train_size(spec_json: str) -> int:
-    """Training examples of a task spec (loaded once per process: validation runs often in tests)."""
-    return len(load_task(TaskSpec.model_validate_json(spec_json)).train)
+def _split_sizes(spec_json: str) -> tuple[int, int, int]:
+    """Training, validation and test examples of a task spec (loaded once per process: tests validate often)."""
+    data = load_task(TaskSpec.model_validate_json(spec_json))
+    return len(data.train), len(data.validation), len(data.test)
 
 
 def _check_optimizers(suite: Suite, source: str) -> None:
@@ -166,9 +214,7 @@ def _with_config_file(config: dict[str, Any], source: str, where: str) -> dict[s
     name = config["config_file"]
     if not isinstance(name, str):
         raise ConfigError(f"{where}.config.config_file: a path to a JSON file (got {name!r})")
-    suite_path = Path(source)
-    path = Path(name).expanduser()
-    path = path if path.is_absolute() or not suite_path.is_file() else suite_path.parent / path
+    path = Path(_beside(source, name))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
@@ -244,8 +290,16 @@ def load_suite(path: str | Path) -> Suite:
 def read_suite_file(path: str | Path) -> Any:
     """The suite file's YAML data; whatever makes it unreadable is one ConfigError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: no such suite file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give the suite's YAML file")
+    if not path.is_file():  # a FIFO or a device would block the read, or never end
+        raise ConfigError(f"{path}: is not a regular file; a suite is a YAML text file")
+    size = path.stat().st_size
+    if size > MAX_SUITE_BYTES:  # it is copied into the results and the report: a suite is a page of YAML
+        limit = f"{MAX_SUITE_BYTES // 2**20} MiB"
+        raise ConfigError(f"{path}: is {size / 2**20:.1f} MiB; a suite file may be at most {limit}")
     text = read_user_text(path, "; a suite is a YAML text file")
     try:
         return yaml.safe_load(text)
@@ -297,6 +351,8 @@ def expand(suite: Suite) -> list[RunConfig]:
                             export=suite.export,
                             deploy=suite.deploy,
                             forgetting=suite.forgetting,
+                            method_source=m.source,
+                            device=suite.device,
                         )
                     )
     return cells

@@ -190,7 +190,13 @@ def load_task(spec: TaskSpec) -> TaskData:
                 f"task {spec.name}: label_words needs one word per label ({', '.join(data.labels)}), "
                 f"got {len(spec.label_words)}"
             )
-        data.label_words = list(spec.label_words)
+        words = spec.label_words
+        blank = [i for i, w in enumerate(words) if not w.strip()]
+        twice = sorted({w for w in words if words.count(w) > 1})
+        if blank or twice:  # a label scored by the same continuation as another (or by none) can never be told apart
+            what = f"label_words[{blank[0]}] is empty" if blank else f"{twice[0]!r} stands for two labels"
+            raise ConfigError(f"task {spec.name}: {what}; each label needs a word of its own")
+        data.label_words = list(words)
     if spec.train_examples:
         data.train = data.train[: spec.train_examples]
     if spec.eval_examples:

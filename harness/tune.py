@@ -136,7 +136,7 @@ def study_key(cfg: RunConfig, tune: Tune) -> str:
         "tune": tune.model_dump(mode="json", exclude={"trials", "storage"}),
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.model.name}|{cfg.task.name}|{cfg.method}/{cfg.variant}|{digest}"
+    return f"{cfg.model.name}|{cfg.task.display_name}|{cfg.method}/{cfg.variant}|{digest}"
 
 
 class TrialPool(Protocol):

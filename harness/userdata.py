@@ -18,9 +18,10 @@ GENERIC = {"csv", "jsonl", "hf"}
 
 
 def read_user_text(path: Path, what: str = "") -> str:
-    """A file a user gave us, as UTF-8 text; whatever makes it unreadable is one ConfigError naming it."""
+    """A file a user gave us, as UTF-8 text (a byte-order mark, as Excel's "CSV UTF-8" writes, is dropped);
+    whatever makes it unreadable is one ConfigError naming it."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}){what}") from None
     except OSError as err:
@@ -46,8 +47,11 @@ def check_task_spec(spec: TaskSpec, where: str, allow_network: bool = False) -> 
             raise ConfigError(f"{where}.{extra[0]}: applies to csv, jsonl and hf tasks, not {spec.name!r}")
         return
     kind = generic_kind(spec)
-    if spec.name in ("csv", "jsonl") and (not spec.path or not Path(spec.path).expanduser().is_file()):
-        raise ConfigError(f"{where}.path: {spec.name} task needs an existing file (got {spec.path!r})")
+    if spec.name in ("csv", "jsonl") and not spec.path:
+        raise ConfigError(f"{where}.path: a {spec.name} task needs path: <its file, relative to the suite file>")
+    if spec.name in ("csv", "jsonl") and not Path(spec.path).expanduser().is_file():
+        what = "is not a regular file" if Path(spec.path).expanduser().exists() else "does not exist"
+        raise ConfigError(f"{where}.path: {spec.path} {what} (paths are relative to the suite file)")
     if spec.name == "hf" and not spec.dataset:
         raise ConfigError(f"{where}.dataset: hf task needs dataset: <name>")
     needed = NEEDED[kind]

@@ -78,6 +78,9 @@ def _adaptable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
 
 
+PROMPT_SIZES = (("token_dim", "hidden_size"), ("num_layers", "num_hidden_layers"), ("num_attention_heads",) * 2)
+
+
 def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
     """Raise :class:`FieldError` where a PEFT config cannot apply to ``model`` (on the meta device: no weights):
     target modules it does not have, a layer index beyond its depth, a rank above a targeted layer's dimensions,
@@ -97,6 +100,15 @@ def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
             raise FieldError(
                 "target_modules", f"no module named {', '.join(map(repr, missing))}; this model has: {', '.join(names)}"
             )
+    if getattr(config, "is_prompt_learning", False):  # sizes a saved config recorded for the model it came from
+        for field, attr in PROMPT_SIZES:
+            saved, actual = getattr(config, field, None), getattr(getattr(model, "config", None), attr, None)
+            if saved is not None and actual is not None and saved != actual:
+                raise FieldError(
+                    field,
+                    f"{saved} does not match this model's {attr} ({actual}); the value was saved for another model: "
+                    f"remove {field} and PEFT reads it from the model",
+                )
     wanted = getattr(config, "layers_to_transform", None)
     if wanted is not None:
         depth = 1 + max((int(m.group(1)) for n in layers if (m := re.search(r"\.(\d+)\.", n))), default=-1)

@@ -279,14 +279,10 @@ def render_html(verdicts: list[Verdict], title: str, notes: list[str]) -> str:
 
 
 def to_markdown(verdicts: list[Verdict]) -> str:
-    def esc(s: str) -> str:
-        return html.escape(s, quote=False).replace("|", "\\|")
+    from reports.markdown import md_table
 
-    lines = ["| claim | paper | measured here | verdict | why |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {esc(v.claim)} | {esc(v.paper)} | {esc(v.measured)} | **{v.verdict}** | {esc(v.why)} |" for v in verdicts
-    ]
-    return "\n".join(lines)
+    header = ["claim", "paper", "measured here", "verdict", "why"]
+    return "\n".join(md_table(header, [[v.claim, v.paper, v.measured, v.verdict, v.why] for v in verdicts]))
 
 
 def _per_layer(rows: list[dict], a: str, b: str) -> tuple[float, int, int, float]:

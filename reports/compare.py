@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.records import RunRecord, headline_latency_s
+from harness.records import RunRecord, headline_latency_s, measured_step_times_s
 from reports.figures import peak_bytes
 
 METRICS = {
@@ -155,7 +155,15 @@ def warnings(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
             differ.setdefault(d, []).append(k)
     for d, ks in differ.items():
         out.append(f"warning: config differs in {len(ks)} cell(s), not judged: {d}")
+    from reports.stats import under_load
+
     for side, rs in (("OLD", old), ("NEW", new)):
+        loaded = sum(under_load(r) for r in rs)
+        if loaded:
+            out.append(
+                f"warning: {loaded} {side} run(s) measured under load (other processes took CPU while they "
+                "trained): their step time and tokens/s are not judged"
+            )
         dirty = sum(bool(r.environment.get("git_dirty")) for r in rs)
         if dirty:
             out.append(f"warning: {dirty} {side} run(s) ran from a working tree with uncommitted changes")
@@ -227,7 +235,45 @@ def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_h
     verdict = _judge(metric, o, n, comparable, same_hw, noise) if comparable else ""
     if metric in ("peak memory", "trainable", "exports") and comparable:
         verdict = "same" if a == b else ("▼ smaller" if b < a else "▲ larger") + " (exact, same seed and data)"
+    if metric in ("step time", "tokens/s"):
+        from reports.stats import under_load
+
+        loaded = [side for side, r in (("OLD", o), ("NEW", n)) if under_load(r)]
+        if loaded and "under load" not in verdict:  # said even where another reason already stops the verdict
+            verdict += f"{'; ' if verdict else ''}⚠ {' and '.join(loaded)} under load"
+        if metric == "tokens/s" and (apart := _why_apart(o, n)):
+            verdict += f"{'; ' if verdict else ''}{apart}"
     return f"{get[1](a)} → {get[1](b)} ({rel}{'; ' + verdict if verdict else ''})"
+
+
+def _why_apart(o: RunRecord, n: RunRecord) -> str:
+    """Why tokens/s moved otherwise than step time, where it did by more than 5 points: step time is the median
+    measured step, tokens/s the real (non-pad) tokens over the total time of the measured steps. So the token
+    count per step (padding, batch composition, group_by_length) and slow outlier steps (the mean, not the
+    median) move one and not the other."""
+    from reports.stats import run_median_s
+
+    def parts(r: RunRecord) -> tuple[float, float, float] | None:
+        times = measured_step_times_s(r)
+        med = run_median_s(r)
+        if not times or not med or not r.tokens_per_s:
+            return None
+        mean = sum(times) / len(times)
+        return med, mean, r.tokens_per_s * mean  # tokens per measured step
+
+    po, pn = parts(o), parts(n)
+    if po is None or pn is None:
+        return ""
+    step_change, tps_change = pn[0] / po[0] - 1, n.tokens_per_s / o.tokens_per_s - 1
+    if abs(step_change + tps_change) <= 0.05:  # faster steps, more tokens/s: they agree
+        return ""
+    why = []
+    if abs(pn[2] / po[2] - 1) > 0.02:
+        why.append(f"real tokens per step {po[2]:,.0f} → {pn[2]:,.0f}")
+    if abs((pn[1] / pn[0]) / (po[1] / po[0]) - 1) > 0.02:
+        why.append(f"mean/median step {po[1] / po[0]:.2f} → {pn[1] / pn[0]:.2f} (outlier steps)")
+    why = why or ["tokens/s is real tokens over all measured time, step time the median step"]
+    return "moves apart from step time: " + "; ".join(why)
 
 
 def _run_noise(old: list[RunRecord], new: list[RunRecord]) -> tuple[float | None, int]:
@@ -245,10 +291,7 @@ def _run_noise(old: list[RunRecord], new: list[RunRecord]) -> tuple[float | None
 def pivot(old: list[RunRecord], new: list[RunRecord]) -> str:
     """PR-ready markdown: the warnings first, constant columns stated once, one row per cell, HTML-special
     characters escaped."""
-    import html
-
-    def esc(s: str) -> str:
-        return html.escape(s, quote=False).replace("|", "\\|")
+    from reports.markdown import md as esc
 
     old_by, new_by = {key(r): r for r in old}, {key(r): r for r in new}
     both = [k for k in old_by if k in new_by]
@@ -264,7 +307,7 @@ def pivot(old: list[RunRecord], new: list[RunRecord]) -> str:
     diffs = {k: config_diff(old_by[k].config, new_by[k].config) for k in both}
     extra = ["config"] if any(diffs.values()) else []
     head = [names[i] for i in shown] + metrics + extra
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["", "| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
     noise = _run_noise(old, new)
     for k, p in zip(both, parts, strict=True):
         o, n = old_by[k], new_by[k]

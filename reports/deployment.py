@@ -171,9 +171,10 @@ def render(records: list[RunRecord], figure_html) -> str:
 
 
 def to_markdown(records: list[RunRecord]) -> str:
+    """One table per (model, task), its heading and every cell escaped like the summary's."""
+    from reports.markdown import md, md_table
+
     lines = []
     for (model, task), fs in forms(records).items():
-        lines += [f"**Deployment · {model} · {task}**", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 8]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_rows(fs)]
-        lines.append("")
+        lines += [f"**Deployment · {md(model)} · {md(task)}**", "", *md_table(COLUMNS, table_rows(fs)), ""]
     return "\n".join(lines)

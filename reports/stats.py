@@ -168,8 +168,19 @@ def compare_all(summaries: dict[str, Summary]) -> dict[tuple[str, str], Paired]:
 # unit is the run: each run's median step time, compared on a log scale against the run-to-run spread that
 # the set itself shows (runs of one configuration with different seeds), pooled over configurations.
 def under_load(r: RunRecord) -> bool:
-    """Other processes took more than half a core while this run trained (harness/measure.py::Contention)."""
+    """Other processes took more than half a core while this run trained, or other cells ran beside it
+    (``--jobs``): harness/measure.py::Contention."""
     return bool((r.contention or {}).get("loaded"))
+
+
+def load_note(r: RunRecord) -> str:
+    """Why a run's timings are flagged, in a few words ('' when they are not)."""
+    c = r.contention or {}
+    if not c.get("loaded"):
+        return ""
+    if c.get("concurrent_cells", 1) > 1:
+        return f"⚠ under load ({c['concurrent_cells']} cells side by side, --jobs)"
+    return f"⚠ under load ({c.get('other_processes_cores', 0):.1f} other cores)"
 
 
 def run_median_s(r: RunRecord) -> float | None:

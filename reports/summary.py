@@ -142,11 +142,12 @@ def fastest_deployment(r: RunRecord) -> str:
 
 
 def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
+    from reports.stats import load_note
+
     rows = []
     for r in records:
         merged = [e for e in r.exports if e.max_abs_logit_diff is not None and e.eval is not None]
-        busy = (r.contention or {}).get("other_processes_cores")
-        loaded = f" ⚠ under load ({busy:.1f} other cores)" if (r.contention or {}).get("loaded") else ""
+        loaded = f" {load_note(r)}" if load_note(r) else ""
         rows.append(
             {
                 "method": r.method,
@@ -184,19 +185,13 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
 def to_markdown(records: Iterable[RunRecord]) -> str:
     """PR-ready: columns equal in every row stated once above the table, one row per run, HTML-special
     characters and pipes escaped (a variant named ``<b>`` stays text)."""
-    import html
-
-    def esc(s: str) -> str:
-        return html.escape(s, quote=False).replace("|", "\\|")
+    from reports.markdown import md, md_table
 
     rows = summary_rows(records)
     constant = [c for c in ("model", "task", "seed", "status", "optimizer") if rows and len({r[c] for r in rows}) == 1]
     cols = [c for c in shown_columns(rows) if c not in constant]
-    lines = [" · ".join(f"{c}: **{esc(rows[0][c])}**" for c in constant), ""] if constant else []
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        lines.append("| " + " | ".join(esc(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    lines = [" · ".join(f"{c}: **{md(rows[0][c])}**" for c in constant), ""] if constant else []
+    return "\n".join(lines + md_table(cols, [[row[c] for c in cols] for row in rows]))
 
 
 def to_rich_table(records: Iterable[RunRecord], title: str = ""):

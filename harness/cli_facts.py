@@ -1,0 +1,70 @@
+"""The commands that print static facts — ``ftbench methods | models | tasks | estimate`` — each importing only
+what it lists (no torch for models and tasks)."""
+
+from __future__ import annotations
+
+import argparse
+
+from harness.schema import ConfigError
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from harness.registry import available_methods, describe_config
+
+    console = Console()
+    known = available_methods()
+    if args.name and args.name not in known:
+        raise ConfigError(f"methods {args.name}: unknown method; allowed: {', '.join(known)}")
+    for name, cls in known.items():
+        if args.name and name != args.name:
+            continue
+        table = Table(
+            title=f"{name} — {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}", title_justify="left"
+        )
+        for col in ("field", "type", "default", "help"):
+            table.add_column(col, overflow="fold")
+        for row in describe_config(cls.Config):
+            table.add_row(*(escape(str(row[c])) for c in ("field", "type", "default", "help")))
+        console.print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from harness.models import ALIASES
+
+    for k, v in ALIASES.items():
+        print(f"{k:12s} {v}")
+    print(
+        "(or any local path / cached hub id transformers loads: a decoder (causal LM) reads every task through "
+        "prompts, an encoder gets a classification head; `mode:` in the suite overrides)"
+    )
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from harness.tasks import TASKS, task_kind
+
+    for k, fn in TASKS.items():  # the docstring's first paragraph, whole: the source of the data is in it
+        print(f"{k:16s} {task_kind(k):16s} {' '.join((fn.__doc__ or '').strip().split(chr(10) * 2)[0].split())}")
+    generic = [
+        ("csv / jsonl", "classification", "your file: {name: csv, path: data.csv, columns: {text: ..., label: ...}}"),
+        ("", "multiple_choice", "kind: multiple_choice, columns: {text: ..., choices: ..., label: <the right one>}"),
+        ("", "generation", "kind: generation, columns: {text: ..., answer: ...}"),
+        ("hf", "any", "a hub dataset: {name: hf, dataset: <name>, columns: ...} (needs allow_network: true)"),
+    ]
+    for k, kind, text in generic:
+        print(f"{k:16s} {kind:16s} {text}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Analytic peak memory for models this machine cannot hold (see harness/estimate.py for the formulas). Every
+    argument is checked, and every model resolved, before the table is printed."""
+    from harness.estimate import print_table
+
+    print_table(args)
+    return 0
