@@ -145,7 +145,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
             def deployments(e: Export) -> list:
                 clock.lap("export")
                 plain = lambda m: io.evaluate(m, cfg.train.eval_batch_size, torch.float32, device)  # noqa: E731
-                causal, seq = mode == "prompt", cfg.train.max_seq_len
+                causal, seq = io.task_type == "causal_lm", cfg.train.max_seq_len  # the TaskIO says how it decodes
                 forms = measure_deployments(e, plain, causal, seq, cfg.deploy, device, progress.say, known or {})
                 clock.lap("deploy")
                 return forms

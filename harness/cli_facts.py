@@ -34,7 +34,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from harness.models import ALIASES
+    from harness.modelnames import ALIASES
 
     for k, v in ALIASES.items():
         print(f"{k:12s} {v}")

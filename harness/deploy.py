@@ -122,14 +122,14 @@ def measure(export, evaluate, causal: bool, seq_len: int, cfg, device, say, know
     whose weights equal one of them bit for bit scores what it scored, so it is not evaluated again."""
     import gc
 
-    from harness.hardware import slow_note
+    from harness.hardware import is_emulated, slow_note
     from harness.records import DeploymentRecord, EvalMetrics
 
     out = []
     for d in export.deploy:
         rec = DeploymentRecord(name=d.name, dtype=d.dtype, note=d.note)
-        note = slow_note(d.dtype, device) if d.dtype in ("float16", "bfloat16") else None
-        if note and "emulated" in note:
+        if d.dtype in ("float16", "bfloat16") and is_emulated(d.dtype, device):
+            note = slow_note(d.dtype, device)
             rec.skipped = f"{note}: its latency would measure the emulation; measure it on a CPU with native bf16"
             out.append(rec)
             continue

@@ -162,6 +162,16 @@ def is_fast(dtype_name: str, device: torch.device | None = None) -> bool:
     return dtype_speed((device or default_device()).type)[dtype_name]["speedup_vs_float32"] >= FASTER
 
 
+EMULATED = 0.5  # a half-precision dtype under half fp32's speed is emulated, not merely not faster
+
+
+def is_emulated(dtype_name: str, device: torch.device | None = None) -> bool:
+    """Whether this device emulates ``dtype_name`` (bf16 on an AVX2-only CPU: 35–240× slower than fp32)."""
+    if dtype_name == "float32":
+        return False
+    return dtype_speed((device or default_device()).type)[dtype_name]["speedup_vs_float32"] < EMULATED
+
+
 def slow_note(dtype_name: str, device: torch.device | None = None) -> str | None:
     """Why a half-precision dtype is slow here, or None where it is not (said in warnings and progress)."""
     if dtype_name == "float32" or is_fast(dtype_name, device):
@@ -170,7 +180,9 @@ def slow_note(dtype_name: str, device: torch.device | None = None) -> str | None
     s = dtype_speed(device.type)[dtype_name]["speedup_vs_float32"]
     where = f"this CPU ({static_identity(device)['cpu_isa']})" if device.type == "cpu" else "this GPU"
     slower = f"{1 / s:.0f}× slower than fp32" if s > 0 else "unsupported"
-    return f"{SHORT[dtype_name]} emulated on {where}: {slower}" if s < 0.5 else f"{SHORT[dtype_name]} not faster here"
+    if s < EMULATED:
+        return f"{SHORT[dtype_name]} emulated on {where}: {slower}"
+    return f"{SHORT[dtype_name]} not faster here"
 
 
 def resolve_dtype(choice: str, device: torch.device | None = None) -> tuple[str, str]:

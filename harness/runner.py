@@ -16,8 +16,8 @@ from harness import forkserver
 from harness.atomic import atomic_write_text
 from harness.executor import run_cell_subprocess
 from harness.progress import interrupts_raise
-from harness.records import RunRecord, cell_identity, read_record, record_path
-from harness.schema import RunConfig, Suite
+from harness.records import RunRecord, cell_identity, read_record, record_path, write_record
+from harness.schema import RUN_SETTINGS, RunConfig, Suite
 from harness.suite import expand
 
 
@@ -103,7 +103,7 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
     stale = [p for p in sorted((results_dir / "records").glob("*.json")) if p.stem not in current]
     if not stale:
         return []
-    lines = []
+    lines, kept = [], []
     for p in stale:
         cell = by_identity.get(cell_identity(p.stem))
         if cell is None:
@@ -113,13 +113,27 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
         except (OSError, ValueError):
             old = {}
         new = _flat(cell.model_dump(mode="json"))
-        changed = [
-            f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-        ]
+        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if old and all(k in RUN_SETTINGS for k in keys) and not record_path(results_dir, cell.cell_id).exists():
+            # the same measurement under other run settings (or an id from an ftbench that hashed them): kept
+            try:
+                write_record(results_dir, read_record(p).model_copy(update={"cell_id": cell.cell_id}))
+            except ValueError:  # not a record we can read: set aside below with the rest
+                pass
+            else:
+                p.unlink()
+                kept.append(p)
+                continue
+        changed = [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys]
         what = "; ".join(changed[:3]) + (" …" if len(changed) > 3 else "") if old else "its old record is unreadable"
         lines.append(
             f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.display_name} ({what})"
         )
+    if kept:
+        lines.insert(0, f"{len(kept)} record(s) kept: only run settings ({', '.join(RUN_SETTINGS)}) differ")
+    stale = [p for p in stale if p not in kept]
+    if not stale:
+        return lines
     dest = results_dir / "stale" / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest.mkdir(parents=True, exist_ok=True)
     for p in stale:

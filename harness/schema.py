@@ -326,6 +326,9 @@ class Suite(Strict):
         return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
 
+RUN_SETTINGS = ("timeout_s", "retries", "num_cpus", "memory_limit_mb")  # how a cell runs, not part of its id
+
+
 class RunConfig(Strict):
     """One cell of the suite grid, fully resolved: everything a run needs, and what its record stores."""
 
@@ -358,9 +361,10 @@ class RunConfig(Strict):
     @property
     def cell_id(self) -> str:
         """Readable identity plus a hash of the whole resolved config: changing any setting makes a new cell."""
-        # fields added later count only when set, so a cell recorded before they existed keeps its id
+        # how a cell is run (its time limit, retries, reserved CPUs, memory cap) is not what it measures: raising a
+        # timeout must not rerun a suite. Fields added later count only when set, so older cells keep their ids.
         unset = {k for k in ("method_source", "device") if getattr(self, k) is None}
-        fields = self.model_dump(mode="json", exclude=unset)
+        fields = self.model_dump(mode="json", exclude=unset | set(RUN_SETTINGS))
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
         model = self.model.name.rstrip("/").rsplit("/", 1)[-1] if "/" in self.model.name else self.model.name
         raw = f"{model}__{self.task.display_name}__{self.method}-{self.variant}__s{self.seed}"

@@ -64,6 +64,14 @@ def check_task_spec(spec: TaskSpec, where: str, allow_network: bool = False) -> 
     unused = [k for k in ("label", "choices", "answer") if k not in needed and getattr(spec.columns, k) is not None]
     if unused:
         raise ConfigError(f"{where}.columns.{unused[0]}: not used by a {kind} task (it uses {', '.join(needed)})")
+    roles = {k: v for k, v in spec.columns.model_dump().items() if isinstance(v, str)}
+    taken: dict[str, str] = {}
+    for role, col in roles.items():  # text as its own label (or a group per class) trains on nothing to learn
+        if col in taken:
+            raise ConfigError(
+                f"{where}.columns.{role}: {col!r} is also columns.{taken[col]}; each role needs a column of its own"
+            )
+        taken[col] = role
     if spec.label_words and kind != "classification":
         raise ConfigError(f"{where}.label_words: apply to classification tasks, not {kind}")
     if spec.name == "hf" and not allow_network:
@@ -113,6 +121,16 @@ def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> 
     if missing:
         raise ConfigError(f"{source}: no column {missing[0]!r}; columns are {', '.join(records[0])}")
     labels = sorted({str(r[c.label]) for r in records}) if kind == "classification" else ["answer"]
+    if kind == "classification":
+        blank = next((i for i, r in enumerate(records) if r[c.label] is None or not str(r[c.label]).strip()), None)
+        if blank is not None:
+            raise ConfigError(f"{source}: row {blank + 1}: column {c.label!r} is empty; every row needs its label")
+        if len(labels) > 2 and len(labels) > len(records) / 2:
+            raise ConfigError(
+                f"{source}: column {c.label!r} has {len(labels)} distinct labels in {len(records)} rows: too few "
+                "examples per class to learn from (an id, or a number to regress?)"
+            )
+    index = {label: i for i, label in enumerate(labels)}
     out = []
     for i, r in enumerate(records):
         where = f"{source}: row {i + 1}"
@@ -121,7 +139,7 @@ def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> 
             "text_pair": str(r[c.text_pair]) if c.text_pair else None,
         }
         if kind == "classification":
-            out.append(Example(str(r[c.text]), labels.index(str(r[c.label])), **common))
+            out.append(Example(str(r[c.text]), index[str(r[c.label])], **common))
         elif kind == "multiple_choice":
             choices = _row_choices(r, c.choices, where)
             label = _choice_index(r[c.label], choices)

@@ -198,13 +198,13 @@ def _judge(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: b
     if metric in ("step time", "tokens/s"):
         if not same_hw:
             return "different hardware: not judged"
-        sig, why = stats.step_time_verdict([n], [o], *noise)
+        v = stats.step_time_verdict([n], [o], *noise)
         diff = (stats.run_median_s(n) or 0) - (stats.run_median_s(o) or 0)
-        if "not measured" in why or "no measured" in why:
+        if v.unjudged in ("no steps", "no noise"):
             return "run-to-run noise not measured: not judged"
-        if "under load" in why:
+        if v.unjudged == "under load":
             return "measured under load: not judged"
-        return _word(metric, -diff if metric == "tokens/s" else diff, sig, why.split(" (")[0])
+        return _word(metric, -diff if metric == "tokens/s" else diff, v.significant, v.why.split(" (")[0])
     return ""
 
 
@@ -239,7 +239,7 @@ def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_h
         from reports.stats import under_load
 
         loaded = [side for side, r in (("OLD", o), ("NEW", n)) if under_load(r)]
-        if loaded and "under load" not in verdict:  # said even where another reason already stops the verdict
+        if loaded and not verdict.startswith("measured under load"):  # said even where another reason stops it
             verdict += f"{'; ' if verdict else ''}⚠ {' and '.join(loaded)} under load"
         if metric == "tokens/s" and (apart := _why_apart(o, n)):
             verdict += f"{'; ' if verdict else ''}{apart}"

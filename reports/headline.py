@@ -85,7 +85,8 @@ def best_per_axis(cs: dict[str, Config]) -> list[Best]:
     timed = sorted((c for c in cs.values() if c.median_step_s()), key=lambda c: c.median_step_s())
     if len(timed) > 1:
         a, b = timed[0], timed[1]
-        sig, why = stats.step_time_verdict(a.runs, b.runs, *stats.run_to_run_sigma([c.runs for c in cs.values()]))
+        v = stats.step_time_verdict(a.runs, b.runs, *stats.run_to_run_sigma([c.runs for c in cs.values()]))
+        sig, why = v.significant, v.why
         margin = f"{(b.median_step_s() - a.median_step_s()) * 1000:.0f} ms/step less than {b.name}"
         out.append(Best("step time", a.name, margin, sig, why))
     for axis, f, fmt in (

@@ -200,20 +200,33 @@ def run_to_run_sigma(groups: list[list[RunRecord]]) -> tuple[float | None, int]:
     return ((ss / dof) ** 0.5, dof) if dof else (None, 0)
 
 
-def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | None, dof: int) -> tuple[bool, str]:
-    """Is A's step time different from B's beyond run-to-run noise? (significant, evidence)."""
+@dataclass(frozen=True)
+class StepTimeVerdict:
+    """Whether two sets of runs differ in step time beyond run-to-run noise, the evidence in words, and — when
+    the question could not be asked — why not, as a code that callers branch on (never the words)."""
+
+    significant: bool
+    why: str
+    unjudged: str | None = None  # "no steps" | "under load" | "no noise"; None: judged
+
+
+def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | None, dof: int) -> StepTimeVerdict:
+    """Is A's step time different from B's beyond run-to-run noise?"""
     la = [np.log(m) for m in map(run_median_s, a) if m]
     lb = [np.log(m) for m in map(run_median_s, b) if m]
     if not la or not lb:
-        return False, "no measured steps"
+        return StepTimeVerdict(False, "no measured steps", "no steps")
     if any(map(under_load, a + b)):
-        return False, "measured under load (other processes took CPU while it trained): not judged"
+        why = "measured under load (other processes took CPU while it trained): not judged"
+        return StepTimeVerdict(False, why, "under load")
     if sigma is None:
-        return False, "run-to-run noise not measured (one run per configuration): add seeds to judge step time"
+        why = "run-to-run noise not measured (one run per configuration): add seeds to judge step time"
+        return StepTimeVerdict(False, why, "no noise")
     diff = float(np.mean(la) - np.mean(lb))
     se = sigma * (1 / len(la) + 1 / len(lb)) ** 0.5
     ratio = float(np.exp(diff))
-    return abs(diff) > 2 * se, (
+    return StepTimeVerdict(
+        abs(diff) > 2 * se,
         f"×{ratio:.2f} vs a run-to-run spread of ±{(np.exp(2 * se) - 1) * 100:.0f}% (2 standard errors; "
-        f"pooled over {dof} repeat(s))"
+        f"pooled over {dof} repeat(s))",
     )

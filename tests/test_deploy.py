@@ -81,6 +81,7 @@ def test_a_form_in_an_emulated_dtype_is_skipped_with_the_reason(tmp_path, monkey
     monkeypatch.setattr(
         harness.hardware, "slow_note", lambda d, device=None: "bf16 emulated on this CPU (AVX2): 100× slower than fp32"
     )
+    monkeypatch.setattr(harness.hardware, "is_emulated", lambda d, device=None: d == "bfloat16")
     rec = _run(tmp_path, "tiny-bert", "lora", {"r": 4})
     forms = {d.name: d for e in rec.exports for d in e.deployments}
     assert forms["bf16"].skipped.startswith("bf16 emulated") and forms["bf16"].latency is None

@@ -252,6 +252,29 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     assert len(loras) == 1 and len(loras[0].losses) == 3 and any("earlier config" in p for p in res.problems)
 
 
+def test_raising_the_timeout_reruns_nothing_and_a_record_under_an_older_id_is_kept(two_cells, tmp_path):
+    """How a cell runs (timeout_s, retries, num_cpus, memory_limit_mb) is not part of its id (issue 28): an edit
+    of those reran every cell. A record whose id an older ftbench computed with them is kept under the new id."""
+    suite, results = two_cells
+    r = _copy(results, tmp_path / "r")
+    lora = next(p for p in (r / "records").glob("*.json") if "lora" in p.name)
+    older = json.loads(lora.read_text())
+    older["cell_id"] = lora.stem.rsplit("__", 1)[0] + "__0123456789"  # the id as a run-settings hash made it
+    (r / "records" / f"{older['cell_id']}.json").write_text(json.dumps(older))
+    lora.unlink()
+    data = yaml.safe_load(suite.read_text())
+    data.update(timeout_s=data.get("timeout_s", 300) * 2, retries=1)
+    edited = tmp_path / "s.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    out = run_cli("run", str(edited), "--results", str(r))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 cells, 2 already recorded, 0 to run" in out.stderr, out.stderr
+    assert "1 record(s) kept: only run settings" in out.stderr and not (r / "stale").exists()
+    records = sorted((r / "records").glob("*.json"))
+    assert len(records) == 2 and all(json.loads(p.read_text())["cell_id"] == p.stem for p in records)
+    assert lora in records  # the older record now sits under the current id
+
+
 def test_a_full_disk_is_one_line_and_another_output_still_works(two_cells, tmp_path, monkeypatch):
     import errno
 

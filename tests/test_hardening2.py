@@ -213,6 +213,18 @@ def test_methods_shows_one_method_and_refuses_an_unknown_one(capsys):
     assert "allowed: full, lora" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["methods", "models", "tasks"])
+def test_listing_static_facts_imports_no_torch(command):
+    """`models` took 17 s on a fresh machine: it imported torch and transformers to print a dict of names."""
+    code = (
+        "import sys, contextlib, io\nfrom harness.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()): rc = main([{command!r}])\n"
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.split("\n")[-2] == "0 []", out.stdout + out.stderr
+
+
 def test_tasks_gives_each_description_whole(capsys):
     assert main(["tasks"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("rotten_tomatoes"))
