@@ -4,7 +4,7 @@ the merged LoRA model in bf16 (and fp32). Goal (issue 15): INT4 per token ≤ 0.
 A merged LoRA model is a dense model of the base's shape, and a merged QA-LoRA model is the base with its
 targeted linears as group-wise INT4 (the merge changes only zero points), so their latency does not depend on
 training: the base stands in for both, which keeps this benchmark to a minute. Each figure is
-``harness.deploy.decoder_latency`` (64-token prompt, 32 tokens decoded greedily with the KV cache, one warm-up,
+``harness.cell.deploy.decoder_latency`` (64-token prompt, 32 tokens decoded greedily with the KV cache, one warm-up,
 ``--repeats`` timed generations). It also times what the INT4 model still runs in float: the LM head
 (576 × 49,152, tied to the embeddings; QA-LoRA quantizes the decoder layers' linears only) at M = 1, to say what
 limits the ratio.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from harness.deploy import decoder_latency
-from harness.hardware import describe, identity
-from harness.models import load_model
+from harness.cell.deploy import decoder_latency
+from harness.cell.models import load_model
+from harness.measure.hardware import describe, identity
 from methods.intquant import QuantLinear, set_module
 
 

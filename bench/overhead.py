@@ -3,7 +3,7 @@
 Both loops train their own copy of MiniLM-L6 with LoRA (r=8, query/value) on one fixed batch of Rotten
 Tomatoes snippets. They alternate in blocks within one process (ABBA order, so slow drift of the machine
 hits both equally), each block timed from outside with ``perf_counter``. The harness block is a whole call
-of ``harness.loop.train`` — optimizer and scheduler construction included — so any per-step or per-call
+of ``harness.cell.loop.train`` — optimizer and scheduler construction included — so any per-step or per-call
 cost of the harness shows up. Goal: median ratio harness / bare ≤ 1.03.
 
     python bench/overhead.py [--rounds 8] [--steps 10] [--batch 16] [--seq 64] [--dtype float32]
@@ -19,13 +19,13 @@ import time
 
 import torch
 
+from harness.cell.loop import DTYPES, train
+from harness.cell.models import load_model
 from harness.contract import ModelContext
-from harness.data import collate, encode
-from harness.loop import DTYPES, train
-from harness.models import load_model
 from harness.registry import get_method
 from harness.schema import TrainConfig
-from harness.tasks import TaskSpec, load_task
+from harness.tasks.builtin import TaskSpec, load_task
+from harness.tasks.classifier import collate, encode
 
 
 def bare_block(model, opt, sched, batch, steps, dtype):

@@ -66,7 +66,7 @@ def main() -> None:
         print(f"unknown method: one line, exit 2, in {statistics.median(times):.2f} s (median of {len(times)})")
         peft = Path(d) / "peft.yaml"
         peft.write_text(yaml.safe_dump(tiny_suite(models=["smollm2-135m"], methods=forty_variants())))
-        code = f"from harness.suite import load_suite; load_suite({str(peft)!r})"
+        code = f"from harness.driver.suite import load_suite; load_suite({str(peft)!r})"
         s, out = timed([sys.executable, "-c", code])
         assert out.returncode == 0, out.stderr[-2000:]
         print(f"40 PEFT variants on SmolLM2's skeleton, both phases, fresh process: {s:.1f} s")

@@ -1,5 +1,5 @@
 try:
-    from harness.cli import entry
+    from harness.driver.cli import entry
 except KeyboardInterrupt:  # Ctrl-C while Python itself starts up
     import sys
 

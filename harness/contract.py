@@ -1,5 +1,5 @@
 """The two contracts of a cell: the *method* (what differs between two cells of a comparison) and the *task IO*
-(how one kind of model reads a task). The training loop in :mod:`harness.loop` drives both and branches on
+(how one kind of model reads a task). The training loop in :mod:`harness.cell.loop` drives both and branches on
 neither; a new need widens a contract here rather than adding an ``if`` there.
 
 A method transforms the model (freeze, inject adapters, quantize), says which parameters train, and exports
@@ -218,8 +218,8 @@ class Batch(dict):
 @runtime_checkable
 class TaskIO(Protocol):
     """How one kind of model reads a task — the mirror of :class:`Method`. Built from the task's examples and
-    the model's tokenizer (it encodes them); :mod:`harness.data` has the classifier's, :mod:`harness.prompting`
-    the decoder's (every task through prompts)."""
+    the model's tokenizer (it encodes them); :mod:`harness.tasks.classifier` has the classifier's,
+    :mod:`harness.tasks.prompting` the decoder's (every task through prompts)."""
 
     task_type: ClassVar[str]  # ModelContext.task_type: "seq_cls" or "causal_lm"
 
@@ -241,3 +241,11 @@ class TaskIO(Protocol):
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
         """Model-input batches of the first ``n`` training examples, as training sees them."""
+
+
+class Pruned(Exception):
+    """The study's pruner stopped this trial at ``step``; ``curve`` is its validation curve up to there."""
+
+    def __init__(self, message: str, step: int, curve: list[dict]) -> None:
+        super().__init__(message)
+        self.step, self.curve = step, curve

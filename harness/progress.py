@@ -47,7 +47,7 @@ class CellProgress:
     """The cell's side: stage lines and rate-limited step lines, with the known reasons for slowness."""
 
     def __init__(self, cfg, resolved_dtypes: dict[str, dict[str, str]], device, interval_s: float = 1.0) -> None:
-        from harness.hardware import slow_note
+        from harness.measure.hardware import slow_note
 
         self.interval_s = interval_s
         self._last_print = 0.0

@@ -42,7 +42,7 @@ class EvalMetrics(BaseModel):
 
 
 class DeploymentRecord(BaseModel):
-    """One deployable form of an export (harness/deploy.py): loaded from disk, evaluated, timed at batch 1."""
+    """One deployable form of an export (harness/cell/deploy.py): loaded from disk, evaluated, timed at batch 1."""
 
     name: str = Field(description="the form, e.g. fp32, bf16, int4 kernel, nf4 + adapter")
     dtype: str = Field(description="the dtype its matmuls run in")
@@ -111,7 +111,9 @@ class RunRecord(BaseModel):
         description="wall seconds of each stage of the cell: load, prepare, train (validation included), evaluate "
         "(the test split after training), export (exports written and evaluated), deploy, evaluate_before",
     )
-    flops_per_token: dict[str, float] = Field(default_factory=dict, description="model FLOPs (harness/flops.py)")
+    flops_per_token: dict[str, float] = Field(
+        default_factory=dict, description="model FLOPs (harness/measure/flops.py)"
+    )
     model_flops_per_step: float | None = Field(None, description="mean over measured steps")
     peak_matmul_flops: float | None = Field(None, description="this machine, run dtype, measured per suite")
     mfu: float | None = Field(None, description="model FLOP/s over measured steps / peak_matmul_flops")
@@ -177,8 +179,8 @@ def _git(*args: str) -> str | None:
 
 def environment() -> dict[str, Any]:
     """Where a record was produced: enough to judge whether two records are comparable."""
-    from harness.hardware import identity  # torch: only where a record is made, not where one is read
     from harness.libs import measurement_env
+    from harness.measure.hardware import identity  # torch: only where a record is made, not where one is read
 
     dirty = _git("status", "--porcelain")
     hw = identity()  # CPU model, ISA level, native bf16 (measured), threads, GPU: what decides speed
@@ -275,14 +277,66 @@ def read_record(path: Path) -> RunRecord:
         raise ValueError(f"not an ftbench record: {where}: {first['msg']}{more}") from None
 
 
+def read_current(results_dir: Path) -> tuple[list[RunRecord], list[str]]:
+    """The records of a results dir that belong to its suite's current cells (``cells_index.json``, written by
+    each run), in the suite's cell order, and what was left out, each named: records that cannot be read, and
+    records of a cell's other configs (a dir from an older ftbench, without an index: the newest of each cell).
+    The one owner of "which records are current": the summary, the report, compare and claims all read this."""
+    results_dir = Path(results_dir)
+    problems: list[str] = []
+    order = None
+    try:
+        order = {cid: i for i, cid in enumerate(json.loads((results_dir / "cells_index.json").read_text()))}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as err:
+        problems.append(f"{results_dir / 'cells_index.json'} is unreadable ({type(err).__name__}); cell order unknown")
+    records = []
+    for p in sorted((results_dir / "records").glob("*.json")):
+        try:
+            records.append(read_record(p))
+        except (OSError, ValueError) as err:
+            problems.append(f"unreadable record {p}: {str(err).splitlines()[0][:200]}")
+    records, stale = _current(records, order)
+    if stale:
+        problems.append(
+            f"{len(stale)} record(s) of an earlier config of a cell (or of a cell this suite no longer has) left "
+            f"out: {', '.join(sorted(r.cell_id for r in stale)[:5])}{' …' if len(stale) > 5 else ''}"
+        )
+    if order is not None:
+        records.sort(key=lambda r: order.get(r.cell_id, len(order)))
+    return records, problems
+
+
+def _current(records: list[RunRecord], index: dict | None) -> tuple[list[RunRecord], list[RunRecord]]:
+    """(kept, stale): with the suite's cell index, the records of its cells; and of several records of one cell
+    identity (a config changed between runs), only the newest. One cell never shows two configs."""
+    kept, stale = [], []
+    for r in records:
+        (kept if index is None or r.cell_id in index else stale).append(r)
+    newest: dict[str, RunRecord] = {}
+    for r in kept:
+        key = cell_identity(r.cell_id)
+        if key in newest:
+            older, newer = sorted((newest[key], r), key=lambda x: x.started_at)
+            stale.append(older)
+            newest[key] = newer
+        else:
+            newest[key] = r
+    return list(newest.values()), stale
+
+
 def load_records(results_dir: Path) -> pd.DataFrame:
-    """All records of a results dir as a DataFrame: one row per run, nested fields flattened with dots."""
-    rows = []
-    for p in sorted((Path(results_dir) / "records").glob("*.json")):
-        rows.append(json.loads(p.read_text()))
-    if not rows:
+    """The current records of a results dir (:func:`read_current`) as a DataFrame: one row per run, nested fields
+    flattened with dots. What was left out is named on stderr."""
+    import sys
+
+    records, problems = read_current(results_dir)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    if not records:
         return pd.DataFrame()
-    return pd.json_normalize(rows, max_level=1)
+    return pd.json_normalize([r.model_dump(mode="json") for r in records], max_level=1)
 
 
 def timed_steps(n: int, warmup: int, tracked: list[int]) -> list[int]:

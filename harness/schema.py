@@ -1,5 +1,5 @@
 """The suite's types: leaf pydantic models that every other module may import (they import no ftbench module
-but the optimizer names). Loading, validating and expanding a suite file is :mod:`harness.suite`.
+but the optimizer names). Loading, validating and expanding a suite file is :mod:`harness.driver.suite`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from harness.optim import OPTIMIZERS
+from harness.cell.optim import OPTIMIZERS
 from harness.strict import AutoDtype, ConfigError, Strict, format_validation_error  # noqa: F401  (re-exported)
 
 # Below this a cell process cannot even import torch, transformers and peft (measured on Linux x86-64: 900 MiB
@@ -278,7 +278,7 @@ class Tune(Strict):
 
 
 class Deploy(Strict):
-    """What each exported artifact costs at deployment (harness/deploy.py): load time, latency at batch 1, and
+    """What each exported artifact costs at deployment (harness/cell/deploy.py): load time, latency at batch 1, and
     the accuracy of each deployable form."""
 
     enabled: bool = Field(True, description="measure every export's deployable forms (needs export: true)")

@@ -50,7 +50,7 @@ def split_bookkeeping(data: Any) -> Any:
 
 def task_type_of(model: torch.nn.Module) -> str:
     """PEFT's task type for a skeleton: a classification head means SEQ_CLS (the head trains in full)."""
-    from harness.models import head_module_names
+    from harness.cell.models import head_module_names
 
     return "SEQ_CLS" if head_module_names(model) else "CAUSAL_LM"
 

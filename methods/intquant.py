@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from harness.hardware import torch_dtype
+from harness.measure.hardware import torch_dtype
 from methods.common import load_state_dict, save_state_dict
 
 BITS = (2, 3, 4, 8)

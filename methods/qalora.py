@@ -41,7 +41,7 @@ torch = lazy_module("torch")
 layers = lazy_module("methods.qalora_layer")
 intquant = lazy_module("methods.intquant")
 gptq = lazy_module("methods.gptq")
-hardware = lazy_module("harness.hardware")
+hardware = lazy_module("harness.measure.hardware")
 safetensors_torch = lazy_module("safetensors.torch")
 
 
@@ -202,7 +202,7 @@ class QALora(MethodBase):
             integer_weights_unchanged=same_ints,
             merged_vs_unmerged_max_abs_diff_random=diff,
             bits_per_quantized_param_merged=self._bits(reloaded),
-        )  # latency: each deployable form (int_forms) is timed by harness/deploy.py, the one latency timer
+        )  # latency: each deployable form (int_forms) is timed by harness/cell/deploy.py, the one latency timer
         return [
             Export("adapter", adapter_dir, dir_bytes(adapter_dir)),
             Export(

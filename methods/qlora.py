@@ -71,7 +71,7 @@ def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) 
     a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names."""
     import bitsandbytes as bnb
 
-    from harness.hardware import torch_dtype
+    from harness.measure.hardware import torch_dtype
 
     done = []
     for parent_name, parent in list(model.named_modules()):

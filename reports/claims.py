@@ -296,8 +296,9 @@ def _per_layer(rows: list[dict], a: str, b: str) -> tuple[float, int, int, float
 
 def measurement_claims(meas: dict | None) -> list[Verdict]:
     """The claims decided by measurement alone: quantization error per layer, double quantization's bits, and
-    memory at scale from the estimator (harness/estimate.py; within 10% of measured peaks, docs/estimator.md)."""
-    from harness.estimate import ARCHS, GB, Setup, estimate
+    memory at scale from the estimator (harness/measure/estimate.py; within 10% of measured peaks,
+    docs/estimator.md)."""
+    from harness.measure.estimate import ARCHS, GB, Setup, estimate
 
     out = []
     src = "Dettmers et al. 2023 (QLoRA), §3"

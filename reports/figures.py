@@ -137,9 +137,9 @@ def pareto(records: list[RunRecord]) -> go.Figure:
 
 
 def memory_breakdown(records: list[RunRecord]) -> go.Figure:
-    """Bytes by category at the step's peak (harness/memory.py). Older records without the breakdown show
+    """Bytes by category at the step's peak (harness/measure/memory.py). Older records without the breakdown show
     weights, optimizer state and the unexplained rest of the peak."""
-    from harness.memory import CATEGORIES
+    from harness.measure.memory import CATEGORIES
 
     ok = [r for r in records if r.status == "ok" and peak_bytes(r)[0] is not None]
     names = [run_label(r, ok) for r in ok]

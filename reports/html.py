@@ -15,7 +15,7 @@ from typing import NamedTuple
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from harness.records import RunRecord, cell_identity, read_record
+from harness.records import RunRecord, read_current
 from reports import deployment, explore, figures, headline, tuning
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
@@ -138,7 +138,7 @@ def _hardware(records: list[RunRecord]) -> str:
 
     machines = sorted({hardware_of(r) for r in records})
     if len(machines) == 1:
-        from harness.hardware import describe
+        from harness.measure.hardware import describe
 
         env = records[0].environment  # with the measured bf16 speed where the record has it
         line = describe(env) if "bf16_speedup_vs_fp32" in env else machines[0]
@@ -194,51 +194,11 @@ def load_results(results_dir: Path) -> Results:
     """Records of a results dir (in the suite's cell order when known), the suite text, the suite name, and
     what was left out: records that cannot be read (named), and records of a cell's other configs (stale)."""
     results_dir = Path(results_dir)
-    paths = sorted((results_dir / "records").glob("*.json"))
-    problems: list[str] = []
-    order = None
-    try:
-        order = {cid: i for i, cid in enumerate(json.loads((results_dir / "cells_index.json").read_text()))}
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as err:
-        problems.append(f"{results_dir / 'cells_index.json'} is unreadable ({type(err).__name__}); cell order unknown")
-    records = []
-    for p in paths:
-        try:
-            records.append(read_record(p))
-        except (OSError, ValueError) as err:
-            problems.append(f"unreadable record {p}: {str(err).splitlines()[0][:200]}")
-    records, stale = current_records(records, order)
-    if stale:
-        problems.append(
-            f"{len(stale)} record(s) of an earlier config of a cell (or of a cell this suite no longer has) left "
-            f"out: {', '.join(sorted(r.cell_id for r in stale)[:5])}{' …' if len(stale) > 5 else ''}"
-        )
-    if order is not None:
-        records.sort(key=lambda r: order.get(r.cell_id, len(order)))
+    records, problems = read_current(results_dir)
     suite_path = results_dir / "suite.yaml"
     suite_text = suite_path.read_text(errors="replace") if suite_path.exists() else ""
     name = records[0].suite if records else results_dir.name
     return Results(records, suite_text, name, problems)
-
-
-def current_records(records: list[RunRecord], index: dict | None) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(kept, stale): with the suite's cell index, the records of its cells; and of several records of one cell
-    identity (a config changed between runs), only the newest. One cell never shows two configs."""
-    kept, stale = [], []
-    for r in records:
-        (kept if index is None or r.cell_id in index else stale).append(r)
-    newest: dict[str, RunRecord] = {}
-    for r in kept:
-        key = cell_identity(r.cell_id)
-        if key in newest:
-            older, newer = sorted((newest[key], r), key=lambda x: x.started_at)
-            stale.append(older)
-            newest[key] = newer
-        else:
-            newest[key] = r
-    return list(newest.values()), stale
 
 
 def render(
@@ -282,7 +242,7 @@ def render(
         plots["memory"],
         '<p class="note">Categories: parameters (trainable, frozen, quantized storage incl. constants), gradients, '
         "optimizer state, activations saved for backward, and temporaries — each tensor counted once, settled at "
-        "the end of the step (see harness/memory.py).</p>",
+        "the end of the step (see harness/measure/memory.py).</p>",
         "<h2>Throughput</h2>",
         plots["throughput"],
         "<h2>Loss curves</h2>",

@@ -169,7 +169,7 @@ def compare_all(summaries: dict[str, Summary]) -> dict[tuple[str, str], Paired]:
 # the set itself shows (runs of one configuration with different seeds), pooled over configurations.
 def under_load(r: RunRecord) -> bool:
     """Other processes took more than half a core while this run trained, or other cells ran beside it
-    (``--jobs``): harness/measure.py::Contention."""
+    (``--jobs``): harness/measure/runstats.py::Contention."""
     return bool((r.contention or {}).get("loaded"))
 
 

@@ -127,7 +127,7 @@ def optimizer_label(r: RunRecord) -> str:
 
 
 def fastest_deployment(r: RunRecord) -> str:
-    """The run's fastest deployable form (harness/deploy.py) and its latency at batch 1."""
+    """The run's fastest deployable form (harness/cell/deploy.py) and its latency at batch 1."""
     from harness.records import headline_latency_s
 
     best = None

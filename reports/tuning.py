@@ -12,7 +12,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from harness.records import RunRecord
-from harness.tune import _fmt
+from harness.studies import fmt_param as _fmt
 from reports.figures import SERIES_COLORS, _layout
 
 LORA_FAMILY = ("lora", "qlora", "qalora", "peft")
@@ -114,7 +114,7 @@ def optuna_figures(results_dir: Path | None, studies: dict[str, dict], prefix: s
     import optuna
     from optuna.visualization import plot_optimization_history, plot_parallel_coordinate
 
-    from harness.tune import _storage
+    from harness.studies import storage as _storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     journal = Path(results_dir) / "tuning" / "studies.journal" if results_dir else None

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import forkserver
+from harness.driver import forkserver
+from harness.driver.suite import expand, parse_suite
 from harness.schema import RunConfig
-from harness.suite import expand, parse_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # as `ftbench` sets them
@@ -28,7 +28,7 @@ os.environ["FTBENCH_KEEP_LOADED_PEAK"] = "1"  # a figure measured under load is 
 
 @pytest.fixture(scope="session", autouse=True)
 def _machine_measured_once():
-    from harness.hardware import peak_matmul
+    from harness.measure.hardware import peak_matmul
 
     for dtype in ("float32", "bfloat16"):
         peak_matmul(dtype, keep_loaded=True)
@@ -55,7 +55,7 @@ def tiny_suite(**over) -> dict:
         "methods": [{"method": "lora", "config": {"r": 4}}],
         "seeds": [0],
         "timeout_s": 300,
-        # deployment cost (harness/deploy.py) is measured by tests/test_deploy.py and the SmolLM2 test; elsewhere
+        # deployment cost (harness/cell/deploy.py) is measured by tests/test_deploy.py and the SmolLM2 test; elsewhere
         # it would only add time
         "deploy": {"enabled": False},
     }
@@ -85,7 +85,7 @@ def ftbench(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 # is keyed by its environment: PYTEST_CURRENT_TEST (new every test) is left out of it, and the libraries' own
 # variables (set when first imported) are set before the first one starts. A test that changes the environment
 # (another FTBENCH_CACHE_DIR) gets a zygote of its own, closed when its run ends.
-import harness.cell  # noqa: E402,F401
+import harness.cell.run  # noqa: E402,F401
 from harness.libs import quiet_libraries  # noqa: E402
 
 quiet_libraries()
@@ -108,7 +108,7 @@ def _session_server_for(allow_network: bool) -> forkserver.ForkServer:
 
 
 def _close_all_but_the_sessions() -> None:
-    from harness.forkserver import cell_env
+    from harness.driver.forkserver import cell_env
 
     with _without_pytest_vars():
         keep = {forkserver.zygote_key(cell_env(net)) for net in (False, True)}
@@ -122,7 +122,7 @@ forkserver.server_for, forkserver.close_all = _session_server_for, _close_all_bu
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """``ftbench <args>`` in this process (the cells still run in processes of their own), output captured."""
-    from harness.cli import main
+    from harness.driver.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

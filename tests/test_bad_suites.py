@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from harness.driver.cli import main
 from tests.conftest import ftbench
 
 BAD = sorted((Path(__file__).parent / "bad_suites").glob("*.yaml"))
@@ -88,7 +88,7 @@ def test_a_typo_is_reported_before_torch_is_imported(tmp_path):
 
     code = f"""
 import contextlib, io, json, sys
-from harness.cli import main
+from harness.driver.cli import main
 heavy = {{}}
 for name in {CHEAP!r}:
     with contextlib.redirect_stderr(io.StringIO()):

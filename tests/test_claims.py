@@ -1,4 +1,4 @@
-"""The claims' verdicts (reports/claims.py) and the measurements behind them (harness/quanterror.py): intervals
+"""The claims' verdicts (reports/claims.py) and the measurements behind them (harness/measure/quanterror.py): intervals
 that decide, verdicts that follow their rules on constructed data, quantization errors and double
 quantization's bits measured from bitsandbytes, and `ftbench claims` end to end on a tiny suite."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.quanterror import bnb_roundtrip, constant_bits, int4_absmax, relative_error
+from harness.measure.quanterror import bnb_roundtrip, constant_bits, int4_absmax, relative_error
 from reports.claims import diff_interval, direction, equivalence
 
 
@@ -66,7 +66,7 @@ def test_ftbench_claims_end_to_end_on_a_tiny_suite(tmp_path, write_suite):
 
     import yaml
 
-    from harness.quanterror import measure
+    from harness.measure.quanterror import measure
     from tests.conftest import ROOT, run_cli
 
     data = yaml.safe_load((ROOT / "suites" / "claims.yaml").read_text())

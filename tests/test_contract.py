@@ -1,5 +1,5 @@
 """The method contract is wide enough for methods people publish: each hook proven by a method written here,
-trained through THE loop (harness/loop.py) on tiny-bert and real Rotten Tomatoes reviews.
+trained through THE loop (harness/cell/loop.py) on tiny-bert and real Rotten Tomatoes reviews.
 
 - LoRA+ (Hayou et al. 2024, arXiv 2402.12354): parameter groups, B learns ``ratio`` × faster than A;
 - a method with its own optimizer (SGD with momentum on the head alone);
@@ -15,13 +15,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from harness.cell.loop import train
+from harness.cell.models import load_model
 from harness.contract import MethodBase, ModelContext, register_method
-from harness.data import ClassifierIO
-from harness.loop import train
-from harness.models import load_model
 from harness.registry import build_method
 from harness.schema import TrainConfig
-from harness.tasks import load_task
+from harness.tasks.builtin import load_task
+from harness.tasks.classifier import ClassifierIO
 from tests.conftest import cells
 
 CPU = torch.device("cpu")

@@ -1,12 +1,12 @@
-"""Deployment cost of each artifact (harness/deploy.py): every method's deployable forms are loaded from disk
+"""Deployment cost of each artifact (harness/cell/deploy.py): every method's deployable forms are loaded from disk
 (timed), evaluated as deployed and timed at batch 1; the decode really uses the KV cache one token at a time; a
 form in a dtype this machine emulates is skipped, saying why; the report and md show the table."""
 
 import pytest
 import torch
 
-from harness.cell import run_cell
-from harness.deploy import decoder_latency, encoder_latency
+from harness.cell.deploy import decoder_latency, encoder_latency
+from harness.cell.run import run_cell
 from tests.conftest import cells
 
 TRAIN = {"steps": 2, "batch_size": 8, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1}
@@ -50,7 +50,7 @@ def test_every_method_measures_its_deployable_forms_on_a_decoder(tmp_path, metho
 
 
 def test_the_decode_feeds_one_token_at_a_time_onto_a_growing_cache():
-    from harness.models import load_model
+    from harness.cell.models import load_model
 
     model = load_model("tiny-llama", 2, 0, mode="prompt").model.eval()
     seen = []
@@ -67,7 +67,7 @@ def test_the_decode_feeds_one_token_at_a_time_onto_a_growing_cache():
 
 
 def test_encoders_are_timed_per_example_at_batch_1_and_32():
-    from harness.models import load_model
+    from harness.cell.models import load_model
 
     model = load_model("tiny-bert", 2, 0).model.eval()
     lat = encoder_latency(model, torch.device("cpu"), seq_len=16, repeats=3)
@@ -76,12 +76,14 @@ def test_encoders_are_timed_per_example_at_batch_1_and_32():
 
 
 def test_a_form_in_an_emulated_dtype_is_skipped_with_the_reason(tmp_path, monkeypatch):
-    import harness.hardware
+    import harness.measure.hardware
 
     monkeypatch.setattr(
-        harness.hardware, "slow_note", lambda d, device=None: "bf16 emulated on this CPU (AVX2): 100× slower than fp32"
+        harness.measure.hardware,
+        "slow_note",
+        lambda d, device=None: "bf16 emulated on this CPU (AVX2): 100× slower than fp32",
     )
-    monkeypatch.setattr(harness.hardware, "is_emulated", lambda d, device=None: d == "bfloat16")
+    monkeypatch.setattr(harness.measure.hardware, "is_emulated", lambda d, device=None: d == "bfloat16")
     rec = _run(tmp_path, "tiny-bert", "lora", {"r": 4})
     forms = {d.name: d for e in rec.exports for d in e.deployments}
     assert forms["bf16"].skipped.startswith("bf16 emulated") and forms["bf16"].latency is None
@@ -105,7 +107,7 @@ def test_the_report_and_md_show_the_deployment_table(tmp_path):
 def test_a_form_with_the_exports_weights_is_not_evaluated_again(tmp_path, monkeypatch):
     """fp32 training: the merged model loaded back from disk in fp32 has the in-memory merged model's weights
     bit for bit, so it reuses that evaluation; the bf16 form does not (4 test-split reads, not 5)."""
-    from harness.data import ClassifierIO
+    from harness.tasks.classifier import ClassifierIO
 
     calls, real = [], ClassifierIO.evaluate
 

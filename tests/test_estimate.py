@@ -5,15 +5,15 @@ import itertools
 import pytest
 import torch
 
-from harness.cli import main
+from harness.cell.loop import train
+from harness.cell.models import load_model
 from harness.contract import ModelContext
-from harness.data import encode, train_batches
-from harness.estimate import ARCHS, Setup, arch_from_config, estimate
-from harness.loop import train
-from harness.models import load_model
+from harness.driver.cli import main
+from harness.measure.estimate import ARCHS, Setup, arch_from_config, estimate
 from harness.registry import get_method
 from harness.schema import TrainConfig
-from harness.tasks import TaskSpec, load_task
+from harness.tasks.builtin import TaskSpec, load_task
+from harness.tasks.classifier import encode, train_batches
 
 GB = 1e9
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -38,7 +38,7 @@ def _start(suite_path: Path, results: Path) -> subprocess.Popen:
 
 
 def _cell_children(pid: int) -> list[psutil.Process]:
-    """The runner's cell processes: fresh `_cell` processes, or forks of its zygote (harness/forkserver.py)."""
+    """The runner's cell processes: fresh `_cell` processes, or forks of its zygote (harness/driver/forkserver.py)."""
 
     def is_cell(c: psutil.Process) -> bool:
         cmd = " ".join(c.cmdline())
@@ -166,7 +166,7 @@ def test_safe_loading_rules():
         assert not re.search(r"yaml\.load\(", text), p
         assert all("weights_only=True" in line for line in text.splitlines() if "torch.load(" in line), p
         assert not re.search(r"import pickle|pickle\.loads?\(|import dill", text), p  # no unpickling of our own
-    models = (ROOT / "harness" / "models.py").read_text()
+    models = (ROOT / "harness" / "cell" / "models.py").read_text()
     assert "use_safetensors=None if allow_pickle else True" in models  # pickled weights only on request
 
 
@@ -250,6 +250,9 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     res = load_results(mixed)
     loras = [x for x in res.records if x.method == "lora"]
     assert len(loras) == 1 and len(loras[0].losses) == 3 and any("earlier config" in p for p in res.problems)
+    # the DataFrame the README advertises holds the same current records, not every file in records/ (issue 28)
+    df = load_records(mixed)
+    assert len(df) == len(res.records) and sorted(df["cell_id"]) == sorted(x.cell_id for x in res.records)
 
 
 def test_raising_the_timeout_reruns_nothing_and_a_record_under_an_older_id_is_kept(two_cells, tmp_path):

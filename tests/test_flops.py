@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from harness.cell import run_cell
-from harness.flops import flops_per_token
+from harness.cell.run import run_cell
+from harness.measure.flops import flops_per_token
 from tests.conftest import cells
 
 
@@ -35,8 +35,8 @@ def test_run_records_mfu(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "qalora"])
 def test_adapter_methods_cost_less_than_full(method):
+    from harness.cell.models import load_model
     from harness.contract import ModelContext
-    from harness.models import load_model
     from harness.registry import get_method
 
     full = flops_per_token(load_model("tiny-bert", 2, 0).model)["total"]
@@ -48,8 +48,8 @@ def test_adapter_methods_cost_less_than_full(method):
 
 def test_each_base_matmul_counts_once_whatever_wraps_it():
     """peft's 4-bit LoRA wrapper is itself named Linear4bit: its base layer must not be counted twice."""
+    from harness.cell.models import load_model
     from harness.contract import ModelContext
-    from harness.models import load_model
     from harness.registry import get_method
 
     counts = {}

@@ -10,7 +10,7 @@ from harness.libs import gptqmodel_installed, import_gptqmodel_quietly  # noqa: 
 if not gptqmodel_installed():
     pytest.skip("needs the optional extra gptqmodel", allow_module_level=True)
 
-from harness.cell import run_cell  # noqa: E402
+from harness.cell.run import run_cell  # noqa: E402
 from methods.gptq import gptq_quantize  # noqa: E402
 from methods.intquant import QuantLinear, quantize_rtn  # noqa: E402
 from methods.qalora_layer import QALoraLinear  # noqa: E402

@@ -5,7 +5,7 @@ suites/gpu.yaml. What each one asserts is what the design promises on CUDA."""
 import pytest
 import torch
 
-from harness.cell import run_cell
+from harness.cell.run import run_cell
 from tests.conftest import cells
 
 pytestmark = [

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from harness.cell import run_cell
-from harness.models import _tiny_config, load_model, resolve_mode
+from harness.cell.models import _tiny_config, load_model, resolve_mode
+from harness.cell.run import run_cell
+from harness.driver.suite import expand, parse_suite
 from harness.schema import ConfigError
-from harness.suite import expand, parse_suite
 from tests.conftest import ROOT, cells, tiny_suite
 
 
@@ -88,7 +88,7 @@ def refuse(self, address):
     raise OSError("network refused by the test")
 socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
-from harness.cli import main
+from harness.driver.cli import main
 rc = main(sys.argv[1:])
 print("CONNECT ATTEMPTS:", attempts)
 sys.exit(rc)

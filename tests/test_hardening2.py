@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from harness.driver.cli import main
+from harness.driver.suite import expand, load_suite
 from harness.records import read_record
-from harness.suite import expand, load_suite
 from tests.conftest import ROOT, ftbench, run_cli, tiny_suite
 
 DATA = Path(__file__).parent / "data"
@@ -57,7 +57,7 @@ def test_a_suite_that_is_not_a_small_regular_file_is_refused_at_once(tmp_path, k
 
 def test_an_excel_csv_with_a_byte_order_mark_loads(tmp_path):
     from harness.schema import TaskSpec
-    from harness.tasks import load_task
+    from harness.tasks.builtin import load_task
 
     spec = TaskSpec(
         name="csv", path=str(_csv(tmp_path / "excel.csv", bom=True)), columns={"text": "text", "label": "label"}
@@ -183,7 +183,7 @@ def test_estimate_checks_its_arguments(args, message, capsys):
 
 
 def test_estimate_knows_ftbench_models_a_shape_and_a_config_file(tmp_path, capsys):
-    from harness.models import _tiny_config
+    from harness.cell.models import _tiny_config
 
     _tiny_config("tiny-llama", 2).save_pretrained(tmp_path / "m")
     shape = "shape:hidden=576,intermediate=1536,layers=30,heads=9,kv_heads=3,vocab=49152"
@@ -217,7 +217,7 @@ def test_methods_shows_one_method_and_refuses_an_unknown_one(capsys):
 def test_listing_static_facts_imports_no_torch(command):
     """`models` took 17 s on a fresh machine: it imported torch and transformers to print a dict of names."""
     code = (
-        "import sys, contextlib, io\nfrom harness.cli import main\n"
+        "import sys, contextlib, io\nfrom harness.driver.cli import main\n"
         f"with contextlib.redirect_stdout(io.StringIO()): rc = main([{command!r}])\n"
         "print(rc, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import hardware
-from harness.cell import resolve_dtypes
+from harness.cell.run import resolve_dtypes
+from harness.measure import hardware
 from tests.conftest import cells, run_cli, tiny_suite
 
 CPU = torch.device("cpu")
 
 
 def measurement_counts(cache: Path, per_machine: bool = False) -> Counter:
-    """'what:key' -> how many times it was measured on this cache (harness/hardware.py logs each one); with
+    """'what:key' -> how many times it was measured on this cache (harness/measure/hardware.py logs each one); with
     ``per_machine`` apart for each machine identity (a Ray worker with 1 thread is another machine)."""
     log = Path(cache) / "measurements.jsonl"
     lines = log.read_text().splitlines() if log.exists() else []
@@ -202,8 +202,8 @@ def test_auto_resolves_to_bf16_in_a_run_where_the_probe_says_native(fresh_cache,
 
 
 def test_every_record_carries_the_hardware_identity(tmp_path):
-    from harness.cell import run_cell
-    from harness.executor import failure_record
+    from harness.cell.run import run_cell
+    from harness.driver.executor import failure_record
 
     ok = run_cell(cells(train={**tiny_suite()["train"], "steps": 2})[0].model_copy(update={"export": False}), tmp_path)
     failed = failure_record(cells()[0], "timeout", "x", "now", 1.0)
@@ -215,8 +215,8 @@ def test_every_record_carries_the_hardware_identity(tmp_path):
 
 
 def test_compare_says_when_records_come_from_different_cpus(tmp_path, capsys):
-    from harness.cell import run_cell
-    from harness.cli import main
+    from harness.cell.run import run_cell
+    from harness.driver.cli import main
     from harness.records import write_record
 
     rec = run_cell(cells(train={**tiny_suite()["train"], "steps": 2})[0].model_copy(update={"export": False}), tmp_path)

@@ -72,8 +72,8 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycle_among_ftbench_modules():
     graph = import_graph()
-    assert len(graph) > 30 and "harness.cell" in graph["harness.cli"]  # the walk found the tree
-    assert "harness.schema" in graph["harness.loop"]  # function-level and top-level imports both count
+    assert len(graph) > 30 and "harness.cell.run" in graph["harness.driver.cli"]  # the walk found the tree
+    assert "harness.schema" in graph["harness.cell.loop"]  # function-level and top-level imports both count
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle)
 
@@ -123,3 +123,17 @@ def test_each_module_imports_alone_in_a_fresh_interpreter():
     assert out.returncode == 0, out.stderr[-3000:]
     failed = json.loads(out.stdout.strip().splitlines()[-1])
     assert failed == {}, out.stderr[-3000:]
+
+
+def test_the_two_processes_show_in_the_tree_and_only_the_driver_knows_the_driver():
+    """harness/driver/ is the `ftbench` process, harness/cell/ one run's process (issue 28). What a cell runs —
+    cell/, tasks/, measure/, the shared modules, the methods, the reports — never imports the driver: a cell is
+    started by it, not built from it."""
+    graph = import_graph()
+    driver = {m for m in graph if m.startswith("harness.driver.")}
+    cell = {m for m in graph if m.startswith("harness.cell.")}
+    assert {"harness.driver.cli", "harness.driver.runner", "harness.driver.suite"} <= driver
+    assert {"harness.cell.run", "harness.cell.loop", "harness.cell.models"} <= cell
+    for mod, deps in graph.items():
+        if mod not in driver and mod != "harness.__main__":  # `python -m harness`: the command line itself
+            assert not (deps & driver), f"{mod} imports the driver: {sorted(deps & driver)}"

@@ -21,13 +21,13 @@ RUN_IMPORTS = textwrap.dedent(
     before = {k: os.environ.get(k) for k in %r}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        import harness.cli
+        import harness.driver.cli
         from harness.libs import quiet_libraries
         quiet_libraries()
-        import harness.cell, harness.runner, methods
+        import harness.cell.run, harness.driver.runner, methods
         from harness.registry import build_method
         from harness.contract import ModelContext
-        from harness.models import load_model
+        from harness.cell.models import load_model
         loaded = load_model("tiny-llama", 2, 0, False, "prompt", False)
         ctx = ModelContext(task_type="causal_lm", num_labels=2, model_type="llama")
         for name, cfg in [("lora", {"r": 2}), ("qlora", {"r": 2})]:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from harness.cell import run_cell
-from harness.optim import lr_lambda
+from harness.cell.optim import lr_lambda
+from harness.cell.run import run_cell
 from harness.schema import TrainConfig
 from tests.conftest import cells
 
@@ -89,8 +89,8 @@ def test_timing_warmup_and_memory_tracked_steps_excluded(tmp_path):
 def test_memory_is_tracked_on_the_largest_batches_even_without_warmup():
     """Batches of 8, 32, 16, 64 and 8 tokens with no warm-up: the steps tracked are the first and each new
     largest (0, 1, 3); the peak is the 64-token step's, not the first's; tracked steps are not timed."""
-    from harness.loop import train
-    from harness.models import load_model
+    from harness.cell.loop import train
+    from harness.cell.models import load_model
     from harness.registry import build_method
 
     loaded = load_model("tiny-bert", 2, 0)
@@ -118,7 +118,7 @@ def test_batches_grouped_by_length_pad_less_and_cover_the_same_examples():
     of similar length pad far less, the order is seeded, and without it the stream is the one it always was."""
     import random
 
-    from harness.data import train_batches
+    from harness.tasks.classifier import train_batches
 
     rng = random.Random(0)
     encoded = [{"input_ids": [7] * rng.randint(3, 60), "label": i % 2, "id": i} for i in range(1000)]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from harness.measure import parameter_counts, step_time_stats
-from harness.memory import MemoryTracker
+from harness.measure.memory import MemoryTracker
+from harness.measure.runstats import parameter_counts, step_time_stats
 
 
 def test_live_tensor_tracker_exact_peak():
@@ -59,7 +59,7 @@ def test_contention_counts_other_processes_not_our_own_work():
     import multiprocessing as mp
     import time
 
-    from harness.measure import Contention
+    from harness.measure.runstats import Contention
 
     quiet = Contention()
     _burn(0.6)  # our own CPU time is not contention

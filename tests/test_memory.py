@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 
+from harness.cell.loop import train
+from harness.cell.models import load_model
 from harness.contract import ModelContext
-from harness.data import encode, train_batches
-from harness.loop import train
-from harness.models import load_model
 from harness.registry import get_method
 from harness.schema import TrainConfig
-from harness.tasks import TaskSpec, load_task
+from harness.tasks.builtin import TaskSpec, load_task
+from harness.tasks.classifier import encode, train_batches
 
 CTX = ModelContext("seq_cls", 2, "bert", ["classifier"])
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from harness.cell.models import load_model
 from harness.contract import ModelContext
-from harness.data import encode, train_batches
-from harness.memory import MemoryTracker, memtracker_peak_bytes, step_roots
-from harness.models import load_model
+from harness.measure.memory import MemoryTracker, memtracker_peak_bytes, step_roots
 from harness.registry import get_method
-from harness.tasks import TaskSpec, load_task
+from harness.tasks.builtin import TaskSpec, load_task
+from harness.tasks.classifier import encode, train_batches
 
 
 @pytest.mark.parametrize("method,config", [("full", {}), ("lora", {"r": 4})])

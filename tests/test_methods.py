@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.cell import run_cell
+from harness.cell.models import load_model
+from harness.cell.run import run_cell
 from harness.contract import ModelContext
-from harness.models import load_model
 from harness.registry import get_method
 from tests.conftest import cells
 
@@ -97,9 +97,9 @@ def test_peft_generic_trains_only_its_parameters(tmp_path, config):
 
 def test_frozen_base_unchanged_and_adapter_changed_by_training(tmp_path):
     """Train through the real loop and compare weights: LoRA may only move adapters and the head."""
-    from harness.data import encode, train_batches
-    from harness.loop import train
-    from harness.tasks import load_task
+    from harness.cell.loop import train
+    from harness.tasks.builtin import load_task
+    from harness.tasks.classifier import encode, train_batches
     from tests.conftest import cells as mk
 
     cfg = mk()[0]

@@ -4,8 +4,8 @@ before anything trains (tests/bad_suites/ has one suite per kind); a saved adapt
 import json
 from pathlib import Path
 
-from harness.cell import run_cell
-from harness.suite import expand, load_suite, parse_suite
+from harness.cell.run import run_cell
+from harness.driver.suite import expand, load_suite, parse_suite
 from methods.common import BOOKKEEPING
 from reports.summary import summary_rows
 from tests.conftest import cells, run_cli, tiny_suite

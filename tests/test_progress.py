@@ -4,8 +4,8 @@ import re
 
 import torch
 
-from harness import forkserver
-from harness.executor import run_cell_subprocess
+from harness.driver import forkserver
+from harness.driver.executor import run_cell_subprocess
 from harness.progress import MARK, CellProgress, LogTail, fmt_duration
 from tests.conftest import cells
 
@@ -24,7 +24,8 @@ def test_log_tail_returns_the_newest_complete_progress_line(tmp_path):
     assert tail.poll() == "step 2/9 · 0.40 s/step · ETA 3s"
 
 
-def test_step_lines_are_rate_limited_and_keep_first_and_last(capsys):
+def test_step_lines_are_rate_limited_and_keep_first_and_last(capsys, monkeypatch):
+    monkeypatch.setattr(CellProgress, "_contention", lambda self: [])  # a busy test machine is another test's
     cfg = cells()[0]
     p = CellProgress(
         cfg, {"train.dtype": {"choice": "float32", "value": "float32", "why": ""}}, torch.device("cpu"), interval_s=3600

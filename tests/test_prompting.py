@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.cell import run_cell
-from harness.models import load_model, resolve_mode
-from harness.prompting import (
+from harness.cell.models import load_model, resolve_mode
+from harness.cell.run import run_cell
+from harness.schema import TaskSpec
+from harness.tasks.builtin import load_task
+from harness.tasks.prompting import (
     PromptItem,
     answer_matches,
     collate_prompts,
@@ -16,8 +18,6 @@ from harness.prompting import (
     evaluate_prompts,
     score_continuations,
 )
-from harness.schema import TaskSpec
-from harness.tasks import load_task
 from tests.conftest import cells
 
 CPU = torch.device("cpu")
@@ -177,7 +177,7 @@ def _lm_eval_pair(tok, context: str, continuation: str) -> tuple[list[int], list
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from harness.models import smollm2_dir
+    from harness.cell.models import smollm2_dir
 
     return AutoTokenizer.from_pretrained(smollm2_dir())  # a byte-level BPE: spaces are part of the word tokens
 
@@ -206,7 +206,7 @@ def test_prompts_tokenise_as_one_string_like_lm_eval(llama, smollm2_tokenizer, n
 
 def test_forgetting_loss_ignores_tokens_predicted_from_padding(llama):
     """Left-padded batch NLL equals the unpadded per-row NLL: no row's first token is scored from a pad."""
-    from harness.prompting import lm_loss
+    from harness.tasks.prompting import lm_loss
 
     tok, model = llama.tokenizer, llama.model.eval()
     texts = ["a short one", "a much longer text than the first, so that the short one gets padded on the left"]

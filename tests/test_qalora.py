@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from harness.cell import run_cell
+from harness.cell.models import load_model
+from harness.cell.run import run_cell
 from harness.contract import ModelContext
-from harness.models import load_model
 from harness.registry import get_method
 from methods.intquant import BITS, QuantLinear, load_merged, pack, quantize_rtn, unpack
 from methods.qalora_layer import QALoraLinear
@@ -114,7 +114,7 @@ def test_export_reload_and_run_record(tmp_path):
     mm = rec.method_metrics
     assert mm["bits_per_quantized_param"] == mm["bits_per_quantized_param_merged"] == pytest.approx(5.0)
     assert mm["integer_weights_unchanged"] and mm["merged_vs_unmerged_max_abs_diff_random"] < 1e-3
-    assert not any(k.startswith("latency") for k in mm)  # timed once, per deployable form, by harness/deploy.py
+    assert not any(k.startswith("latency") for k in mm)  # timed once, per deployable form, by harness/cell/deploy.py
     (merged,) = [e for e in rec.exports if e.kind == "merged_int"]
     assert merged.eval.accuracy == rec.eval_after.accuracy and merged.max_abs_logit_diff < 1e-3
     reloaded = load_merged(merged.path)
@@ -127,7 +127,7 @@ def test_group_size_must_divide_every_layer():
 
 
 def test_parameter_counts_include_quantized_weights():
-    from harness.measure import parameter_counts
+    from harness.measure.runstats import parameter_counts
 
     base = load_model("tiny-bert", 2, 0).model
     n_base = sum(p.numel() for p in base.parameters())
@@ -178,7 +178,7 @@ def test_qalora_peak_is_not_above_qlora_on_smollm2(tmp_path):
     """The decoder suite's model and adapters (rank 8; QA-LoRA INT4 group 64, QLoRA NF4 + double quant on every
     projection), the same batches: QA-LoRA's training peak is at most QLoRA's. Before QA-LoRA re-dequantized in
     backward it was above it (785.5 vs 710.0 MiB at batch 8 × 128 tokens; 584.1 MiB after)."""
-    from harness.cell import run_cell
+    from harness.cell.run import run_cell
     from tests.conftest import cells
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from harness.cell import run_cell
+from harness.cell.models import load_model
+from harness.cell.run import run_cell
 from harness.contract import ModelContext
-from harness.models import load_model
 from harness.registry import get_method
 from methods.qlora import QLoraOptions, quantize_linears, quantized_storage, relative_quantization_error
 from tests.conftest import cells

@@ -87,12 +87,12 @@ def test_ray_records_equal_local_records(tmp_path, write_suite, one_cluster, mon
         # Ray gives each cell num_cpus=1 thread: float sums may round differently in the last bits
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
         assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
-    import harness.ray_executor
+    import harness.driver.ray_executor
 
     def no_pool(*args, **kwargs):
         raise AssertionError("nothing to run, yet a Ray pool was made")
 
-    monkeypatch.setattr(harness.ray_executor, "RayPool", no_pool)
+    monkeypatch.setattr(harness.driver.ray_executor, "RayPool", no_pool)
     resumed = run_cli("run", str(path), "--results", str(tmp_path / "ray"), "--executor", "ray")
     assert resumed.returncode == 0 and "2 already recorded, 0 to run" in resumed.stderr
 
@@ -105,10 +105,10 @@ def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_sa
     what it proposes on the local executor (same sampler seed), and the final runs carry the tuning."""
     import datetime
 
-    from harness.cell import run_cell
+    from harness.cell.run import run_cell
+    from harness.driver.suite import expand, parse_suite
+    from harness.driver.tune import tune_cells
     from harness.records import read_record
-    from harness.suite import expand, parse_suite
-    from harness.tune import tune_cells
 
     data = tiny_suite(methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}], seeds=[0])
     data["train"] = {**data["train"], "steps": 4, "eval_every": 2}

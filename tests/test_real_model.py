@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.cell import run_cell
+from harness.cell.run import run_cell
 from tests.conftest import cells
 
 pytestmark = pytest.mark.real_model

@@ -71,7 +71,7 @@ def test_entry_point_plugin_is_registered_and_runs(tmp_path):
     suite.write_text(yaml.safe_dump(tiny_suite(methods=[{"method": "head_only"}])))
     # One fresh interpreter (that is what sees the entry point) for both commands: each costs ~12 s of imports.
     script = (
-        "import sys; from harness.cli import main; rc = main(['methods']); print('=' * 8, flush=True); "
+        "import sys; from harness.driver.cli import main; rc = main(['methods']); print('=' * 8, flush=True); "
         f"sys.exit(rc or main(['run', {str(suite)!r}, '--results', {str(tmp_path / 'r')!r}]))"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)

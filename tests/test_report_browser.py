@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from harness.cell import run_cell
+from harness.cell.run import run_cell
 from harness.records import read_record, write_record
 from reports.html import write_report
 from tests.conftest import cells

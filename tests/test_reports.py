@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from harness.cell import run_cell
-from harness.cli import main
+from harness.cell.run import run_cell
+from harness.driver.cli import main
 from harness.records import read_record, write_record
 from tests.conftest import cells
 

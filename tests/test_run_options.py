@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from harness.driver.runner import select_cells
 from harness.records import read_record
-from harness.runner import select_cells
 from tests.conftest import cells, run_cli, tiny_suite
 
 DATA = Path(__file__).parent / "data"

@@ -3,16 +3,16 @@
 import json
 import os
 
+from harness.driver.runner import pending_cells, run_suite
+from harness.driver.suite import expand, parse_suite
 from harness.records import read_record
-from harness.runner import pending_cells, run_suite
-from harness.suite import expand, parse_suite
 from tests.conftest import run_cli, tiny_suite
 
 
 def broken_model(tmp_path) -> str:
     """A local model whose config is valid (validation builds its skeleton and passes) and whose weights are
     garbage: its runs fail while loading, after the suite started, as a crash in a run would."""
-    from harness.models import _tiny_config
+    from harness.cell.models import _tiny_config
 
     path = tmp_path / "broken-model"
     _tiny_config("tiny-bert", 2).save_pretrained(path)
@@ -92,8 +92,8 @@ def test_records_from_a_newer_version_still_load(tmp_path):
 
 def test_a_dead_fork_server_falls_back_to_a_fresh_process(tmp_path):
     """The zygote dying (OOM killer, crash) costs the suite nothing: the cell runs in a fresh process."""
-    from harness import forkserver
-    from harness.executor import run_cell_subprocess
+    from harness.driver import forkserver
+    from harness.driver.executor import run_cell_subprocess
 
     server = forkserver.ForkServer(dict(os.environ))
     server.proc.kill()

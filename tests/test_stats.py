@@ -108,12 +108,12 @@ def test_gain_from_training_is_paired_on_the_same_examples():
 
 
 def test_accuracy_and_macro_f1_agree_with_scikit_learn():
-    """harness.data computes both without scikit-learn (a second of every cell's start): same numbers, a label
-    never predicted and a predicted label that never occurs included."""
+    """harness.tasks.classifier computes both without scikit-learn (a second of every cell's start): same numbers,
+    a label never predicted and a predicted label that never occurs included."""
     import numpy as np
     from sklearn.metrics import accuracy_score, f1_score
 
-    from harness.data import accuracy, macro_f1
+    from harness.tasks.classifier import accuracy, macro_f1
 
     rng = np.random.default_rng(0)
     cases = [(rng.integers(0, 4, 200), rng.integers(0, 4, 200)), (np.array([0, 0, 1, 1]), np.array([0, 2, 2, 2]))]

@@ -1,7 +1,7 @@
 import pytest
 
 from harness.schema import ConfigError, TaskSpec
-from harness.tasks import load_task
+from harness.tasks.builtin import load_task
 
 
 def test_rotten_tomatoes_counts_labels_and_group_split():
@@ -83,8 +83,8 @@ def test_prompt_and_label_words_can_be_overridden():
 
 
 def test_pairs_are_encoded_as_sentence_pairs():
-    from harness.data import encode
-    from harness.models import load_model
+    from harness.cell.models import load_model
+    from harness.tasks.classifier import encode
 
     tok = load_model("tiny-bert", 2, 0).tokenizer
     data = load_task(TaskSpec(name="boolq", train_examples=4))
@@ -123,7 +123,7 @@ def test_unknown_column_is_a_clear_error(tmp_path):
 
 
 def test_bbc_news_trains_a_five_way_head(tmp_path):
-    from harness.cell import run_cell
+    from harness.cell.run import run_cell
     from tests.conftest import cells
 
     cfg = cells(tasks=[{"name": "bbc_news", "train_examples": 64, "eval_examples": 32}])[0]
@@ -132,11 +132,11 @@ def test_bbc_news_trains_a_five_way_head(tmp_path):
     assert rec.task_info["labels"][0] == "business" and rec.eval_after.examples == 32
 
 
-@pytest.mark.parametrize("name", sorted(__import__("harness.tasks", fromlist=["TASKS"]).TASKS))
+@pytest.mark.parametrize("name", sorted(__import__("harness.tasks.builtin", fromlist=["TASKS"]).TASKS))
 def test_no_test_or_validation_input_is_also_a_training_input(name):
     """Copies (BBC News has verbatim duplicate articles under other file names) share a split with their
     original: no test or validation input equals a training input, whitespace and case aside."""
-    from harness.taskdata import content_key
+    from harness.tasks.data import content_key
 
     data = load_task(TaskSpec(name=name))
     train = {content_key(x) for x in data.train}
@@ -146,7 +146,7 @@ def test_no_test_or_validation_input_is_also_a_training_input(name):
 
 
 def test_group_split_joins_groups_that_share_content():
-    from harness.taskdata import Example, group_split
+    from harness.tasks.data import Example, group_split
 
     rows = [Example(f"text {i}", 0, f"g{i}") for i in range(200)] + [Example("TEXT  7", 1, "copy")]
     for seed in range(5):

@@ -1,12 +1,12 @@
-"""Tuning on the validation split (harness/tune.py): the test split is never read by a trial and read once
+"""Tuning on the validation split (harness/driver/tune.py): the test split is never read by a trial and read once
 after training by each final run (the calls are counted); an interrupted study continues where it stopped and
 ends where an uninterrupted one does."""
 
 import pytest
 
-from harness.cell import run_cell
-from harness.suite import expand, parse_suite
-from harness.tune import tune_cells, with_params
+from harness.cell.run import run_cell
+from harness.driver.suite import expand, parse_suite
+from harness.driver.tune import tune_cells, with_params
 from tests.conftest import run_cli, tiny_suite
 
 TUNE = {
@@ -32,7 +32,7 @@ def _suite(steps: int = 4, **tune):
 @pytest.fixture
 def splits(monkeypatch):
     """Every evaluation's split, in order (the classifier IO's evaluate, spied on; cells run in this process)."""
-    from harness.data import ClassifierIO
+    from harness.tasks.classifier import ClassifierIO
 
     seen, real = [], ClassifierIO.evaluate
 
@@ -101,7 +101,7 @@ def test_an_interrupted_study_resumes_without_repeating_trials_and_ends_like_an_
 
 
 def test_the_trials_option_of_the_command_line_is_the_budget(tmp_path):
-    from harness.cli import main
+    from harness.driver.cli import main
 
     path = tmp_path / "s.yaml"
     import yaml
@@ -184,7 +184,7 @@ def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(t
 def test_storage_urls_that_cannot_work_are_one_line(tmp_path, capsys):
     import yaml
 
-    from harness.cli import main
+    from harness.driver.cli import main
 
     data = tiny_suite(seeds=[0])
     data["train"] = {**data["train"], "eval_every": 2}

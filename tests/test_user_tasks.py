@@ -9,9 +9,9 @@ import random
 
 import pytest
 
+from harness.driver.suite import parse_suite
 from harness.schema import ConfigError, TaskSpec
-from harness.suite import parse_suite
-from harness.tasks import load_task
+from harness.tasks.builtin import load_task
 from tests.conftest import run_cli, tiny_suite
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]

@@ -3,7 +3,7 @@ best step's weights put back for the test split and the exports."""
 
 import pytest
 
-from harness.cell import run_cell
+from harness.cell.run import run_cell
 from tests.conftest import cells
 
 BASE = {"steps": 6, "batch_size": 8, "lr": 3e-3, "max_seq_len": 32, "timing_warmup_steps": 1, "schedule": "constant"}
@@ -23,7 +23,7 @@ def _run(tmp_path, **train):
 @pytest.fixture
 def splits(monkeypatch):
     """Every evaluation's split, in order: the classifier IO's evaluate, spied."""
-    from harness.data import ClassifierIO
+    from harness.tasks.classifier import ClassifierIO
 
     seen, real = [], ClassifierIO.evaluate
 

@@ -1,5 +1,5 @@
 """Model names, checked without torch or transformers: the aliases, local folders (their weights' format and a
-fingerprint of what they hold), and hub ids in the local cache. Loading them is :mod:`harness.models`."""
+fingerprint of what they hold), and hub ids in the local cache. Loading them is :mod:`harness.cell.models`."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def mfu_dtype(train_dtype: str, method_compute: str | None) -> str:
 def training_flops(
     model: torch.nn.Module, output_names: list[str], res, dtype_name: str, results_dir: Path, device: torch.device
 ) -> dict:
-    """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.loop.LoopResult`).
+    """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.cell.loop.LoopResult`).
     Every layer runs on every computed token; the output head on the positions it computed (prompts: the
     answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in ``dtype_name``."""
     timed, measured = res.timed_steps, res.measured_step_times_s
@@ -97,11 +97,11 @@ def training_flops(
 def peak_flops(results_dir: Path | None, dtype_name: str, device: torch.device) -> dict:
     """The suite's peak for ``dtype_name``: one denominator per suite. The first figure a suite uses is kept in
     ``results_dir/machine.json`` (kept on resume too) and comes from the per-machine cache (measured there when
-    missing: bounded and load-checked, see :mod:`harness.hardware`). A host other than the one that figure came
+    missing: bounded and load-checked, see :mod:`harness.measure.hardware`). A host other than the one that figure came
     from (a Ray worker elsewhere, a resume on another machine) uses its own machine's figure, and says so."""
     import fcntl
 
-    from harness.hardware import peak_matmul, static_identity
+    from harness.measure.hardware import peak_matmul, static_identity
 
     here = static_identity(device)["machine_key"]
     key = f"{device.type}:{dtype_name}"

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from harness.records import RunRecord
 from harness.schema import DEFAULT_SPACE, RunConfig, SearchRange, Suite, TrainConfig, Tune
+from harness.studies import fmt_param, pruner, public_url, storage
 
 Execute = Callable[[RunConfig, Path], RunRecord]
 
@@ -45,7 +46,7 @@ def with_command_line(suite: Suite, path: str, trials: int | None, storage: str 
             raise ValueError(f"--storage: {err}") from None
     suite = suite.model_copy(update={"tune": suite.tune.model_copy(update=update)})
     if suite.tune.storage:
-        open_storage(suite.tune.storage)
+        openstorage(suite.tune.storage)
     return suite
 
 
@@ -196,13 +197,13 @@ def tune_cells(
     trial_dir = Path(results_dir) / "tuning"
     trial_dir.mkdir(parents=True, exist_ok=True)
     spec = tune.storage or str(trial_dir / "studies.journal")
-    storage = open_storage(spec)
+    storage = openstorage(spec)
     direction = "maximize" if tune.objective == "val_accuracy" else "minimize"
     studies = []
     for cfg in base:
         key = study_key(cfg, tune)
         study = optuna.create_study(
-            study_name=key, storage=storage, direction=direction, load_if_exists=True, pruner=_pruner(tune.pruner)
+            study_name=key, storage=storage, direction=direction, load_if_exists=True, pruner=pruner(tune.pruner)
         )
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its runner was killed:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # not counted; proposed again
@@ -224,7 +225,7 @@ def tune_cells(
             info = {"storage": spec, "study": st["key"], "number": trial.number}
             info.update(objective=tune.objective, pruner=tune.pruner, first_point=st["cfg"].train.eval_every)
             cfg = with_params(st["cfg"], trial.params, read_test=False, export=False, trial=info)
-            params = ", ".join(f"{k} {_fmt(v)}" for k, v in trial.params.items())
+            params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
 
             def show(line: str, key=st["key"], study=st["study"], params=params) -> None:
                 text = f"{_summary(study, tune)} · trial: {params} · {line}"
@@ -248,7 +249,7 @@ def tune_cells(
         study.set_user_attr(f"wall_s_{trial.number}", rec.wall_time_s)
         result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
         done = len(_counted(study))
-        params = ", ".join(f"{k} {_fmt(v)}" for k, v in trial.params.items())
+        params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
         say(f"tune {st['key']}: trial {done}/{tune.trials} ({params}) → {result}; {_summary(study, tune)}")
         status(st["key"], _summary(study, tune), done, tune.trials)
     return [_final(st, tune, spec, say) for st in studies]
@@ -262,10 +263,6 @@ def _propose(st: dict, tune: Tune):
         points = grid_points(st["space"], tune.trials, tune.seed)
         study.enqueue_trial(points[done % len(points)])
     return study.ask(st["dists"])
-
-
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _summary(study, tune: Tune) -> str:
@@ -302,7 +299,7 @@ def _final(st: dict, tune: Tune, spec: str, say: Callable[[str], None]) -> RunCo
         "sampler": tune.sampler,
         "pruner": tune.pruner,
         "study": st["key"],
-        "storage": _public(spec),
+        "storage": public_url(spec),
         "history": [{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in trials],
     }
     return with_params(cfg, best.params, tuning=tuning)
@@ -317,84 +314,11 @@ def _counted(study) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted")]
 
 
-def _pruner(name: str, first_point: int = 0):
-    """Pruners that act on small budgets: the median one once 2 trials finished. None prunes at a trial's first
-    validation point (``first_point``, the step of it): early in a run every learning rate still scores the
-    majority class (MiniLM at step 20 of 60: 0.555 for nearly all), and pruning there cut the trials that became
-    the best ones (tune_quick's first run)."""
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first_point + 1)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_point + 1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first_point + 1)
-    return optuna.pruners.NopPruner()
-
-
-def _storage(spec: str):
-    """A database URL (sqlite:///, postgresql://, mysql://: Optuna's RDBStorage, for many machines) or the path
-    of a journal file (the default, in the results dir: no server, safe between processes of one machine)."""
-    if "://" in spec:
-        from optuna.storages import RDBStorage
-
-        return RDBStorage(spec)
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(spec))
-
-
-def open_storage(spec: str):
+def openstorage(spec: str):
     """The storage, or :class:`StorageUnreachable` in one line."""
     try:
-        return _storage(spec)
+        return storage(spec)
     except Exception as err:  # a driver not installed (psycopg2, pymysql), a server not reachable
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        what = f"tune.storage {_public(spec)}: cannot open it: {type(err).__name__}: {first}"
+        what = f"tune.storage {public_url(spec)}: cannot open it: {type(err).__name__}: {first}"
         raise StorageUnreachable(what) from err
-
-
-def _public(spec: str) -> str:
-    """The storage as records may keep it: a URL's password hidden."""
-    if "://" not in spec:
-        return spec
-    from sqlalchemy.engine import make_url
-
-    return make_url(spec).render_as_string(hide_password=True)
-
-
-class TrialReporter:
-    """Inside a trial's cell: each validation point goes to the study (Optuna's journal file is safe to share
-    between processes); where the study's pruner says stop, :class:`Pruned` ends the run."""
-
-    def __init__(self, trial: dict) -> None:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.info = trial
-        where = trial.get("storage") or trial["journal"]
-        try:
-            study = optuna.load_study(
-                study_name=trial["study"],
-                storage=_storage(where),
-                pruner=_pruner(trial["pruner"], trial.get("first_point", 0)),
-            )
-        except Exception as err:  # a worker that cannot reach the driver's journal file, a database down
-            raise RuntimeError(
-                f"this trial cannot reach its study's storage ({_public(where)}): {type(err).__name__}: {err}. "
-                "On a cluster without a filesystem shared with the driver, set tune.storage (or --storage) to a "
-                "database URL every machine reaches"
-            ) from err
-        trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial["number"])
-        self.trial = optuna.trial.Trial(study, trial_id)
-
-    def report(self, step: int, metrics: dict, curve: list[dict]) -> None:
-        from harness.trialstate import Pruned
-
-        value = metrics["accuracy"] if self.info["objective"] == "val_accuracy" else metrics["loss"]
-        self.trial.report(value, step)
-        if self.trial.should_prune():
-            what = f"{self.info['objective']} {value:.4g}"
-            raise Pruned(f"pruned by the {self.info['pruner']} pruner at step {step} ({what})", step, list(curve))

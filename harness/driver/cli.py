@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from harness.cli_facts import cmd_estimate, cmd_methods, cmd_models, cmd_tasks
-from harness.cli_results import OutputError, cmd_compare, cmd_report, cmd_summary, writing
+from harness.driver.cli_facts import cmd_estimate, cmd_methods, cmd_models, cmd_tasks
+from harness.driver.cli_results import OutputError, cmd_compare, cmd_report, cmd_summary, writing
 from harness.libs import quiet_libraries
 from harness.progress import interrupted_before_work, interrupts_raise
 from harness.schema import ConfigError
@@ -44,8 +44,8 @@ def _offline_unless_the_suite_allows(data) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Cheap checks first (schema, names, configs, data, results dir: no torch), then the model-skeleton checks."""
-    from harness import forkserver
-    from harness.suite import check_cheap, check_fit, read_suite_file
+    from harness.driver import forkserver
+    from harness.driver.suite import check_cheap, check_fit, read_suite_file
 
     data = read_suite_file(args.suite)  # not a file, too large, not YAML: one line, before anything starts
     _offline_unless_the_suite_allows(data)
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = _results_dir(args.results, suite.name)
         if args.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise ConfigError("--executor ray needs Ray: pip install 'ftbench[ray]'")
-        from harness.runner import ResultsLocked, check_unlocked
+        from harness.driver.runner import ResultsLocked, check_unlocked
 
         try:
             check_unlocked(results)  # another runner: refused now, not after the imports below
@@ -73,9 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _with_options(suite, args: argparse.Namespace):
     """--device, --only and --jobs checked (one line, exit 2) and applied: the device to the suite (it is part of
     each cell), the other two to the run only."""
-    from harness.runner import select_cells
+    from harness.driver.runner import select_cells
+    from harness.driver.suite import expand
     from harness.schema import DEVICE_PATTERN, Suite
-    from harness.suite import expand
 
     if args.device is not None:
         import re
@@ -87,7 +87,7 @@ def _with_options(suite, args: argparse.Namespace):
         if suite.tune is not None:
             raise ConfigError("--only: not with a tune: block yet (a study serves every seed of a method); drop one")
         if not select_cells(expand(suite), args.only):
-            from harness.runner import cell_key
+            from harness.driver.runner import cell_key
 
             keys = sorted({cell_key(c) for c in expand(suite)})
             more = f", … ({len(keys)} in all)" if len(keys) > 6 else ""
@@ -114,14 +114,14 @@ def _check_device(device: str | None) -> None:
 
 
 def _run(args: argparse.Namespace, suite, results: Path) -> int:
-    from harness.runner import ResultsLocked, run_suite
+    from harness.driver.runner import ResultsLocked, run_suite
 
     cells = None
     if args.command == "tune" and suite.tune is None:
         raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see README: Fair comparisons)")
     if suite.tune is not None or getattr(args, "trials", None) is not None or getattr(args, "storage", None):
-        from harness.runner import tuned_cells
-        from harness.tune import StorageUnreachable, with_command_line
+        from harness.driver.runner import tuned_cells
+        from harness.driver.tune import StorageUnreachable, with_command_line
 
         try:
             suite = with_command_line(suite, args.suite, getattr(args, "trials", None), getattr(args, "storage", None))
@@ -148,9 +148,9 @@ def _run(args: argparse.Namespace, suite, results: Path) -> int:
 
 def cmd_claims(args: argparse.Namespace) -> int:
     """The papers' claims: run suites/claims.yaml (resuming), measure, print and write the verdict table."""
-    from harness.claims import run_claims
-    from harness.runner import ResultsLocked
-    from harness.suite import load_suite
+    from harness.driver.claims import run_claims
+    from harness.driver.runner import ResultsLocked
+    from harness.driver.suite import load_suite
 
     results = _results_dir(args.results, "claims")
     try:  # stdout is the verdict table: a library's import banner (gptqmodel, through peft) goes to stderr
@@ -166,7 +166,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def cmd_cell(args: argparse.Namespace) -> int:
     """Internal: run one cell (the runner starts this in a subprocess)."""
-    from harness.cell import run_cell_file
+    from harness.cell.run import run_cell_file
 
     return run_cell_file(Path(args.cell_file), Path(args.results))
 
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_estimate)
     # internal commands (the fork server, a cell): added without help, so --help never lists them
     z = sub.add_parser("_zygote")
-    z.set_defaults(fn=lambda args: __import__("harness.forkserver").forkserver.serve())
+    z.set_defaults(fn=lambda args: importlib.import_module("harness.driver.forkserver").serve())
     c = sub.add_parser("_cell")
     c.add_argument("cell_file")
     c.add_argument("--results", required=True)

@@ -94,7 +94,7 @@ def measure(models=MODELS, big: int = 4096) -> dict:
     per-layer errors on each model (MiniLM-L6: real fp32 weights; SmolLM2: Q4_1-derived), and the constants'
     bits with and without double quantization on a ``big``² normal matrix (4096: a LLaMA-7B projection's
     shape) and on the first model's linears."""
-    from harness.models import load_model
+    from harness.cell.models import load_model
 
     out: dict = {"block": BLOCK, "layers": {}}
     first = None

@@ -18,22 +18,21 @@ from typing import Any
 
 import torch
 
-from harness.contract import Export, Method, ModelContext, TaskIO
-from harness.data import ClassifierIO
-from harness.deploy import measure as measure_deployments
-from harness.flops import mfu_dtype, training_flops
-from harness.hardware import default_device, describe, identity, resolve_config_dtypes
-from harness.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
-from harness.measure import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
-from harness.memory import nvml_process_bytes
-from harness.models import head_module_names, load_model, resolve_mode
+from harness.cell.deploy import measure as measure_deployments
+from harness.cell.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
+from harness.cell.models import head_module_names, load_model, resolve_mode
+from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
+from harness.measure.flops import mfu_dtype, training_flops
+from harness.measure.hardware import default_device, describe, identity, resolve_config_dtypes
+from harness.measure.memory import nvml_process_bytes
+from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.progress import CellProgress
-from harness.prompting import PromptIO, lm_loss
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
 from harness.registry import build_method, get_method, load_method_file
 from harness.schema import RunConfig, TaskSpec, TrainConfig
-from harness.tasks import load_task
-from harness.trialstate import Pruned
+from harness.tasks.builtin import load_task
+from harness.tasks.classifier import ClassifierIO
+from harness.tasks.prompting import PromptIO, lm_loss
 
 TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # by the model's mode
 Evaluate = Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]
@@ -191,7 +190,7 @@ class Validation:
         self.best: tuple[float, int, dict] | None = None  # (score, step, parameters)
         self.trial = None
         if trial is not None:  # a tuning trial tells its study each point; its pruner may stop it
-            from harness.tune import TrialReporter
+            from harness.cell.trial import TrialReporter
 
             self.trial = TrialReporter(trial)
 
@@ -226,7 +225,7 @@ class Validation:
 
 
 def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, rec: dict, validation) -> LoopResult:
-    """THE loop (harness/loop.py) on the task's batches and objective; its measurements into ``rec``. After each
+    """THE loop (harness/cell/loop.py) on the task's batches and objective; its measurements into ``rec``. After each
     step (outside its timing) the runner hears of it and the validation split may be evaluated."""
     set_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -286,7 +285,7 @@ def _exports(
 ) -> dict:
     """Each artifact the method writes, evaluated where it comes with a model: its accuracy and how far its
     scores are from the trained model's (merge fidelity); then, with ``deployments``, what each of its
-    deployable forms costs (harness/deploy.py)."""
+    deployable forms costs (harness/cell/deploy.py)."""
     progress.say("exporting")
     exports = method.export(model, out_dir)
     out = []

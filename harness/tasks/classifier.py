@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from harness.contract import Batch
-from harness.taskdata import Example, TaskData
+from harness.tasks.data import Example, TaskData
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -71,7 +71,7 @@ def train_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless stream of shuffled batches; each epoch reshuffles with a seed derived from ``seed``.
     ``collate_fn`` turns a list of encoded examples into a batch (default: :func:`collate`; prompts pass
-    :func:`harness.prompting.collate_prompts`). With ``length`` (an example's token count), batches are grouped
+    :func:`harness.tasks.prompting.collate_prompts`). With ``length`` (an example's token count), batches are grouped
     by length: each window of 50 batches' worth of shuffled examples is sorted by length and cut into batches,
     and the batches are shuffled again, so a batch pads to a width near its examples' own and fewer pad tokens
     are computed; which examples train together is still random from window to window."""

@@ -1,6 +1,6 @@
 """Suite runner: expand the grid, run each cell in its own process, record, resume, summarise.
 
-Each cell runs in a process of its own (:mod:`harness.executor`) so that one crash cannot take the suite down
+Each cell runs in a process of its own (:mod:`harness.driver.executor`) so that one crash cannot take the suite down
 and peak memory (RSS) belongs to exactly one run. Cells that already have a record are skipped (resume);
 ``--retry-failed`` reruns those whose status is not ``ok``.
 """
@@ -12,13 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness import forkserver
 from harness.atomic import atomic_write_text
-from harness.executor import run_cell_subprocess
+from harness.driver import forkserver
+from harness.driver.executor import run_cell_subprocess
+from harness.driver.suite import expand
 from harness.progress import interrupts_raise
 from harness.records import RunRecord, cell_identity, read_record, record_path, write_record
 from harness.schema import RUN_SETTINGS, RunConfig, Suite
-from harness.suite import expand
 
 
 class ResultsLocked(Exception):
@@ -147,10 +147,10 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
 def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
     """Hardware identity at the top of the output; one warning line for half-precision dtypes asked for
     explicitly where this machine emulates them; this machine's peak matmul rate for each dtype the cells will
-    run in, before any cell (cached per machine, and the suite's figure kept on resume: harness/flops.py)."""
-    from harness.cell import resolve_dtypes
-    from harness.flops import mfu_dtype, peak_flops
-    from harness.hardware import default_device, describe, identity, slow_note
+    run in, before any cell (cached per machine, and the suite's figure kept on resume: harness/measure/flops.py)."""
+    from harness.cell.run import resolve_dtypes
+    from harness.measure.flops import mfu_dtype, peak_flops
+    from harness.measure.hardware import default_device, describe, identity, slow_note
     from harness.registry import build_method
 
     device = default_device(todo[0].device)  # one device for the whole suite (its `device:` or --device)
@@ -228,7 +228,7 @@ def run_suite(
             progress.advance(bar)
 
         if executor == "ray" and todo:  # a resume with nothing left to run starts no cluster
-            from harness.ray_executor import run_cells_ray
+            from harness.driver.ray_executor import run_cells_ray
 
             progress.update(bar, description=f"on Ray ({address or 'local cluster'})")
             run_cells_ray(todo, results_dir, address, done)
@@ -269,7 +269,7 @@ def run_suite(
 def _dispatch(todo: list[RunConfig], one, jobs: int) -> None:
     """``one(cell)`` for every cell, ``jobs`` at a time. With ``jobs > 1`` the machine's cores are split between
     the cells in flight (each cell's torch threads) and every record says how many ran side by side, so their
-    timings are flagged as measured under load (harness/measure.py::Contention)."""
+    timings are flagged as measured under load (harness/measure/runstats.py::Contention)."""
     if jobs <= 1:
         for cfg in todo:
             one(cfg)
@@ -318,14 +318,14 @@ def tuned_cells(
     suite: Suite, results_dir: Path, quiet: bool = False, executor: str = "local", address: str | None = None
 ) -> list[RunConfig]:
     """The suite's grid with each (model, task, method/variant) at its best hyperparameters on the validation
-    split (harness/tune.py): the trials run first, one cell each, in the local executor (one at a time) or on
+    split (harness/driver/tune.py): the trials run first, one cell each, in the local executor (one at a time) or on
     Ray (the studies side by side). A bar per study: trials done and pruned, the best value so far, the running
     trial's latest step."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Column
 
-    from harness.tune import LocalPool, tune_cells, with_params
+    from harness.driver.tune import LocalPool, tune_cells, with_params
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ def tuned_cells(
             return run_cell_subprocess(cfg, trial_dir, show, server)
 
         if executor == "ray":
-            from harness.ray_executor import RayPool
+            from harness.driver.ray_executor import RayPool
 
             pool = RayPool(address, slots=len(base))
         else:

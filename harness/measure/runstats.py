@@ -1,7 +1,7 @@
 """Measurements: peak memory (named for what it is), step-time statistics, and parameter counts.
 
 Memory on CPU has no allocator statistics, so ftbench measures the *peak of live tensor bytes* from the
-tensors themselves, by category (see :mod:`harness.memory`); the process peak RSS is recorded beside it.
+tensors themselves, by category (see :mod:`harness.measure.memory`); the process peak RSS is recorded beside it.
 On CUDA the allocator's own ``max_memory_allocated`` / ``max_memory_reserved`` are recorded as well.
 """
 
@@ -102,7 +102,7 @@ def memory_methods(device_type: str) -> dict[str, str]:
     out = {
         "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the tracked steps: the "
         "timing warm-up and each step with a larger batch than every tracked one (memory_tracked_steps; never timed)",
-        "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/memory.py)",
+        "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/measure/memory.py)",
         "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
         "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
     }

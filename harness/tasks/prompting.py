@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.contract import Batch
-from harness.data import accuracy, calibration_batches, macro_f1, train_batches
-from harness.taskdata import Example, TaskData
+from harness.tasks.classifier import accuracy, calibration_batches, macro_f1, train_batches
+from harness.tasks.data import Example, TaskData
 
 
 @dataclass
@@ -300,7 +300,7 @@ class PromptIO:
         self.validation: list[PromptItem] | None = None
 
     def output_names(self, model: torch.nn.Module) -> list[str]:
-        from harness.models import output_module_names
+        from harness.cell.models import output_module_names
 
         return output_module_names(model)
 

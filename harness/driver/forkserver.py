@@ -203,7 +203,7 @@ def _child(req: dict, protocol) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        from harness.cell import run_cell_file
+        from harness.cell.run import run_cell_file
 
         rc = run_cell_file(Path(req["cell_file"]), Path(req["results"]))
     except BaseException:  # noqa: BLE001 - whatever happened, the runner learns it from the exit code
@@ -225,7 +225,7 @@ def serve() -> int:
     os.dup2(2, 1)
     import importlib
 
-    import harness.cell  # noqa: F401 - the point: torch, transformers, peft, bitsandbytes, once
+    import harness.cell.run  # noqa: F401 - the point: torch, transformers, peft, bitsandbytes, once
     from harness.registry import available_methods
 
     available_methods()  # entry points too

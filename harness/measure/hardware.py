@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from harness.measure import sync
+from harness.measure.runstats import sync
 from harness.schema import AutoDtype
 
 PROBE_N = 256  # where emulated bf16 shows at once (~25 ms a matmul) and native bf16 is already faster

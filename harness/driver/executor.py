@@ -1,9 +1,9 @@
 """Run one cell in a process of its own, with a wall-clock limit; always leave a record.
 
 The child writes its own record; if it dies without one (killed, segfault, timeout), this writes a ``failed`` /
-``timeout`` record for it. Used by the local runner (:mod:`harness.runner`) and by Ray's workers
-(:mod:`harness.ray_executor`) alike. On CPU the process is a fork of a zygote that has already imported the
-libraries (:mod:`harness.forkserver`); elsewhere a fresh ``python -m harness _cell``.
+``timeout`` record for it. Used by the local runner (:mod:`harness.driver.runner`) and by Ray's workers
+(:mod:`harness.driver.ray_executor`) alike. On CPU the process is a fork of a zygote that has already imported the
+libraries (:mod:`harness.driver.forkserver`); elsewhere a fresh ``python -m harness _cell``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import forkserver
 from harness.atomic import atomic_write_text
-from harness.forkserver import cell_env
+from harness.driver import forkserver
+from harness.driver.forkserver import cell_env
 from harness.progress import LogTail
 from harness.records import RunRecord, make_record, now_iso, read_record, record_path, write_record
 from harness.schema import RunConfig
@@ -70,7 +70,7 @@ class _Fresh:
 
 
 class _Forked:
-    """A fork of the suite's zygote (harness/forkserver.py): the same isolation without re-importing torch."""
+    """A fork of the suite's zygote (harness/driver/forkserver.py): the same isolation without re-importing torch."""
 
     def __init__(self, server, cfg: RunConfig, cell_file: Path, results_dir: Path, log: Path) -> None:
         self.server = server

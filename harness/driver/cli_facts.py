@@ -34,7 +34,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from harness.modelnames import ALIASES
+    from harness.cell.modelnames import ALIASES
 
     for k, v in ALIASES.items():
         print(f"{k:12s} {v}")
@@ -46,7 +46,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from harness.tasks import TASKS, task_kind
+    from harness.tasks.builtin import TASKS, task_kind
 
     for k, fn in TASKS.items():  # the docstring's first paragraph, whole: the source of the data is in it
         print(f"{k:16s} {task_kind(k):16s} {' '.join((fn.__doc__ or '').strip().split(chr(10) * 2)[0].split())}")
@@ -62,9 +62,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    """Analytic peak memory for models this machine cannot hold (see harness/estimate.py for the formulas). Every
-    argument is checked, and every model resolved, before the table is printed."""
-    from harness.estimate import print_table
+    """Analytic peak memory for models this machine cannot hold (harness/measure/estimate.py has the formulas).
+    Every argument is checked, and every model resolved, before the table is printed."""
+    from harness.measure.estimate import print_table
 
     print_table(args)
     return 0

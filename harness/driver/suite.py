@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from harness.modelnames import ALIASES, check_model_name, fingerprint
+from harness.cell.modelnames import ALIASES, check_model_name, fingerprint
 from harness.registry import available_methods, get_method, load_method_file
 from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
-from harness.tasks import TASKS, check_task_name, load_task, task_kind
-from harness.userdata import check_task_spec, read_user_text
+from harness.tasks.builtin import TASKS, check_task_name, load_task, task_kind
+from harness.tasks.userdata import check_task_spec, read_user_text
 
 MAX_SUITE_BYTES = 2**20
 
@@ -192,7 +192,7 @@ def _check_optimizers(suite: Suite, source: str) -> None:
     """Each optimizer is built once on a one-element parameter, so unknown ``optimizer_args`` fail here."""
     import torch
 
-    from harness.optim import build_optimizer
+    from harness.cell.optim import build_optimizer
 
     for where, values in [("train", {})] + [(f"methods[{i}].train", m.train) for i, m in enumerate(suite.methods)]:
         t = TrainConfig.model_validate({**suite.train.model_dump(), **values})
@@ -230,7 +230,7 @@ def _with_config_file(config: dict[str, Any], source: str, where: str) -> dict[s
 
 def _check_tasks_fit_models(suite: Suite, source: str) -> None:
     """Multiple-choice and generation tasks (and the forgetting measure) need a model that reads prompts."""
-    from harness.models import resolve_mode
+    from harness.cell.models import resolve_mode
 
     for i, spec in enumerate(suite.models):
         if resolve_mode(spec.name, spec.mode, spec.trust_remote_code) != "classifier":
@@ -251,7 +251,7 @@ def _check_tasks_fit_models(suite: Suite, source: str) -> None:
 def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
     """Each method checks its config against each model's architecture (built on the meta device: no weights,
     no memory), so e.g. a QA-LoRA group size that does not divide a layer's d_in fails before any training."""
-    from harness.models import resolve_mode, skeleton
+    from harness.cell.models import resolve_mode, skeleton
 
     for spec in suite.models:
         mode = resolve_mode(spec.name, spec.mode, spec.trust_remote_code) or "classifier"

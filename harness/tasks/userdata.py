@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from harness.schema import ConfigError, TaskSpec
-from harness.taskdata import Example, TaskData, group_split
+from harness.tasks.data import Example, TaskData, group_split
 
 GENERIC = {"csv", "jsonl", "hf"}
 
