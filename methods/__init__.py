@@ -2,7 +2,7 @@
 
 Importing this package registers them. To add a method, add a file here that defines one class decorated
 with :func:`harness.registry.register_method` and import it below (third parties use the entry-point group
-``ftbench.methods`` instead; see README "Adding a method").
+``ftbench.methods`` instead; see docs/methods.md).
 """
 
 from methods import full, lora, peft_generic, qalora, qlora  # noqa: F401

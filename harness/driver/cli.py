@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace, suite, results: Path) -> int:
 
     cells = None
     if args.command == "tune" and suite.tune is None:
-        raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see README: Fair comparisons)")
+        raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see docs/tuning.md)")
     if suite.tune is not None or getattr(args, "trials", None) is not None or getattr(args, "storage", None):
         from harness.driver.runner import tuned_cells
         from harness.driver.tune import StorageUnreachable, with_command_line
