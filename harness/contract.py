@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -63,6 +63,19 @@ class Deployable:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class MemoryModel:
+    """What a method's memory is made of, for the analytic estimate at scale (harness/measure/estimate.py): every
+    parameter trains in the weight dtype (``trains="all"``), or rank-``rank`` adapters train in fp32 on a frozen
+    base whose linear weights take ``linear_bits`` each (None: the weight dtype), with adapter inputs pooled
+    ``adapter_in_divisor`` at a time (QA-LoRA's groups)."""
+
+    trains: Literal["all", "adapters"]
+    rank: int = 0
+    linear_bits: float | None = None
+    adapter_in_divisor: int = 1
+
+
 @dataclass
 class Export:
     """One artifact a method wrote. ``model`` (optional) is the in-memory model the artifact represents
@@ -89,9 +102,10 @@ class Method(Protocol):
 
     def __init__(self, config: BaseModel) -> None: ...
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
         """Raise ValueError if this config cannot apply to this architecture (given on the meta device, before
-        any training: e.g. a group size that does not divide a layer's d_in)."""
+        any training, with the context ``prepare`` will get: e.g. a group size that does not divide a layer's
+        d_in, the heads left out)."""
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         """Transform the model for training and return it (may wrap it, e.g. in a PeftModel)."""
@@ -120,6 +134,10 @@ class Method(Protocol):
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         """Write the method's result (safetensors) under ``out_dir`` and describe each artifact."""
 
+    def memory_model(self) -> MemoryModel | None:
+        """How this method stores the base weights and what it trains, for ``ftbench estimate``'s peak-memory
+        estimate at scale (harness/measure/estimate.py); None: the method is "not estimated"."""
+
     def report(self, model: torch.nn.Module) -> dict[str, Any]:
         """Figures the method measured about itself (e.g. bits per quantized parameter), stored in the record's
         ``method_metrics``. Called once, after training and export."""
@@ -142,7 +160,7 @@ class MethodBase:
     def __init__(self, config: BaseModel | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
         return None
 
     def param_groups(self, named: list[tuple[str, torch.nn.Parameter]], lr: float) -> list[dict[str, Any]]:
@@ -168,6 +186,9 @@ class MethodBase:
         path = out_dir / "trained.safetensors"
         save_file({n: p.detach().contiguous().cpu() for n, p in self.trainable_parameters(model)}, path)
         return [Export("trained", path, path.stat().st_size)]
+
+    def memory_model(self) -> MemoryModel | None:
+        return None
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:
         return {}

@@ -30,6 +30,7 @@ from harness.contract import (  # noqa: F401  (the contract's names, where plug-
 )
 
 ENTRY_POINT_GROUP = "ftbench.methods"
+FILE_MODULE = "ftbench_user_"  # the module name a method file beside a suite is imported under
 
 
 _loaded = False
@@ -56,6 +57,12 @@ def _load_all() -> None:
 def available_methods() -> dict[str, type]:
     _load_all()
     return dict(sorted(_REGISTRY.items()))
+
+
+def registered_names() -> list[str]:
+    """The methods a suite may name: built-ins and entry points (a method loaded from a file is named by its file,
+    and stays registered in this process only for the suite that named it)."""
+    return [n for n, cls in available_methods().items() if not cls.__module__.startswith(FILE_MODULE)]
 
 
 def get_method(name: str) -> type:
@@ -110,7 +117,7 @@ def load_method_file(spec: str, base: str | Path = ".") -> tuple[type, str]:
     path = (rel if rel.is_absolute() else Path(base) / rel).resolve()
     if not path.is_file():
         raise ValueError(f"{spec!r}: no file {path} (a method's file is found from the suite file's folder)")
-    module_name = f"ftbench_user_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    module_name = f"{FILE_MODULE}{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     module = sys.modules.get(module_name)
     if module is None:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -129,8 +136,10 @@ def load_method_file(spec: str, base: str | Path = ".") -> tuple[type, str]:
         raise ValueError(f"{spec!r}: {path.name} has no class {class_name}; method classes there: {found or 'none'}")
     _load_all()  # the built-ins first: a file method may not take a built-in's name
     name = getattr(cls, "name", None)
-    if name in _REGISTRY and _REGISTRY[name] is not cls and not _REGISTRY[name].__module__.startswith("ftbench_user"):
+    if name in _REGISTRY and _REGISTRY[name] is not cls and not _REGISTRY[name].__module__.startswith(FILE_MODULE):
         raise ValueError(f"{spec!r}: its name {name!r} is a registered method's; give {class_name} another name")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:  # another suite's file method of that name, earlier in
+        del _REGISTRY[name]  # this process (a suite's own entries are kept apart by harness/driver/suite.py)
     try:
         if _REGISTRY.get(name) is not cls:
             register_method(cls)

@@ -48,13 +48,6 @@ def split_bookkeeping(data: Any) -> Any:
     return {**rest, "ignored": {**rest.get("ignored", {}), **ignored}} if ignored else rest
 
 
-def task_type_of(model: torch.nn.Module) -> str:
-    """PEFT's task type for a skeleton: a classification head means SEQ_CLS (the head trains in full)."""
-    from harness.cell.models import head_module_names
-
-    return "SEQ_CLS" if head_module_names(model) else "CAUSAL_LM"
-
-
 class PeftOptions(Strict):
     """Options that become a PEFT config: other keys pass through by name; a saved adapter_config.json's
     bookkeeping keys are moved to ``ignored`` (accepted, not used, kept in the record)."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.contract import Export, MemoryModel, MethodBase, ModelContext, register_method
 from harness.schema import Strict
 from methods.common import dir_bytes, pretrained_forms, requires_grad_parameters
 
@@ -33,6 +33,9 @@ class Full(MethodBase):
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
+
+    def memory_model(self) -> MemoryModel:
+        return MemoryModel(trains="all")
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         path = out_dir / "model"

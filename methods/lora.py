@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.contract import Export, MemoryModel, MethodBase, ModelContext, register_method
 from methods.common import (
     PEFT_RESERVED,
     PeftOptions,
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
-    task_type_of,
 )
 
 if TYPE_CHECKING:
@@ -88,8 +87,8 @@ class Lora(MethodBase):
     name = "lora"
     Config = LoraOptions
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        check_peft_fits(model, self.config.lora_config(task_type=task_type_of(model)))
+    def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
+        check_peft_fits(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         from peft import get_peft_model
@@ -98,6 +97,9 @@ class Lora(MethodBase):
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
+
+    def memory_model(self) -> MemoryModel:  # rank-r A and B per targeted linear, on a base in the weight dtype
+        return MemoryModel(trains="adapters", rank=self.config.r)
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         return export_peft(model, out_dir, mergeable=True)

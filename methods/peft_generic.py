@@ -29,7 +29,6 @@ from methods.common import (
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
-    task_type_of,
 )
 
 if TYPE_CHECKING:
@@ -103,8 +102,8 @@ class PeftGeneric(MethodBase):
                 extra["total_step"] = total_step or 10**6
             return cls(task_type=task_type, **extra)
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        check_peft_fits(model, self.config.peft_config(task_type_of(model)))
+    def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
+        check_peft_fits(model, self.config.peft_config(ctx.peft_task_type))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         from peft import get_peft_model

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from harness.contract import Export, MethodBase, ModelContext, register_method
+from harness.contract import Export, MemoryModel, MethodBase, ModelContext, register_method
 from harness.lazy import lazy_module
 from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
@@ -93,9 +93,18 @@ class QALora(MethodBase):
         self._metrics: dict[str, Any] = {}
         self._layers: list[str] = []
 
-    def check_model(self, model: torch.nn.Module, heads: set[str] | None = None) -> None:
+    def memory_model(self) -> MemoryModel:
+        """INT-N weights with an fp16 scale and zero point per group, and adapters whose inputs are pooled per
+        group (QA-LoRA paper, §3.3): r·(d_in/g + d_out) per targeted linear."""
         c = self.config
-        targets = _targets(model, {"classifier", "score", "lm_head"} if heads is None else heads, c.target_modules)
+        return MemoryModel("adapters", c.r, linear_bits=c.bits + 32 / c.group_size, adapter_in_divisor=c.group_size)
+
+    def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
+        self._check(model, set(ctx.head_names) | set(ctx.output_names))
+
+    def _check(self, model: torch.nn.Module, heads: set[str]) -> None:
+        c = self.config
+        targets = _targets(model, heads, c.target_modules)
         if not targets:
             raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
         for path, lin in targets:
@@ -108,7 +117,7 @@ class QALora(MethodBase):
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         c = self.config
         keep = set(ctx.head_names) | set(ctx.output_names)  # heads train in full; a decoder's LM head stays as is
-        self.check_model(model, keep)
+        self._check(model, keep)
         targets = _targets(model, keep, c.target_modules)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from harness.contract import Deployable, Export, MethodBase, ModelContext, register_method
+from harness.contract import Deployable, Export, MemoryModel, MethodBase, ModelContext, register_method
 from harness.lazy import lazy_module
 from harness.schema import AutoDtype
 from methods.common import (
@@ -33,7 +33,6 @@ from methods.common import (
     pretrained_forms,
     requires_grad_parameters,
     save_state_dict,
-    task_type_of,
 )
 from methods.lora import LoraOptions
 
@@ -193,8 +192,15 @@ class QLora(MethodBase):
         self._quantized: list[str] = []
         self._calibration = None
 
-    def check_model(self, model: torch.nn.Module) -> None:  # the adapters' fit; quantization fits any Linear
-        check_peft_fits(model, self.config.lora_config(task_type=task_type_of(model)))
+    def memory_model(self) -> MemoryModel:
+        """4 bits per weight plus one fp32 absmax per block, or, double-quantized, an 8-bit absmax per block plus
+        one fp32 constant per 256 blocks (QLoRA paper, §2: 4.127 bits at blocks of 64)."""
+        b = self.config.blocksize
+        constants = 8 / b + 32 / (b * 256) if self.config.double_quant else 32 / b
+        return MemoryModel(trains="adapters", rank=self.config.r, linear_bits=4 + constants)
+
+    def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:  # the adapters' fit; 4 bits fit any
+        check_peft_fits(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules)

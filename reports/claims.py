@@ -156,6 +156,29 @@ def _compare(runs: Runs, a: tuple, b: tuple, judge: Callable, **kw) -> tuple[str
     return f"{ma.mean():.3f} vs {mb.mean():.3f} ({seeds})", verdict, why
 
 
+# The suites/claims.yaml entries each claim reads (method/variant), checked when the claims suite loads
+# (check_entries): a renamed entry is an error naming it, never a claim left "not run".
+FULL, LORA, QLORA_NF4, QLORA_FP4 = "full/ft", "lora/r8", "qlora/nf4-dq", "qlora/fp4-dq"
+
+
+def qalora_entry(bits: int, group: int) -> str:
+    return f"qalora/int{bits}-g{group}"
+
+
+ENTRIES = (
+    {FULL, LORA, QLORA_NF4, QLORA_FP4}
+    | {qalora_entry(b, 32) for b in (4, 3, 2)}
+    | {qalora_entry(b, 128) for b in (3, 2)}
+)
+
+
+def check_entries(entries: set[str]) -> None:
+    """ValueError naming each method/variant the claims read that the suite lacks."""
+    missing = sorted(ENTRIES - entries)
+    if missing:
+        raise ValueError(f"the claims read entries this suite lacks: {', '.join(missing)} (method/variant)")
+
+
 def task_claims(records: list[RunRecord]) -> list[Verdict]:
     runs = Runs(records)
     out = []
@@ -164,14 +187,14 @@ def task_claims(records: list[RunRecord]) -> list[Verdict]:
         measured, verdict, why = _compare(runs, a, b, judge, **kw)
         out.append(Verdict(claim, source, paper, measured + extra, verdict, why))
 
-    lora_pct = [r.trainable_pct for r in runs.by.get("lora/r8", []) if r.trainable_pct is not None]
+    lora_pct = [r.trainable_pct for r in runs.by.get(LORA, []) if r.trainable_pct is not None]
     pct = f"; LoRA trains {lora_pct[0]:.2f}% of the parameters" if lora_pct else ""
     add(
         "LoRA ≈ full fine-tuning accuracy, at ~1–2% of the parameters trained",
         "Hu et al. 2021 (LoRA), Table 2",
         "RoBERTa-base GLUE avg: LoRA 87.2 vs full 86.4 (0.24% trainable)",
-        ("lora/r8", None),
-        ("full/ft", None),
+        (LORA, None),
+        (FULL, None),
         equivalence,
         pct,
     )
@@ -179,26 +202,26 @@ def task_claims(records: list[RunRecord]) -> list[Verdict]:
         "QLoRA (NF4 + double quantization) ≈ 16-bit LoRA",
         "Dettmers et al. 2023 (QLoRA), Table 4",
         "LLaMA 7–65B MMLU: NF4 + DQ matches BF16 LoRA within ~1 point",
-        ("qlora/nf4-dq", None),
-        ("lora/r8", None),
+        (QLORA_NF4, None),
+        (LORA, None),
         equivalence,
     )
     add(
         "NF4 beats FP4 on the task",
         "Dettmers et al. 2023, Figure 3 / Table 2",
         "zero-shot accuracy and perplexity: NF4 > FP4 at 4 bits",
-        ("qlora/nf4-dq", None),
-        ("qlora/fp4-dq", None),
+        (QLORA_NF4, None),
+        (QLORA_FP4, None),
         direction,
     )
     for bits in (4, 3, 2):
-        qlora = "qlora/nf4-dq"
+        qlora = QLORA_NF4
         add(
             f"QA-LoRA's merged INT{bits} model scores what the unmerged one scored",
             "Xu et al. 2024 (QA-LoRA), §3.3",
             "exact: the adapter folds into the zero points",
-            (f"qalora/int{bits}-g32", "merged_int"),
-            (f"qalora/int{bits}-g32", None),
+            (qalora_entry(bits, 32), "merged_int"),
+            (qalora_entry(bits, 32), None),
             equivalence,
         )
         add(
@@ -214,7 +237,7 @@ def task_claims(records: list[RunRecord]) -> list[Verdict]:
             f"QA-LoRA merged INT{bits} beats QLoRA merged and requantized to INT{bits}",
             "Xu et al. 2024, Table 1",
             TABLE1.get(bits, "(not in Table 1)"),
-            (f"qalora/int{bits}-g32", "merged_int"),
+            (qalora_entry(bits, 32), "merged_int"),
             (qlora, f"merged_int{bits}"),
             direction,
         )
@@ -224,8 +247,8 @@ def task_claims(records: list[RunRecord]) -> list[Verdict]:
             f"Smaller groups help QA-LoRA at {bits} bits (group 32 beats 128)",
             "Xu et al. 2024, Table 6",
             "LLaMA-7B MMLU, smaller groups better at 2–3 bits",
-            (f"qalora/int{bits}-g32", "merged_int"),
-            (f"qalora/int{bits}-g128", "merged_int"),
+            (qalora_entry(bits, 32), "merged_int"),
+            (qalora_entry(bits, 128), "merged_int"),
             direction,
         )
     return out
@@ -236,10 +259,10 @@ def _gap_grows(runs: Runs) -> Verdict:
     claim = "The QA-LoRA vs QLoRA-requantized gap grows at lower bits (INT2 gap > INT4 gap)"
     source, paper = "Xu et al. 2024, Table 1 (as issue 15 states it)", "5-shot MMLU gaps there: INT4 +3.4, INT2 +1.7"
     m = [
-        runs.evals("qalora/int4-g32", "merged_int"),
-        runs.evals("qlora/nf4-dq", "merged_int4"),
-        runs.evals("qalora/int2-g32", "merged_int"),
-        runs.evals("qlora/nf4-dq", "merged_int2"),
+        runs.evals(qalora_entry(4, 32), "merged_int"),
+        runs.evals(QLORA_NF4, "merged_int4"),
+        runs.evals(qalora_entry(2, 32), "merged_int"),
+        runs.evals(QLORA_NF4, "merged_int2"),
     ]
     if any(x is None for x in m) or len({x.shape[1] for x in m}) != 1:
         return Verdict(claim, source, paper, "—", "not run", "the four configurations' records are missing")

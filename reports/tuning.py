@@ -15,8 +15,6 @@ from harness.records import RunRecord
 from harness.studies import fmt_param as _fmt
 from reports.figures import SERIES_COLORS, _layout
 
-LORA_FAMILY = ("lora", "qlora", "qalora", "peft")
-
 
 def tuned(records: list[RunRecord]) -> dict[tuple[str, str], dict[str, dict]]:
     """(model, task) → method/variant → its tuning summary (one per configuration: seeds share it)."""
@@ -68,12 +66,14 @@ def lr_figure(studies: dict[str, dict]) -> go.Figure:
     return fig
 
 
-def lr_ratio(studies: dict[str, dict]) -> list[str]:
-    """The LoRA family's best learning rate over full fine-tuning's, with the range its three best trials span
+def lr_ratio(studies: dict[str, dict], trains_all: set[str]) -> list[str]:
+    """Each parameter-efficient configuration's best learning rate over that of one that trains every parameter
+    (``trains_all``: known from the records, not from method names), with the range the three best trials span
     (how flat the optimum is: the spread a single chosen point hides)."""
-    full = next((t for n, t in studies.items() if n.startswith("full/") and "lr" in t["best_params"]), None)
-    if full is None:
+    full_name = next((n for n, t in studies.items() if n in trains_all and "lr" in t["best_params"]), None)
+    if full_name is None:
         return []
+    full = studies[full_name]
 
     def top(t: dict) -> list[float]:
         done = sorted((h for h in t["history"] if h["value"] is not None), key=lambda h: h["value"])
@@ -82,11 +82,11 @@ def lr_ratio(studies: dict[str, dict]) -> list[str]:
 
     out = []
     for name, t in studies.items():
-        if name.split("/")[0] in LORA_FAMILY and "lr" in t["best_params"]:
+        if name not in trains_all and "lr" in t["best_params"]:
             ratio = t["best_params"]["lr"] / full["best_params"]["lr"]
             a, b = top(t), top(full)
             spread = f" (its 3 best trials against full's: ×{min(a) / max(b):.2g} to ×{max(a) / min(b):.2g})"
-            out.append(f"{name}: best learning rate ×{ratio:.3g} full fine-tuning's{spread if a and b else ''}")
+            out.append(f"{name}: best learning rate ×{ratio:.3g} {full_name}'s{spread if a and b else ''}")
     return out
 
 
@@ -161,7 +161,9 @@ def render(records: list[RunRecord], results_dir: Path | None, figure_html) -> s
                 "chosen one is simply the first, and says nothing about which learning rate is better (a larger "
                 "validation set, more steps or the loss as the objective may tell them apart).</p>"
             )
-        parts += [f"<p>{html.escape(line)}</p>" for line in lr_ratio(studies)]
+        everything = [r for r in records if r.total_params and r.trainable_params == r.total_params]
+        trains_all = {f"{r.method}/{r.variant}" for r in everything}
+        parts += [f"<p>{html.escape(line)}</p>" for line in lr_ratio(studies, trains_all)]
         parts.append(_table(studies))
         for j, (title, fig) in enumerate(optuna_figures(results_dir, studies, f"{model}|{task}")):
             parts.append(f"<h4>{html.escape(title)}</h4>" + figure_html(fig, f"fig-tune-optuna-{k}-{j}"))

@@ -87,3 +87,18 @@ def test_ftbench_claims_end_to_end_on_a_tiny_suite(tmp_path, write_suite):
     assert "not run" not in md and len(verdicts) >= 20, md
     assert "LoRA ≈ full fine-tuning" in md and "Double quantization saves" in md and "tiny-bert:" in md
     assert "claims.html" in out.stdout and (results / "claims.html").read_text().count("<tr>") >= 21
+
+
+def test_a_claims_suite_without_an_entry_a_claim_reads_is_refused_naming_it(tmp_path, write_suite):
+    """Issue 28: claims bound to variant names silently became "not run" rows when a variant was renamed."""
+    import yaml
+
+    from tests.conftest import ROOT, run_cli
+
+    data = yaml.safe_load((ROOT / "suites" / "claims.yaml").read_text())
+    for m in data["methods"]:
+        if m["variant"] == "r8":
+            m["variant"] = "r8-renamed"
+    out = run_cli("claims", "--suite", str(write_suite(data)), "--results", str(tmp_path / "r"), "--no-run")
+    assert out.returncode == 2 and "the claims read entries this suite lacks: lora/r8 (method/variant)" in out.stderr
+    assert not (tmp_path / "r" / "claims.html").exists()

@@ -166,3 +166,74 @@ def test_param_groups_must_cover_the_trainable_parameters():
     model, io, tc = _setup(Partial())
     with pytest.raises(ValueError, match="exactly once"):
         train(model, Partial(), itertools.islice(io.batches(8, 0), 1), tc, 0, CPU, io.objective)
+
+
+def test_a_method_states_its_memory_model_and_joins_the_estimator():
+    """``memory_model``: the estimator at scale asks the method (harness/measure/estimate.py branches on no name);
+    a method that states none is "not estimated", said in its row."""
+    from harness.contract import _REGISTRY, MemoryModel
+    from harness.measure.estimate import ARCHS, NotEstimated, Setup, estimate
+
+    class Int8Adapters(MethodBase):  # LoRA at rank 4 on an INT8 base: a method the estimator never heard of
+        name = "test_int8_adapters"
+
+        def prepare(self, model, ctx):
+            return model
+
+        def trainable_parameters(self, model):
+            return []
+
+        def memory_model(self):
+            return MemoryModel(trains="adapters", rank=4, linear_bits=8.0)
+
+    class Silent(Int8Adapters):
+        name = "test_silent"
+        memory_model = MethodBase.memory_model
+
+    register_method(Int8Adapters)
+    register_method(Silent)
+    try:
+        arch = ARCHS["llama-7b"]
+        mine = estimate(arch, Setup(method="test_int8_adapters"))
+        lora = estimate(arch, Setup(method="lora", r=4))
+        assert mine["trainable_params"] == lora["trainable_params"]  # the same adapters
+        assert mine["weights"] == arch.params()["linear"] + arch.params()["other"] * 2  # 1 byte per linear weight
+        with pytest.raises(NotEstimated, match="test_silent: not estimated"):
+            estimate(arch, Setup(method="test_silent"))
+    finally:
+        _REGISTRY.pop("test_int8_adapters")
+        _REGISTRY.pop("test_silent")
+
+
+def test_check_model_gets_the_context_prepare_will_get():
+    """``check_model(model, ctx)``: validation hands the method the heads and outputs it will see in ``prepare``
+    (QA-LoRA no longer hard-codes head names), on the weightless skeleton."""
+    from harness.contract import _REGISTRY
+    from harness.driver.suite import parse_suite
+    from harness.schema import ConfigError
+    from tests.conftest import tiny_suite
+
+    seen = []
+
+    class Picky(MethodBase):
+        name = "test_picky"
+
+        def check_model(self, model, ctx):
+            seen.append((ctx.task_type, ctx.head_names, ctx.output_names, ctx.model_type))
+            if ctx.head_names:
+                raise ValueError("needs a model without a classification head")
+
+        def prepare(self, model, ctx):
+            return model
+
+        def trainable_parameters(self, model):
+            return []
+
+    register_method(Picky)
+    try:
+        with pytest.raises(ConfigError, match=r"methods\[0\].config: needs a model without a classification head"):
+            parse_suite(tiny_suite(methods=[{"method": "test_picky"}]), "s.yaml")
+        parse_suite(tiny_suite(models=["tiny-llama"], methods=[{"method": "test_picky"}]), "s.yaml")
+    finally:
+        _REGISTRY.pop("test_picky")
+    assert seen == [("seq_cls", ["classifier"], [], "bert"), ("causal_lm", [], ["lm_head"], "llama")]

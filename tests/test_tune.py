@@ -205,3 +205,19 @@ def test_storage_urls_that_cannot_work_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and says in err[0], err
         assert not (tmp_path / "r").exists()
+
+
+def test_the_lr_ratio_compares_any_adapter_method_with_what_trains_everything():
+    """Issue 28: the ratio was bound to the names lora, qlora, qalora and peft; a method from a file (bitfit) was
+    left out. Which configuration trains every parameter now comes from the records."""
+    from reports.tuning import lr_ratio
+
+    def study(best: float) -> dict:
+        history = [{"params": {"lr": lr}, "value": 0.9 if lr == best else 0.5} for lr in (1e-5, 1e-4, 1e-3, 1e-2)]
+        return {"best_params": {"lr": best}, "history": history, "objective": "val_accuracy"}
+
+    studies = {"everything/default": study(1e-4), "bitfit/default": study(1e-3), "lora/r8": study(1e-2)}
+    lines = lr_ratio(studies, trains_all={"everything/default"})
+    assert [line.split(":")[0] for line in lines] == ["bitfit/default", "lora/r8"]
+    assert "best learning rate ×10 everything/default's" in lines[0] and "×100" in lines[1]
+    assert lr_ratio(studies, trains_all=set()) == []  # nothing trains everything: no ratio to state

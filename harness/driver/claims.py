@@ -16,10 +16,15 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     from harness.driver.suite import expand, load_suite
     from harness.measure.hardware import default_device, describe, identity
     from harness.records import _git, read_current
-    from reports.claims import measurement_claims, render_html, task_claims, to_markdown
+    from harness.schema import ConfigError
+    from reports.claims import check_entries, measurement_claims, render_html, task_claims, to_markdown
 
     t0 = time.perf_counter()
     suite = load_suite(suite_path)
+    try:  # every claim's entries are there: a renamed variant is an error now, not an empty row later
+        check_entries({f"{m.method}/{m.variant}" for m in suite.methods})
+    except ValueError as err:
+        raise ConfigError(f"{suite_path}: {err}") from None
     if run:
         run_suite(suite, Path(suite_path).read_text(), results)
     cells = {c.cell_id for c in expand(suite)}

@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(smollm2-135m, minilm-l6, a local folder or its config.json) or shape:hidden=H,intermediate=F,layers=L,"
         "heads=A,vocab=V[,kv_heads=K]; repeat for several",
     )
-    e.add_argument("--method", action="append", choices=["full", "lora", "qlora", "qalora"])
+    e.add_argument(
+        "--method", action="append", help="a method that states a memory model (repeatable; default: every one)"
+    )
     e.add_argument("--r", type=int, default=16)
     e.add_argument("--batch", type=int, default=1)
     e.add_argument("--seq-len", type=int, default=512)

@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from harness.cell.modelnames import ALIASES, check_model_name, fingerprint
-from harness.registry import available_methods, get_method, load_method_file
+from harness.registry import available_methods, get_method, load_method_file, registered_names
 from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
 from harness.tasks.builtin import TASKS, check_task_name, load_task, task_kind
 from harness.tasks.userdata import check_task_spec, read_user_text
@@ -111,6 +111,7 @@ def _check_names(suite: Suite, source: str) -> None:
     """Resolve method names and validate each method's own config against its Config model."""
     known = available_methods()
     seen: set[tuple[str, str]] = set()
+    files: dict[str, str] = {}  # a method name from a file -> that file: two files may not share a name
     for i, m in enumerate(suite.methods):
         where = f"{source}: methods[{i}]"
         if "config_file" in m.config:
@@ -122,12 +123,13 @@ def _check_names(suite: Suite, source: str) -> None:
                 cls, spec = load_method_file(m.method, Path(_beside(source, ".")))
             except ValueError as err:
                 raise ConfigError(f"{where}.method: {err}") from None
+            if files.setdefault(cls.name, spec) != spec:
+                raise ConfigError(f"{where}.method: {m.method!r} is named {cls.name!r}, like {files[cls.name]}")
             m = suite.methods[i] = m.model_copy(update={"method": cls.name, "source": spec})
             known = available_methods()
         if m.method not in known:
-            raise ConfigError(
-                f"{where}.method: unknown method {m.method!r}; allowed: {', '.join(known)}, or file.py:Class"
-            )
+            allowed = ", ".join(registered_names())
+            raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {allowed}, or file.py:Class")
         if (m.method, m.variant) in seen:
             raise ConfigError(
                 f"{where}: duplicate cell identity {m.method}/{m.variant}; give each entry a distinct variant"
@@ -251,7 +253,8 @@ def _check_tasks_fit_models(suite: Suite, source: str) -> None:
 def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
     """Each method checks its config against each model's architecture (built on the meta device: no weights,
     no memory), so e.g. a QA-LoRA group size that does not divide a layer's d_in fails before any training."""
-    from harness.cell.models import resolve_mode, skeleton
+    from harness.cell.models import head_module_names, output_module_names, resolve_mode, skeleton
+    from harness.contract import ModelContext
 
     for spec in suite.models:
         mode = resolve_mode(spec.name, spec.mode, spec.trust_remote_code) or "classifier"
@@ -270,10 +273,17 @@ def _check_methods_fit_models(suite: Suite, source: str, known: dict) -> None:
                 raise ConfigError(
                     f"{source}: {where}: {n} is beyond {spec.name}'s {positions} positions; allowed: ≤ {positions}"
                 )
+        ctx = ModelContext(
+            task_type="causal_lm" if mode == "prompt" else "seq_cls",
+            num_labels=2,  # the skeleton's head
+            model_type=model.config.model_type,
+            head_names=head_module_names(model),
+            output_names=output_module_names(model),
+        )
         for i, m in enumerate(suite.methods):
             method = known[m.method](known[m.method].Config.model_validate(m.config))
             try:
-                method.check_model(model)
+                method.check_model(model, ctx)
             except ValueError as err:
                 field = getattr(err, "field", "")  # methods.common.FieldError names the field at fault
                 where = f"methods[{i}].config" + (f".{field}" if field else "")

@@ -139,7 +139,7 @@ def resolve_arch(name: str) -> Arch:
 
 @dataclass(frozen=True)
 class Setup:
-    method: str = "lora"  # full | lora | qlora | qalora
+    method: str = ""  # a registered method that states its memory model (harness/contract.py: MemoryModel)
     r: int = 16
     targets: tuple[str, ...] | None = None  # None: every linear of every block (QLoRA paper's recipe)
     batch: int = 1
@@ -154,26 +154,47 @@ class Setup:
     attention: str = "sdpa"  # sdpa (no s² term) | eager
 
 
+class NotEstimated(ValueError):
+    """A method that states no memory model (:meth:`harness.contract.Method.memory_model`)."""
+
+
+def memory_model(s: Setup):
+    """The memory model of ``s.method``, stated by the method itself, built with the setup's knobs its config
+    takes (``r``; ``double_quant``; ``bits``, ``group_size``)."""
+    from harness.registry import available_methods
+
+    known = available_methods()
+    if s.method not in known:
+        raise ConfigError(f"--method {s.method}: unknown; allowed: {', '.join(known)}")
+    cls = known[s.method]
+    knobs = {"r": s.r, "double_quant": s.double_quant, "bits": s.bits, "group_size": s.group_size}
+    try:
+        model = cls(cls.Config.model_validate({k: v for k, v in knobs.items() if k in cls.Config.model_fields}))
+    except ValueError as err:  # its config needs more than these knobs (peft: a peft_type)
+        raise NotEstimated(f"{s.method}: not estimated (its config needs more: {str(err).splitlines()[0]})") from None
+    mm = model.memory_model()
+    if mm is None:
+        raise NotEstimated(f"{s.method}: not estimated (the method states no memory model)")
+    return mm
+
+
 def estimate(arch: Arch, s: Setup) -> dict[str, float]:
     """Bytes by category and the estimated peak, for one fine-tuning step."""
     p = arch.params()
     blocks = [(n, i, o) for n, i, o in arch.linear_shapes() if s.targets is None or n in s.targets]
-    if s.method == "full":
+    mm = memory_model(s)
+    if mm.trains == "all":
         weights = (p["linear"] + p["other"]) * s.weight_dtype_bytes
         trainable, train_bytes = p["linear"] + p["other"], s.weight_dtype_bytes
         largest = arch.vocab * arch.hidden
     else:
-        if s.method == "qlora":
-            bits = 4 + (8 / 64 + 32 / (64 * 256) if s.double_quant else 32 / 64)
-            weights = p["linear"] * bits / 8 + p["other"] * 2
-        elif s.method == "qalora":
-            weights = p["linear"] * (s.bits + 32 / s.group_size) / 8 + p["other"] * 2
+        if mm.linear_bits is not None:  # a quantized base: its other parameters in bf16
+            weights = p["linear"] * mm.linear_bits / 8 + p["other"] * 2
         else:
             weights = (p["linear"] + p["other"]) * s.weight_dtype_bytes
-        d_in = (lambda i: i // s.group_size) if s.method == "qalora" else (lambda i: i)
-        trainable = arch.layers * sum(s.r * (d_in(i) + o) for _, i, o in blocks)
+        trainable = arch.layers * sum(mm.rank * (i // mm.adapter_in_divisor + o) for _, i, o in blocks)
         train_bytes = 4
-        largest = max(s.r * max(i, o) for _, i, o in blocks)
+        largest = max(mm.rank * max(i, o) for _, i, o in blocks)
     grads = trainable * train_bytes
     state_per_param = 2 if s.optimizer.endswith("8bit") else 8
     state = trainable * state_per_param
@@ -201,13 +222,34 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
     }
 
 
+COLUMNS = ("weights GB", "trainable", "grads GB", "optimizer GB", "activations GB", "peak GB")
+
+
+def estimated_methods() -> list[str]:
+    """Every registered method that states a memory model, at its default config."""
+    from harness.registry import available_methods
+
+    out = []
+    for name, cls in available_methods().items():
+        try:
+            if cls(cls.Config()).memory_model() is not None:
+                out.append(name)
+        except ValueError:  # a config with required fields (peft: peft_type) states nothing by default
+            continue
+    return out
+
+
 def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, str]]:
     """One row per (model, method): the estimate's parts in GB (trainable parameters in millions)."""
     rows = []
     for name in names:
         arch = resolve_arch(name)
         for m in methods:
-            e = estimate(arch, Setup(**{**base.__dict__, "method": m}))
+            try:
+                e = estimate(arch, Setup(**{**base.__dict__, "method": m}))
+            except NotEstimated as err:
+                rows.append({"model": name, "method": m, **dict.fromkeys(COLUMNS, "—"), "peak GB": str(err)})
+                continue
             rows.append(
                 {
                     "model": name,
@@ -227,7 +269,7 @@ def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, s
 def print_table(args) -> None:
     """``ftbench estimate``'s markdown table, for the command line's arguments."""
     names = args.model or list(ARCHS)
-    methods = args.method or ["full", "lora", "qlora", "qalora"]
+    methods = args.method or estimated_methods()
     limits = (("--r", args.r, 65536), ("--batch", args.batch, 2**20), ("--seq-len", args.seq_len, 2**24))
     for flag, value, high in limits:
         if not 1 <= value <= high:
