@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from harness.measure.hardware import torch_dtype
+from harness.measure.hardware import DTYPES, torch_dtype
 from methods.common import load_state_dict, save_state_dict
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)
-DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMAT = "ftbench-int-groupwise-v1"  # save_int_model / load_merged
 
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.records import EvalMetrics, RunRecord
+from reports.stats import boot_means
 
 MARGIN = 0.01  # one accuracy point: what the papers call parity
 TABLE1 = {4: "LLaMA-7B MMLU 5-shot: 39.4 vs 36.0", 2: "LLaMA-7B MMLU 5-shot: 27.5 vs 25.8"}  # QA-LoRA vs QLoRA+GPTQ
-DRAWS = 2000
 
 
 @dataclass
@@ -52,20 +52,9 @@ def _matrix(evals: list[EvalMetrics | None]) -> np.ndarray | None:
     return np.stack(rows).astype(float)
 
 
-def boot_means(mats: list[np.ndarray], seed: int = 0) -> np.ndarray:
-    """DRAWS × len(mats) bootstrap means of each seeds × examples matrix (the same test examples in all). One
-    resample of the examples is shared by every matrix (paired), and so is the resample of the seeds among
-    matrices with the same number of seeds (seed s: the same batches, the same head initialisation)."""
-    rng = np.random.default_rng(seed)
-    n = mats[0].shape[1]
-    idx = rng.integers(0, n, size=(DRAWS, n))
-    seeds = {k: rng.integers(0, k, size=(DRAWS, k)) for k in sorted({m.shape[0] for m in mats})}
-    return np.array([[m[seeds[m.shape[0]][i]].mean(0)[idx[i]].mean() for m in mats] for i in range(DRAWS)])
-
-
 def diff_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """Mean accuracy of A minus B (seeds × examples each, the same examples), with a 95% bootstrap interval
-    over examples and seeds (:func:`boot_means`)."""
+    over examples and seeds (:func:`reports.stats.boot_means`)."""
     means = boot_means([a, b], seed)
     d = means[:, 0] - means[:, 1]
     return float(a.mean() - b.mean()), float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))

@@ -64,14 +64,30 @@ class Summary:
         return f"{self.mean:.3f}{spread} [{self.ci[0]:.3f}, {self.ci[1]:.3f}]"
 
 
+def bootstrap_means(v: np.ndarray) -> np.ndarray:
+    """BOOTSTRAP means of ``v`` resampled over its entries (a fixed seed: the same figures every time)."""
+    rng = np.random.default_rng(0)
+    return v[rng.integers(0, len(v), size=(BOOTSTRAP, len(v)))].mean(axis=1)
+
+
+def boot_means(mats: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """BOOTSTRAP × len(mats) bootstrap means of each seeds × examples matrix (the same test examples in all). One
+    resample of the examples is shared by every matrix (paired), and so is the resample of the seeds among
+    matrices with the same number of seeds (seed s: the same batches, the same head initialisation)."""
+    rng = np.random.default_rng(seed)
+    n = mats[0].shape[1]
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    seeds = {k: rng.integers(0, k, size=(BOOTSTRAP, k)) for k in sorted({m.shape[0] for m in mats})}
+    return np.array([[m[seeds[m.shape[0]][i]].mean(0)[idx[i]].mean() for m in mats] for i in range(BOOTSTRAP)])
+
+
 def summarize(runs: list[RunRecord]) -> Summary:
     acc = [r.eval_after.accuracy for r in runs]
     n = runs[0].eval_after.examples
     mean = statistics.fmean(acc)
     per = _per_example(runs) if len(runs) > 1 else None
     if per is not None:
-        rng = np.random.default_rng(0)
-        boot = per[rng.integers(0, len(per), size=(BOOTSTRAP, len(per)))].mean(axis=1)
+        boot = bootstrap_means(per)
         ci = (float(np.quantile(boot, ALPHA / 2)), float(np.quantile(boot, 1 - ALPHA / 2)))
     else:
         ci = wilson(mean, n)
@@ -113,8 +129,7 @@ def _example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[
         p = float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue) if only_a + only_b else 1.0
         return p, f"McNemar exact ({only_a} vs {only_b} discordant of {len(pa)})"
     d = pa - pb
-    rng = np.random.default_rng(0)
-    boot = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
+    boot = bootstrap_means(d)
     return float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))), f"paired bootstrap over {len(d)} examples"
 
 

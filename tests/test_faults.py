@@ -272,7 +272,7 @@ def test_raising_the_timeout_reruns_nothing_and_a_record_under_an_older_id_is_ke
     out = run_cli("run", str(edited), "--results", str(r))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 cells, 2 already recorded, 0 to run" in out.stderr, out.stderr
-    assert "1 record(s) kept: only run settings" in out.stderr and not (r / "stale").exists()
+    assert "1 record(s) kept under a new cell id" in out.stderr and not (r / "stale").exists()
     records = sorted((r / "records").glob("*.json"))
     assert len(records) == 2 and all(json.loads(p.read_text())["cell_id"] == p.stem for p in records)
     assert lora in records  # the older record now sits under the current id

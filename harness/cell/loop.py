@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.cell.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
+from harness.measure.hardware import DTYPES
 from harness.measure.memory import MemoryTracker, NullTracker, step_roots
 from harness.measure.runstats import cuda_memory_peaks, cuda_memory_reset, sync
 from harness.records import timed_steps
 from harness.registry import Method
 from harness.schema import TrainConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class NonFiniteLoss(RuntimeError):

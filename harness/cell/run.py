@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from harness.cell.deploy import measure as measure_deployments
-from harness.cell.loop import DTYPES, LoopResult, NonFiniteLoss, set_seed, train
+from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
 from harness.cell.models import head_module_names, load_model, resolve_mode
 from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
 from harness.measure.flops import mfu_dtype, training_flops
-from harness.measure.hardware import default_device, describe, identity, resolve_config_dtypes
+from harness.measure.hardware import DTYPES, default_device, describe, identity, resolve_config_dtypes
 from harness.measure.memory import nvml_process_bytes
 from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.progress import CellProgress

@@ -130,7 +130,11 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
             f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.display_name} ({what})"
         )
     if kept:
-        lines.insert(0, f"{len(kept)} record(s) kept: only run settings ({', '.join(RUN_SETTINGS)}) differ")
+        lines.insert(
+            0,
+            f"{len(kept)} record(s) kept under a new cell id: an older ftbench's id, or only run settings "
+            f"({', '.join(RUN_SETTINGS)}) changed",
+        )
     stale = [p for p in stale if p not in kept]
     if not stale:
         return lines
