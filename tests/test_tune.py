@@ -166,6 +166,8 @@ def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(t
     out = ftbench("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3/3 trials, " in out.stderr and "pruned, best val_accuracy" in out.stderr  # the study's progress
+    # one lock and one machine check for the trials and the final cells together (issue 28: it was twice)
+    assert out.stderr.count("hardware: ") == 1, out.stderr
     assert not (tmp_path / "r" / "tuning" / "studies.journal").exists()
     (name,) = optuna.get_all_study_names(f"sqlite:///{db}")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")

@@ -115,25 +115,21 @@ def _check_device(device: str | None) -> None:
 
 def _run(args: argparse.Namespace, suite, results: Path) -> int:
     from harness.driver.runner import ResultsLocked, run_suite
+    from harness.driver.tune import StorageUnreachable, with_command_line
 
-    cells = None
     if args.command == "tune" and suite.tune is None:
         raise ConfigError(f"{args.suite}: no tune: block; `ftbench tune` needs one (see docs/tuning.md)")
     if suite.tune is not None or getattr(args, "trials", None) is not None or getattr(args, "storage", None):
-        from harness.driver.runner import tuned_cells
-        from harness.driver.tune import StorageUnreachable, with_command_line
-
         try:
             suite = with_command_line(suite, args.suite, getattr(args, "trials", None), getattr(args, "storage", None))
-            cells = tuned_cells(suite, results, executor=args.executor, address=args.address)
-        except (ValueError, ResultsLocked, StorageUnreachable) as err:
+        except (ValueError, StorageUnreachable) as err:  # a storage that cannot be opened: before anything runs
             raise ConfigError(str(err)) from None
-    try:
+    try:  # a tune: block's trials run first, under the same lock (harness/driver/runner.py)
         text = Path(args.suite).read_text()
-        kw = dict(retry_failed=args.retry_failed, executor=args.executor, address=args.address, cells=cells)
+        kw = dict(retry_failed=args.retry_failed, executor=args.executor, address=args.address)
         kw.update(only=args.only, jobs=args.jobs)
         records = run_suite(suite, text, results, **kw)
-    except ResultsLocked as err:
+    except (ResultsLocked, StorageUnreachable) as err:
         raise ConfigError(str(err)) from None
     from reports.terminal import print_summary
 

@@ -193,19 +193,34 @@ def run_suite(
     """Run every pending cell of ``suite`` (or of ``cells``: the suite's grid at tuned hyperparameters), those
     matching ``only`` (:func:`select_cells`) if given, ``jobs`` at a time; return the records of all its cells
     (old and new)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_results(results_dir)  # held until this function returns (or the process dies)
+    lock = lock_results(results_dir)  # held until this function returns (or the process dies): once, tuning too
+    try:
+        return _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, cells, only, jobs)
+    finally:
+        lock.close()
+
+
+def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, cells, only, jobs):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     atomic_write_text(results_dir / "suite.yaml", suite_text)
-    cells = cells if cells is not None else expand(suite)
     console = Console(stderr=True, quiet=quiet)
+    measured = False
+    if cells is None and suite.tune is not None:  # the trials first, then the grid at each method's best
+        grid = expand(suite)
+        base = [c for c in grid if c.seed == suite.seeds[0]]
+        _before_cells(base, results_dir, console)
+        measured = True
+        cells = _tuned(suite, grid, base, results_dir, console, executor, address)
+    cells = cells if cells is not None else expand(suite)
     for line in set_aside_stale(cells, results_dir):
         console.print(f"[yellow]{line}[/]", soft_wrap=True)
     todo = pending_cells(select_cells(cells, only) if only else cells, results_dir, retry_failed)
-    if todo:
+    if todo and not measured:
         _before_cells(todo, results_dir, console)
     skipped = len(cells) - len(todo)
     console.print(
@@ -266,7 +281,6 @@ def run_suite(
             except ValueError as err:
                 console.print(f"[red]unreadable record[/] {p}: {str(err).splitlines()[0]}")
     atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
-    lock.close()
     return records
 
 
@@ -318,56 +332,42 @@ def select_cells(cells: list[RunConfig], patterns: list[str]) -> list[RunConfig]
     return [c for c in cells if hit(c)]
 
 
-def tuned_cells(
-    suite: Suite, results_dir: Path, quiet: bool = False, executor: str = "local", address: str | None = None
-) -> list[RunConfig]:
+def _tuned(suite: Suite, grid, base, results_dir: Path, console, executor: str, address: str | None) -> list[RunConfig]:
     """The suite's grid with each (model, task, method/variant) at its best hyperparameters on the validation
-    split (harness/driver/tune.py): the trials run first, one cell each, in the local executor (one at a time) or on
-    Ray (the studies side by side). A bar per study: trials done and pruned, the best value so far, the running
-    trial's latest step."""
-    from rich.console import Console
+    split (harness/driver/tune.py): the trials run first, one cell each, in the local executor (one at a time) or
+    on Ray (the studies side by side). A bar per study: trials done and pruned, the best value so far, the
+    running trial's latest step. The caller holds the lock and has measured this machine."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Column
 
     from harness.driver.tune import LocalPool, tune_cells, with_params
 
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True, quiet=quiet)
-    grid = expand(suite)
-    base = [c for c in grid if c.seed == suite.seeds[0]]
-    lock = lock_results(results_dir)
-    try:
-        _before_cells(base, results_dir, console)
+    def execute(cfg: RunConfig, trial_dir: Path, show) -> RunRecord:
+        forked = forkserver.enabled() and not cfg.memory_limit_mb
+        server = forkserver.server_for(cfg.allow_network) if forked else None
+        return run_cell_subprocess(cfg, trial_dir, show, server)
 
-        def execute(cfg: RunConfig, trial_dir: Path, show) -> RunRecord:
-            forked = forkserver.enabled() and not cfg.memory_limit_mb
-            server = forkserver.server_for(cfg.allow_network) if forked else None
-            return run_cell_subprocess(cfg, trial_dir, show, server)
+    if executor == "ray":
+        from harness.driver.ray_executor import RayPool
 
-        if executor == "ray":
-            from harness.driver.ray_executor import RayPool
+        pool = RayPool(address, slots=len(base))
+    else:
+        pool = LocalPool(execute)
+    interrupts_raise()
+    # the study's text folds onto more lines rather than being cut (the best value and the trial must show)
+    text = TextColumn("{task.fields[text]}", table_column=Column(overflow="fold", ratio=1))
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), text)
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+        bars: dict[str, int] = {}
 
-            pool = RayPool(address, slots=len(base))
-        else:
-            pool = LocalPool(execute)
-        interrupts_raise()
-        # the study's text folds onto more lines rather than being cut (the best value and the trial must show)
-        text = TextColumn("{task.fields[text]}", table_column=Column(overflow="fold", ratio=1))
-        columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), text)
-        with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
-            bars: dict[str, int] = {}
+        def status(key: str, text: str, done: int, total: int) -> None:
+            name = "tune " + " · ".join(key.split("|")[:3])
+            if key not in bars:
+                bars[key] = progress.add_task(name, total=total, text="")
+            progress.update(bars[key], completed=done, total=total, text=text)
 
-            def status(key: str, text: str, done: int, total: int) -> None:
-                name = "tune " + " · ".join(key.split("|")[:3])
-                if key not in bars:
-                    bars[key] = progress.add_task(name, total=total, text="")
-                progress.update(bars[key], completed=done, total=total, text=text)
-
-            finals = tune_cells(suite, base, results_dir, pool, progress.console.print, status)
-        best = {(c.model.name, c.task.display_name, c.method, c.variant): c for c in finals}
-    finally:
-        lock.close()
+        finals = tune_cells(suite, base, results_dir, pool, progress.console.print, status)
+    best = {(c.model.name, c.task.display_name, c.method, c.variant): c for c in finals}
     out = []
     for c in grid:
         b = best[(c.model.name, c.task.display_name, c.method, c.variant)]
