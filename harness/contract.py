@@ -201,6 +201,8 @@ _ORIGIN: dict[str, str] = {}
 
 
 class RegistryError(ValueError):
+    """A method class that cannot be registered: a malformed or taken name, or a missing hook."""
+
     pass
 
 

@@ -18,6 +18,7 @@ MARK = "[ftbench] "
 
 
 def fmt_duration(seconds: float) -> str:
+    """Seconds as a short duration: ``45s``, ``3m12s``, ``1h05m``."""
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
         return f"{seconds}s"

@@ -57,6 +57,8 @@ class DeploymentRecord(BaseModel):
 
 
 class ExportRecord(BaseModel):
+    """One artifact a method exported: kind, path, size, and how it scored and deployed."""
+
     kind: str
     path: str
     bytes_on_disk: int
@@ -69,6 +71,8 @@ class ExportRecord(BaseModel):
 
 class RunRecord(BaseModel):
     # NaN/inf losses are data (a diverged run), written as JSON constants (NaN) rather than lost as null
+    """One run's record: its config, environment and hardware, and every figure it measured."""
+
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     schema_version: int = SCHEMA_VERSION
@@ -240,6 +244,7 @@ def make_record(cfg, status: str, error: str | None, started_at: str, wall_time_
 
 
 def now_iso() -> str:
+    """The current UTC time, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -249,10 +254,12 @@ def cell_identity(cell_id: str) -> str:
 
 
 def record_path(results_dir: Path, cell_id: str) -> Path:
+    """Where a cell's record lives in a results dir."""
     return Path(results_dir) / "records" / f"{cell_id}.json"
 
 
 def write_record(results_dir: Path, rec: RunRecord) -> Path:
+    """Write a record atomically (temp file, fsync, rename); return its path."""
     path = record_path(results_dir, rec.cell_id)
     atomic_write_text(path, rec.model_dump_json(indent=1))
     return path

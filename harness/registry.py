@@ -55,6 +55,7 @@ def _load_all() -> None:
 
 
 def available_methods() -> dict[str, type]:
+    """Every registered method by name: built-ins, entry points, and files a suite named."""
     _load_all()
     return dict(sorted(_REGISTRY.items()))
 
@@ -66,6 +67,7 @@ def registered_names() -> list[str]:
 
 
 def get_method(name: str) -> type:
+    """The method class registered as ``name`` (KeyError if none)."""
     methods_ = available_methods()
     if name not in methods_:
         raise KeyError(name)

@@ -91,6 +91,8 @@ class TrainConfig(Strict):
 
 
 class ModelSpec(Strict):
+    """A model entry of a suite: its name and how to load it."""
+
     name: str = Field(description="alias (see `ftbench models`), local path, or hub id")
     trust_remote_code: bool = Field(
         False, description="run the model's own code (in the cell only; validation reads its config.json as data)"
@@ -128,6 +130,8 @@ class Columns(Strict):
 
 
 class TaskSpec(Strict):
+    """A task entry of a suite: a registered task or your own data, with its sampling and prompt."""
+
     name: str = Field(description="a registered task, or csv / jsonl (with path) or hf (with dataset)")
     train_examples: PositiveInt | None = Field(None, description="subsample the train split")
     eval_examples: PositiveInt | None = Field(None, description="cap the test split used for evaluation")
@@ -169,6 +173,8 @@ class TaskSpec(Strict):
 
 
 class MethodEntry(Strict):
+    """A method entry of a suite: the method, its variant, its config and its training overrides."""
+
     method: str = Field(
         description="a registered name (`ftbench methods`), or `file.py:Class` / `module:Class` beside the suite"
     )
@@ -288,6 +294,8 @@ class Deploy(Strict):
 
 
 class Suite(Strict):
+    """A whole suite file: models × tasks × methods × seeds, and how they run."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     description: str = ""
     models: list[ModelSpec] = Field(min_length=1)

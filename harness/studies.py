@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 def fmt_param(v) -> str:
+    """A hyperparameter value as text: floats to 3 significant digits."""
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 

@@ -129,6 +129,7 @@ def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
 
 
 def dir_bytes(path: Path) -> int:
+    """Bytes of every file under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
@@ -164,6 +165,7 @@ def load_state_dict(model: torch.nn.Module, path: Path) -> None:
 
 
 def requires_grad_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs that require gradients."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

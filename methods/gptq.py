@@ -34,6 +34,7 @@ class _StopForward(Exception):
 
 
 def gptq_available() -> bool:
+    """Whether gptqmodel can be imported (the optional ``gptq`` extra)."""
     return gptqmodel_installed()
 
 

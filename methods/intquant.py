@@ -45,6 +45,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
+    """Integers, scales and zero points back to a float weight."""
     d_out, d_in = q.shape
     g = q.reshape(d_out, d_in // group_size, group_size).to(dtype)
     return (g * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).reshape(d_out, d_in)
@@ -60,6 +61,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Bit-packed integers back to one integer per weight."""
     b = packed.reshape(-1, bits).to(torch.int64)
     word = (b << (torch.arange(bits, device=b.device) * 8)).sum(-1)
     vals = (word[:, None] >> (torch.arange(8, device=word.device) * bits)) & (2**bits - 1)
@@ -196,6 +198,7 @@ def _is_causal(model: torch.nn.Module) -> bool:
 
 
 def set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` with ``new``."""
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, new)
 

@@ -46,6 +46,8 @@ safetensors_torch = lazy_module("safetensors.torch")
 
 
 class QALoraOptions(Strict):
+    """QA-LoRA's options: rank, bits, group size, quantizer, targets, compute dtype."""
+
     r: int = Field(8, gt=0, description="adapter rank")
     alpha: float = Field(16, gt=0, description="updates are scaled by alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -40,6 +40,8 @@ torch = lazy_module("torch")  # imported at first use: the config validates with
 
 
 class QLoraOptions(LoraOptions):
+    """QLoRA's options: LoRA's, plus the 4-bit format, double quantization and block size."""
+
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
     double_quant: bool = Field(True, description="quantize the absmax constants again (8-bit, blocks of 256)")
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="values per absmax")

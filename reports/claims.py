@@ -33,6 +33,8 @@ TABLE1 = {4: "LLaMA-7B MMLU 5-shot: 39.4 vs 36.0", 2: "LLaMA-7B MMLU 5-shot: 27.
 
 @dataclass
 class Verdict:
+    """One claim: its source, the paper's figure, ours, the verdict and why."""
+
     claim: str
     source: str
     paper: str
@@ -74,6 +76,7 @@ def _needed(n: int, half: float, room: float, available: int) -> str:
 
 
 def equivalence(d: float, lo: float, hi: float, n: int, available: int) -> tuple[str, str]:
+    """Reproduced when the interval lies inside ±1 accuracy point; else how many examples would decide."""
     ci = f"{_pts(d)} points [{_pts(lo)}, {_pts(hi)}]"
     if -MARGIN <= lo and hi <= MARGIN:
         return "reproduced", f"{ci}: inside ±1 point"
@@ -151,6 +154,7 @@ FULL, LORA, QLORA_NF4, QLORA_FP4 = "full/ft", "lora/r8", "qlora/nf4-dq", "qlora/
 
 
 def qalora_entry(bits: int, group: int) -> str:
+    """The claims suite's QA-LoRA entry at ``bits`` and ``group``."""
     return f"qalora/int{bits}-g{group}"
 
 
@@ -169,6 +173,7 @@ def check_entries(entries: set[str]) -> None:
 
 
 def task_claims(records: list[RunRecord]) -> list[Verdict]:
+    """The verdicts of the claims that read the claims suite's runs."""
     runs = Runs(records)
     out = []
 
@@ -267,6 +272,7 @@ def _gap_grows(runs: Runs) -> Verdict:
 
 
 def render_html(verdicts: list[Verdict], title: str, notes: list[str]) -> str:
+    """The claims page: every verdict with its evidence."""
     colour = {"reproduced": "#1a7f37", "not reproduced": "#b42318", "inconclusive": "#9a6700", "not run": "#57606a"}
     head = "".join(f"<th>{c}</th>" for c in ("claim", "source", "paper's figure", "measured here", "verdict", "why"))
     rows = "".join(
@@ -291,6 +297,7 @@ def render_html(verdicts: list[Verdict], title: str, notes: list[str]) -> str:
 
 
 def to_markdown(verdicts: list[Verdict]) -> str:
+    """The verdict table as Markdown, every string escaped."""
     from reports.markdown import md_table
 
     header = ["claim", "paper", "measured here", "verdict", "why"]

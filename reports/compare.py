@@ -43,6 +43,7 @@ def hardware_warning(old: list[RunRecord], new: list[RunRecord]) -> str | None:
 
 
 def key(r: RunRecord) -> tuple:
+    """A run's identity across results dirs: model, task, method, variant, seed."""
     return (r.model, r.task, r.method, r.variant, r.seed)
 
 
@@ -81,6 +82,8 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
 
 
 def env_differences(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
+    """Lines naming what differs between two sets' environments (versions, hardware, threads)."""
+
     def summary(records: list[RunRecord]) -> dict[str, set]:
         out: dict[str, set] = {}
         for r in records:

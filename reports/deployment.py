@@ -49,6 +49,7 @@ class Form:
 
 
 def forms(records: list[RunRecord]) -> dict[tuple[str, str], list[Form]]:
+    """Every deployed form of every export, per (model, task)."""
     out: dict[tuple, Form] = {}
     for r in records:
         if r.status != "ok":
@@ -103,6 +104,7 @@ COLUMNS = ("configuration", "artifact", "form", "on disk", "load", "latency", "p
 
 
 def table_rows(fs: list[Form]) -> list[list[str]]:
+    """The deployment table's rows for one (model, task)."""
     rows = []
     for f in sorted(fs, key=lambda f: (f.config, f.artifact, f.name)):
         if f.skipped and not f.latency_s:
@@ -147,6 +149,7 @@ def _symbol(name: str) -> str:
 
 
 def render(records: list[RunRecord], figure_html) -> str:
+    """The report's "Deployment cost of each artifact" section as HTML."""
     by = forms(records)
     if not by:
         return (

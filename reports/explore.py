@@ -42,6 +42,7 @@ def _hover(r: RunRecord) -> str:
 
 
 def data(records: list[RunRecord]) -> dict:
+    """The runs' metrics as the page's JSON, for its two-metric scatter."""
     ok = [r for r in records if r.status == "ok"]
     series = sorted({f"{r.model} · {r.task}" for r in ok})
     rows = []
@@ -80,6 +81,7 @@ JS = """
 
 
 def render(records: list[RunRecord]) -> str:
+    """The report's "Any two metrics" section as HTML: the runs' data and the picker."""
     payload = json.dumps(data(records)).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
     def select(which: str, chosen: str) -> str:

@@ -45,6 +45,8 @@ def configs(records: list[RunRecord]) -> dict[tuple[str, str], dict[str, Config]
 
 @dataclass
 class Best:
+    """The best configuration on one axis, its margin, and whether the margin is beyond noise."""
+
     axis: str
     name: str | None  # None: no configuration has the figure
     margin: str
@@ -70,6 +72,7 @@ def _memory_check(a: Config, b: Config) -> tuple[bool, str]:
 
 
 def best_per_axis(cs: dict[str, Config]) -> list[Best]:
+    """The best configuration per axis (accuracy, memory, step time, parameters, artifact size)."""
     out = []
     ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
     if len(ranked) > 1:

@@ -184,6 +184,8 @@ def _environment(records: list[RunRecord]) -> str:
 
 
 class Results(NamedTuple):
+    """A results dir as the reports read it: current records, suite text and name, what was left out."""
+
     records: list[RunRecord]
     suite_text: str
     name: str
@@ -209,6 +211,7 @@ def render(
     plotly: str = "embed",
     results_dir: Path | None = None,
 ) -> str:
+    """The whole report page, self-contained: every section, plotly embedded (or from its CDN)."""
     figs = [
         ("pareto", figures.pareto(records)),
         ("memory", figures.memory_breakdown(records)),
@@ -278,6 +281,7 @@ def plotly_script(how: str = "embed") -> str:
 
 
 def write_report(results_dir: Path, out: Path | None = None, plotly: str = "embed") -> Path:
+    """Write the self-contained HTML report; return its path."""
     res = load_results(results_dir)
     out = Path(out) if out else Path(results_dir) / "report.html"
     from harness.atomic import atomic_write_text

@@ -82,6 +82,7 @@ def boot_means(mats: list[np.ndarray], seed: int = 0) -> np.ndarray:
 
 
 def summarize(runs: list[RunRecord]) -> Summary:
+    """A configuration's accuracy over its seeds, with a 95% interval over test examples."""
     acc = [r.eval_after.accuracy for r in runs]
     n = runs[0].eval_after.examples
     mean = statistics.fmean(acc)
@@ -199,6 +200,7 @@ def load_note(r: RunRecord) -> str:
 
 
 def run_median_s(r: RunRecord) -> float | None:
+    """A run's median measured step time, in seconds."""
     xs = measured_step_times_s(r)
     return statistics.median(xs) if xs else None
 

@@ -53,6 +53,7 @@ COLUMNS = [
 
 
 def prompt_mode(r: RunRecord) -> bool:
+    """Whether the run read its task through prompts (a decoder without a head)."""
     return (r.model_info or {}).get("mode") == "prompt"
 
 
@@ -70,6 +71,7 @@ def accuracy_label(r: RunRecord) -> str:
 
 
 def wilson(accuracy: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of an accuracy over ``n`` examples."""
     from reports.stats import wilson as w  # statsmodels: only where an interval is drawn
 
     return w(accuracy, n)
@@ -81,6 +83,7 @@ def fmt_diff(x: float) -> str:
 
 
 def forgetting_label(r: RunRecord) -> str:
+    """The LM loss on another task's text before → after, where measured."""
     f = r.forgetting or {}
     if "before" not in f:
         return "—"
@@ -94,6 +97,7 @@ def shown_columns(rows: list[dict[str, str]]) -> list[str]:
 
 
 def fmt_bytes(n: float | None) -> str:
+    """Bytes in binary units: ``457 MiB``."""
     if n is None or pd.isna(n):
         return "—"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -104,6 +108,7 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_count(n: int | None) -> str:
+    """A count in short form: ``22.7M``."""
     if n is None:
         return "—"
     return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
@@ -142,6 +147,7 @@ def fastest_deployment(r: RunRecord) -> str:
 
 
 def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
+    """One row per run, each column as text: the summary's and the flat report's source."""
     from reports.stats import load_note
 
     rows = []

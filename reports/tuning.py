@@ -36,6 +36,7 @@ def label(r: RunRecord) -> str:
 
 
 def lr_figure(studies: dict[str, dict]) -> go.Figure:
+    """Validation score against learning rate, per method, the chosen trial starred."""
     fig = go.Figure()
     objective = next(iter(studies.values()))["objective"]
     for i, (name, t) in enumerate(studies.items()):

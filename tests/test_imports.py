@@ -154,3 +154,15 @@ def test_no_method_is_named_outside_its_own_file():
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not found, found
+
+
+def test_every_public_function_and_class_says_what_it_is():
+    """Issue 28: a one-line docstring on every public function and class of harness/, methods/ and reports/."""
+    missing = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.parse(path.read_text(), str(path)).body:
+                named = isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+                if named and ast.get_docstring(node) is None:
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not missing, missing

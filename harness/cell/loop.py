@@ -39,6 +39,8 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class LoopResult:
+    """What THE loop measured: per-step losses, learning rates, gradient norms and times, memory, throughput."""
+
     losses: list[float] = field(default_factory=list)  # per optimizer step, mean over micro-batches
     lrs: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
@@ -68,6 +70,7 @@ class LoopResult:
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: the same seed, the same run."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)

@@ -60,6 +60,8 @@ def _tiny_config(kind: str, num_labels: int):
 
 @dataclass
 class LoadedModel:
+    """A loaded model, its tokenizer, and what the record keeps about where it came from."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     info: dict = field(default_factory=dict)

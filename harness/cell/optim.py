@@ -54,6 +54,7 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], str]] = {
 def build_optimizer(
     name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, extra: dict[str, Any]
 ) -> torch.optim.Optimizer:
+    """The suite's ``train.optimizer`` (torch or bitsandbytes) over ``groups``, with its arguments checked."""
     factory, _ = OPTIMIZERS[name]
     return factory(params, lr=lr, weight_decay=weight_decay, **extra)
 

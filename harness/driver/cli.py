@@ -168,6 +168,7 @@ def cmd_cell(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ftbench`` argument parser: the public commands, then the internal ones without help."""
     p = argparse.ArgumentParser(prog="ftbench", description="Compare fine-tuning methods on one model and task.")
     p.add_argument("--version", action="version", version=f"ftbench {_version()}")
     public = "run,tune,methods,models,tasks,summary,report,compare,claims,estimate"
@@ -283,6 +284,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``ftbench`` command; user errors are one line and exit code 2, never a traceback."""
     quiet_libraries()
     args = build_parser().parse_args(argv)
     if args.command != "run":  # no other command needs the hub; `run` decides from its suite

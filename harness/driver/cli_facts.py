@@ -9,6 +9,7 @@ from harness.schema import ConfigError
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    """``ftbench methods [NAME]``: each method (or one) with its config fields, types and defaults."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -34,6 +35,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """``ftbench models``: the model aliases, and what else a suite may name."""
     from harness.cell.modelnames import ALIASES
 
     for k, v in ALIASES.items():
@@ -46,6 +48,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    """``ftbench tasks``: the registered tasks with their kind and source, and the generic ones."""
     from harness.tasks.builtin import TASKS, task_kind
 
     for k, fn in TASKS.items():  # the docstring's first paragraph, whole: the source of the data is in it

@@ -18,6 +18,7 @@ class OutputError(Exception):
 
 @contextlib.contextmanager
 def writing(what: str):
+    """Turn an OSError while writing ``what`` into one line naming the path and the errno."""
     try:
         yield
     except OSError as err:
@@ -27,11 +28,13 @@ def writing(what: str):
 
 
 def warn(problems: list[str]) -> None:
+    """Each problem as a ``warning:`` line on stderr."""
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
 
 
 def records_dir(path: str) -> Path:
+    """``path`` if it holds a ``records/`` folder, else a user error."""
     if not (Path(path) / "records").is_dir():
         raise ConfigError(f"{path}: no records/ folder; is this an ftbench results directory?")
     return Path(path)
@@ -75,6 +78,7 @@ def _tabular(records, fmt: str) -> str:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    """``ftbench summary DIR``: the compact table (``--wide``: every column)."""
     from reports.html import load_results
     from reports.terminal import print_summary
 

@@ -55,6 +55,7 @@ CHILD_ENV = {
 
 
 def cell_env(allow_network: bool) -> dict[str, str]:
+    """The environment a cell runs in: offline unless the suite allows the network."""
     env = {**CHILD_ENV, **os.environ}
     # Offline unless the suite opts in; with the network, fail in seconds rather than hang on an unreachable hub.
     env["HF_HUB_OFFLINE"] = "0" if allow_network else "1"
@@ -65,6 +66,7 @@ def cell_env(allow_network: bool) -> dict[str, str]:
 
 
 def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (PR_SET_PDEATHSIG)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -94,10 +96,12 @@ def server_for(allow_network: bool) -> ForkServer:
 
 
 def running() -> list[ForkServer]:
+    """The fork servers still alive."""
     return [s for s in _SERVERS.values() if s.proc.poll() is None]
 
 
 def close_all() -> None:
+    """Close every fork server this process started."""
     while _SERVERS:
         _SERVERS.popitem()[1].close()
 

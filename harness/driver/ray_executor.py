@@ -76,6 +76,7 @@ class RayPool:
 def run_cells_ray(
     cells: list[RunConfig], results_dir: Path, address: str | None, done: Callable[[RunConfig, RunRecord], None]
 ) -> list[RunRecord]:
+    """Run ``todo`` as Ray tasks, each cell in its own process on a worker; ``done`` gets each record."""
     pool = RayPool(address, len(cells))
     for i, cfg in enumerate(cells):
         pool.submit(i, cfg, results_dir)

@@ -68,6 +68,7 @@ def lock_results(results_dir: Path):
 
 
 def pending_cells(cells: list[RunConfig], results_dir: Path, retry_failed: bool) -> list[RunConfig]:
+    """The cells without a record (and, with ``retry_failed``, those whose record is not ok)."""
     out = []
     for c in cells:
         p = record_path(results_dir, c.cell_id)

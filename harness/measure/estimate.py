@@ -31,6 +31,8 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Arch:
+    """A decoder's sizes, enough to count its parameters and activations."""
+
     hidden: int
     intermediate: int
     layers: int
@@ -139,6 +141,8 @@ def resolve_arch(name: str) -> Arch:
 
 @dataclass(frozen=True)
 class Setup:
+    """One estimate's method, adapters, batch, sequence length, dtypes and optimizer."""
+
     method: str = ""  # a registered method that states its memory model (harness/contract.py: MemoryModel)
     r: int = 16
     targets: tuple[str, ...] | None = None  # None: every linear of every block (QLoRA paper's recipe)

@@ -39,6 +39,7 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def cache_dir() -> Path:
+    """ftbench's per-machine cache: ``$FTBENCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/ftbench``."""
     env = os.environ.get("FTBENCH_CACHE_DIR")
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftbench"
 
@@ -284,6 +285,7 @@ def _measure_peak(dtype: torch.dtype, device: torch.device, budget_s: float) -> 
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's name as suites write it (``float32``, ``bfloat16``)."""
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 

@@ -46,6 +46,8 @@ CATEGORIES = (
 
 
 class MemoryTracker(TorchDispatchMode):
+    """Live tensor bytes by category during a training step, from every allocation and free it sees."""
+
     def __init__(self, roots: dict[str, Iterable[torch.Tensor]] | None = None, device_type: str = "cpu") -> None:
         super().__init__()
         self.device_type = device_type

@@ -38,6 +38,7 @@ def bnb_roundtrip(w: torch.Tensor, quant_type: str, double_quant: bool = False, 
 
 
 def relative_error(w: torch.Tensor, q: torch.Tensor) -> float:
+    """‖q − w‖ / ‖w‖: the quantized weight's relative error."""
     w = w.float()
     return float(((w - q) ** 2).sum() / (w**2).sum())
 

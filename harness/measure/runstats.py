@@ -76,12 +76,14 @@ def _quant_state_bytes(qs) -> int:
 
 
 def cuda_memory_reset(device: torch.device) -> None:
+    """Reset the CUDA allocator's peak counters on ``device`` (nothing on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def cuda_memory_peaks(device: torch.device) -> dict[str, int]:
+    """The CUDA allocator's peaks since the last reset: allocated and reserved bytes."""
     if device.type != "cuda":
         return {}
     torch.cuda.synchronize(device)

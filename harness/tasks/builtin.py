@@ -25,6 +25,8 @@ TASK_KINDS: dict[str, str] = {}  # known without loading the data, for validatin
 
 
 def register_task(name: str, kind: str = "classification") -> Callable:
+    """Decorator: register a task loader under ``name`` with its kind."""
+
     def deco(fn: Callable[[int], TaskData]) -> Callable[[int], TaskData]:
         if name in TASKS:
             raise ValueError(f"task {name!r} registered twice")
@@ -173,6 +175,7 @@ def asdiv(seed: int) -> TaskData:
 
 
 def check_task_name(name: str, where: str) -> None:
+    """A user error unless ``name`` is a registered or generic task."""
     if name not in TASKS and name not in GENERIC:
         allowed = ", ".join(sorted(TASKS) + sorted(GENERIC))
         raise ConfigError(f"{where}: unknown task {name!r}; allowed: {allowed}")

@@ -17,6 +17,7 @@ from harness.tasks.data import Example, TaskData
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The fraction of predictions equal to the labels."""
     return float(np.mean(y_true == y_pred))
 
 
@@ -49,6 +50,7 @@ def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of encoded examples into one batch of tensors."""
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -17,6 +17,8 @@ KINDS = ("classification", "multiple_choice", "generation")
 
 @dataclass(frozen=True)
 class Example:
+    """One example: text (and a pair), label, group for splitting, choices or an answer."""
+
     text: str
     label: int  # class index; multiple choice: index of the right choice; generation: 0
     group: str = ""  # e.g. the movie: splits never share a group

@@ -31,6 +31,8 @@ from harness.tasks.data import Example, TaskData
 
 @dataclass
 class PromptItem:
+    """One example rendered as a prompt with its candidate continuations."""
+
     context: list[int]
     choices: list[list[int]]  # token ids of each continuation
     label: int  # index of the right continuation

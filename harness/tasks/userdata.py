@@ -29,6 +29,7 @@ def read_user_text(path: Path, what: str = "") -> str:
 
 
 def generic_kind(spec: TaskSpec) -> str:
+    """The kind of a csv / jsonl / hf task: classification unless ``kind:`` says otherwise."""
     return spec.kind or "classification"
 
 
