@@ -5,17 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from harness.records import RunRecord, headline_latency_s, measured_step_times_s
-from reports.figures import peak_bytes
+from reports.metrics import BY_KEY, peak_bytes
 
-METRICS = {
-    "accuracy_after": lambda r: r.eval_after.accuracy if r.eval_after else None,
-    "macro_f1_after": lambda r: r.eval_after.macro_f1 if r.eval_after else None,
-    "peak_bytes": lambda r: peak_bytes(r)[0],
-    "weight_bytes": lambda r: r.weight_bytes,
-    "step_time_median_s": lambda r: r.step_time_stats.get("median_s"),
-    "tokens_per_s": lambda r: r.tokens_per_s,
-    "trainable_params": lambda r: r.trainable_params,
-    "export_bytes": lambda r: r.export_bytes,
+COMPARED = (  # the catalogue's metrics compare rows carry (reports/metrics.py)
+    "accuracy_after",
+    "macro_f1_after",
+    "peak_bytes",
+    "weight_bytes",
+    "step_time_median_s",
+    "tokens_per_s",
+    "trainable_params",
+    "export_bytes",
+)
+METRICS = {k: BY_KEY[k].get for k in COMPARED}
+# the pivot's columns, each one of the catalogue's metrics
+PIVOT = {
+    "accuracy": "accuracy_after",
+    "peak memory": "peak_bytes",
+    "step time": "step_time_median_s",
+    "tokens/s": "tokens_per_s",
+    "trainable": "trainable_params",
+    "exports": "export_bytes",
 }
 ENV_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu", "python", "git_commit")
 HARDWARE_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "gpu")
@@ -180,7 +190,7 @@ def warnings(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
 # The pivoted table: one row per cell, one column per metric, "old → new (change, verdict)"; a change is
 # called better or worse only where it is beyond noise (reports/stats.py), on the same config and machine:
 # accuracy by McNemar on the same test examples, step time against the run-to-run spread of the seeds.
-HIGHER_IS_BETTER = {"accuracy": True, "peak memory": False, "step time": False, "tokens/s": True}
+HIGHER_IS_BETTER = {name: BY_KEY[key].higher_is_better for name, key in PIVOT.items()}
 
 
 def _judge(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: bool, noise: tuple) -> str:
@@ -221,14 +231,15 @@ def _word(metric: str, diff: float, significant: bool, evidence: str) -> str:
 def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: bool, noise: tuple) -> str:
     from reports.summary import fmt_bytes, fmt_count
 
-    get = {
-        "accuracy": (lambda r: r.eval_after.accuracy if r.eval_after else None, lambda v: f"{v:.3f}"),
-        "peak memory": (lambda r: peak_bytes(r)[0], fmt_bytes),
-        "step time": (lambda r: r.step_time_stats.get("median_s"), lambda v: f"{v * 1000:.0f} ms"),
-        "tokens/s": (lambda r: r.tokens_per_s, lambda v: f"{v:,.0f}"),
-        "trainable": (lambda r: r.trainable_params, fmt_count),
-        "exports": (lambda r: r.export_bytes, fmt_bytes),
+    fmt = {
+        "accuracy": lambda v: f"{v:.3f}",
+        "peak memory": fmt_bytes,
+        "step time": lambda v: f"{v * 1000:.0f} ms",
+        "tokens/s": lambda v: f"{v:,.0f}",
+        "trainable": fmt_count,
+        "exports": fmt_bytes,
     }[metric]
+    get = (BY_KEY[PIVOT[metric]].get, fmt)
     a, b = get[0](o), get[0](n)
     if a is None and b is None:
         return "—"

@@ -7,29 +7,13 @@ import html
 import json
 
 from harness.records import RunRecord
-from reports.figures import SERIES_COLORS, peak_bytes
+from reports.figures import SERIES_COLORS
+from reports.metrics import CATALOGUE, shown, shown_label
 
-MIB = 2**20
 # key: (label with its unit, value of a record or None)
-METRICS = {
-    "accuracy": ("test accuracy after training", lambda r: r.eval_after.accuracy if r.eval_after else None),
-    "accuracy_before": ("test accuracy before training", lambda r: r.eval_before.accuracy if r.eval_before else None),
-    "peak_mib": ("peak memory, MiB (as the run measured it)", lambda r: _div(peak_bytes(r)[0], MIB)),
-    "peak_rss_mib": ("peak RSS of the cell process, MiB", lambda r: _div(r.peak_rss_bytes, MIB)),
-    "step_ms": ("median step time, ms", lambda r: _div(r.step_time_stats.get("median_s"), 1e-3)),
-    "tokens_per_s": ("training tokens per second", lambda r: r.tokens_per_s),
-    "trainable_params": ("trainable parameters", lambda r: r.trainable_params),
-    "trainable_pct": ("trainable parameters, % of all", lambda r: r.trainable_pct),
-    "weight_mib": ("weight storage, MiB", lambda r: _div(r.weight_bytes, MIB)),
-    "export_mib": ("all exports on disk, MiB", lambda r: _div(r.export_bytes, MIB)),
-    "mfu_pct": ("MFU, % of the measured matmul peak", lambda r: _div(r.mfu, 0.01)),
-    "final_loss": ("final training loss", lambda r: r.final_loss),
-    "wall_s": ("wall time of the run, s", lambda r: r.wall_time_s),
-}
-
-
-def _div(v: float | None, by: float) -> float | None:
-    return None if v is None else v / by
+# the catalogue's metrics the page offers, in the units it shows them (reports/metrics.py)
+OFFERED = [m for m in CATALOGUE if m.key not in ("macro_f1_after", "forgetting_lm_loss_after")]
+METRICS = {m.key: (shown_label(m), lambda r, m=m: shown(m, r)) for m in OFFERED}
 
 
 def _hover(r: RunRecord) -> str:
@@ -92,7 +76,7 @@ def render(records: list[RunRecord]) -> str:
         return f'<label>{which} <select id="explore-{which.lower()}">{opts}</select></label>'
 
     return (
-        f"<p>{select('X', 'step_ms')} &nbsp; {select('Y', 'accuracy')}</p>"
+        f"<p>{select('X', 'step_time_median_s')} &nbsp; {select('Y', 'accuracy_after')}</p>"
         '<div id="fig-explore" class="plot"></div>'
         f'<script type="application/json" id="explore-data">{payload}</script>'
     )

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 
 from harness.records import RunRecord, measured_step_times_s
 from reports import stats
+from reports.metrics import peak_bytes  # noqa: F401  (its owner is the metric catalogue)
 
 MIB = 2**20
 COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff"]
@@ -42,13 +43,6 @@ def run_label(r: RunRecord, records: list[RunRecord]) -> str:
 
 def _short(model: str) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1]
-
-
-def peak_bytes(r: RunRecord) -> tuple[int | None, str]:
-    """The peak-memory figure a record has, and what it is (never call CPU memory VRAM)."""
-    if r.cuda_max_allocated_bytes is not None:
-        return r.cuda_max_allocated_bytes, "CUDA max allocated"
-    return r.peak_live_tensor_bytes, "CPU live tensors"
 
 
 def groups(records: list[RunRecord]) -> dict[tuple, list[RunRecord]]:

@@ -17,6 +17,7 @@ from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, read_current
 from reports import deployment, explore, figures, headline, tuning
+from reports.metrics import BY_COLUMN
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
 CSS = """
@@ -69,21 +70,7 @@ document.querySelectorAll('script.fig').forEach(function(s){
 
 def _sort_value(r: RunRecord, col: str, text: str) -> str:
     """Raw numbers behind formatted cells, so columns sort numerically."""
-    peak = figures.peak_bytes(r)[0]
-    raw = {
-        "trainable": r.trainable_params,
-        "trainable %": r.trainable_pct,
-        "weights": r.weight_bytes,
-        "peak memory": peak,
-        "tokens/s": r.tokens_per_s,
-        "MFU": r.mfu,
-        "exports": r.export_bytes,
-        "peak RSS": r.peak_rss_bytes,
-        "step time (median)": r.step_time_stats.get("median_s"),
-        "accuracy before → after": r.eval_after.accuracy if r.eval_after else None,
-        "forgetting: LM loss before → after": (r.forgetting or {}).get("after", {}).get("lm_loss"),
-    }
-    v = raw.get(col, text)
+    v = BY_COLUMN[col].get(r) if col in BY_COLUMN else text  # the catalogue's raw value (reports/metrics.py)
     return "" if v is None else str(v)
 
 

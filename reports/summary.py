@@ -7,27 +7,18 @@ from collections.abc import Iterable
 import pandas as pd
 
 from harness.records import RunRecord
+from reports.metrics import CATALOGUE
 
 NUMERIC = {"trainable", "trainable %", "weights", "peak memory", "peak RSS", "step time (median)", "tokens/s", "MFU"}
 # What each column means (the HTML header's hover and the footnotes under the table).
-MEANINGS = {
-    "trainable": "parameters the optimizer updates",
-    "trainable %": "trainable / all parameters, in % (quantized weights counted by their logical number)",
-    "weights": "bytes of parameter storage, packed 4-bit weights and their constants included",
-    "peak memory": "CUDA allocator peak, or the peak of live CPU tensor bytes in a training step (never VRAM)",
-    "peak RSS": "the cell process's peak resident set size (whole run: libraries, loading and evaluation too)",
+MEANINGS = {  # the metric columns' meanings are the catalogue's (reports/metrics.py); these are the rest
     "optimizer": "the optimizer, and whether paged state really was paged",
-    "step time (median)": "median time of an optimizer step over measured steps (warm-up excluded); ⚠ where other "
-    "processes took more than half a core while the run trained",
-    "tokens/s": "non-pad training tokens per second over measured steps",
-    "MFU": "model FLOP/s over measured steps / this machine's measured matmul peak in the named dtype",
-    "accuracy before → after": "test accuracy before and after training, [95% Wilson interval over test examples]",
-    "forgetting: LM loss before → after": "LM loss on another task's held-out text, before and after training",
-    "exports": "each artifact written, with its size on disk",
     "fastest deployment": "the run's fastest deployable artifact at batch 1: ms per generated token (decoders) or "
     "per example (encoders); every form in the report's Deployment section",
     "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| vs "
     "the trained in-memory model on the test split",
+    **{m.column: m.meaning for m in CATALOGUE if m.column},
+    "accuracy before → after": "test accuracy before and after training, [95% Wilson interval over test examples]",
 }
 COLUMNS = [
     "method",

@@ -212,3 +212,25 @@ def test_the_summary_fits_a_terminal_and_the_wide_one_keeps_every_column(results
     assert main(["summary", str(d)]) == 0
     out = capsys.readouterr().out
     assert "failed: tiny-bert · rotten_tomatoes · qlora/default · seed 0: RuntimeError: boom" in out
+
+
+def test_one_metric_catalogue_feeds_compare_the_explorer_the_sort_and_the_meanings(results):
+    """Issue 28: the metric catalogue (reports/metrics.py) is defined once; compare's rows, the page's explorer,
+    the run table's numeric sort and the column meanings read it instead of keeping copies."""
+    from reports import compare, explore, html, summary
+    from reports.metrics import BY_COLUMN, BY_KEY, shown
+
+    recs = [read_record(p) for p in sorted((results / "records").glob("*.json"))]
+    for r in recs:
+        assert {k: f(r) for k, f in compare.METRICS.items()} == {k: BY_KEY[k].get(r) for k in compare.METRICS}
+        assert {k: f(r) for k, (_, f) in explore.METRICS.items()} == {k: shown(BY_KEY[k], r) for k in explore.METRICS}
+        for col, m in BY_COLUMN.items():
+            v = m.get(r)
+            assert html._sort_value(r, col, "text") == ("" if v is None else str(v))
+    assert all(c in BY_COLUMN for c in summary.NUMERIC)  # every numeric column is a catalogued metric
+    assert all(summary.MEANINGS[c] == BY_COLUMN[c].meaning for c in summary.NUMERIC)
+    assert compare.HIGHER_IS_BETTER == {
+        "accuracy": True, "peak memory": False, "step time": False, "tokens/s": True, "trainable": False,
+        "exports": False,
+    }  # fmt: skip
+    assert explore.METRICS["peak_bytes"][0] == "peak memory (as the run measured it), MiB"
