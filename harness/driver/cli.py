@@ -174,24 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     public = "run,tune,methods,models,tasks,summary,report,compare,claims,estimate"
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + public + "}")
     r = sub.add_parser("run", help="run a suite (resumes: cells with a record are skipped)")
-    r.add_argument("suite", help="suite YAML file")
-    r.add_argument("--results", help="results directory (default: results/<suite name>)")
-    r.add_argument("--retry-failed", action="store_true", help="rerun cells whose record is not ok")
-    r.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run (default local)")
-    r.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    r.add_argument("--storage", help="database URL for a tune: block's studies (overrides tune.storage)")
-    _run_options(r)
-    r.set_defaults(fn=cmd_run)
+    _run_options(r, tune=False)
     t = sub.add_parser("tune", help="run a suite with a tune: block (tune each method on validation, then run)")
-    t.add_argument("suite", help="suite YAML file with a tune: block")
-    t.add_argument("--results", help="results directory (default: results/<suite name>)")
     t.add_argument("--trials", type=int, help="trials per method (overrides tune.trials)")
-    t.add_argument("--retry-failed", action="store_true", help="rerun final cells whose record is not ok")
-    t.add_argument("--executor", choices=["local", "ray"], default="local", help="where trials and cells run")
-    t.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    t.add_argument("--storage", help="database URL for the studies (overrides tune.storage), e.g. postgresql://…")
-    _run_options(t)
-    t.set_defaults(fn=cmd_run)
+    _run_options(t, tune=True)
     me = sub.add_parser("methods", help="list methods with their config fields (or one: ftbench methods qalora)")
     me.add_argument("name", nargs="?", help="one method's name")
     me.set_defaults(fn=cmd_methods)
@@ -256,7 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
+def _run_options(p: argparse.ArgumentParser, tune: bool) -> None:
+    """What `run` and `tune` both take: the suite, where results go, which cells, where and how they run."""
+    p.add_argument("suite", help="suite YAML file" + (" with a tune: block" if tune else ""))
+    p.add_argument("--results", help="results directory (default: results/<suite name>)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record is not ok")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="where cells run (default local)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    p.add_argument("--storage", help="database URL for the studies (overrides tune.storage), e.g. postgresql://…")
+    p.set_defaults(fn=cmd_run)
     p.add_argument(
         "--only",
         action="append",
