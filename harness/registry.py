@@ -138,13 +138,16 @@ def load_method_file(spec: str, base: str | Path = ".") -> tuple[type, str]:
         raise ValueError(f"{spec!r}: {path.name} has no class {class_name}; method classes there: {found or 'none'}")
     _load_all()  # the built-ins first: a file method may not take a built-in's name
     name = getattr(cls, "name", None)
-    if name in _REGISTRY and _REGISTRY[name] is not cls and not _REGISTRY[name].__module__.startswith(FILE_MODULE):
-        raise ValueError(f"{spec!r}: its name {name!r} is a registered method's; give {class_name} another name")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:  # another suite's file method of that name, earlier in
-        del _REGISTRY[name]  # this process (a suite's own entries are kept apart by harness/driver/suite.py)
-    try:
-        if _REGISTRY.get(name) is not cls:
+    registered = _REGISTRY.get(name)
+    if registered is not None and registered is not cls:
+        if not registered.__module__.startswith(FILE_MODULE):
+            raise ValueError(f"{spec!r}: its name {name!r} is a registered method's; give {class_name} another name")
+        # another suite's file method of that name, earlier in this process (one suite's own entries are kept
+        # apart by harness/driver/suite.py)
+        del _REGISTRY[name]
+    if registered is not cls:
+        try:
             register_method(cls)
-    except RegistryError as err:
-        raise ValueError(f"{spec!r}: {err}") from None
+        except RegistryError as err:
+            raise ValueError(f"{spec!r}: {err}") from None
     return cls, f"{path}:{class_name}"

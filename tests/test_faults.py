@@ -301,3 +301,23 @@ def test_a_full_disk_is_one_line_and_another_output_still_works(two_cells, tmp_p
     out = run_cli("report", str(results), "-o", str(elsewhere))
     assert out.returncode == 0 and elsewhere.stat().st_size > 10_000, out.stderr
     assert {p.name: p.read_bytes() for p in (results / "records").glob("*.json")} == before  # records whole
+
+
+def test_kept_and_gone_records_are_counted_apart(two_cells, tmp_path):
+    """A record kept under a new id and one of a cell the suite no longer has, in one run: the line about the
+    records set aside counts the gone one (the kept one's line was counted as a changed cell)."""
+    suite, results = two_cells
+    r = _copy(results, tmp_path / "r")
+    lora = next(p for p in (r / "records").glob("*.json") if "lora" in p.name)
+    older = json.loads(lora.read_text())
+    older["cell_id"] = lora.stem.rsplit("__", 1)[0] + "__0123456789"
+    (r / "records" / f"{older['cell_id']}.json").write_text(json.dumps(older))
+    lora.unlink()
+    data = yaml.safe_load(suite.read_text())
+    data["methods"] = [m for m in data["methods"] if m["method"] != "full"]
+    edited = tmp_path / "s.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    out = run_cli("run", str(edited), "--results", str(r))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 record(s) kept under a new cell id" in out.stderr
+    assert "1 earlier record(s) (1 of cells this suite no longer has) moved to" in out.stderr, out.stderr

@@ -130,6 +130,7 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
         lines.append(
             f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.display_name} ({what})"
         )
+    changed_cells = len(lines)
     if kept:
         lines.insert(
             0,
@@ -143,7 +144,7 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     for p in stale:
         shutil.move(str(p), dest / p.name)
-    others = len(stale) - len(lines)
+    others = len(stale) - changed_cells
     gone = f" ({others} of cells this suite no longer has)" if others else ""
     lines.append(f"{len(stale)} earlier record(s){gone} moved to {dest}: never mixed with this suite's")
     return lines
@@ -187,45 +188,43 @@ def run_suite(
     quiet: bool = False,
     executor: str = "local",
     address: str | None = None,
-    cells: list[RunConfig] | None = None,
     only: list[str] | None = None,
     jobs: int = 1,
 ) -> list[RunRecord]:
-    """Run every pending cell of ``suite`` (or of ``cells``: the suite's grid at tuned hyperparameters), those
-    matching ``only`` (:func:`select_cells`) if given, ``jobs`` at a time; return the records of all its cells
-    (old and new)."""
+    """Run every pending cell of ``suite`` (with a ``tune:`` block, its trials first and then the grid at each
+    method's best), those matching ``only`` (:func:`select_cells`) if given, ``jobs`` at a time; return the
+    records of all its cells (old and new)."""
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_results(results_dir)  # held until this function returns (or the process dies): once, tuning too
     try:
-        return _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, cells, only, jobs)
+        return _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, only, jobs)
     finally:
         lock.close()
 
 
-def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, cells, only, jobs):
+def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, only, jobs):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     atomic_write_text(results_dir / "suite.yaml", suite_text)
     console = Console(stderr=True, quiet=quiet)
-    measured = False
-    if cells is None and suite.tune is not None:  # the trials first, then the grid at each method's best
-        grid = expand(suite)
-        base = [c for c in grid if c.seed == suite.seeds[0]]
+    cells = expand(suite)
+    if suite.tune is not None:  # the trials first, then the grid at each method's best
+        base = [c for c in cells if c.seed == suite.seeds[0]]
         _before_cells(base, results_dir, console)
-        measured = True
-        cells = _tuned(suite, grid, base, results_dir, console, executor, address)
-    cells = cells if cells is not None else expand(suite)
+        cells = _tuned(suite, cells, base, results_dir, console, executor, address)
     for line in set_aside_stale(cells, results_dir):
         console.print(f"[yellow]{line}[/]", soft_wrap=True)
-    todo = pending_cells(select_cells(cells, only) if only else cells, results_dir, retry_failed)
-    if todo and not measured:
+    selected = select_cells(cells, only) if only else cells
+    todo = pending_cells(selected, results_dir, retry_failed)
+    if todo and suite.tune is None:  # a tuned suite measured this machine before its trials
         _before_cells(todo, results_dir, console)
-    skipped = len(cells) - len(todo)
+    left_out = f", {len(cells) - len(selected)} left out by --only" if only else ""
     console.print(
-        f"[bold]{suite.name}[/]: {len(cells)} cells, {skipped} already recorded, {len(todo)} to run → {results_dir}"
+        f"[bold]{suite.name}[/]: {len(cells)} cells, {len(selected) - len(todo)} already recorded, {len(todo)} to run"
+        f"{left_out} → {results_dir}"
     )
     interrupts_raise()  # cells are about to run: Ctrl-C now says that finished runs are recorded
     with Progress(
@@ -242,9 +241,8 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
             return f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant}"
 
         def done(cfg: RunConfig, rec: RunRecord) -> None:
-            label = f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant} · seed {cfg.seed}"
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
-            progress.console.print(f"{mark} {label} ({rec.wall_time_s:.1f} s)")
+            progress.console.print(f"{mark} {label(cfg)} · seed {cfg.seed} ({rec.wall_time_s:.1f} s)")
             progress.advance(bar)
 
         if executor == "ray" and todo:  # a resume with nothing left to run starts no cluster
