@@ -98,13 +98,14 @@ def test_ray_records_equal_local_records(tmp_path, write_suite, one_cluster, mon
 
 
 def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_same_proposals(
-    tmp_path, write_suite, one_cluster
+    tmp_path, write_suite, one_cluster, monkeypatch
 ):
     """`ftbench tune --executor ray`: each trial a Ray task (its cell in its own process, reporting to the
-    study's journal for the median pruner); the two studies' trials run at the same time; each study proposes
-    what it proposes on the local executor (same sampler seed), and the final runs carry the tuning."""
-    import datetime
-
+    study's journal for the median pruner); the two studies' trials are on the cluster at the same time; each
+    study proposes what it proposes on the local executor (same sampler seed), and the final runs carry the
+    tuning. "At the same time" is what the driver submits, not measured start times: a worker that is still
+    importing torch may start its trial after the other's tiny trial ended (CI saw exactly that)."""
+    import harness.driver.ray_executor
     from harness.cell.run import run_cell
     from harness.driver.suite import expand, parse_suite
     from harness.driver.tune import tune_cells
@@ -114,18 +115,21 @@ def test_tuning_on_a_local_ray_cluster_runs_the_studies_side_by_side_with_the_sa
     data["train"] = {**data["train"], "steps": 4, "eval_every": 2}
     data["export"] = False
     data["tune"] = {"trials": 2, "sampler": "random", "seed": 7, "pruner": "median"}
+    in_flight = []
+
+    class Watched(harness.driver.ray_executor.RayPool):
+        def submit(self, ticket, cfg, results_dir, show=None):
+            super().submit(ticket, cfg, results_dir, show)
+            in_flight.append(sorted(c.method for _, c, *_ in self.pending.values()))
+
+    monkeypatch.setattr(harness.driver.ray_executor, "RayPool", Watched)
     out = run_cli("tune", str(write_suite(data)), "--results", str(tmp_path / "ray"), "--executor", "ray")
     assert out.returncode == 0, out.stderr[-3000:]
     trials = [read_record(p) for p in (tmp_path / "ray" / "tuning" / "records").glob("*.json")]
     assert len(trials) == 4 and all(t.status in ("ok", "pruned") for t in trials)
 
-    def span(r):
-        start = datetime.datetime.fromisoformat(r.started_at).timestamp()
-        return start, start + r.wall_time_s
-
+    assert in_flight[:2] == [["full"], ["full", "lora"]]  # both studies' first trials on Ray at once
     by_method = {m: sorted((t for t in trials if t.method == m), key=lambda r: r.started_at) for m in ("full", "lora")}
-    (a0, a1), (b0, b1) = span(by_method["full"][0]), span(by_method["lora"][0])
-    assert a0 < b1 and b0 < a1  # the first trials of the two studies overlapped in time
 
     suite = parse_suite(data, "<test>")
     local = tune_cells(suite, expand(suite), tmp_path / "local", run_cell, say=lambda _: None)
