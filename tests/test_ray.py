@@ -2,14 +2,11 @@
 is a failed record and the suite goes on."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, tiny_suite
+from tests.conftest import run_cli, tiny_suite
 
 pytest.importorskip("ray")
 
@@ -34,8 +31,9 @@ def one_cluster():
     ray.shutdown()
 
 
-# First: it needs a cluster of its own (its workers must inherit PYTHONPATH), before the shared one starts.
-def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):
+def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite, one_cluster):
+    """A method from a file beside the suite (so the shared cluster's workers need no environment of their own)
+    that kills its Ray worker: that cell is a failed record naming Ray, and the other cell still runs."""
     (tmp_path / "killer.py").write_text(
         textwrap.dedent('''
         import os, signal, time
@@ -52,20 +50,8 @@ def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite):
                 return model
     ''')
     )
-    dist = tmp_path / "killer-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: killer\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[ftbench.methods]\nkill_worker = killer:KillWorker\n")
-    suite = write_suite(tiny_suite(methods=[{"method": "kill_worker"}, {"method": "lora"}]))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "harness", "run", str(suite), "--results", str(tmp_path / "r"), "--executor", "ray"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    suite = write_suite(tiny_suite(methods=[{"method": "killer.py:KillWorker"}, {"method": "lora"}]))  # beside it
+    out = run_cli("run", str(suite), "--results", str(tmp_path / "r"), "--executor", "ray")
     recs = {r["method"]: r for r in _records(tmp_path / "r").values()}
     assert out.returncode == 1, out.stderr[-2000:]
     assert recs["kill_worker"]["status"] == "failed" and recs["kill_worker"]["error"].startswith("ray:")
