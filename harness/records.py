@@ -91,6 +91,12 @@ class RunRecord(BaseModel):
     environment: dict[str, Any]
     model_info: dict[str, Any] = Field(default_factory=dict)
     task_info: dict[str, Any] = Field(default_factory=dict)
+    measured_only: str | None = Field(
+        None, description="why this run has no accuracy (random weights, or a task with nothing to score)"
+    )
+    estimate: dict[str, Any] | None = Field(
+        None, description="`ftbench estimate`'s prediction for exactly this config: bytes by category and peak"
+    )
     # parameters
     total_params: int | None = None
     trainable_params: int | None = None

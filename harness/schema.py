@@ -104,6 +104,11 @@ class ModelSpec(Strict):
         "auto",
         description="auto: decoders (causal LMs) do every task through prompts, encoders through a classifier head",
     )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="random: the architecture of a local folder's config.json with seeded random weights (memory "
+        "and speed only: never scored). The *-shape aliases are always random",
+    )
 
 
 class Forgetting(Strict):

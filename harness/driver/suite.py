@@ -147,7 +147,8 @@ def _check_names(suite: Suite, source: str) -> None:
             raise ConfigError(format_validation_error(source, err, TrainConfig, ("methods", i, "train"))) from None
     models: dict[str, int] = {}
     for i, spec in enumerate(suite.models):
-        check_model_name(spec.name, f"{source}: models[{i}].name", suite.allow_network, spec.allow_pickle)
+        where = f"{source}: models[{i}].name"
+        check_model_name(spec.name, where, suite.allow_network, spec.allow_pickle, spec.init)
         same = _resolved(spec)[0].model_dump_json()  # `./m` and its absolute path are one model
         if same in models:  # its cells would share ids: run twice, one record overwriting the other
             raise ConfigError(f"{source}: models[{i}]: the same model as models[{models[same]}] ({spec.name})")

@@ -206,3 +206,6 @@ def load_task(spec: TaskSpec) -> TaskData:
         data.test = data.test[: spec.eval_examples]
         data.validation = data.validation[: spec.eval_examples]
     return data
+
+
+from harness.tasks import synthetic  # noqa: E402, F401  (registers "synthetic"; it imports register_task from here)

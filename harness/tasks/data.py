@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 
-KINDS = ("classification", "multiple_choice", "generation")
+KINDS = ("classification", "multiple_choice", "generation", "language_modeling")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class TaskData:
     kind: str = "classification"
     prompt: str = "Text: {text}\nLabel:"
     label_words: list[str] | None = None
+    io: str | None = None  # "module:Class": the TaskIO reading this task whatever the mode (None: the mode's)
 
     def info(self) -> dict:
         def digest(xs: list[Example]) -> str:
