@@ -74,6 +74,8 @@ class MemoryModel:
     rank: int = 0
     linear_bits: float | None = None
     adapter_in_divisor: int = 1
+    targets: tuple[str, ...] | Literal["peft-default"] | None = None  # adapted linears; None: every one
+    saves_linear_inputs: bool = True  # False where frozen matmuls keep no input for backward (QA-LoRA's)
 
 
 @dataclass

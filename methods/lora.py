@@ -80,6 +80,16 @@ class LoraOptions(PeftOptions):
         )
 
 
+def peft_targets(target_modules: list[str] | str | None) -> tuple[str, ...] | str | None:
+    """A LoRA config's targets as the estimate reads them: peft's per-architecture default where unset, every
+    linear for 'all-linear' (the head aside), else the names given."""
+    if target_modules is None:
+        return "peft-default"
+    if target_modules == "all-linear":
+        return None
+    return (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+
+
 @register_method
 class Lora(MethodBase):
     """LoRA (Hu et al. 2021) through peft's LoraConfig."""
@@ -99,7 +109,7 @@ class Lora(MethodBase):
         return requires_grad_parameters(model)
 
     def memory_model(self) -> MemoryModel:  # rank-r A and B per targeted linear, on a base in the weight dtype
-        return MemoryModel(trains="adapters", rank=self.config.r)
+        return MemoryModel(trains="adapters", rank=self.config.r, targets=peft_targets(self.config.target_modules))
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         return export_peft(model, out_dir, mergeable=True)

@@ -99,7 +99,11 @@ class QALora(MethodBase):
         """INT-N weights with an fp16 scale and zero point per group, and adapters whose inputs are pooled per
         group (QA-LoRA paper, §3.3): r·(d_in/g + d_out) per targeted linear."""
         c = self.config
-        return MemoryModel("adapters", c.r, linear_bits=c.bits + 32 / c.group_size, adapter_in_divisor=c.group_size)
+        targets = tuple(c.target_modules) if c.target_modules else None
+        # its DequantMatmul saves nothing and its adapter reads the pooled input: no full-width input is kept
+        return MemoryModel(
+            "adapters", c.r, c.bits + 32 / c.group_size, c.group_size, targets, saves_linear_inputs=False
+        )
 
     def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
         self._check(model, set(ctx.head_names) | set(ctx.output_names))

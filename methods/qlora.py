@@ -34,7 +34,7 @@ from methods.common import (
     requires_grad_parameters,
     save_state_dict,
 )
-from methods.lora import LoraOptions
+from methods.lora import LoraOptions, peft_targets
 
 torch = lazy_module("torch")  # imported at first use: the config validates without it (harness/lazy.py)
 
@@ -199,7 +199,8 @@ class QLora(MethodBase):
         one fp32 constant per 256 blocks (QLoRA paper, §2: 4.127 bits at blocks of 64)."""
         b = self.config.blocksize
         constants = 8 / b + 32 / (b * 256) if self.config.double_quant else 32 / b
-        return MemoryModel(trains="adapters", rank=self.config.r, linear_bits=4 + constants)
+        targets = peft_targets(self.config.target_modules)
+        return MemoryModel(trains="adapters", rank=self.config.r, linear_bits=4 + constants, targets=targets)
 
     def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:  # the adapters' fit; 4 bits fit any
         check_peft_fits(model, self.config.lora_config(task_type=ctx.peft_task_type))

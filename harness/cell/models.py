@@ -214,7 +214,13 @@ def load_model(
         own = Path(_source(name))  # a folder with only a config.json borrows MiniLM's tokenizer, as the shapes do
         has_tokenizer = any((own / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         tok = AutoTokenizer.from_pretrained(own if has_tokenizer and name not in SHAPES else _minilm_dir())
-        model = _random_model(auto, _config(name, num_labels, trust_remote_code), seed, device, trust_remote_code)
+        config = _config(name, num_labels, trust_remote_code)
+        if len(tok) > config.vocab_size:  # a borrowed tokenizer's ids would index past the embedding
+            raise ConfigError(
+                f"model {name!r}: vocab_size {config.vocab_size} is smaller than its tokenizer's {len(tok)} ids "
+                "(a folder without a tokenizer borrows MiniLM's); add the model's tokenizer files to the folder"
+            )
+        model = _random_model(auto, config, seed, device, trust_remote_code)
         info.update(source="random init from config", pretrained=False, weights="random", weights_note=RANDOM_NOTE)
     else:
         src_s = _source(name)

@@ -25,6 +25,7 @@ from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
 from harness.measure.flops import mfu_dtype, training_flops
 from harness.measure.hardware import DTYPES, default_device, describe, identity, resolve_config_dtypes
 from harness.measure.memory import nvml_process_bytes
+from harness.measure.plan import estimate_run
 from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.progress import CellProgress
 from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
@@ -110,6 +111,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
             if loaded.info["weights"] == "random"
             else (f"task {task.name}: nothing to score: memory and speed only")
         )
+    rec["estimate"] = estimate_run(cfg, loaded.model, io.task_type == "causal_lm")  # checked against the peak
     clock.lap("load")
 
     def evaluate(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:

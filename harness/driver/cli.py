@@ -49,7 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     data = read_suite_file(args.suite)  # not a file, too large, not YAML: one line, before anything starts
     _offline_unless_the_suite_allows(data)
-    if args.executor == "local" and forkserver.enabled():  # its imports (seconds) overlap the checks below
+    dry = getattr(args, "dry_run", False)
+    if args.executor == "local" and forkserver.enabled() and not dry:  # its imports overlap the checks below
         forkserver.server_for(allow_network=False)
     try:
         suite = check_cheap(data, args.suite)
@@ -65,6 +66,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = _with_options(suite, args)
         check_fit(suite, args.suite)
         _check_device(suite.device)
+        if dry:  # the plan: every check above, then estimates only; nothing runs and nothing is written
+            from harness.driver.dryrun import print_plan
+            from harness.driver.runner import select_cells
+            from harness.driver.suite import expand
+
+            return print_plan(suite, select_cells(expand(suite), args.only) if args.only else expand(suite))
         return _run(args, suite, results)
     finally:
         forkserver.close_all()
@@ -259,6 +266,12 @@ def _run_options(p: argparse.ArgumentParser, tune: bool) -> None:
         "lora/r8, '*/0'); repeatable. The summary and report still show every recorded cell",
     )
     p.add_argument("--device", help="cpu | cuda | cuda:N (overrides the suite's device:; default cuda if present)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, write nothing, and list the cells with their estimated peak memory by category, whether "
+        "it fits this machine, and an estimated time",
+    )
     p.add_argument(
         "--jobs",
         type=int,

@@ -4,19 +4,22 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
 (or a GPT-style one for the LoRA paper's GPT-3 check), from the architecture alone — no weights needed.
 
   weights      full / lora: every parameter in ``weight_dtype`` (bf16 by default); qlora: linear weights in
-               NF4 at 4 + 8/64 + 32/(64·256) ≈ 4.127 bits (4.5 without double quantization), the rest bf16;
-               qalora: linear weights at bits + 2·16/group_size, the rest bf16.
+               NF4 at 4 + 8/64 + 32/(64·256) ≈ 4.127 bits (4.5 without double quantization), the rest in the
+               weight dtype; qalora: linear weights at bits + 2·16/group_size, the rest in the weight dtype.
   adapters     r·(d_in + d_out) per targeted linear (qalora: r·(d_in/g + d_out)), fp32.
   gradients    one per trainable parameter, in the trainable parameters' dtype.
   optimizer    AdamW: 8 bytes per trainable parameter (32-bit moments), 2 for 8-bit; paged optimizers keep the
                state in host memory (counted apart, as ``host``).
-  activations  per layer and token (Korthikanti et al. 2022, adapted to SwiGLU): 2·(10·h + 4·f) bytes in 16-bit
-               (×2 in fp32) plus, with eager attention, 2·a·s·2 bytes of scores and probabilities; the logits
-               b·s·V in fp32 for the loss. Gradient checkpointing keeps only each layer's input (2·h bytes per
-               token) plus one layer's activations during recompute.
-  peak         weights + optimizer state + max(activations + gradients, gradients + optimizer temporaries),
-               the temporaries being AdamW's two per-tensor scratch buffers (sqrt(v) + eps, and the update)
-               the size of the largest trainable tensor — measured so by harness/measure/memory.py.
+  activations  per layer and token, a Llama block counted tensor by tensor: (6·h + 2·kv_dim + 4·f) values
+               (GPT blocks: Korthikanti et al. 2022's 10·h + 4·f), 2 bytes each in 16-bit, 4 in fp32; with
+               eager attention, 2·a·s·2 bytes of scores and probabilities more; the loss's b·s·V logits
+               three times in fp32 (logits, log-softmax, gradient) plus a 16-bit copy. Gradient
+               checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
+               during recompute.
+  peak         weights (adapters included) + optimizer state + max(activations + the output head's gradients
+               where it trains, gradients + optimizer temporaries), the temporaries being AdamW's two
+               per-tensor scratch buffers (sqrt(v) + eps, and the update) the size of the largest trainable
+               tensor — measured so by harness/measure/memory.py.
 """
 
 from __future__ import annotations
@@ -192,29 +195,49 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
         trainable, train_bytes = p["linear"] + p["other"], s.weight_dtype_bytes
         largest = arch.vocab * arch.hidden
     else:
-        if mm.linear_bits is not None:  # a quantized base: its other parameters in bf16
-            weights = p["linear"] * mm.linear_bits / 8 + p["other"] * 2
+        if mm.linear_bits is not None:  # a quantized base: its other parameters in the weight dtype
+            weights = p["linear"] * mm.linear_bits / 8 + p["other"] * s.weight_dtype_bytes
         else:
             weights = (p["linear"] + p["other"]) * s.weight_dtype_bytes
         trainable = arch.layers * sum(mm.rank * (i // mm.adapter_in_divisor + o) for _, i, o in blocks)
         train_bytes = 4
+        weights += trainable * train_bytes  # the adapters themselves, in fp32
         largest = max(mm.rank * max(i, o) for _, i, o in blocks)
     grads = trainable * train_bytes
-    state_per_param = 2 if s.optimizer.endswith("8bit") else 8
+    # bytes of optimizer state per trainable parameter: Adam's two moments (8-bit: 1 byte each), one for
+    # Adagrad / RMSprop / Lion, none for plain SGD (momentum is an optimizer_args choice the estimate ignores)
+    state_per_param = {"sgd": 0, "adagrad": 4, "rmsprop": 4, "lion_8bit": 1}.get(
+        s.optimizer, 2 if s.optimizer.endswith("8bit") else 8
+    )
     state = trainable * state_per_param
     host = state if s.optimizer.startswith("paged") else 0.0
     gpu_state = state - host
     b, t, h, f, a = s.batch, s.seq_len, arch.hidden, arch.intermediate, arch.heads
-    per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
+    if arch.mlp_matrices == 3:  # a Llama block, counted: norm in/out ×2, q k v, attention out, SwiGLU's four
+        kv_dim = h // a * arch.kv_heads
+        values = 6 * h + 2 * kv_dim + 4 * f
+        if not mm.saves_linear_inputs:  # the two norms' outputs and down_proj's input are not kept
+            values -= 2 * h + f
+        per_layer = b * t * values * s.activation_bytes
+    else:  # a GPT block: Korthikanti et al. (2022)'s count without dropout masks' separate bytes
+        per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
     if s.attention == "eager":
         per_layer += 2 * b * a * t * t * s.activation_bytes
-    logits = b * t * arch.vocab * 4 if arch.lm_head else 0
+    # The loss holds three fp32 vocabulary-sized tensors at once in backward (the logits, log-softmax's saved
+    # output, and the gradient being formed: measured so by harness/measure/memory.py), plus the 16-bit logits
+    # autocast produced before the loss upcast them.
+    logits = b * t * arch.vocab * (12 + (s.activation_bytes if s.activation_bytes < 4 else 0)) if arch.lm_head else 0
+    model_level = 3 * b * t * h * s.activation_bytes  # the embedding's output, the final norm's input and output
     if s.grad_checkpointing:
-        acts = arch.layers * b * t * h * s.activation_bytes + per_layer + logits
+        acts = arch.layers * b * t * h * s.activation_bytes + per_layer + logits + model_level
     else:
-        acts = arch.layers * per_layer + logits
+        acts = arch.layers * per_layer + logits + model_level
     temporaries = 2 * largest * train_bytes
-    peak = weights + gpu_state + max(acts + grads, grads + temporaries)
+    # Backward frees each layer's activations as it forms that layer's gradients, so the two never peak
+    # together: the backward peak is all activations plus the first gradients formed (the output head's, where
+    # it trains), the optimizer step's is all gradients plus AdamW's scratch.
+    head_grads = arch.vocab * arch.hidden * train_bytes if mm.trains == "all" and arch.lm_head else 0
+    peak = weights + gpu_state + max(acts + head_grads, grads + temporaries)
     return {
         "weights": weights,
         "trainable_params": trainable,

@@ -1,0 +1,106 @@
+"""``ftbench run SUITE --dry-run``: the plan before a run. The suite is validated in full, nothing is written, and
+each cell is listed with its estimated peak memory by category (harness/measure/plan.py), whether that fits
+this machine (the suite's ``memory_limit_mb``, else RAM or the GPU's memory) and an estimated time. A cell
+that will not fit is named before anything starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.measure.plan import ASSUMED_MFU, PROCESS_OVERHEAD_BYTES, WEIGHT_BYTES, estimate_run, machine_memory_bytes
+
+GIB = 2**30
+
+
+def _flops_per_step(cfg, model, trainable: float) -> float:
+    """Forward 2·P, backward through the layers 2·P, weight gradients 2·T FLOPs per token (P: matmul weights,
+    the output head included; T: trainable ones), times the tokens of a step at max_seq_len."""
+    import torch
+
+    p = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.max_seq_len
+    return (4 * p + 2 * min(trainable, p)) * tokens
+
+
+def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
+    """One row per cell: its key, the estimate by category, the memory it needs and has, and the time."""
+    from harness.cell.models import resolve_mode, skeleton
+    from harness.driver.runner import cell_key
+    from harness.measure.hardware import default_device, peak_matmul
+
+    device = default_device(suite.device)
+    if suite.memory_limit_mb:
+        capacity, where = suite.memory_limit_mb * 2**20, f"memory_limit_mb {suite.memory_limit_mb}"
+    else:
+        capacity, where = machine_memory_bytes(device.type)
+    skeletons: dict[tuple[str, str], Any] = {}
+    rows = []
+    for cfg in cells:
+        mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
+        key = (cfg.model.name, mode)
+        if key not in skeletons:
+            skeletons[key] = skeleton(cfg.model.name, cfg.model.trust_remote_code, mode)
+        model = skeletons[key]
+        row: dict[str, Any] = {"cell": cell_key(cfg), "capacity": capacity, "where": where}
+        if model is None:
+            rows.append({**row, "why": "architecture unknown offline"})
+            continue
+        e = estimate_run(cfg, model, mode == "prompt")
+        if "peak_bytes" not in e:
+            rows.append({**row, "why": e["not_estimated"]})
+            continue
+        # The harness loads every model in float32 before a method transforms it (quantizes, wraps): that load
+        # is a floor under any method's peak. An address-space limit also counts the process's libraries.
+        loaded = sum(p.numel() for p in model.parameters()) * WEIGHT_BYTES
+        need = max(e["peak_bytes"], loaded) + (PROCESS_OVERHEAD_BYTES if suite.memory_limit_mb else 0)
+        dtype = "bfloat16" if cfg.train.dtype == "bfloat16" else "float32"
+        flops = _flops_per_step(cfg, model, e["trainable_params"]) * cfg.train.steps
+        peak = peak_matmul(dtype, device)["peak_matmul_flops"]
+        mfu = ASSUMED_MFU.get(device.type, 0.3)
+        rows.append({**row, **e, "need": need, "fits": need <= capacity, "seconds": flops / (peak * mfu), "mfu": mfu})
+    return rows
+
+
+def print_plan(suite, cells: list) -> int:
+    """The plan as a table, then the cells that will not fit by name. Returns 0 (a plan is not a failure)."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from reports.terminal import console
+
+    rows = plan_rows(suite, cells)
+    out = console()
+    out.print(f"ftbench run --dry-run · {escape(suite.name)} · {len(cells)} cells · nothing runs, nothing is written")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:  # one table per model · task, a row per method/variant/seed
+        model, task, rest = r["cell"].split("/", 2)
+        groups.setdefault(f"{model} · {task}", []).append({**r, "cell": rest})
+    for title, group in groups.items():
+        table = Table(title=escape(title), box=box.SIMPLE_HEAD, title_justify="left")
+        for i, h in enumerate(("method/variant/seed", "weights", "grads", "optim", "activ", "peak", "needs", "fits")):
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        table.add_column("time", justify="right", no_wrap=True)
+        for r in group:
+            if "peak_bytes" not in r:
+                table.add_row(escape(r["cell"]), *(["—"] * 6), "?", escape(r["why"][:40]))
+                continue
+            c = r["by_category_bytes"]
+            gib = [f"{c[k] / GIB:.2f}" for k in ("weights", "gradients", "optimizer_state", "activations")]
+            need = [f"{r['peak_bytes'] / GIB:.2f}", f"{r['need'] / GIB:.2f}", "✓" if r["fits"] else "✗ no"]
+            table.add_row(escape(r["cell"]), *gib, *need, f"~{r['seconds']:.0f} s")
+        out.print(table)
+    capacity, where = (rows[0]["capacity"], rows[0]["where"]) if rows else (0, "")
+    out.print(
+        f"GiB, estimated (ftbench estimate's model: float32 weights, batch × max_seq_len). needs: the peak, or the "
+        f"float32 model a method starts from if larger, plus {PROCESS_OVERHEAD_BYTES / GIB:.1f} GiB of libraries "
+        f"under an address-space limit; capacity {capacity / GIB:.1f} GiB ({where}). time: training steps only, "
+        f"at an assumed MFU of {rows[0].get('mfu', 0.3):.0%} of this machine's measured peak.",
+        style="dim",
+    )
+    over = [r["cell"] for r in rows if r.get("fits") is False]
+    if over:
+        out.print(f"will not fit ({len(over)}): {', '.join(over)} — each would end as an oom record")
+    else:
+        out.print("every estimated cell fits")
+    return 0

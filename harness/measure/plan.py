@@ -1,0 +1,106 @@
+"""A run's memory estimate for exactly its config, and the plan ``ftbench run --dry-run`` prints.
+
+:func:`estimate_run` maps a cell (:class:`harness.schema.RunConfig`) onto the analytic estimate of
+:mod:`harness.measure.estimate`: the architecture from the model's own config (a meta skeleton or the loaded
+model), weights in the harness's float32 (methods quantize from there), activations in the training dtype, the
+method's rank and targets from its config, the batch at ``max_seq_len`` (an upper bound for a real task, whose
+batches pad to their longest row; exact for the synthetic task). Every record carries it beside the measured
+peak, by category, so the estimator is checked at every run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+from harness.measure.estimate import Setup, arch_from_config, estimate
+
+WEIGHT_BYTES = 4  # the harness loads every model in float32; autocast computes in the training dtype
+# What a process holds besides tensors when an address-space limit (RLIMIT_AS) applies: torch, transformers
+# and peft's code and mappings (a cell cannot start under 1200 MiB; harness/schema.py).
+PROCESS_OVERHEAD_BYTES = 1.5 * 2**30
+ASSUMED_MFU = {"cpu": 0.3, "cuda": 0.4}  # for the dry run's time only; records measure their own
+
+
+def _gated(model) -> bool:
+    import torch
+
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return any("gate" in n or n == "w1" for n in names)  # SwiGLU's third matrix (Llama, Mistral, Qwen, ...)
+
+
+def setup_for(cfg, model) -> Setup:
+    """The estimate's setup for a cell on ``model`` (its skeleton or itself)."""
+    mc, t = cfg.method_config, cfg.train
+    setup = Setup(
+        method=cfg.method,
+        r=int(mc.get("r", 16)),
+        batch=t.batch_size,
+        seq_len=t.max_seq_len,
+        grad_checkpointing=t.grad_checkpointing,
+        weight_dtype_bytes=WEIGHT_BYTES,
+        activation_bytes=2 if t.dtype == "bfloat16" else 4,
+        optimizer=t.optimizer,
+        double_quant=bool(mc.get("double_quant", True)),
+        bits=int(mc.get("bits", 4)),
+        group_size=int(mc.get("group_size", 32)),
+        attention="eager" if getattr(model.config, "_attn_implementation", "sdpa") == "eager" else "sdpa",
+    )
+    from harness.registry import get_method
+
+    cls = get_method(cfg.method)  # the method's own memory model, from its whole config (targets included)
+    targets = cls(cls.Config.model_validate(mc)).memory_model().targets if cls.memory_model else None
+    if targets == "peft-default":  # peft's per-architecture default (Llama, Qwen2, Mistral: q_proj and v_proj)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        targets = tuple(DEFAULTS.get(model.config.model_type, ()) or ()) or None
+    return Setup(**{**asdict(setup), "targets": targets})
+
+
+def estimate_run(cfg, model, decoder: bool) -> dict[str, Any]:
+    """``ftbench estimate``'s prediction for this cell: bytes by category, the peak, and the setup it assumed;
+    or why it cannot say (a method without a memory model, an architecture it does not read)."""
+    from dataclasses import replace
+
+    from harness.measure.estimate import NotEstimated
+
+    try:
+        setup = setup_for(cfg, model)
+        arch = replace(arch_from_config(model.config, lm_head=decoder), mlp_matrices=3 if _gated(model) else 2)
+        e = estimate(arch, setup)
+    except (NotEstimated, AttributeError, ValueError) as err:
+        return {"not_estimated": str(err).splitlines()[0]}
+    return {
+        "peak_bytes": e["peak"],
+        "by_category_bytes": {
+            k: e[k] for k in ("weights", "gradients", "optimizer_state", "optimizer_state_host", "activations")
+        },
+        "trainable_params": e["trainable_params"],
+        "setup": {k: v for k, v in asdict(setup).items() if k != "method"},
+        "assumes": f"weights {WEIGHT_BYTES} bytes, activations {setup.activation_bytes} bytes, batch × max_seq_len",
+    }
+
+
+def measured_by_category(r) -> dict[str, int] | None:
+    """A record's tracked bytes at its peak, in the estimate's categories (weights: parameters, packed ones and
+    buffers;
+    activations: activations, inputs and temporaries)."""
+    m = r.memory_at_peak_bytes
+    if not m:
+        return None
+    return {
+        "weights": sum(m.get(k, 0) for k in ("params_trainable", "params_frozen", "params_quantized", "buffers")),
+        "gradients": m.get("gradients", 0),
+        "optimizer_state": m.get("optimizer_state", 0),
+        "activations": m.get("activations", 0) + m.get("inputs", 0) + m.get("temporaries", 0),
+    }
+
+
+def machine_memory_bytes(device_type: str) -> tuple[int, str]:
+    """What a cell may use here: the GPU's memory, or the machine's RAM (Linux /proc/meminfo)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
