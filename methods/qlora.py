@@ -67,10 +67,15 @@ class QLoraOptions(LoraOptions):
         return v
 
 
-def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) -> list[str]:
+def quantize_linears(
+    model: torch.nn.Module, skip: set[str], cfg: QLoraOptions, error: list[float] | None = None
+) -> list[str]:
     """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component or the full path) by
-    a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names."""
+    a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names. With
+    ``error`` (a list [sum of squared errors, sum of squares]), each layer's quantization error is added to it
+    as the layer is quantized, so no copy of the float weights outlives its own layer."""
     import bitsandbytes as bnb
+    import bitsandbytes.functional as F
 
     from harness.measure.hardware import torch_dtype
 
@@ -99,6 +104,10 @@ def quantize_linears(model: torch.nn.Module, skip: set[str], cfg: QLoraOptions) 
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.detach().clone(), requires_grad=False)
             q = q.to(child.weight.device)  # moving a Params4bit quantizes it
+            if error is not None:
+                w = child.weight.detach().float()
+                error[0] += float((F.dequantize_4bit(q.weight.data, q.weight.quant_state).float() - w).pow(2).sum())
+                error[1] += float(w.pow(2).sum())
             # bitsandbytes repacks 4-bit weights for a faster inference kernel on AVX512-BF16 CPUs at the first
             # eval-mode forward; training afterwards breaks (in-place error with a bias, silently None LoRA grads
             # without one). ftbench evaluates before training, so the repacking must never happen.
@@ -207,10 +216,8 @@ class QLora(MethodBase):
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules)
-        originals = {
-            n: m.weight.detach().clone().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-        }
-        names = quantize_linears(model, skip, self.config)
+        error = [0.0, 0.0]  # layer by layer: a copy of every float weight at once would double the load's peak
+        names = quantize_linears(model, skip, self.config, error)
         self._quantized = names
         self._calibration = ctx.calibration
         if not names:
@@ -220,7 +227,7 @@ class QLora(MethodBase):
         self._metrics = {
             **quantized_storage(model),
             "quantized_modules": len(names),
-            "quant_relative_error": relative_quantization_error(originals, model),
+            "quant_relative_error": (error[0] / error[1]) ** 0.5 if error[1] else float("nan"),
             "quant_type": self.config.quant_type,
             "double_quant": self.config.double_quant,
             "blocksize": self.config.blocksize,

@@ -16,7 +16,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, read_current
-from reports import deployment, explore, figures, headline, tuning
+from reports import deployment, explore, figures, headline, scale, tuning
 from reports.metrics import BY_COLUMN
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
@@ -228,6 +228,11 @@ def render(
         plots["pareto"],
         "<h2>Any two metrics</h2>",
         explore.render(records),
+        *(
+            ["<h2>Memory at scale: measured against the estimate</h2>", scale.render(records, _figure)]
+            if scale.applies(records)
+            else []
+        ),
         "<h2>Memory breakdown</h2>",
         plots["memory"],
         '<p class="note">Categories: parameters (trainable, frozen, quantized storage incl. constants), gradients, '

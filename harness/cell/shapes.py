@@ -73,7 +73,11 @@ SHAPES: dict[str, Shape] = {
     "llama-3.1-8b-shape": Shape(
         "Llama-3.1-8B architecture", 8_030_261_248, _llama(4096, 14336, 32, 32, 8, 128256, False, 131072)
     ),
+    "llama-3.1-70b-shape": Shape(
+        "Llama-3.1-70B architecture", 70_553_706_496, _llama(8192, 28672, 80, 64, 8, 128256, False, 131072)
+    ),
 }
+LLAMA3_LADDER = ("llama-3.2-1b-shape", "llama-3.2-3b-shape", "llama-3.1-8b-shape", "llama-3.1-70b-shape")
 
 RANDOM_NOTE = "random weights: memory and speed only"
 
