@@ -94,6 +94,11 @@ class RunRecord(BaseModel):
     measured_only: str | None = Field(
         None, description="why this run has no accuracy (random weights, or a task with nothing to score)"
     )
+    energy: dict[str, Any] | None = Field(
+        None,
+        description="the training loop's joules and joules per 1k training tokens from NVML or RAPL, with the "
+        "source; or not_measured and why",
+    )
     estimate: dict[str, Any] | None = Field(
         None, description="`ftbench estimate`'s prediction for exactly this config: bytes by category and peak"
     )

@@ -22,6 +22,7 @@ from harness.cell.deploy import measure as measure_deployments
 from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
 from harness.cell.models import head_module_names, load_model, resolve_mode
 from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
+from harness.measure.energy import EnergyMeter
 from harness.measure.flops import mfu_dtype, training_flops
 from harness.measure.hardware import DTYPES, default_device, describe, identity, resolve_config_dtypes
 from harness.measure.memory import nvml_process_bytes
@@ -257,12 +258,15 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
         validation.after_step(model, method, done, total)
 
     contention = Contention()  # other processes' CPU use while we train: flags step times measured under load
+    energy = EnergyMeter(device)  # a hardware counter (NVML, RAPL) or "not measured", never an estimate
+    energy.start()
     try:
         res = train(model, method, batches, cfg.train, cfg.seed, device, io.objective, on_step)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
         r = err.result
         rec.update(losses=r.losses, lrs=r.lrs, grad_norms=r.grad_norms, step_times_s=r.step_times_s)
         raise
+    rec["energy"] = energy.stop(sum(res.tokens_per_step))
     rec["contention"] = contention.result()
     if rec["contention"]["concurrent_cells"] > 1:
         progress.say(

@@ -57,6 +57,11 @@ def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
 
 
 SHAPES: dict[str, Shape] = {
+    "smollm2-135m-shape": Shape(
+        "SmolLM2-135M architecture",
+        134_515_008,
+        {**_llama(576, 1536, 30, 9, 3, 49152, True, 8192), "rope_theta": 100000.0},
+    ),
     "qwen2.5-0.5b-shape": Shape("Qwen2.5-0.5B architecture", 494_032_768, _qwen2(896, 4864, 24, 14, 2, 151936, True)),
     "llama-3.2-1b-shape": Shape(
         "Llama-3.2-1B architecture", 1_235_814_400, _llama(2048, 8192, 16, 32, 8, 128256, True, 131072)
