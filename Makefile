@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.ftbench-installed
 SUITE   ?= suites/quick.yaml
 RESULTS ?= results/quick
 
-.PHONY: setup browser demo test gpu-check bench lint clean
+.PHONY: setup browser demo test gpu-bundle gpu-check bench lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest -q tests
 
+# The offline GPU bundle (.gpukit/, git-ignored): what an offline machine with CUDA torch lacks (pydantic, peft,
+# plotly, a slim bitsandbytes, tokenizer and data files), for Python 3.12 and this venv's. Prints its size. Carry
+# .gpukit with the working tree, then run there: gpu/check.sh OUT_DIR (docs/gpu.md).
+gpu-bundle: setup
+	$(BIN)/python gpu/bundle.py
+
 # On a machine with an NVIDIA GPU: the CUDA tests (tests/test_gpu.py, skipped elsewhere), then the GPU suite,
 # then the estimator against the measured peaks. It needs a CUDA build of torch: if the venv's torch has no CUDA
 # it says so and stops (install the CUDA wheel of the same version, e.g. from download.pytorch.org).
@@ -58,8 +64,8 @@ bench: setup
 	$(BIN)/python -m pytest -q bench/test_layers.py --benchmark-autosave --benchmark-columns=min,median,mean,stddev -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check harness methods reports tests bench examples
-	$(BIN)/ruff format --check harness methods reports tests bench examples
+	$(BIN)/ruff check harness methods reports tests bench examples gpu
+	$(BIN)/ruff format --check harness methods reports tests bench examples gpu
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache .gpukit

@@ -3,8 +3,8 @@
 Each check runs on its own and records its error rather than stopping the rest: versions and where each
 package came from (the image or the bundle), the device, which bitsandbytes binary loaded, an NF4 matmul
 forward and backward against the dense product, one paged 8-bit AdamW step (and whether its state really is
-paged), whether NVML sees this process, and which energy counter is readable. Writes JSON to stdout.
-Usage: ``python gpu/probe.py [--device cuda|cpu]``.
+paged), whether NVML sees this process, and which energy counter is readable. Writes JSON to stdout (and ``--out``).
+Usage: ``python gpu/probe.py [--device cuda|cpu] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def nvml() -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
+    p.add_argument("--out", help="also write the JSON here (stdout mixes in libraries' own lines)")
     args = p.parse_args()
     import torch
 
@@ -133,7 +134,11 @@ def main() -> int:
     from harness.measure.energy import energy_source
 
     _check(out, "energy_counter", lambda: energy_source(device))
-    print(json.dumps(out, indent=1, default=str))
+    text = json.dumps(out, indent=1, default=str)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
     optional = {"nvml"} if device.type == "cpu" else set()  # a CPU machine has no NVML to see it
     failed = [k for k, v in out.items() if isinstance(v, dict) and "error" in v and k not in optional]
     return 1 if failed else 0

@@ -145,7 +145,7 @@ def table(records: list[RunRecord]) -> str:
             cats = [f"{m[c] / GIB:.2f}" if m else "—" for c in CATEGORIES]
             peak = _peak(r)
             measured = f"{peak:.2f}" if peak is not None else f"{r.status} (limit)"
-            error = f"{(e / peak - 1) * 100:+.1f}%" if peak else "estimate in its place"
+            error = f"{round((e / peak - 1) * 100, 1) + 0.0:+.1f}%" if peak else "estimate in its place"
             cells = [
                 name,
                 r.model.rstrip("/").rsplit("/", 1)[-1],
