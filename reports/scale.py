@@ -5,7 +5,7 @@ suites/scale.yaml). The table gives, per method and size, the measured peak by c
 exactly that config and its error; a cell that ran out of memory shows the estimate in its place, labelled.
 The figure draws each method's peak against the parameter count: measured points solid, the estimate's line
 dashed, out to 70B (real architectures' sizes at the suite's own setup), and QLoRA's and QA-LoRA's saving
-over LoRA the same way.
+over LoRA (the first adapter method on the float base) the same way.
 """
 
 from __future__ import annotations
@@ -97,25 +97,36 @@ def figure(records: list[RunRecord]) -> go.Figure:
     return fig
 
 
+def _base(runs: list[RunRecord]) -> str:
+    """What a method's records say it trains on: ``quantized`` (its base's weights well under the float model's),
+    ``adapters`` (a few trainable parameters on the float base: LoRA and its kin), or ``all``."""
+    r = runs[-1]
+    weights, trainable = r.estimate["by_category_bytes"]["weights"], r.estimate["trainable_params"]
+    if weights < 0.5 * _full_weights(r):
+        return "quantized"
+    return "all" if trainable >= 0.9 * r.total_params else "adapters"
+
+
 def savings_figure(records: list[RunRecord]) -> go.Figure:
-    """Each quantized method's saving over LoRA, as a share of LoRA's peak at the same size, measured and
-    estimated."""
+    """Each quantized-base method's saving over the first adapter method on the float base (LoRA in the scale
+    suite), as a share of that method's peak at the same size, measured and estimated."""
     pts = _points(records)
     fig = go.Figure()
-    if "lora" not in pts:
+    base = next((name for name, runs in pts.items() if _base(runs) == "adapters"), None)
+    if base is None:
         return fig
-    lora = {r.model: _peak(r) for r in pts["lora"]}
-    lora_line = dict(_estimate_line(pts["lora"][-1]))
+    ref = {r.model: _peak(r) for r in pts[base]}
+    ref_line = dict(_estimate_line(pts[base][-1]))
     for i, (name, runs) in enumerate(pts.items()):
-        if name == "lora" or not any(r.estimate["by_category_bytes"]["weights"] < 0.5 * _full_weights(r) for r in runs):
-            continue  # only methods whose base is quantized (weights well under the float32 model's)
+        if _base(runs) != "quantized":
+            continue
         color = SERIES_COLORS[i % len(SERIES_COLORS)]
-        both = [r for r in runs if lora.get(r.model) and _peak(r)]
-        pct = [(r.total_params, 100 * (1 - _peak(r) / lora[r.model])) for r in both]
-        _series(fig, pct, name, color, "measured")
-        line = [(p, 100 * (1 - g / lora_line[p])) for p, g in _estimate_line(runs[-1]) if p in lora_line]
+        both = [r for r in runs if ref.get(r.model) and _peak(r)]
+        _series(fig, [(r.total_params, 100 * (1 - _peak(r) / ref[r.model])) for r in both], name, color, "measured")
+        line = [(p, 100 * (1 - g / ref_line[p])) for p, g in _estimate_line(runs[-1]) if p in ref_line]
         _series(fig, line, name, color, "estimate")
-    fig.update_layout(**_layout("Peak memory saved over LoRA at the same size", "parameters", "% of LoRA's peak"))
+    title = f"Peak memory saved over {html.escape(base)} (same float base, unquantized) at the same size"
+    fig.update_layout(**_layout(title, "parameters", f"% of {html.escape(base)}'s peak"))
     fig.update_xaxes(type="log")
     return fig
 

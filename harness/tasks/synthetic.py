@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 from harness.contract import Batch
 from harness.lazy import lazy_module
-from harness.tasks.builtin import register_task
 from harness.tasks.data import Example, TaskData
 
 torch = lazy_module("torch")  # the suite's cheap checks list this task without importing torch
@@ -22,7 +21,6 @@ torch = lazy_module("torch")  # the suite's cheap checks list this task without 
 TRAIN_ROWS, EVAL_ROWS = 4096, 64
 
 
-@register_task("synthetic", kind="language_modeling")
 def synthetic(seed: int) -> TaskData:
     """Random token ids at train.max_seq_len, a next-token loss: memory and speed only, no accuracy (any
     decoder, no data, no tokenizer needed)."""
