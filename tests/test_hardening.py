@@ -54,6 +54,7 @@ def test_validation_never_runs_a_models_own_code(tmp_path):
     auto = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     config = {"architectures": ["EvilForCausalLM"], "model_type": "evil", "auto_map": auto}
     (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"")  # weights are not read at validation; a folder needs some
     spec = {"name": str(model), "trust_remote_code": True}
     suite = parse_suite(tiny_suite(models=[spec], tasks=[{"name": "piqa"}]), "s.yaml")
     assert not marker.exists()  # the model's code did not run in the runner
