@@ -41,19 +41,9 @@ def _llama(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
 
 
 def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tied: bool) -> dict:
-    return {  # Qwen2 has biases on q, k and v (in the model code, not the config)
-        "model_type": "qwen2",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "vocab_size": vocab,
-        "tie_word_embeddings": tied,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-    }
+    # Qwen2 has biases on q, k and v (in the model code, not the config)
+    base = _llama(hidden, inter, layers, heads, kv, vocab, tied, 32768)
+    return {**base, "model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
 
 
 SHAPES: dict[str, Shape] = {
