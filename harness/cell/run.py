@@ -107,11 +107,9 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     # The test split is never read, nothing is exported, and the record has no accuracy to be mistaken for one.
     scored = loaded.info["weights"] != "random" and getattr(io, "scored", True)
     if not scored:
-        rec["measured_only"] = (
-            "random weights: memory and speed only"
-            if loaded.info["weights"] == "random"
-            else (f"task {task.name}: nothing to score: memory and speed only")
-        )
+        random = loaded.info["weights"] == "random"
+        why = loaded.info["weights_note"] if random else f"task {task.name}: nothing to score: memory and speed only"
+        rec["measured_only"] = why
     rec["estimate"] = estimate_run(cfg, loaded.model, io.task_type == "causal_lm")  # checked against the peak
     clock.lap("load")
 

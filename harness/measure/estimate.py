@@ -83,6 +83,16 @@ def arch_from_config(config, lm_head: bool = True) -> Arch:
     )
 
 
+def arch_from_model(model, lm_head: bool = True) -> Arch:
+    """A model's (or its meta skeleton's) Arch: its config's sizes, and SwiGLU's third matrix where a linear
+    layer is a gate (Llama, Mistral, Qwen, ...)."""
+    import torch
+
+    linears = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    gated = any("gate" in n or n == "w1" for n in linears)
+    return replace(arch_from_config(model.config, lm_head=lm_head), mlp_matrices=3 if gated else 2)
+
+
 SHAPE_KEYS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
 SHAPE_HELP = "shape:hidden=H,intermediate=F,layers=L,heads=A,vocab=V[,kv_heads=K][,mlp_matrices=2|3]"
 
@@ -126,18 +136,14 @@ def resolve_arch(name: str) -> Arch:
         raise ConfigError(
             f"--model {name!r}: unknown; allowed: {allowed}, a local model folder or its config.json, or {SHAPE_HELP}"
         )
-    import torch
 
     from harness.cell.models import is_decoder_only, skeleton
 
     key = name if name in ALIASES else str(path)
     config = skeleton(key, mode="classifier").config  # the config as the loader reads it (GGUF included)
     decoder = is_decoder_only(config)
-    model = skeleton(key, mode="prompt" if decoder else "classifier")
-    linears = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    gated = any("gate" in n or n == "w1" for n in linears)  # SwiGLU's third matrix (Llama, Mistral, Qwen, ...)
     try:
-        return replace(arch_from_config(config, lm_head=decoder), mlp_matrices=3 if gated else 2)
+        return arch_from_model(skeleton(key, mode="prompt" if decoder else "classifier"), lm_head=decoder)
     except AttributeError as err:
         raise ConfigError(f"--model {name!r}: its config lacks a size the estimate needs ({err})") from None
 

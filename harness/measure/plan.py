@@ -14,20 +14,13 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from harness.measure.estimate import Setup, arch_from_config, estimate
+from harness.measure.estimate import Setup, arch_from_model, estimate
 
 WEIGHT_BYTES = 4  # the harness loads every model in float32; autocast computes in the training dtype
 # What a process holds besides tensors when an address-space limit (RLIMIT_AS) applies: torch, transformers
 # and peft's code and mappings (a cell cannot start under 1200 MiB; harness/schema.py).
 PROCESS_OVERHEAD_BYTES = 1.5 * 2**30
 ASSUMED_MFU = {"cpu": 0.3, "cuda": 0.4}  # for the dry run's time only; records measure their own
-
-
-def _gated(model) -> bool:
-    import torch
-
-    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return any("gate" in n or n == "w1" for n in names)  # SwiGLU's third matrix (Llama, Mistral, Qwen, ...)
 
 
 def setup_for(cfg, model) -> Setup:
@@ -50,7 +43,8 @@ def setup_for(cfg, model) -> Setup:
     from harness.registry import get_method
 
     cls = get_method(cfg.method)  # the method's own memory model, from its whole config (targets included)
-    targets = cls(cls.Config.model_validate(mc)).memory_model().targets if cls.memory_model else None
+    mm = cls(cls.Config.model_validate(mc)).memory_model()
+    targets = mm.targets if mm is not None else None  # no memory model: estimate() says "not estimated"
     if targets == "peft-default":  # peft's per-architecture default (Llama, Qwen2, Mistral: q_proj and v_proj)
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
@@ -61,14 +55,11 @@ def setup_for(cfg, model) -> Setup:
 def estimate_run(cfg, model, decoder: bool) -> dict[str, Any]:
     """``ftbench estimate``'s prediction for this cell: bytes by category, the peak, and the setup it assumed;
     or why it cannot say (a method without a memory model, an architecture it does not read)."""
-    from dataclasses import replace
-
     from harness.measure.estimate import NotEstimated
 
     try:
         setup = setup_for(cfg, model)
-        arch = replace(arch_from_config(model.config, lm_head=decoder), mlp_matrices=3 if _gated(model) else 2)
-        e = estimate(arch, setup)
+        e = estimate(arch_from_model(model, lm_head=decoder), setup)
     except (NotEstimated, AttributeError, ValueError) as err:
         return {"not_estimated": str(err).splitlines()[0]}
     return {
