@@ -61,6 +61,7 @@ class Deployable:
     load: Callable[[], torch.nn.Module] | None = None
     model: torch.nn.Module | None = None
     note: str = ""
+    skipped: str = ""  # why this form cannot run for this artifact (e.g. a group size the kernel does not take)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from harness.measure.hardware import DTYPES, torch_dtype
 from methods.common import load_state_dict, save_state_dict
 
 BITS = (2, 3, 4, 8)
-GROUP_SIZES = (16, 32, 64, 128)
 FORMAT = "ftbench-int-groupwise-v1"  # save_int_model / load_merged
 
 
@@ -279,4 +278,8 @@ def int_forms(path: Path, bits: int, group_size: int) -> list:
 
         note = "torch's _weight_int4pack_mm_for_cpu, bf16 activations; repacked at load"
         forms.append(Deployable("int4 kernel", "int4", load=kernel, note=note))
+    elif bits == 4 and not torch.cuda.is_available():
+        groups = ", ".join(map(str, INT4_KERNEL_GROUPS))
+        why = f"torch's CPU INT4 kernel takes groups of {groups}; this export's group is {group_size}"
+        forms.append(Deployable("int4 kernel", "int4", skipped=why))
     return forms

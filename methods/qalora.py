@@ -9,9 +9,11 @@ so A is r × (d_in / g) and the update B A P is constant within each group: ΔW_
 That constant folds exactly into the group's zero point, z'_ij = z_ij + (alpha / r) · (B A)_ij: the merged
 model keeps the same integers and scales, is still INT-N, and runs on quantized kernels.
 
-Pooling constant: ftbench sums over the group, as the paper does (P has ones). peft's ``use_qalora`` takes
-the mean and multiplies by d_in / g, i.e. its P has entries (d_in / g) / g; an adapter trained under one
-convention merges under the same one only. The merge below uses the sum, matching the forward.
+Pooling constant: by default ftbench sums over the group, as the paper's Algorithm 1 does (P has ones);
+``pooling: mean`` averages, as the authors' code does (``AvgPool1d``, P has entries 1/g), and its merge divides
+by g. peft's ``use_qalora`` takes the mean and multiplies by d_in / g. An adapter trained under one convention
+merges under the same one only; the merge always follows the forward. At ``group_size: 1`` pooling is the
+identity and QA-LoRA is LoRA on the quantized base (each weight its own group: the fp16-rounded weight).
 
 On-disk format of the merged model (``merged_int/``): ``model.safetensors`` holds, per quantized layer,
 ``qweight`` (uint8, 8 integers packed into ``bits`` bytes, row-major over d_out × d_in), ``scales`` and
@@ -53,7 +55,18 @@ class QALoraOptions(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(None, description="Linear names to quantize+adapt; None = all but head")
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: Literal[16, 32, 64, 128] = 32
+    group_size: Literal[1, 2, 4, 8, 16, 32, 64, 128] = Field(
+        32, description="input channels per quantization group and per pooled adapter input; 1: LoRA on the INT-N base"
+    )
+    pooling: Literal["sum", "mean"] = Field(
+        "sum", description="how the adapter pools each group: sum (paper, Algorithm 1) or mean (authors' AvgPool1d)"
+    )
+    a_init: Literal["kaiming", "xavier"] = Field(
+        "kaiming", description="A's initialisation: kaiming as LoRA, over fan-in d_in/g; xavier as the authors' code"
+    )
+    dropout_after_pooling: bool = Field(
+        False, description="apply dropout to the pooled input (authors' code) rather than before pooling (paper)"
+    )
     quantizer: Literal["rtn", "gptq"] = Field(
         "rtn", description="rtn: min-max round-to-nearest; gptq: GPTQ on training examples (extra ftbench[gptq])"
     )
@@ -158,7 +171,8 @@ class QALora(MethodBase):
             packed += q.storage_bytes()["packed_weight_bytes"]
             consts += q.storage_bytes()["scale_zero_bytes"]
             self._quantized[path] = layers.digest(q)
-            intquant.set_module(model, path, layers.QALoraLinear(q, c.r, c.alpha, c.dropout))
+            adapted = layers.QALoraLinear(q, c.r, c.alpha, c.dropout, c.pooling, c.a_init, c.dropout_after_pooling)
+            intquant.set_module(model, path, adapted)
         for name in ctx.head_names:  # the classifier head trains in full, as with LoRA
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
@@ -172,7 +186,8 @@ class QALora(MethodBase):
             "quantized_modules": len(targets),
             "bits": c.bits,
             "group_size": c.group_size,
-            "pooling": "sum over each group (paper)",
+            "pooling": c.pooling,
+            "a_init": c.a_init,
             "quantizer": c.quantizer,
         }
         return model

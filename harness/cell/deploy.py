@@ -128,6 +128,10 @@ def measure(export, evaluate, causal: bool, seq_len: int, cfg, device, say, know
     out = []
     for d in export.deploy:
         rec = DeploymentRecord(name=d.name, dtype=d.dtype, note=d.note)
+        if d.skipped:
+            rec.skipped = d.skipped
+            out.append(rec)
+            continue
         if d.dtype in ("float16", "bfloat16") and is_emulated(d.dtype, device):
             note = slow_note(d.dtype, device)
             rec.skipped = f"{note}: its latency would measure the emulation; measure it on a CPU with native bf16"
