@@ -54,6 +54,9 @@ class QALoraOptions(Strict):
     alpha: float = Field(16, gt=0, description="updates are scaled by alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(None, description="Linear names to quantize+adapt; None = all but head")
+    skip_modules: list[str] = Field(
+        default_factory=list, description="Linear names (last component or full path) left in float, not adapted"
+    )
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Literal[1, 2, 4, 8, 16, 32, 64, 128] = Field(
         32, description="input channels per quantization group and per pooled adapter input; 1: LoRA on the INT-N base"
@@ -85,13 +88,15 @@ class QALoraOptions(Strict):
     )
 
 
-def _targets(model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None) -> list[tuple[str, torch.nn.Linear]]:
+def _targets(
+    model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None, skip: list[str] = ()
+) -> list[tuple[str, torch.nn.Linear]]:
     out = []
     for path, mod in model.named_modules():
         last = path.split(".")[-1]
         if not isinstance(mod, torch.nn.Linear) or path.split(".")[0] in ctx_heads or last in ctx_heads:
             continue
-        if names is None or last in names or path in names:
+        if (names is None or last in names or path in names) and not (last in skip or path in skip):
             out.append((path, mod))
     return out
 
@@ -123,9 +128,13 @@ class QALora(MethodBase):
 
     def _check(self, model: torch.nn.Module, heads: set[str]) -> None:
         c = self.config
-        targets = _targets(model, heads, c.target_modules)
+        targets = _targets(model, heads, c.target_modules, c.skip_modules)
         if not targets:
             raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
+        names = {n for path, _ in model.named_modules() for n in (path, path.split(".")[-1])}
+        unknown = [s for s in c.skip_modules if s not in names]
+        if unknown:
+            raise ValueError(f"qalora: skip_modules names no module of this model: {', '.join(map(repr, unknown))}")
         for path, lin in targets:
             if lin.in_features % c.group_size:
                 raise ValueError(
@@ -137,7 +146,7 @@ class QALora(MethodBase):
         c = self.config
         keep = set(ctx.head_names) | set(ctx.output_names)  # heads train in full; a decoder's LM head stays as is
         self._check(model, keep)
-        targets = _targets(model, keep, c.target_modules)
+        targets = _targets(model, keep, c.target_modules, c.skip_modules)
         for p in model.parameters():
             p.requires_grad_(False)
         err = ref = 0.0
