@@ -90,7 +90,26 @@ class Export:
     model: torch.nn.Module | None = None
     notes: str = ""
     unsupported: str = ""  # why this artifact could not be made (the method can't, e.g. a merge); nothing written
+    error: str = ""  # it should have been made and failed (``Type: message``); the run stays ok
     deploy: list[Deployable] = field(default_factory=list)  # its deployable forms: load time, latency, accuracy
+
+
+def error_text(err: BaseException) -> str:
+    """``Type: first line`` of an exception, at most 300 characters: what a failed export's entry records."""
+    first = str(err).splitlines()[0][:300] if str(err) else ""
+    return f"{type(err).__name__}: {first}"
+
+
+def attempt(kind: str, path: Path, make: Callable[[], Export]) -> Export:
+    """``make()``, or, if it raises, an entry of ``kind`` that records the error: one artifact failing (a merge
+    the base cannot take) leaves the method's other artifacts and the run standing."""
+    try:
+        return make()
+    except Exception as err:  # noqa: BLE001 - recorded in the entry, never lost
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)  # nothing half-written is left to be mistaken for the artifact
+        return Export(kind, path, 0, error=error_text(err))
 
 
 @runtime_checkable

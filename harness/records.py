@@ -64,8 +64,15 @@ class ExportRecord(BaseModel):
     bytes_on_disk: int
     eval: EvalMetrics | None = None
     max_abs_logit_diff: float | None = Field(None, description="vs the trained in-memory model, on the test split")
+    predictions_differing: float | None = Field(
+        None, description="share of test predictions that differ from the trained in-memory model's (0: as trained)"
+    )
+    bits_per_weight_on_disk: float | None = Field(
+        None, description="8 × bytes on disk / the served model's parameters (every tensor counted: embeddings too)"
+    )
     notes: str = ""
     unsupported: str | None = Field(None, description="why the method could not make this artifact (none written)")
+    error: str | None = Field(None, description="why making, reloading or scoring this artifact failed (run stays ok)")
     deployments: list[DeploymentRecord] = Field(default_factory=list)
 
 

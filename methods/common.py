@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from harness.contract import Deployable, Export
+from harness.contract import Deployable, Export, attempt, error_text
 from harness.lazy import lazy_module
 from harness.schema import Strict
 
@@ -171,7 +171,10 @@ def requires_grad_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn
 
 def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[Export]:
     """Adapter in PEFT format (adapter_model.safetensors + adapter_config.json); where the tuner can merge,
-    also the merged full model, returned in memory so the runner can measure merge fidelity."""
+    also the merged full model, returned in memory so the runner can measure merge fidelity. A tuner that cannot
+    merge by design (``NotImplementedError``, e.g. Lily) makes the merge *unsupported*; a merge that fails on
+    this model (BEFT on a base without biases: ``ValueError``) is that export's *error*. Either way the adapter
+    and the run stand."""
     out = [Export("adapter", out_dir / "adapter", 0)]
     model.save_pretrained(out[0].path, safe_serialization=True)
     out[0].bytes_on_disk = dir_bytes(out[0].path)
@@ -179,13 +182,20 @@ def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[
         path = out_dir / "merged"
         try:
             merged = copy.deepcopy(model).merge_and_unload()
-        except NotImplementedError as err:  # e.g. Lily: the run and its adapter stand; the merge is recorded as such
+        except NotImplementedError as err:
             shutil.rmtree(path, ignore_errors=True)
             kind = getattr(model.peft_config.get("default"), "peft_type", "this method")
             out.append(Export("merged", path, 0, unsupported=f"unsupported by {getattr(kind, 'value', kind)}: {err}"))
             return out
-        merged.save_pretrained(path, safe_serialization=True)
-        out.append(Export("merged", path, dir_bytes(path), model=merged, deploy=pretrained_forms(path, type(merged))))
+        except Exception as err:  # noqa: BLE001 - this model cannot take the merge: recorded, the adapter stands
+            out.append(Export("merged", path, 0, error=error_text(err)))
+            return out
+
+        def save() -> Export:
+            merged.save_pretrained(path, safe_serialization=True)
+            return Export("merged", path, dir_bytes(path), model=merged, deploy=pretrained_forms(path, type(merged)))
+
+        out.append(attempt("merged", path, save))
     return out
 
 

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from harness.contract import Export, MemoryModel, MethodBase, ModelContext, register_method
+from harness.contract import Export, MemoryModel, MethodBase, ModelContext, attempt, register_method
 from harness.lazy import lazy_module
 from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
@@ -222,8 +222,15 @@ class QALora(MethodBase):
         )
         (adapter_dir / "adapter_config.json").write_text(json.dumps(self.config.model_dump(), indent=1))
 
+        return [
+            Export("adapter", adapter_dir, dir_bytes(adapter_dir)),
+            attempt("merged_int", out_dir / "merged_int", lambda: self._export_merged(model, out_dir / "merged_int")),
+        ]
+
+    def _export_merged(self, model: torch.nn.Module, path: Path) -> Export:
+        """The adapter folded into the zero points, written, read back from disk and checked against the
+        integers quantized before training."""
         merged = self.merged_model(model)
-        path = out_dir / "merged_int"
         c = self.config
         intquant.save_int_model(merged, self._layers, path, c.bits, c.group_size, c.param_dtype, c.compute_dtype)
         device = next(model.parameters()).device  # the trained model's (CUDA in a GPU run): compare them there
@@ -242,17 +249,14 @@ class QALora(MethodBase):
             merged_vs_unmerged_max_abs_diff_random=diff,
             bits_per_quantized_param_merged=self._bits(reloaded),
         )  # latency: each deployable form (int_forms) is timed by harness/cell/deploy.py, the one latency timer
-        return [
-            Export("adapter", adapter_dir, dir_bytes(adapter_dir)),
-            Export(
-                "merged_int",
-                path,
-                dir_bytes(path),
-                model=reloaded,
-                notes="adapter folded into float zero points; integers unchanged; reloaded from disk",
-                deploy=intquant.int_forms(path, c.bits, c.group_size),
-            ),
-        ]
+        return Export(
+            "merged_int",
+            path,
+            dir_bytes(path),
+            model=reloaded,
+            notes="adapter folded into float zero points; integers unchanged; reloaded from disk",
+            deploy=intquant.int_forms(path, c.bits, c.group_size),
+        )
 
     def _bits(self, model: torch.nn.Module) -> float:
         n = b = 0

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from harness.contract import Deployable, Export, MemoryModel, MethodBase, ModelContext, register_method
+from harness.contract import Deployable, Export, MemoryModel, MethodBase, ModelContext, attempt, register_method
 from harness.lazy import lazy_module
 from harness.schema import AutoDtype
 from methods.common import (
@@ -251,27 +251,13 @@ class QLora(MethodBase):
         in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
         dtype = self.config.compute_dtype
         out[0].deploy = [Deployable("nf4 + adapter", dtype, model=model, note=in_memory)]
-        merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
-        path4 = out_dir / "merged_4bit"
-        path4.mkdir(parents=True, exist_ok=True)
-        save_state_dict(
-            merged4, path4 / "model.safetensors", {"format": "bitsandbytes-4bit", "quant_type": self.config.quant_type}
-        )
-        out.append(
-            Export(
-                "merged_4bit",
-                path4,
-                dir_bytes(path4),
-                model=merged4,
-                notes="dequantize → add ΔW → requantize to the same 4-bit format (lossy)",
-                deploy=[Deployable(f"{self.config.quant_type} merged", dtype, model=merged4, note=in_memory)],
-            )
-        )
+        out.append(attempt("merged_4bit", out_dir / "merged_4bit", lambda: self._export_merged4(model, out_dir)))
         merged32 = merged_full_precision(model)
         path32 = out_dir / "merged_fp32"
-        merged32.save_pretrained(path32, safe_serialization=True)
-        out.append(
-            Export(
+
+        def fp32() -> Export:
+            merged32.save_pretrained(path32, safe_serialization=True)
+            return Export(
                 "merged_fp32",
                 path32,
                 dir_bytes(path32),
@@ -279,11 +265,36 @@ class QLora(MethodBase):
                 notes="adapter merged into dequantized 32-bit weights (exact up to float rounding)",
                 deploy=pretrained_forms(path32, type(merged32)),
             )
-        )
+
+        out.append(attempt("merged_fp32", path32, fp32))
         bits = self.config.export_int_bits
         for b in sorted(set(bits if isinstance(bits, list) else [bits] if bits else []), reverse=True):
-            out.append(self._export_int(merged32, out_dir, b))
+            out.append(
+                attempt(
+                    f"merged_int{b}", out_dir / f"merged_int{b}", lambda b=b: self._export_int(merged32, out_dir, b)
+                )
+            )
         return out
+
+    def _export_merged4(self, model: torch.nn.Module, out_dir: Path) -> Export:
+        """Merged and requantized to the base's own 4-bit format, held in memory for evaluation."""
+        in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
+        merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
+        path4 = out_dir / "merged_4bit"
+        path4.mkdir(parents=True, exist_ok=True)
+        save_state_dict(
+            merged4, path4 / "model.safetensors", {"format": "bitsandbytes-4bit", "quant_type": self.config.quant_type}
+        )
+        return Export(
+            "merged_4bit",
+            path4,
+            dir_bytes(path4),
+            model=merged4,
+            notes="dequantize → add ΔW → requantize to the same 4-bit format (lossy)",
+            deploy=[
+                Deployable(f"{self.config.quant_type} merged", self.config.compute_dtype, model=merged4, note=in_memory)
+            ],
+        )
 
     def _export_int(self, merged32: torch.nn.Module, out_dir: Path, bits: int) -> Export:
         """QLoRA's deployment route to an integer model: merge in full precision, then quantize group-wise to

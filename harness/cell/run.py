@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from harness.cell.deploy import measure as measure_deployments
+from harness.cell.exports import evaluate_exports
 from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
 from harness.cell.models import head_module_names, load_model, resolve_mode
 from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
@@ -29,7 +30,7 @@ from harness.measure.memory import nvml_process_bytes
 from harness.measure.plan import estimate_run
 from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
 from harness.progress import CellProgress
-from harness.records import EvalMetrics, ExportRecord, RunRecord, make_record, now_iso, write_record
+from harness.records import EvalMetrics, RunRecord, make_record, now_iso, write_record
 from harness.registry import build_method, get_method, load_method_file
 from harness.schema import RunConfig, TaskSpec, TrainConfig
 from harness.tasks.builtin import load_task
@@ -37,7 +38,6 @@ from harness.tasks.classifier import ClassifierIO
 from harness.tasks.prompting import PromptIO, lm_loss
 
 TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # by the model's mode
-Evaluate = Callable[[torch.nn.Module], tuple[dict, torch.Tensor]]
 
 
 def task_io(task, mode: str) -> type:
@@ -170,7 +170,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
                 return forms
 
         out_dir = results_dir / "exports" / cfg.cell_id
-        rec.update(_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
+        rec.update(evaluate_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
         clock.lap("export")
     rec["method_metrics"] = method.report(model)
     progress.say(f"evaluating the untrained model ({len(task.test)} test examples)")
@@ -301,36 +301,6 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
         cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
     )
     return res
-
-
-def _exports(
-    method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device, deployments, known
-) -> dict:
-    """Each artifact the method writes, evaluated where it comes with a model: its accuracy and how far its
-    scores are from the trained model's (merge fidelity); then, with ``deployments``, what each of its
-    deployable forms costs (harness/cell/deploy.py)."""
-    progress.say("exporting")
-    exports = method.export(model, out_dir)
-    out = []
-    for e in exports:
-        er = ExportRecord(
-            kind=e.kind,
-            path=str(e.path),
-            bytes_on_disk=e.bytes_on_disk,
-            notes=e.notes,
-            unsupported=e.unsupported or None,
-        )
-        if e.model is not None:
-            progress.say(f"evaluating export {e.kind}")
-            m, escores = evaluate(e.model.to(device))
-            er.eval = EvalMetrics(**m)
-            er.max_abs_logit_diff = float((escores - scores).abs().max())
-            if known is not None:
-                known[id(e.model)] = (e.model, m)
-        if deployments is not None and e.deploy:
-            er.deployments = deployments(e)
-        out.append(er)
-    return {"exports": out, "export_bytes": sum(e.bytes_on_disk for e in exports)}
 
 
 def _forgetting(cfg: RunConfig, tokenizer, dtype, device) -> Callable[[torch.nn.Module], dict] | None:
