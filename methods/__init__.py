@@ -5,4 +5,4 @@ with :func:`harness.registry.register_method` and import it below (third parties
 ``ftbench.methods`` instead; see docs/methods.md).
 """
 
-from methods import full, lora, peft_generic, qalora, qlora  # noqa: F401
+from methods import full, lora, peft_generic, qalora, qat_lora, qlora  # noqa: F401

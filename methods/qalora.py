@@ -88,7 +88,7 @@ class QALoraOptions(Strict):
     )
 
 
-def _targets(
+def linear_targets(
     model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None, skip: list[str] = ()
 ) -> list[tuple[str, torch.nn.Linear]]:
     out = []
@@ -128,7 +128,7 @@ class QALora(MethodBase):
 
     def _check(self, model: torch.nn.Module, heads: set[str]) -> None:
         c = self.config
-        targets = _targets(model, heads, c.target_modules, c.skip_modules)
+        targets = linear_targets(model, heads, c.target_modules, c.skip_modules)
         if not targets:
             raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
         names = {n for path, _ in model.named_modules() for n in (path, path.split(".")[-1])}
@@ -146,7 +146,7 @@ class QALora(MethodBase):
         c = self.config
         keep = set(ctx.head_names) | set(ctx.output_names)  # heads train in full; a decoder's LM head stays as is
         self._check(model, keep)
-        targets = _targets(model, keep, c.target_modules, c.skip_modules)
+        targets = linear_targets(model, keep, c.target_modules, c.skip_modules)
         for p in model.parameters():
             p.requires_grad_(False)
         err = ref = 0.0
