@@ -36,6 +36,7 @@ from methods.common import (
 )
 from methods.lora import LoraOptions, peft_targets
 
+lora_init = lazy_module("methods.lora_init")
 torch = lazy_module("torch")  # imported at first use: the config validates without it (harness/lazy.py)
 
 
@@ -49,6 +50,12 @@ class QLoraOptions(LoraOptions):
         "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
     )
     skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
+    init_lora_weights: Literal["default", "gaussian", "pissa", "loftq"] = Field(
+        "default",
+        description="the adapter's init: LoRA's (default: kaiming A, zero B; gaussian), or from the float weights "
+        "before quantization: pissa (QPiSSA: principal components, the residual quantized) or loftq (Q + BA ≈ W)",
+    )
+    loftq_iter: int = Field(1, ge=1, le=10, description="loftq: alternating quantize / SVD steps (PEFT's default 1)")
     export_int_bits: Literal[2, 3, 4, 8] | list[Literal[2, 3, 4, 8]] | None = Field(
         None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format; a list: each"
     )
@@ -216,6 +223,14 @@ class QLora(MethodBase):
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules)
+        init = self.config.init_lora_weights
+        adapters: dict = {}
+        if init == "pissa":  # made on the float weights; the residual left behind is what gets quantized
+            cfg = self.config.lora_config(task_type=ctx.peft_task_type, init_lora_weights="pissa")
+            model, adapters, originals = lora_init.init_on_float(model, cfg)
+        elif init == "loftq":
+            cfg = self.config.lora_config(task_type=ctx.peft_task_type)
+            model, adapters, originals = lora_init.loftq(model, cfg, self._nf4_roundtrip, self.config.loftq_iter)
         error = [0.0, 0.0]  # layer by layer: a copy of every float weight at once would double the load's peak
         names = quantize_linears(model, skip, self.config, error)
         self._quantized = names
@@ -237,7 +252,24 @@ class QLora(MethodBase):
         # LoraConfig's own default would target only query/value; keep the user's choice as is.
         from peft import get_peft_model
 
-        return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
+        plain = init if init == "gaussian" else True  # pissa / loftq: replaced below by the float-made adapters
+        peft_model = get_peft_model(
+            model, self.config.lora_config(task_type=ctx.peft_task_type, init_lora_weights=plain)
+        )
+        if adapters:
+            self._metrics["init_relative_error"] = lora_init.put_adapters(peft_model, adapters, originals)
+        self._metrics["init_lora_weights"] = init
+        return peft_model
+
+    def _nf4_roundtrip(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` quantized exactly as :func:`quantize_linears` will quantize the base, then dequantized."""
+        import bitsandbytes.functional as F
+
+        c = self.config
+        q, state = F.quantize_4bit(
+            w.float().contiguous(), blocksize=c.blocksize, compress_statistics=c.double_quant, quant_type=c.quant_type
+        )
+        return F.dequantize_4bit(q, state).float()
 
     def compute_dtype(self) -> str:
         return self.config.compute_dtype  # the dequantized matmuls' dtype (resolved from `auto` by then)
