@@ -91,6 +91,7 @@ class Export:
     notes: str = ""
     unsupported: str = ""  # why this artifact could not be made (the method can't, e.g. a merge); nothing written
     error: str = ""  # it should have been made and failed (``Type: message``); the run stays ok
+    format: str = ""  # a quantized artifact's format as served, e.g. "INT4 g32 RTN", "NF4 b64 DQ"; "": float
     deploy: list[Deployable] = field(default_factory=list)  # its deployable forms: load time, latency, accuracy
 
 

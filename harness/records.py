@@ -73,6 +73,7 @@ class ExportRecord(BaseModel):
     notes: str = ""
     unsupported: str | None = Field(None, description="why the method could not make this artifact (none written)")
     error: str | None = Field(None, description="why making, reloading or scoring this artifact failed (run stays ok)")
+    format: str = Field("", description="a quantized artifact's format as served (INT4 g32 RTN, NF4 b64 DQ); '': float")
     deployments: list[DeploymentRecord] = Field(default_factory=list)
 
 

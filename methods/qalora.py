@@ -255,6 +255,7 @@ class QALora(MethodBase):
             dir_bytes(path),
             model=reloaded,
             notes="adapter folded into float zero points; integers unchanged; reloaded from disk",
+            format=f"INT{c.bits} g{c.group_size} {c.quantizer.upper()}",
             deploy=intquant.int_forms(path, c.bits, c.group_size),
         )
 

@@ -198,6 +198,7 @@ class QatLora(MethodBase):
             dir_bytes(path),
             model=reloaded,
             notes=f"Q(W + s·BA) as trained: INT{c.bits} group {c.group_size} RTN; reloaded from disk",
+            format=f"INT{c.bits} g{c.group_size} RTN",
             deploy=intquant.int_forms(path, c.bits, c.group_size),
         )
 

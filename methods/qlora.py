@@ -311,6 +311,7 @@ class QLora(MethodBase):
     def _export_merged4(self, model: torch.nn.Module, out_dir: Path) -> Export:
         """Merged and requantized to the base's own 4-bit format, held in memory for evaluation."""
         in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
+        c = self.config
         merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
         path4 = out_dir / "merged_4bit"
         path4.mkdir(parents=True, exist_ok=True)
@@ -323,6 +324,7 @@ class QLora(MethodBase):
             dir_bytes(path4),
             model=merged4,
             notes="dequantize → add ΔW → requantize to the same 4-bit format (lossy)",
+            format=f"{c.quant_type.upper()} b{c.blocksize}{' DQ' if c.double_quant else ''}",
             deploy=[
                 Deployable(f"{self.config.quant_type} merged", self.config.compute_dtype, model=merged4, note=in_memory)
             ],
@@ -360,6 +362,7 @@ class QLora(MethodBase):
             dir_bytes(path),
             model=load_merged(path),
             notes=f"merged in fp32, then requantized to INT{bits} group {g} ({c.export_int_quantizer.upper()})",
+            format=f"INT{bits} g{g} {c.export_int_quantizer.upper()}",
             deploy=int_forms(path, bits, g),
         )
 

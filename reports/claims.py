@@ -149,7 +149,7 @@ def _compare(runs: Runs, a: tuple, b: tuple, judge: Callable, **kw) -> tuple[str
 
 
 # The suites/claims.yaml entries each claim reads (method/variant), checked when the claims suite loads
-# (check_entries): a renamed entry is an error naming it, never a claim left "not run".
+# (reports/claim_sets.select): a renamed entry is an error naming it, never a claim left "not run".
 FULL, LORA, QLORA_NF4, QLORA_FP4 = "full/ft", "lora/r8", "qlora/nf4-dq", "qlora/fp4-dq"
 
 
@@ -163,13 +163,6 @@ ENTRIES = (
     | {qalora_entry(b, 32) for b in (4, 3, 2)}
     | {qalora_entry(b, 128) for b in (3, 2)}
 )
-
-
-def check_entries(entries: set[str]) -> None:
-    """ValueError naming each method/variant the claims read that the suite lacks."""
-    missing = sorted(ENTRIES - entries)
-    if missing:
-        raise ValueError(f"the claims read entries this suite lacks: {', '.join(missing)} (method/variant)")
 
 
 def task_claims(records: list[RunRecord]) -> list[Verdict]:

@@ -16,7 +16,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, read_current
-from reports import deployment, explore, figures, headline, scale, tuning
+from reports import deployment, explore, figures, headline, league, scale, tuning
 from reports.metrics import BY_COLUMN
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
@@ -224,6 +224,11 @@ def render(
         _table(records),
         "<h2>Deployment cost of each artifact</h2>",
         deployment.render(records, _figure),
+        *(
+            ["<h2>Quantized-merge league: each quantized artifact as served</h2>", league.render(records)]
+            if league.applies(records)
+            else []
+        ),
         "<h2>Memory vs accuracy</h2>",
         plots["pareto"],
         "<h2>Any two metrics</h2>",

@@ -142,7 +142,8 @@ def test_the_two_processes_show_in_the_tree_and_only_the_driver_knows_the_driver
 def test_no_method_is_named_outside_its_own_file():
     """Issue 28: ftbench branches on no method's name (it widens the contract instead: memory_model, check_model's
     context, records saying what trains). The one exception: the claims name the suites/claims.yaml entries they
-    read, and check them when that suite loads (reports/claims.py: check_entries)."""
+    read, and check them when that suite loads (reports/claim_sets.py: select; the QA-LoRA diagnostics'
+    entries in reports/qalora_claims.py are method/variant strings, never a bare name)."""
     names = {"full", "lora", "qlora", "qalora"}  # "peft" is also the library's name
     allowed = {ROOT / "reports" / "claims.py"}
     found = []

@@ -50,6 +50,7 @@ def evaluate_exports(
             notes=e.notes,
             unsupported=e.unsupported or None,
             error=e.error or None,
+            format=e.format,
         )
         try:
             if e.model is not None:

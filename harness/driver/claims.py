@@ -17,12 +17,13 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     from harness.measure.hardware import default_device, describe, identity
     from harness.records import _git, read_current
     from harness.schema import ConfigError
-    from reports.claims import check_entries, measurement_claims, render_html, task_claims, to_markdown
+    from reports.claim_sets import select
+    from reports.claims import measurement_claims, render_html, to_markdown
 
     t0 = time.perf_counter()
     suite = load_suite(suite_path)
     try:  # every claim's entries are there: a renamed variant is an error now, not an empty row later
-        check_entries({f"{m.method}/{m.variant}" for m in suite.methods})
+        sets = select({f"{m.method}/{m.variant}" for m in suite.methods})
     except ValueError as err:
         raise ConfigError(f"{suite_path}: {err}") from None
     if run:
@@ -32,16 +33,18 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     for p in problems:
         say(f"warning: {p}")
     records = [r for r in current if r.cell_id in cells]
-    cache = results / "claims_measurements.json"
-    if cache.exists():
-        meas = json.loads(cache.read_text())
-    else:
-        say("measuring quantization error per layer (NF4, FP4, INT4) and double quantization's bits")
-        from harness.measure.quanterror import measure
+    verdicts = [v for s in sets for v in s.verdicts(records)]
+    if any(s.measurements for s in sets):
+        cache = results / "claims_measurements.json"
+        if cache.exists():
+            meas = json.loads(cache.read_text())
+        else:
+            say("measuring quantization error per layer (NF4, FP4, INT4) and double quantization's bits")
+            from harness.measure.quanterror import measure
 
-        meas = measure()
-        atomic_write_text(cache, json.dumps(meas))
-    verdicts = task_claims(records) + measurement_claims(meas)
+            meas = measure()
+            atomic_write_text(cache, json.dumps(meas))
+        verdicts += measurement_claims(meas)
     hw = describe(identity(default_device()))
     when = time.strftime("%Y-%m-%d", time.gmtime())
     notes = [

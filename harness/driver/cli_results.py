@@ -71,8 +71,10 @@ def _tabular(records, fmt: str) -> str:
 
     if fmt == "md":
         from reports.deployment import to_markdown as deployment_markdown
+        from reports.league import to_markdown as league_markdown
 
-        return "\n\n".join(x for x in (to_markdown(records), deployment_markdown(records)) if x)
+        parts = (to_markdown(records), deployment_markdown(records), league_markdown(records))
+        return "\n\n".join(x for x in parts if x)
     rows = flat_rows(records)
     return csv_text(rows) if fmt == "csv" else json.dumps(rows, indent=1)
 
