@@ -91,6 +91,7 @@ class QALoraOptions(Strict):
 def linear_targets(
     model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None, skip: list[str] = ()
 ) -> list[tuple[str, torch.nn.Linear]]:
+    """(path, Linear) of every layer ``names`` picks (None: all), except the heads and ``skip`` (last name or path)."""
     out = []
     for path, mod in model.named_modules():
         last = path.split(".")[-1]

@@ -14,6 +14,8 @@ from reports import claims, qalora_claims
 
 @dataclass(frozen=True)
 class ClaimSet:
+    """A set of claims: the suite entries it reads and how it judges them."""
+
     name: str
     entries: frozenset[str]
     verdicts: Callable[[list[RunRecord]], list[claims.Verdict]]

@@ -88,6 +88,7 @@ def rows(records: list[RunRecord]) -> list[Row]:
 
 
 def applies(records: list[RunRecord]) -> bool:
+    """Worth a section: some run exported a quantized artifact with per-example answers."""
     return bool(rows(records))
 
 
@@ -159,6 +160,7 @@ NOTE = (
 
 
 def render(records: list[RunRecord]) -> str:
+    """The report section: the table and how to read it."""
     header, body = table(records)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
@@ -169,6 +171,7 @@ def render(records: list[RunRecord]) -> str:
 
 
 def to_markdown(records: list[RunRecord]) -> str:
+    """The league for ``report --format md`` (and the README): empty where there is none."""
     if not applies(records):
         return ""
     header, body = table(records)

@@ -32,7 +32,8 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     current, problems = read_current(results)  # an unreadable record is named, not a crash
     for p in problems:
         say(f"warning: {p}")
-    records = [r for r in current if r.cell_id in cells]
+    # a tuned suite's final cells carry the chosen hyperparameters, so their ids are not the suite's as written
+    records = [r for r in current if r.cell_id in cells or (r.config or {}).get("tuning")]
     verdicts = [v for s in sets for v in s.verdicts(records)]
     if any(s.measurements for s in sets):
         cache = results / "claims_measurements.json"
