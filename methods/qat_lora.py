@@ -99,8 +99,10 @@ def _modules():
             self.weight = torch.nn.Parameter(lin.weight.detach().float().clone(), requires_grad=False)
             self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().clone(), False)
             self.in_features, self.out_features = lin.in_features, lin.out_features
-            self.lora_A = torch.nn.Parameter(torch.empty(r, lin.in_features))
-            self.lora_B = torch.nn.Parameter(torch.zeros(lin.out_features, r))  # zero B: training starts at Q(W)
+            self.lora_A = torch.nn.Parameter(torch.empty(r, lin.in_features, device=lin.weight.device))
+            self.lora_B = torch.nn.Parameter(
+                torch.zeros(lin.out_features, r, device=lin.weight.device)
+            )  # zero B: training starts at Q(W)
             torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA
             self.scaling, self.bits, self.group_size = alpha / r, bits, group
 

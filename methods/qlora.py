@@ -40,6 +40,9 @@ lora_init = lazy_module("methods.lora_init")
 torch = lazy_module("torch")  # imported at first use: the config validates without it (harness/lazy.py)
 
 
+INITS = ("gaussian", "pissa", "loftq")  # init_lora_weights' names (besides PEFT's true / false)
+
+
 class QLoraOptions(LoraOptions):
     """QLoRA's options: LoRA's, plus the 4-bit format, double quantization and block size."""
 
@@ -50,10 +53,11 @@ class QLoraOptions(LoraOptions):
         "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
     )
     skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
-    init_lora_weights: Literal["default", "gaussian", "pissa", "loftq"] = Field(
-        "default",
-        description="the adapter's init: LoRA's (default: kaiming A, zero B; gaussian), or from the float weights "
-        "before quantization: pissa (QPiSSA: principal components, the residual quantized) or loftq (Q + BA ≈ W)",
+    init_lora_weights: bool | str = Field(
+        True,
+        description="the adapter's init: PEFT's (true: kaiming A, zero B; false: random B; gaussian), or from the "
+        "float weights before quantization: pissa (QPiSSA: principal components, residual quantized) or loftq "
+        "(Q + BA ≈ W)",
     )
     loftq_iter: int = Field(1, ge=1, le=10, description="loftq: alternating quantize / SVD steps (PEFT's default 1)")
     export_int_bits: Literal[2, 3, 4, 8] | list[Literal[2, 3, 4, 8]] | None = Field(
@@ -63,6 +67,13 @@ class QLoraOptions(LoraOptions):
     export_int_quantizer: Literal["rtn", "gptq"] = Field(
         "rtn", description="how that export requantizes: rtn, or gptq on training examples (extra ftbench[gptq])"
     )
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _init_known(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and v not in INITS:
+            raise ValueError(f"allowed: true, false, {', '.join(INITS)} (got {v!r})")
+        return v
 
     @field_validator("export_int_quantizer")
     @classmethod
@@ -252,7 +263,7 @@ class QLora(MethodBase):
         # LoraConfig's own default would target only query/value; keep the user's choice as is.
         from peft import get_peft_model
 
-        plain = init if init == "gaussian" else True  # pissa / loftq: replaced below by the float-made adapters
+        plain = True if init in ("pissa", "loftq") else init  # pissa / loftq: replaced below by the float-made adapters
         peft_model = get_peft_model(
             model, self.config.lora_config(task_type=ctx.peft_task_type, init_lora_weights=plain)
         )
