@@ -8,20 +8,17 @@ record carries the full resolved config and the environment it ran in.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.atomic import atomic_write_text
+from harness.environment import environment
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the loop's figures nested in ``training`` (schema 1 kept them at the top; still read)
 Status = Literal["ok", "failed", "oom", "timeout", "pruned"]  # pruned: a tuning trial stopped early
 
 
@@ -77,6 +74,39 @@ class ExportRecord(BaseModel):
     deployments: list[DeploymentRecord] = Field(default_factory=list)
 
 
+class TrainingRecord(BaseModel):
+    """What THE loop measured (harness/cell/loop.py): every step's raw values, what derives from them over the
+    measured steps, and the training step's memory, each figure named with its unit."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    losses: list[float] = Field(default_factory=list, description="per optimizer step, mean over micro-batches")
+    lrs: list[float] = Field(default_factory=list)
+    grad_norms: list[float] = Field(default_factory=list)
+    step_times_s: list[float] = Field(default_factory=list, description="every step, warm-up included")
+    timing_warmup_steps: int = 0
+    memory_tracked_steps: list[int] = Field(
+        default_factory=list, description="steps whose memory was tracked (warm-up + each new largest batch): not timed"
+    )
+    step_time_stats: dict[str, float | int | None] = Field(default_factory=dict, description="measured steps only")
+    final_loss: float | None = None
+    tokens_per_s: float | None = Field(None, description="non-pad tokens over measured steps")
+    samples_per_s: float | None = None
+    train_time_s: float | None = Field(None, description="the loop's wall time, validation included")
+    peak_live_tensor_bytes: int | None = Field(None, description="peak of live tensor storages in a tracked step")
+    memory_at_peak_bytes: dict[str, int] = Field(default_factory=dict, description="category -> bytes at the peak")
+    memory_category_max_bytes: dict[str, int] = Field(default_factory=dict, description="category -> own maximum")
+    nvml_process_bytes: int | None = Field(None, description="CUDA: NVML's figure for this process")
+    cuda_max_allocated_bytes: int | None = None
+    cuda_max_reserved_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    optimizer: str | None = Field(None, description="the suite's optimizer by name, or the method's own by class")
+    optimizer_groups: list[dict[str, Any]] = Field(
+        default_factory=list, description="each parameter group: name, tensors, elements, lr and its own options"
+    )
+    paging_effective: bool | None = Field(None, description="true only where optimizer state really was paged")
+
+
 class RunRecord(BaseModel):
     # NaN/inf losses are data (a diverged run), written as JSON constants (NaN) rather than lost as null
     """One run's record: its config, environment and hardware, and every figure it measured."""
@@ -115,20 +145,9 @@ class RunRecord(BaseModel):
     trainable_params: int | None = None
     trainable_pct: float | None = None
     weight_bytes: int | None = Field(None, description="parameter storage incl. packed 4-bit weights + constants")
-    # training
-    losses: list[float] = Field(default_factory=list)
-    lrs: list[float] = Field(default_factory=list)
-    grad_norms: list[float] = Field(default_factory=list)
-    step_times_s: list[float] = Field(default_factory=list, description="every step, warm-up included")
-    timing_warmup_steps: int = 0
-    memory_tracked_steps: list[int] = Field(
-        default_factory=list, description="steps whose memory was tracked (warm-up + each new largest batch): not timed"
+    training: TrainingRecord = Field(
+        default_factory=lambda: TrainingRecord(), description="what THE loop measured (harness/cell/loop.py)"
     )
-    step_time_stats: dict[str, float | int | None] = Field(default_factory=dict, description="measured steps only")
-    final_loss: float | None = None
-    tokens_per_s: float | None = Field(None, description="non-pad tokens over measured steps")
-    samples_per_s: float | None = None
-    train_time_s: float | None = None
     stage_seconds: dict[str, float] = Field(
         default_factory=dict,
         description="wall seconds of each stage of the cell: load, prepare, train (validation included), evaluate "
@@ -152,20 +171,8 @@ class RunRecord(BaseModel):
     resolved_dtypes: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="dtype fields: {field: {choice, value, why}} (auto resolved per machine)"
     )
-    # memory, each named for what it is
-    peak_live_tensor_bytes: int | None = Field(None, description="CPU: peak of live tensor storages in a step")
+    # memory: the training step's figures are in training; this one is the whole process's
     peak_rss_bytes: int | None = Field(None, description="process peak resident set size (whole run)")
-    memory_at_peak_bytes: dict[str, int] = Field(default_factory=dict, description="category -> bytes at the peak")
-    memory_category_max_bytes: dict[str, int] = Field(default_factory=dict, description="category -> own maximum")
-    nvml_process_bytes: int | None = Field(None, description="CUDA: NVML's figure for this process")
-    cuda_max_allocated_bytes: int | None = None
-    cuda_max_reserved_bytes: int | None = None
-    optimizer_state_bytes: int | None = None
-    optimizer: str | None = Field(None, description="the suite's optimizer by name, or the method's own by class")
-    optimizer_groups: list[dict[str, Any]] = Field(
-        default_factory=list, description="each parameter group: name, tensors, elements, lr and its own options"
-    )
-    paging_effective: bool | None = Field(None, description="true only where optimizer state really was paged")
     memory_methods: dict[str, str] = Field(default_factory=dict)
     # quality
     eval_before: EvalMetrics | None = None
@@ -182,64 +189,14 @@ class RunRecord(BaseModel):
     method_metrics: dict[str, Any] = Field(default_factory=dict, description="figures the method reports itself")
     export_bytes: int | None = Field(None, description="total bytes of every export on disk")
 
-
-def _v(pkg: str) -> str | None:
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def environment() -> dict[str, Any]:
-    """Where a record was produced: enough to judge whether two records are comparable."""
-    from harness.libs import measurement_env
-    from harness.measure.hardware import identity  # torch: only where a record is made, not where one is read
-
-    dirty = _git("status", "--porcelain")
-    hw = identity()  # CPU model, ISA level, native bf16 (measured), threads, GPU: what decides speed
-    env = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": hw["cpu_model"],
-        "cpu_family_model": hw.get("cpu_family_model"),
-        "cpu_isa": hw["cpu_isa"],
-        "cpu_bf16_flags": hw["cpu_bf16_flags"],
-        "native_bf16": hw["native_bf16"],
-        "bf16_speedup_vs_fp32": hw["bf16_speedup_vs_fp32"],
-        "machine_key": hw["machine_key"],
-        "cpu_count": os.cpu_count(),
-        "torch_threads": hw["torch_threads"],
-        "measurement_env": measurement_env(),  # allocator configuration and thread pools, as this run had them
-        "gpu": hw["gpu"],
-        "versions": {
-            p: _v(p)
-            for p in (
-                "ftbench",
-                "torch",
-                "transformers",
-                "peft",
-                "bitsandbytes",
-                "safetensors",
-                "scikit-learn",
-                "numpy",
-            )
-        },
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if dirty is None else bool(dirty),
-        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
-    }
-    return env
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_training(cls, data: Any) -> Any:
+        """A schema-1 record kept the loop's figures at the top level: read them into ``training``."""
+        if isinstance(data, dict) and (flat := TrainingRecord.model_fields.keys() & data.keys()):
+            data = dict(data)
+            data["training"] = {**(data.get("training") or {}), **{k: data.pop(k) for k in flat}}
+        return data
 
 
 def make_record(cfg, status: str, error: str | None, started_at: str, wall_time_s: float, **fields) -> RunRecord:
@@ -373,7 +330,8 @@ def timed_steps(n: int, warmup: int, tracked: list[int]) -> list[int]:
 
 def measured_step_times_s(r: RunRecord) -> list[float]:
     """A record's timed steps: after the warm-up, and not slowed by memory tracking."""
-    return [r.step_times_s[i] for i in timed_steps(len(r.step_times_s), r.timing_warmup_steps, r.memory_tracked_steps)]
+    t = r.training
+    return [t.step_times_s[i] for i in timed_steps(len(t.step_times_s), t.timing_warmup_steps, t.memory_tracked_steps)]
 
 
 def headline_latency_s(lat: dict[str, Any] | None) -> float | None:

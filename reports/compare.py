@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.records import RunRecord, headline_latency_s, measured_step_times_s
-from reports.metrics import BY_KEY, peak_bytes
+from reports.metrics import BY_KEY, peak_bytes, text
 
 COMPARED = (  # the catalogue's metrics compare rows carry (reports/metrics.py)
     "accuracy_after",
@@ -72,8 +72,8 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             "trainable_pct": r.trainable_pct,
             "accuracy_before": r.eval_before.accuracy if r.eval_before else None,
             "peak_kind": peak_bytes(r)[1],
-            "optimizer_state_bytes": r.optimizer_state_bytes,
-            "paging_effective": r.paging_effective,
+            "optimizer_state_bytes": r.training.optimizer_state_bytes,
+            "paging_effective": r.training.paging_effective,
             "wall_time_s": r.wall_time_s,
         }
         row.update({k: f(r) for k, f in METRICS.items()})
@@ -229,17 +229,8 @@ def _word(metric: str, diff: float, significant: bool, evidence: str) -> str:
 
 
 def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: bool, noise: tuple) -> str:
-    from reports.summary import fmt_bytes, fmt_count
-
-    fmt = {
-        "accuracy": lambda v: f"{v:.3f}",
-        "peak memory": fmt_bytes,
-        "step time": lambda v: f"{v * 1000:.0f} ms",
-        "tokens/s": lambda v: f"{v:,.0f}",
-        "trainable": fmt_count,
-        "exports": fmt_bytes,
-    }[metric]
-    get = (BY_KEY[PIVOT[metric]].get, fmt)
+    m = BY_KEY[PIVOT[metric]]
+    get = (m.get, lambda v: text(m, v))
     a, b = get[0](o), get[0](n)
     if a is None and b is None:
         return "—"
@@ -270,15 +261,15 @@ def _why_apart(o: RunRecord, n: RunRecord) -> str:
     def parts(r: RunRecord) -> tuple[float, float, float] | None:
         times = measured_step_times_s(r)
         med = run_median_s(r)
-        if not times or not med or not r.tokens_per_s:
+        if not times or not med or not r.training.tokens_per_s:
             return None
         mean = sum(times) / len(times)
-        return med, mean, r.tokens_per_s * mean  # tokens per measured step
+        return med, mean, r.training.tokens_per_s * mean  # tokens per measured step
 
     po, pn = parts(o), parts(n)
     if po is None or pn is None:
         return ""
-    step_change, tps_change = pn[0] / po[0] - 1, n.tokens_per_s / o.tokens_per_s - 1
+    step_change, tps_change = pn[0] / po[0] - 1, n.training.tokens_per_s / o.training.tokens_per_s - 1
     if abs(step_change + tps_change) <= 0.05:  # faster steps, more tokens/s: they agree
         return ""
     why = []

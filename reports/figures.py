@@ -138,14 +138,14 @@ def memory_breakdown(records: list[RunRecord]) -> go.Figure:
     ok = [r for r in records if r.status == "ok" and peak_bytes(r)[0] is not None]
     names = [run_label(r, ok) for r in ok]
     fig = go.Figure()
-    if all(r.memory_at_peak_bytes for r in ok):
+    if all(r.training.memory_at_peak_bytes for r in ok):
         for c in CATEGORIES:
-            ys = [r.memory_at_peak_bytes.get(c, 0) / MIB for r in ok]
+            ys = [r.training.memory_at_peak_bytes.get(c, 0) / MIB for r in ok]
             if any(ys):
                 fig.add_bar(x=names, y=ys, name=c.replace("_", " "), marker_color=CATEGORY_COLORS[c])
     else:
         weights = [(r.weight_bytes or 0) / MIB for r in ok]
-        opt = [(r.optimizer_state_bytes or 0) / MIB for r in ok]
+        opt = [(r.training.optimizer_state_bytes or 0) / MIB for r in ok]
         rest = [max(0.0, peak_bytes(r)[0] / MIB - w - o) for r, w, o in zip(ok, weights, opt, strict=True)]
         for name, ys in (("weights", weights), ("optimizer state", opt), ("rest of the peak", rest)):
             fig.add_bar(x=names, y=ys, name=name, marker_color=CATEGORY_COLORS[name])
@@ -157,7 +157,7 @@ def memory_breakdown(records: list[RunRecord]) -> go.Figure:
 
 def throughput(records: list[RunRecord]) -> go.Figure:
     """Median step time per run with its interquartile range over the measured steps; tokens/s as the label."""
-    ok = [r for r in records if r.status == "ok" and r.tokens_per_s and measured_step_times_s(r)]
+    ok = [r for r in records if r.status == "ok" and r.training.tokens_per_s and measured_step_times_s(r)]
     quart = []
     for r in ok:
         xs = measured_step_times_s(r)
@@ -175,7 +175,7 @@ def throughput(records: list[RunRecord]) -> go.Figure:
             arrayminus=[q[1] - q[0] for q in quart],
             visible=True,
         ),
-        hovertext=[f"{r.tokens_per_s:,.0f} tokens/s" for r in ok],
+        hovertext=[f"{r.training.tokens_per_s:,.0f} tokens/s" for r in ok],
         marker_color=SERIES_COLORS[0],
     )
     fig.update_layout(
@@ -201,13 +201,13 @@ def loss_curves(records: list[RunRecord]) -> go.Figure:
     validation loss where it was measured."""
     fig = go.Figure()
     window = 10
-    with_losses = [r for r in records if r.losses]
+    with_losses = [r for r in records if r.training.losses]
     for i, r in enumerate(with_losses):
-        steps = list(range(1, len(r.losses) + 1))
+        steps = list(range(1, len(r.training.losses) + 1))
         name = run_label(r, with_losses)
         fig.add_scatter(
             x=steps,
-            y=_moving_average(r.losses, window),
+            y=_moving_average(r.training.losses, window),
             mode="lines",
             name=f"{name} (avg {window})",
             legendgroup=name,
@@ -215,7 +215,7 @@ def loss_curves(records: list[RunRecord]) -> go.Figure:
         )
         fig.add_scatter(
             x=steps,
-            y=r.losses,
+            y=r.training.losses,
             mode="lines",
             name=f"{name} (raw)",
             legendgroup=name,

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from harness.records import RunRecord, measured_step_times_s
 from reports import stats, tuning
-from reports.figures import peak_bytes
-from reports.summary import fmt_bytes, fmt_count
+from reports.metrics import BY_KEY, fmt_bytes, peak_bytes, smallest_export, text
 
 
 @dataclass
@@ -92,30 +91,19 @@ def best_per_axis(cs: dict[str, Config]) -> list[Best]:
         sig, why = v.significant, v.why
         margin = f"{(b.median_step_s() - a.median_step_s()) * 1000:.0f} ms/step less than {b.name}"
         out.append(Best("step time", a.name, margin, sig, why))
-    for axis, f, fmt in (
-        ("trainable parameters", lambda r: r.trainable_params, fmt_count),
-        ("smallest artifact", lambda r: _smallest(r)[0], fmt_bytes),
-    ):
-        have = sorted((c for c in cs.values() if f(c.runs[0])), key=lambda c: f(c.runs[0]))
+    for axis, key in (("trainable parameters", "trainable_params"), ("smallest artifact", "smallest_export_bytes")):
+        m = BY_KEY[key]  # exact counts: the configuration's first run says it (seeds share the model)
+        have = sorted((c for c in cs.values() if m.get(c.runs[0])), key=lambda c: m.get(c.runs[0]))
         if len(have) > 1:
             a, b = have[0], have[1]
-            fa, fb = f(a.runs[0]), f(b.runs[0])
-            what = f" ({_smallest(a.runs[0])[1]})" if axis == "smallest artifact" else ""
+            fa, fb = m.get(a.runs[0]), m.get(b.runs[0])
+            what = f" ({smallest_export(a.runs[0])[1]})" if key == "smallest_export_bytes" else ""
             if fa == fb:
-                out.append(Best(axis, f"{a.name} and {b.name} tie", f"{fmt(fa)}{what}", None, "exact count"))
+                out.append(Best(axis, f"{a.name} and {b.name} tie", f"{text(m, fa)}{what}", None, "exact count"))
             else:
-                margin = f"{fmt(fa)}{what} vs {fmt(fb)} ({b.name})"
+                margin = f"{text(m, fa)}{what} vs {text(m, fb)} ({b.name})"
                 out.append(Best(axis, a.name, margin, None, "exact count, not a measurement"))
     return out
-
-
-def _smallest(r: RunRecord) -> tuple[int | None, str]:
-    """The smallest artifact a run exported (e.g. a LoRA adapter): bytes and kind."""
-    made = [e for e in r.exports if not e.unsupported and e.bytes_on_disk]
-    if not made:
-        return None, ""
-    e = min(made, key=lambda e: e.bytes_on_disk)
-    return e.bytes_on_disk, e.kind
 
 
 def _verdicts(cs: dict[str, Config]) -> dict[str, tuple[str, str]]:

@@ -13,9 +13,9 @@ from harness.records import RunRecord
 
 def peak_bytes(r: RunRecord) -> tuple[int | None, str]:
     """The peak-memory figure a record has, and what it is (never call CPU memory VRAM)."""
-    if r.cuda_max_allocated_bytes is not None:
-        return r.cuda_max_allocated_bytes, "CUDA max allocated"
-    return r.peak_live_tensor_bytes, "CPU live tensors"
+    if r.training.cuda_max_allocated_bytes is not None:
+        return r.training.cuda_max_allocated_bytes, "CUDA max allocated"
+    return r.training.peak_live_tensor_bytes, "CPU live tensors"
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,50 @@ class Metric:
     meaning: str
     name: str = ""  # short, for an axis: the meaning's start where empty
     shown_as: tuple[str, float] | None = None  # the page's unit and scale, where not the unit's (SHOWN)
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Bytes in binary units: ``457 MiB``."""
+    if n is None or n != n:  # None or NaN
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "—"
+
+
+def fmt_count(n: int | None) -> str:
+    """A count in short form: ``22.7M``."""
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+_TEXT: dict[str, Callable[[float], str]] = {
+    "bytes": fmt_bytes,
+    "params": fmt_count,
+    "s": lambda v: f"{v * 1000:.0f} ms",
+    "tokens/s": lambda v: f"{v:,.0f}",
+    "proportion": lambda v: f"{v:.3f}",
+    "fraction": lambda v: f"{v * 100:.1f}%",
+    "%": lambda v: f"{v:.2f}%",
+    "loss": lambda v: f"{v:.4f}",
+}
+
+
+def text(m: Metric, v: float | None) -> str:
+    """``v``, a value of ``m``, as the reports write it (bytes in binary units, seconds in ms, counts short)."""
+    return "—" if v is None else _TEXT.get(m.unit, str)(v)
+
+
+def smallest_export(r: RunRecord) -> tuple[int | None, str]:
+    """The smallest artifact a run exported (e.g. a LoRA adapter): bytes and kind."""
+    made = [e for e in r.exports if not e.unsupported and e.bytes_on_disk]
+    if not made:
+        return None, ""
+    e = min(made, key=lambda e: e.bytes_on_disk)
+    return e.bytes_on_disk, e.kind
 
 
 def _after(r: RunRecord, field: str) -> float | None:
@@ -97,7 +141,7 @@ CATALOGUE: tuple[Metric, ...] = (
         "step_time_median_s",
         "step time (median)",
         "s",
-        lambda r: r.step_time_stats.get("median_s"),
+        lambda r: r.training.step_time_stats.get("median_s"),
         False,
         "median time of an optimizer step over measured steps (warm-up excluded); ⚠ where other processes "
         "took more than half a core while the run trained",
@@ -107,7 +151,7 @@ CATALOGUE: tuple[Metric, ...] = (
         "tokens_per_s",
         "tokens/s",
         "tokens/s",
-        lambda r: r.tokens_per_s,
+        lambda r: r.training.tokens_per_s,
         True,
         "non-pad training tokens per second over measured steps",
         name="training tokens per second",
@@ -140,6 +184,15 @@ CATALOGUE: tuple[Metric, ...] = (
         name="all exports on disk",
     ),
     Metric(
+        "smallest_export_bytes",
+        "",
+        "bytes",
+        lambda r: smallest_export(r)[0],
+        False,
+        "the smallest artifact the run wrote (e.g. a LoRA adapter), on disk",
+        name="smallest artifact",
+    ),
+    Metric(
         "mfu",
         "MFU",
         "fraction",
@@ -157,7 +210,15 @@ CATALOGUE: tuple[Metric, ...] = (
         "LM loss on another task's held-out text, before and after training",
         name="LM loss on another task after training",
     ),
-    Metric("final_loss", "", "loss", lambda r: r.final_loss, False, "final training loss", name="final training loss"),
+    Metric(
+        "final_loss",
+        "",
+        "loss",
+        lambda r: r.training.final_loss,
+        False,
+        "final training loss",
+        name="final training loss",
+    ),
     Metric(
         "wall_time_s",
         "",

@@ -64,7 +64,11 @@ def _targets(run: RunRecord):
 
 
 def _peak(r: RunRecord) -> float | None:
-    return (r.peak_live_tensor_bytes or r.cuda_max_allocated_bytes or 0) / GIB if r.status == "ok" else None
+    return (
+        (r.training.peak_live_tensor_bytes or r.training.cuda_max_allocated_bytes or 0) / GIB
+        if r.status == "ok"
+        else None
+    )
 
 
 def _series(fig: go.Figure, pts: list[tuple[float, float]], name: str, color: str, kind: str) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import pandas as pd
-
 from harness.records import RunRecord
-from reports.metrics import CATALOGUE
+from reports.metrics import CATALOGUE, fmt_bytes, fmt_count  # noqa: F401  (fmt_*: imported from here too)
 
 NUMERIC = {"trainable", "trainable %", "weights", "peak memory", "peak RSS", "step time (median)", "tokens/s", "MFU"}
 # What each column means (the HTML header's hover and the footnotes under the table).
@@ -87,37 +85,19 @@ def shown_columns(rows: list[dict[str, str]]) -> list[str]:
     return [c for c in COLUMNS if not rows or any(row[c] != "—" for row in rows)]
 
 
-def fmt_bytes(n: float | None) -> str:
-    """Bytes in binary units: ``457 MiB``."""
-    if n is None or pd.isna(n):
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "—"
-
-
-def fmt_count(n: int | None) -> str:
-    """A count in short form: ``22.7M``."""
-    if n is None:
-        return "—"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
-
-
 def peak_memory_label(r: RunRecord) -> str:
     """CUDA allocator peak where there is one, else CPU live-tensor peak; always says which it is."""
-    if r.cuda_max_allocated_bytes is not None:
-        return f"{fmt_bytes(r.cuda_max_allocated_bytes)} (CUDA allocated)"
-    if r.peak_live_tensor_bytes is not None:
-        return f"{fmt_bytes(r.peak_live_tensor_bytes)} (CPU tensors)"
+    if r.training.cuda_max_allocated_bytes is not None:
+        return f"{fmt_bytes(r.training.cuda_max_allocated_bytes)} (CUDA allocated)"
+    if r.training.peak_live_tensor_bytes is not None:
+        return f"{fmt_bytes(r.training.peak_live_tensor_bytes)} (CPU tensors)"
     return "—"
 
 
 def optimizer_label(r: RunRecord) -> str:
     """The optimizer, and for paged ones whether paging really happened (it cannot on CPU)."""
-    name = r.optimizer or (r.config.get("train", {}) or {}).get("optimizer") or "—"
-    if r.paging_effective is False:
+    name = r.training.optimizer or (r.config.get("train", {}) or {}).get("optimizer") or "—"
+    if r.training.paging_effective is False:
         return f"{name} (not paged: no CUDA)"
     return name
 
@@ -159,10 +139,10 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "peak memory": peak_memory_label(r),
                 "peak RSS": fmt_bytes(r.peak_rss_bytes),
                 "optimizer": optimizer_label(r),
-                "step time (median)": f"{r.step_time_stats['median_s'] * 1000:.0f} ms{loaded}"
-                if r.step_time_stats.get("median_s")
+                "step time (median)": f"{r.training.step_time_stats['median_s'] * 1000:.0f} ms{loaded}"
+                if r.training.step_time_stats.get("median_s")
                 else "—",
-                "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                "tokens/s": f"{r.training.tokens_per_s:,.0f}" if r.training.tokens_per_s else "—",
                 "MFU": f"{r.mfu * 100:.1f}% of {r.mfu_dtype or '?'} peak{loaded}" if r.mfu else "—",
                 "accuracy before → after": accuracy_label(r),
                 "forgetting: LM loss before → after": forgetting_label(r),

@@ -138,7 +138,11 @@ def measured_only_tables(records: list[RunRecord], title: str = "") -> list:
         for i, h in enumerate(MEASURED_HEAD):
             table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         for r in runs:
-            step = statistics.median(r.step_times_s[r.timing_warmup_steps :] or r.step_times_s) if r.step_times_s else 0
+            step = (
+                statistics.median(r.training.step_times_s[r.training.timing_warmup_steps :] or r.training.step_times_s)
+                if r.training.step_times_s
+                else 0
+            )
             est = (r.estimate or {}).get("peak_bytes")
             row = [
                 f"{r.method}/{r.variant}".removesuffix("/default"),
@@ -147,7 +151,7 @@ def measured_only_tables(records: list[RunRecord], title: str = "") -> list:
                 _size(peak_bytes(r)[0] or 0),
                 _size(est) if est else "—",
                 f"{step * 1000:.0f} ms" + (" ⚠" if stats.under_load(r) else "") if step else "—",
-                f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "—",
+                f"{r.training.tokens_per_s:,.0f}" if r.training.tokens_per_s else "—",
                 f"{r.mfu:.1%}" if r.mfu is not None else "—",
             ]
             table.add_row(*(escape(x) for x in row))

@@ -115,7 +115,7 @@ def test_lora_plus_groups_train_b_sixteen_times_faster():
         a_moved = sum(float((p - before[n]).norm()) for n, p in model.named_parameters() if "lora_A" in n)
         runs[ratio] = (res, b_norm, a_moved)
     res16 = runs[16.0][0]
-    groups = {g["name"]: g for g in res16.param_groups}
+    groups = {g["name"]: g for g in res16.optimizer_groups}
     assert groups["B"]["lr"] == pytest.approx(16 * groups["A and head"]["lr"])
     assert groups["B"]["tensors"] == 4  # query and value of tiny-bert's 2 layers
     assert runs[16.0][1] > 3 * runs[1.0][1]  # B really moved faster (Adam: ~ lr × steps)
@@ -125,7 +125,7 @@ def test_lora_plus_groups_train_b_sixteen_times_faster():
 def test_a_method_supplies_its_own_optimizer():
     model, res = _train(HeadMomentum(), optimizer="adamw")
     head = sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith("classifier"))
-    assert res.optimizer_name == "SGD (the method's own)"
+    assert res.optimizer == "SGD (the method's own)"
     assert res.optimizer_state_bytes == head  # one momentum buffer (AdamW would keep two moments)
     assert res.losses[-1] < res.losses[0]
 

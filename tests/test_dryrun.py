@@ -65,7 +65,11 @@ def test_each_record_carries_its_estimate_beside_the_measured_peak(tmp_path, wri
     for r in records:
         e = r.estimate
         assert e["setup"]["batch"] == 8 and e["setup"]["seq_len"] == 32 and e["setup"]["weight_dtype_bytes"] == 4
-        assert abs(e["peak_bytes"] / r.peak_live_tensor_bytes - 1) < 0.10, (r.method, e, r.peak_live_tensor_bytes)
+        assert abs(e["peak_bytes"] / r.training.peak_live_tensor_bytes - 1) < 0.10, (
+            r.method,
+            e,
+            r.training.peak_live_tensor_bytes,
+        )
         assert e["trainable_params"] == r.trainable_params
         measured = measured_by_category(r)
         assert abs(measured["weights"] / e["by_category_bytes"]["weights"] - 1) < 1e-3  # rotary buffers aside

@@ -81,7 +81,7 @@ def test_nan_loss_stops_the_run_at_once(tmp_path, write_suite):
     (rec,) = _records(tmp_path).values()
     assert out.returncode == 1 and rec["status"] == "failed"
     step = int(re.search(r"non-finite loss nan at step (\d+)", rec["error"]).group(1))
-    assert len(rec["losses"]) == step + 1 < 50  # stopped at once, curve kept up to the bad step
+    assert len(rec["training"]["losses"]) == step + 1 < 50  # stopped at once, curve kept up to the bad step
 
 
 def test_timeout_is_recorded(tmp_path, write_suite):
@@ -238,7 +238,7 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     assert "config changed, rerunning: lora/default s0 on rotten_tomatoes (train.steps 4 → 3)" in out.stderr
     assert "2 earlier record(s) (1 of cells this suite no longer has) moved to" in out.stderr
     (rec,) = (r / "records").glob("*.json")
-    assert len(json.loads(rec.read_text())["losses"]) == 3
+    assert len(json.loads(rec.read_text())["training"]["losses"]) == 3
     assert len(list((r / "stale").rglob("*.json"))) == 2  # kept, not deleted
     assert "1 runs, 1 ok" in (r / "report.html").read_text()
     # A results dir that already mixes two configs of one cell (an older ftbench) shows the newest only.
@@ -249,7 +249,7 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     (mixed / "records" / rec.name).write_text(rec.read_text())
     res = load_results(mixed)
     loras = [x for x in res.records if x.method == "lora"]
-    assert len(loras) == 1 and len(loras[0].losses) == 3 and any("earlier config" in p for p in res.problems)
+    assert len(loras) == 1 and len(loras[0].training.losses) == 3 and any("earlier config" in p for p in res.problems)
     # the DataFrame the README advertises holds the same current records, not every file in records/ (issue 28)
     df = load_records(mixed)
     assert len(df) == len(res.records) and sorted(df["cell_id"]) == sorted(x.cell_id for x in res.records)

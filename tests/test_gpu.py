@@ -43,8 +43,12 @@ def _run(tmp_path, method: str, config: dict, memory: bool = False, **train):
 )
 def test_every_method_trains_evaluates_and_exports_on_cuda(tmp_path, method, config):
     rec = _run(tmp_path, method, config, dtype="bfloat16")
-    assert rec.environment["gpu"] and rec.cuda_max_allocated_bytes > 0 and rec.cuda_max_reserved_bytes > 0
-    assert rec.cuda_max_reserved_bytes >= rec.cuda_max_allocated_bytes
+    assert (
+        rec.environment["gpu"]
+        and rec.training.cuda_max_allocated_bytes > 0
+        and rec.training.cuda_max_reserved_bytes > 0
+    )
+    assert rec.training.cuda_max_reserved_bytes >= rec.training.cuda_max_allocated_bytes
     for e in rec.exports:  # merged models reload and score on CUDA (the qalora export included)
         if e.eval is not None:
             assert e.eval.examples == rec.eval_after.examples
@@ -54,7 +58,7 @@ def test_live_tensor_peak_agrees_with_the_allocator(tmp_path):
     """The tracker counts tensor storages; the allocator's max_memory_allocated counts blocks (rounded up to
     512 B): within 5% of each other on a training step."""
     rec = _run(tmp_path, "lora", {"r": 8}, memory=True)
-    live, alloc = rec.peak_live_tensor_bytes, rec.cuda_max_allocated_bytes
+    live, alloc = rec.training.peak_live_tensor_bytes, rec.training.cuda_max_allocated_bytes
     assert abs(live - alloc) <= 0.05 * alloc, (live, alloc)
 
 
@@ -62,12 +66,12 @@ def test_nvml_sees_the_allocator_plus_the_cuda_context(tmp_path):
     """NVML's per-process figure = reserved memory + the CUDA context (a few hundred MiB), never less."""
     pytest.importorskip("pynvml", reason="NVML needs nvidia-ml-py")
     rec = _run(tmp_path, "lora", {"r": 8}, memory=True)
-    assert rec.nvml_process_bytes is not None
-    context = rec.nvml_process_bytes - rec.cuda_max_reserved_bytes
+    assert rec.training.nvml_process_bytes is not None
+    context = rec.training.nvml_process_bytes - rec.training.cuda_max_reserved_bytes
     assert 0 <= context <= 1.5 * 2**30, context
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
 def test_paged_optimizers_really_page_on_cuda(tmp_path, optimizer):
     rec = _run(tmp_path, "qlora", {"r": 8}, memory=True, optimizer=optimizer)
-    assert rec.paging_effective is True and "not paged" not in (rec.optimizer or "")
+    assert rec.training.paging_effective is True and "not paged" not in (rec.training.optimizer or "")

@@ -252,12 +252,12 @@ def test_a_corrupt_record_is_named_in_the_records_terms(tmp_path):
 def test_compare_flags_runs_under_load_and_explains_tokens_per_s_against_step_time(deployed):
     from reports.compare import pivot
 
-    quiet = {"step_times_s": [0.1] * 8, "memory_tracked_steps": [0], "tokens_per_s": 1000.0, "contention": {}}
-    o = deployed.model_copy(update={**quiet, "step_time_stats": {"median_s": 0.1}})
+    quiet = {"step_times_s": [0.1] * 8, "memory_tracked_steps": [0], "tokens_per_s": 1000.0}
+    training = deployed.training.model_copy(update={**quiet, "step_time_stats": {"median_s": 0.1}})
+    o = deployed.model_copy(update={"training": training, "contention": {}})
     n = o.model_copy(  # steps 30% faster, tokens/s unchanged: fewer real tokens per step; and another config
         update={
-            "step_times_s": [0.07] * 8,
-            "step_time_stats": {"median_s": 0.07},
+            "training": training.model_copy(update={"step_times_s": [0.07] * 8, "step_time_stats": {"median_s": 0.07}}),
             "contention": {"loaded": True, "other_processes_cores": 1.5},
             "config": {**o.config, "train": {**o.config["train"], "lr": 0.5}},
         }

@@ -70,7 +70,7 @@ def test_importing_gptqmodel_for_a_gptq_cell_puts_its_environment_back():
 
 
 def test_a_record_keeps_the_measurement_environment(monkeypatch):
-    from harness.records import environment
+    from harness.environment import environment
 
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     env = environment()["measurement_env"]

@@ -22,20 +22,20 @@ def _run(tmp_path, **train):
 def test_same_seed_same_losses_bitwise(tmp_path):
     a = _run(tmp_path / "a")
     b = _run(tmp_path / "b")
-    assert a.losses == b.losses and a.eval_after == b.eval_after
-    assert len(a.losses) == 5 and all(math.isfinite(x) for x in a.losses)
+    assert a.training.losses == b.training.losses and a.eval_after == b.eval_after
+    assert len(a.training.losses) == 5 and all(math.isfinite(x) for x in a.training.losses)
 
 
 def test_different_seed_different_losses(tmp_path):
     a = cells(seeds=[0, 1], methods=[{"method": "full"}])
     ra, rb = (run_cell(c.model_copy(update={"export": False}), tmp_path) for c in a)
-    assert ra.losses != rb.losses
+    assert ra.training.losses != rb.training.losses
 
 
 def test_lr_schedule_warmup_then_linear_decay(tmp_path):
     rec = _run(tmp_path, steps=6, warmup_steps=2, schedule="linear")
-    assert rec.lrs[:2] == pytest.approx([0.5e-3, 1e-3])
-    assert rec.lrs[2:] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    assert rec.training.lrs[:2] == pytest.approx([0.5e-3, 1e-3])
+    assert rec.training.lrs[2:] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
     f = lr_lambda("cosine", 0, 10)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
 
@@ -46,44 +46,44 @@ def test_grad_accum_doubles_samples_per_step(tmp_path):
     rec = _run(tmp_path, grad_accum=2)
     measured = measured_step_times_s(rec)
     # same micro-batch size, twice the micro-batches: each optimizer step sees 16 examples
-    assert rec.samples_per_s * sum(measured) == pytest.approx(16 * len(measured))
-    assert rec.losses != _run(tmp_path / "one").losses
+    assert rec.training.samples_per_s * sum(measured) == pytest.approx(16 * len(measured))
+    assert rec.training.losses != _run(tmp_path / "one").training.losses
 
 
 def test_gradient_checkpointing_same_losses(tmp_path):
     plain = _run(tmp_path / "p")
     ckpt = _run(tmp_path / "c", grad_checkpointing=True)
-    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5, abs=1e-6)
+    assert ckpt.training.losses == pytest.approx(plain.training.losses, rel=1e-5, abs=1e-6)
 
 
 def test_bfloat16_autocast_trains(tmp_path):
     rec = _run(tmp_path, dtype="bfloat16", steps=8)
-    assert all(math.isfinite(x) for x in rec.losses)
-    assert rec.losses != _run(tmp_path / "f32", steps=8).losses
+    assert all(math.isfinite(x) for x in rec.training.losses)
+    assert rec.training.losses != _run(tmp_path / "f32", steps=8).training.losses
 
 
 @pytest.mark.parametrize("opt", ["adamw", "sgd", "adamw_8bit"])
 def test_optimizer_by_name(tmp_path, opt):
     rec = _run(tmp_path, optimizer=opt, lr=1e-2)
-    assert rec.optimizer == opt
+    assert rec.training.optimizer == opt
     if opt == "adamw":  # two fp32 moments per trainable parameter (+ a step count per tensor)
-        assert 8 * rec.trainable_params <= rec.optimizer_state_bytes < 8 * rec.trainable_params * 1.01
+        assert 8 * rec.trainable_params <= rec.training.optimizer_state_bytes < 8 * rec.trainable_params * 1.01
     elif opt == "sgd":  # plain SGD keeps no state
-        assert rec.optimizer_state_bytes == 0
+        assert rec.training.optimizer_state_bytes == 0
     else:  # 8-bit state: well under 2 × 4 bytes per trainable parameter
-        assert 0 < rec.optimizer_state_bytes < 8 * rec.trainable_params / 2
+        assert 0 < rec.training.optimizer_state_bytes < 8 * rec.trainable_params / 2
 
 
 def test_timing_warmup_and_memory_tracked_steps_excluded(tmp_path):
     from harness.records import measured_step_times_s
 
     rec = _run(tmp_path, steps=5, timing_warmup_steps=2)
-    tracked = rec.memory_tracked_steps
-    assert tracked[:2] == [0, 1] and len(rec.step_times_s) == 5
+    tracked = rec.training.memory_tracked_steps
+    assert tracked[:2] == [0, 1] and len(rec.training.step_times_s) == 5
     timed = measured_step_times_s(rec)
-    assert rec.step_time_stats["count"] == len(timed) == 5 - len(tracked)
-    assert rec.step_time_stats["median_s"] == pytest.approx(__import__("statistics").median(timed))
-    assert rec.peak_live_tensor_bytes > 0
+    assert rec.training.step_time_stats["count"] == len(timed) == 5 - len(tracked)
+    assert rec.training.step_time_stats["median_s"] == pytest.approx(__import__("statistics").median(timed))
+    assert rec.training.peak_live_tensor_bytes > 0
 
 
 def test_memory_is_tracked_on_the_largest_batches_even_without_warmup():

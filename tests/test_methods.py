@@ -88,7 +88,7 @@ def test_peft_generic_trains_only_its_parameters(tmp_path, config):
     rec = _train(tmp_path, "peft", config)
     assert rec.trainable_params == sum(p.numel() for p in trainable.values())
     assert rec.trainable_pct < 10
-    assert len(rec.losses) == 4 and rec.eval_after is not None
+    assert len(rec.training.losses) == 4 and rec.eval_after is not None
     kinds = {e.kind for e in rec.exports}
     assert "adapter" in kinds
     assert ("merged" in kinds) == (config["peft_type"] != "PROMPT_TUNING")

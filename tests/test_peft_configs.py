@@ -23,7 +23,7 @@ def test_a_merge_the_peft_type_cannot_do_leaves_the_run_ok(tmp_path):
     )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
-    assert rec.eval_after is not None and rec.step_time_stats["median_s"] > 0
+    assert rec.eval_after is not None and rec.training.step_time_stats["median_s"] > 0
     exports = {e.kind: e for e in rec.exports}
     assert exports["adapter"].bytes_on_disk > 0 and exports["adapter"].unsupported is None
     merged = exports["merged"]

@@ -195,7 +195,7 @@ def test_qalora_peak_is_not_above_qlora_on_smollm2(tmp_path):
         )[0]
         rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
         assert rec.status == "ok", rec.error
-        peaks[method] = rec.peak_live_tensor_bytes
+        peaks[method] = rec.training.peak_live_tensor_bytes
     assert peaks["qalora"] <= peaks["qlora"], peaks
 
 

@@ -129,8 +129,8 @@ def test_run_records_quantization_and_merge_fidelity(tmp_path):
     assert rec.status == "ok", rec.error
     mm = rec.method_metrics
     assert mm["bits_per_quantized_param"] > 4 and mm["quant_relative_error"] > 0
-    assert rec.paging_effective is False  # CPU: bitsandbytes falls back to ordinary buffers
-    assert 0 < rec.optimizer_state_bytes
+    assert rec.training.paging_effective is False  # CPU: bitsandbytes falls back to ordinary buffers
+    assert 0 < rec.training.optimizer_state_bytes
     ex = {e.kind: e for e in rec.exports}
     assert set(ex) == {"adapter", "merged_4bit", "merged_fp32"}
     assert ex["merged_fp32"].max_abs_logit_diff < 1e-4  # exact up to float rounding

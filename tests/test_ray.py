@@ -71,7 +71,7 @@ def test_ray_records_equal_local_records(tmp_path, write_suite, one_cluster, mon
         assert a["config"] == b["config"] and a["task_info"] == b["task_info"]
         assert a["trainable_params"] == b["trainable_params"] and a["total_params"] == b["total_params"]
         # Ray gives each cell num_cpus=1 thread: float sums may round differently in the last bits
-        assert b["losses"] == pytest.approx(a["losses"], rel=1e-5, abs=1e-6)
+        assert b["training"]["losses"] == pytest.approx(a["training"]["losses"], rel=1e-5, abs=1e-6)
         assert b["eval_after"]["accuracy"] == a["eval_after"]["accuracy"]
     import harness.driver.ray_executor
 

@@ -27,7 +27,7 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
     assert rec.eval_after.accuracy > rec.eval_before.accuracy + 0.1, (rec.eval_before, rec.eval_after)
-    assert rec.losses[-1] < rec.losses[0]
+    assert rec.training.losses[-1] < rec.training.losses[0]
     if method == "lora":
         merged = next(e for e in rec.exports if e.kind == "merged")
         assert merged.max_abs_logit_diff < 1e-3 and merged.eval.accuracy == pytest.approx(

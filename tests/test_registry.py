@@ -84,4 +84,4 @@ def test_entry_point_plugin_is_registered_and_runs(tmp_path):
     data = json.loads(rec.read_text())
     assert data["trainable_params"] == 32 * 2 + 2  # tiny-bert head: hidden 32 × 2 labels + bias
     assert data["exports"][0]["kind"] == "trained"  # MethodBase's export: the trained parameters
-    assert data["eval_after"]["accuracy"] is not None and data["optimizer"] == "adamw"
+    assert data["eval_after"]["accuracy"] is not None and data["training"]["optimizer"] == "adamw"

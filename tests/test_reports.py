@@ -64,7 +64,15 @@ def test_compare_reports_deltas_and_environment_changes(results, tmp_path, capsy
     for p in (results / "records").glob("*.json"):
         rec = read_record(p)
         env = {**rec.environment, "versions": {**rec.environment["versions"], "torch": "9.9.9"}}
-        write_record(new, rec.model_copy(update={"tokens_per_s": rec.tokens_per_s * 2, "environment": env}))
+        write_record(
+            new,
+            rec.model_copy(
+                update={
+                    "training": rec.training.model_copy(update={"tokens_per_s": rec.training.tokens_per_s * 2}),
+                    "environment": env,
+                }
+            ),
+        )
     assert main(["compare", str(results), str(new), "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     tps = [r for r in out["rows"] if r["metric"] == "tokens_per_s"]

@@ -149,7 +149,7 @@ def test_a_method_from_a_file_beside_the_suite_runs_next_to_a_builtin(tmp_path):
     assert by["bitfit"].config["method_source"] == f"{tmp_path / 'bitfit.py'}:BitFit"
     # biases and the head only: fewer than LoRA's adapters + head, and it learned something
     assert 0 < by["bitfit"].trainable_params < by["lora"].trainable_params
-    assert by["bitfit"].losses[-1] != by["bitfit"].losses[0]
+    assert by["bitfit"].training.losses[-1] != by["bitfit"].training.losses[0]
     # `module:Class` names the same file
     same = _write(tmp_path, methods=[{"method": "bitfit:BitFit"}])
     out = run_cli("run", str(same), "--results", str(results))

@@ -56,23 +56,22 @@ def test_record_has_every_field(tmp_path, write_suite):
         "total_params",
         "trainable_params",
         "trainable_pct",
-        "losses",
-        "step_time_stats",
-        "tokens_per_s",
-        "samples_per_s",
-        "peak_live_tensor_bytes",
+        "training",
         "peak_rss_bytes",
         "eval_before",
         "eval_after",
         "exports",
         "export_bytes",
         "wall_time_s",
-        "final_loss",
     ):
         assert rec[key] is not None, key
+    assert rec["schema_version"] == 2
+    training = rec["training"]  # what THE loop measured, typed (harness/records.py::TrainingRecord)
+    for key in ("losses", "step_time_stats", "tokens_per_s", "samples_per_s", "peak_live_tensor_bytes", "final_loss"):
+        assert training[key] is not None, key
     env = rec["environment"]
     assert env["versions"]["torch"] and env["versions"]["peft"] and env["cpu_model"] and env["git_commit"]
-    assert set(rec["step_time_stats"]) >= {"count", "mean_s", "median_s", "p90_s", "stdev_s"}
+    assert set(training["step_time_stats"]) >= {"count", "mean_s", "median_s", "p90_s", "stdev_s"}
     assert rec["task_info"]["split_sizes"]["train"] == 128 and len(rec["task_info"]["examples_sha256"]["test"]) == 64
     assert not list((tmp_path / "r" / "records").glob(".*.tmp"))  # atomic writes leave no temp files
 

@@ -32,7 +32,7 @@ def test_the_estimator_is_within_ten_percent_of_every_measured_cpu_peak(records)
         cfg = RunConfig.model_validate(r.config)
         name = cfg.model.name if cfg.model.name.endswith("-shape") else f"{cfg.model.name}-shape"
         e = estimate_run(cfg, skeleton(name, mode="prompt"), decoder=True)
-        assert abs(e["peak_bytes"] / r.peak_live_tensor_bytes - 1) < 0.10, (r.model, r.method, e["peak_bytes"])
+        assert abs(e["peak_bytes"] / r.training.peak_live_tensor_bytes - 1) < 0.10, (r.model, r.method, e["peak_bytes"])
 
 
 def test_the_report_shows_the_ladder_the_oom_cell_and_the_crossover(records):

@@ -87,9 +87,9 @@ def test_a_tiny_shape_on_the_synthetic_task_records_random_weights_and_no_accura
         assert r.model_info["weights"] == "random"
         assert r.measured_only == "random weights: memory and speed only"
         assert r.eval_after is None and r.eval_before is None and not r.exports
-        assert r.peak_live_tensor_bytes and r.step_time_stats and len(r.losses) == 4
+        assert r.training.peak_live_tensor_bytes and r.training.step_time_stats and len(r.training.losses) == 4
     synthetic = next(r for r in records if r.config["task"]["name"] == "synthetic")
-    assert synthetic.tokens_per_s and synthetic.task_info["kind"] == "language_modeling"
+    assert synthetic.training.tokens_per_s and synthetic.task_info["kind"] == "language_modeling"
     summary = run_cli("summary", str(tmp_path / "res"))
     assert "memory and speed only" in summary.stdout
 
@@ -102,7 +102,7 @@ def test_the_synthetic_task_on_real_weights_is_not_scored_either(tmp_path, write
     assert r.status == "ok" and r.eval_after is None
     assert r.measured_only == "task synthetic: nothing to score: memory and speed only"
     # every row is max_seq_len real tokens: 4 steps × 8 rows × 32 tokens, none of it padding
-    assert r.losses[0] > 9.0  # ln(30522) ≈ 10.3: random ids are unpredictable
+    assert r.training.losses[0] > 9.0  # ln(30522) ≈ 10.3: random ids are unpredictable
 
 
 def test_the_synthetic_task_needs_a_decoder(write_suite):

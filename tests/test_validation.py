@@ -42,7 +42,9 @@ def test_the_curve_reads_validation_only_and_the_test_split_only_after_training(
     # the curve, then the trained model, then the untrained one (its initial weights put back from disk)
     assert [s for s, _ in splits] == ["validation", "validation", "validation", "test", "test"]
     assert rec.selected_step == 6 and rec.selected_by == "last"
-    assert len(rec.step_times_s) == 6 and rec.step_time_stats["count"] == 6 - len(rec.memory_tracked_steps)
+    assert len(rec.training.step_times_s) == 6 and rec.training.step_time_stats["count"] == 6 - len(
+        rec.training.memory_tracked_steps
+    )
 
 
 def test_the_untrained_score_is_of_the_initial_weights_whatever_the_training(tmp_path):

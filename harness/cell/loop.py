@@ -22,8 +22,8 @@ import torch
 from harness.cell.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
 from harness.measure.hardware import DTYPES
 from harness.measure.memory import MemoryTracker, NullTracker, step_roots
-from harness.measure.runstats import cuda_memory_peaks, cuda_memory_reset, sync
-from harness.records import timed_steps
+from harness.measure.runstats import cuda_memory_peaks, cuda_memory_reset, step_time_stats, sync
+from harness.records import TrainingRecord, timed_steps
 from harness.registry import Method
 from harness.schema import TrainConfig
 
@@ -49,8 +49,8 @@ class LoopResult:
     computed_tokens_per_step: list[int] = field(default_factory=list)  # batch × padded length (what costs FLOPs)
     samples_per_step: list[int] = field(default_factory=list)
     head_positions_per_step: list[int] = field(default_factory=list)  # positions the output head ran on (FLOPs)
-    optimizer_name: str = ""  # the optimizer that ran: the suite's by name, or the method's own by class
-    param_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
+    optimizer: str = ""  # the optimizer that ran: the suite's by name, or the method's own by class
+    optimizer_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
     timing_warmup_steps: int = 0
     memory_tracked_steps: list[int] = field(default_factory=list)  # warm-up + each new largest batch; not timed
     peak_live_tensor_bytes: int | None = None  # from the tensors themselves, over the tracked steps
@@ -67,6 +67,35 @@ class LoopResult:
     @property
     def measured_step_times_s(self) -> list[float]:
         return [self.step_times_s[i] for i in self.timed_steps]
+
+    def record(self, train_time_s: float | None = None, nvml_bytes: int | None = None) -> TrainingRecord:
+        """What the run's record keeps of this loop: the raw per-step values, the throughput over measured steps
+        (non-pad tokens and examples over their time), the training step's memory. Also for a run stopped by a
+        non-finite loss: its curve up to the bad step."""
+        measured, timed = self.measured_step_times_s, self.timed_steps
+        return TrainingRecord(
+            losses=self.losses,
+            lrs=self.lrs,
+            grad_norms=self.grad_norms,
+            step_times_s=self.step_times_s,
+            timing_warmup_steps=self.timing_warmup_steps,
+            memory_tracked_steps=self.memory_tracked_steps,
+            step_time_stats=step_time_stats(measured),
+            final_loss=self.losses[-1] if self.losses else None,
+            tokens_per_s=sum(self.tokens_per_step[i] for i in timed) / sum(measured) if measured else None,
+            samples_per_s=sum(self.samples_per_step[i] for i in timed) / sum(measured) if measured else None,
+            train_time_s=train_time_s,
+            peak_live_tensor_bytes=self.peak_live_tensor_bytes,
+            memory_at_peak_bytes=self.memory_at_peak_bytes,
+            memory_category_max_bytes=self.memory_category_max_bytes,
+            nvml_process_bytes=nvml_bytes,
+            cuda_max_allocated_bytes=self.cuda.get("cuda_max_allocated_bytes"),
+            cuda_max_reserved_bytes=self.cuda.get("cuda_max_reserved_bytes"),
+            optimizer_state_bytes=self.optimizer_state_bytes,
+            optimizer=self.optimizer or None,
+            optimizer_groups=self.optimizer_groups,
+            paging_effective=self.paging_effective,
+        )
 
 
 def set_seed(seed: int) -> None:
@@ -121,8 +150,8 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     name = cfg.optimizer if own is None else f"{type(own).__name__} (the method's own)"
-    res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps), optimizer_name=name)
-    res.param_groups = [  # what each group trained with: the method's own options, the learning rate
+    res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps), optimizer=name)
+    res.optimizer_groups = [  # what each group trained with: the method's own options, the learning rate
         {
             "name": g.get("name", str(i)),
             "tensors": len(g["params"]),

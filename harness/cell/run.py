@@ -28,7 +28,7 @@ from harness.measure.flops import mfu_dtype, training_flops
 from harness.measure.hardware import DTYPES, default_device, describe, identity, resolve_config_dtypes
 from harness.measure.memory import nvml_process_bytes
 from harness.measure.plan import estimate_run
-from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes, step_time_stats
+from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes
 from harness.progress import CellProgress
 from harness.records import EvalMetrics, RunRecord, make_record, now_iso, write_record
 from harness.registry import build_method, get_method, load_method_file
@@ -261,8 +261,7 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
     try:
         res = train(model, method, batches, cfg.train, cfg.seed, device, io.objective, on_step)
     except NonFiniteLoss as err:  # keep the curve up to the bad step in the failed record
-        r = err.result
-        rec.update(losses=r.losses, lrs=r.lrs, grad_norms=r.grad_norms, step_times_s=r.step_times_s)
+        rec["training"] = err.result.record()
         raise
     rec["energy"] = energy.stop(sum(res.tokens_per_step))
     rec["contention"] = contention.result()
@@ -276,30 +275,8 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
             f"warning: other processes took {rec['contention']['other_processes_cores']} cores while this "
             "run trained: its step times and MFU are flagged as measured under load"
         )
-    rec["train_time_s"] = time.perf_counter() - t0
-    measured, n_warm, timed = res.measured_step_times_s, res.timing_warmup_steps, res.timed_steps
-    rec.update(
-        losses=res.losses,
-        lrs=res.lrs,
-        grad_norms=res.grad_norms,
-        step_times_s=res.step_times_s,
-        timing_warmup_steps=n_warm,
-        memory_tracked_steps=res.memory_tracked_steps,
-        step_time_stats=step_time_stats(measured),
-        final_loss=res.losses[-1],
-        tokens_per_s=sum(res.tokens_per_step[i] for i in timed) / sum(measured) if measured else None,
-        samples_per_s=sum(res.samples_per_step[i] for i in timed) / sum(measured) if measured else None,
-        peak_live_tensor_bytes=res.peak_live_tensor_bytes,
-        optimizer_state_bytes=res.optimizer_state_bytes,
-        memory_at_peak_bytes=res.memory_at_peak_bytes,
-        memory_category_max_bytes=res.memory_category_max_bytes,
-        nvml_process_bytes=nvml_process_bytes() if device.type == "cuda" else None,
-        optimizer=res.optimizer_name,
-        optimizer_groups=res.param_groups,
-        paging_effective=res.paging_effective,
-        cuda_max_allocated_bytes=res.cuda.get("cuda_max_allocated_bytes"),
-        cuda_max_reserved_bytes=res.cuda.get("cuda_max_reserved_bytes"),
-    )
+    nvml = nvml_process_bytes() if device.type == "cuda" else None
+    rec["training"] = res.record(train_time_s=time.perf_counter() - t0, nvml_bytes=nvml)
     return res
 
 

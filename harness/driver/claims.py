@@ -14,8 +14,9 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     """Returns (claims.html, the markdown table)."""
     from harness.driver.runner import run_suite
     from harness.driver.suite import expand, load_suite
+    from harness.environment import git
     from harness.measure.hardware import default_device, describe, identity
-    from harness.records import _git, read_current
+    from harness.records import read_current
     from harness.schema import ConfigError
     from reports.claim_sets import select
     from reports.claims import measurement_claims, render_html, to_markdown
@@ -50,7 +51,7 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     when = time.strftime("%Y-%m-%d", time.gmtime())
     notes = [
         f"{suite.name}: {len(records)} of {len(cells)} runs recorded in {results}; measured on {hw}; "
-        f"commit {(_git('rev-parse', '--short', 'HEAD') or '?')}; page written {when}.",
+        f"commit {(git('rev-parse', '--short', 'HEAD') or '?')}; page written {when}.",
         "Each accuracy difference is paired on the same test examples, its 95% interval a bootstrap over test "
         "examples and seeds; '≈' means inside ±1 accuracy point (the margin the papers call parity). A claim "
         f"that does not reproduce at this scale ({', '.join(m.name for m in suite.models)}, {suite.train.steps} "

@@ -35,7 +35,7 @@ def _remote_cell(cfg_json: str, results_dir: str) -> str:
 
 class RayPool:
     """Cells as Ray tasks: ``submit`` returns at once, ``next_done`` waits for any one (the tuning loop's
-    :class:`harness.driver.tune.TrialPool`). Each record is written into its results dir on the driver."""
+    :class:`harness.driver.pools.CellPool`). Each record is written into its results dir on the driver."""
 
     def __init__(self, address: str | None, slots: int) -> None:
         import ray
@@ -72,17 +72,5 @@ class RayPool:
         write_record(results_dir, rec)
         return ticket, rec
 
-
-def run_cells_ray(
-    cells: list[RunConfig], results_dir: Path, address: str | None, done: Callable[[RunConfig, RunRecord], None]
-) -> list[RunRecord]:
-    """Run ``todo`` as Ray tasks, each cell in its own process on a worker; ``done`` gets each record."""
-    pool = RayPool(address, len(cells))
-    for i, cfg in enumerate(cells):
-        pool.submit(i, cfg, results_dir)
-    records = []
-    while pool.pending:
-        i, rec = pool.next_done()
-        records.append(rec)
-        done(cells[i], rec)
-    return records
+    def close(self) -> None:
+        """Nothing to let go of: the cluster outlives the suite (a local one ends with this process)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from harness.atomic import atomic_write_text
 from harness.driver import forkserver
-from harness.driver.executor import run_cell_subprocess
+from harness.driver.pools import make_pool, run_all
 from harness.driver.suite import expand
 from harness.progress import interrupts_raise
 from harness.records import RunRecord, cell_identity, read_record, record_path, write_record
@@ -201,6 +201,7 @@ def run_suite(
     try:
         return _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, address, only, jobs)
     finally:
+        forkserver.close_all()  # the zygotes served the trials and the cells alike
         lock.close()
 
 
@@ -240,36 +241,29 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
         def label(cfg: RunConfig) -> str:
             return f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant}"
 
+        running: dict[str, str] = {}  # cell -> its newest progress line, shown together on the bar
+
+        def show_for(cfg: RunConfig):
+            def show(line: str) -> None:
+                running[cfg.cell_id] = f"{label(cfg)} · {line}"
+                progress.update(bar, description=" | ".join(list(running.values())))
+
+            return show
+
         def done(cfg: RunConfig, rec: RunRecord) -> None:
+            running.pop(cfg.cell_id, None)
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
             progress.console.print(f"{mark} {label(cfg)} · seed {cfg.seed} ({rec.wall_time_s:.1f} s)")
             progress.advance(bar)
 
-        if executor == "ray" and todo:  # a resume with nothing left to run starts no cluster
-            from harness.driver.ray_executor import run_cells_ray
-
-            progress.update(bar, description=f"on Ray ({address or 'local cluster'})")
-            run_cells_ray(todo, results_dir, address, done)
-        else:
-            running: dict[str, str] = {}  # cell -> its newest progress line, shown together on the bar
-
-            def one(cfg: RunConfig) -> None:
-                def show(line: str) -> None:
-                    running[cfg.cell_id] = f"{label(cfg)} · {line}"
-                    progress.update(bar, description=" | ".join(list(running.values())))
-
-                show("starting")
-                # a memory limit is for the run alone: the zygote's preloaded libraries would count against it
-                forked = forkserver.enabled() and not cfg.memory_limit_mb
-                server = forkserver.server_for(cfg.allow_network) if forked else None
-                rec = run_cell_subprocess(cfg, results_dir, show, server)
-                running.pop(cfg.cell_id, None)
-                done(cfg, rec)
-
+        if todo:  # a resume with nothing left to run starts no pool (nor a Ray cluster)
+            pool = make_pool(executor, address, jobs, ray_slots=len(todo))
+            if executor == "ray":
+                progress.update(bar, description=f"on Ray ({address or 'local cluster'})")
             try:
-                _dispatch(todo, one, jobs)
+                run_all(pool, todo, results_dir, show_for, done)
             finally:
-                forkserver.close_all()
+                pool.close()
         progress.update(bar, description="cells done")  # not the last cell's last stage, left on screen
     records = []
     for c in cells:
@@ -281,35 +275,6 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
                 console.print(f"[red]unreadable record[/] {p}: {str(err).splitlines()[0]}")
     atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
     return records
-
-
-def _dispatch(todo: list[RunConfig], one, jobs: int) -> None:
-    """``one(cell)`` for every cell, ``jobs`` at a time. With ``jobs > 1`` the machine's cores are split between
-    the cells in flight (each cell's torch threads) and every record says how many ran side by side, so their
-    timings are flagged as measured under load (harness/measure/runstats.py::Contention)."""
-    if jobs <= 1:
-        for cfg in todo:
-            one(cfg)
-        return
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    saved = {k: os.environ.get(k) for k in ("FTBENCH_JOBS", "FTBENCH_THREADS")}
-    os.environ.update(FTBENCH_JOBS=str(jobs), FTBENCH_THREADS=str(threads))  # read by each cell process
-    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ftbench-cell")
-    try:
-        futures = [pool.submit(one, cfg) for cfg in todo]
-        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in finished:
-            f.result()  # a bug in the runner itself, not a failing run (those are records): raise it here
-    finally:
-        # never wait for the threads on Ctrl-C: the cells die with this process (parent-death signal)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def cell_key(cfg: RunConfig) -> str:
@@ -339,19 +304,9 @@ def _tuned(suite: Suite, grid, base, results_dir: Path, console, executor: str, 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Column
 
-    from harness.driver.tune import LocalPool, tune_cells, with_params
+    from harness.driver.tune import tune_cells, with_params
 
-    def execute(cfg: RunConfig, trial_dir: Path, show) -> RunRecord:
-        forked = forkserver.enabled() and not cfg.memory_limit_mb
-        server = forkserver.server_for(cfg.allow_network) if forked else None
-        return run_cell_subprocess(cfg, trial_dir, show, server)
-
-    if executor == "ray":
-        from harness.driver.ray_executor import RayPool
-
-        pool = RayPool(address, slots=len(base))
-    else:
-        pool = LocalPool(execute)
+    pool = make_pool(executor, address, jobs=1, ray_slots=len(base))  # local trials: one at a time
     interrupts_raise()
     # the study's text folds onto more lines rather than being cut (the best value and the trial must show)
     text = TextColumn("{task.fields[text]}", table_column=Column(overflow="fold", ratio=1))

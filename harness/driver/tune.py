@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from harness.driver.pools import CellPool, Execute, LocalPool
 from harness.records import RunRecord
 from harness.schema import DEFAULT_SPACE, RunConfig, SearchRange, Suite, TrainConfig, Tune
 from harness.studies import fmt_param, pruner, public_url, storage
-
-Execute = Callable[[RunConfig, Path], RunRecord]
 
 
 class StorageUnreachable(Exception):
@@ -140,38 +139,6 @@ def study_key(cfg: RunConfig, tune: Tune) -> str:
     return f"{cfg.model.name}|{cfg.task.display_name}|{cfg.method}/{cfg.variant}|{digest}"
 
 
-class TrialPool(Protocol):
-    """Where trials run. ``submit`` returns at once; ``next_done`` waits for any submitted trial to end and
-    returns its ticket and record. ``slots``: trials in flight at once."""
-
-    slots: int
-
-    def submit(self, ticket: int, cfg: RunConfig, trial_dir: Path, show: Callable[[str], None]) -> None: ...
-
-    def next_done(self) -> tuple[int, RunRecord]: ...
-
-
-class LocalPool:
-    """One trial at a time, in this machine's executor: what the study proposes next may depend on every
-    finished trial, and two trials sharing 2 cores would measure each other."""
-
-    slots = 1
-
-    def __init__(self, execute: Execute) -> None:
-        import inspect
-
-        self.queue = []
-        self.with_progress = len(inspect.signature(execute).parameters) >= 3  # execute(cfg, dir[, show])
-        self.execute = execute
-
-    def submit(self, ticket: int, cfg: RunConfig, trial_dir: Path, show: Callable[[str], None]) -> None:
-        self.queue.append((ticket, cfg, trial_dir, show))
-
-    def next_done(self) -> tuple[int, RunRecord]:
-        ticket, cfg, trial_dir, show = self.queue.pop(0)
-        return ticket, self.execute(cfg, trial_dir, show) if self.with_progress else self.execute(cfg, trial_dir)
-
-
 Status = Callable[[str, str, int, int], None]  # study, text, trials counted, budget
 
 
@@ -179,7 +146,7 @@ def tune_cells(
     suite: Suite,
     base: list[RunConfig],
     results_dir: Path,
-    pool: Execute | TrialPool,
+    pool: Execute | CellPool,
     say: Callable[[str], None] = print,
     status: Status | None = None,
 ) -> list[RunConfig]:
@@ -192,7 +159,7 @@ def tune_cells(
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pool = pool if hasattr(pool, "next_done") else LocalPool(pool)
+    pool = pool if hasattr(pool, "next_done") else LocalPool(execute=pool)
     tune = suite.tune
     trial_dir = Path(results_dir) / "tuning"
     trial_dir.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def measured_by_category(r) -> dict[str, int] | None:
     """A record's tracked bytes at its peak, in the estimate's categories (weights: parameters, packed ones and
     buffers;
     activations: activations, inputs and temporaries)."""
-    m = r.memory_at_peak_bytes
+    m = r.training.memory_at_peak_bytes
     if not m:
         return None
     return {

@@ -1,0 +1,71 @@
+"""Where a record was produced: the machine, the libraries and the commit, enough to judge whether two records
+are comparable. Shared by both processes (the cell records it; the driver's claims name the commit)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def git(*args: str) -> str | None:
+    """`git ARGS` in ftbench's own checkout: its output, or None where git or the checkout is missing."""
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    """Where a record was produced: enough to judge whether two records are comparable."""
+    from harness.libs import measurement_env
+    from harness.measure.hardware import identity  # torch: only where a record is made, not where one is read
+
+    dirty = git("status", "--porcelain")
+    hw = identity()  # CPU model, ISA level, native bf16 (measured), threads, GPU: what decides speed
+    env = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": hw["cpu_model"],
+        "cpu_family_model": hw.get("cpu_family_model"),
+        "cpu_isa": hw["cpu_isa"],
+        "cpu_bf16_flags": hw["cpu_bf16_flags"],
+        "native_bf16": hw["native_bf16"],
+        "bf16_speedup_vs_fp32": hw["bf16_speedup_vs_fp32"],
+        "machine_key": hw["machine_key"],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": hw["torch_threads"],
+        "measurement_env": measurement_env(),  # allocator configuration and thread pools, as this run had them
+        "gpu": hw["gpu"],
+        "versions": {
+            p: _version(p)
+            for p in (
+                "ftbench",
+                "torch",
+                "transformers",
+                "peft",
+                "bitsandbytes",
+                "safetensors",
+                "scikit-learn",
+                "numpy",
+            )
+        },
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if dirty is None else bool(dirty),
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+    }
+    return env
