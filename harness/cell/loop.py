@@ -73,28 +73,15 @@ class LoopResult:
         (non-pad tokens and examples over their time), the training step's memory. Also for a run stopped by a
         non-finite loss: its curve up to the bad step."""
         measured, timed = self.measured_step_times_s, self.timed_steps
+        same = {f: getattr(self, f) for f in TrainingRecord.model_fields if hasattr(self, f)}  # named alike
         return TrainingRecord(
-            losses=self.losses,
-            lrs=self.lrs,
-            grad_norms=self.grad_norms,
-            step_times_s=self.step_times_s,
-            timing_warmup_steps=self.timing_warmup_steps,
-            memory_tracked_steps=self.memory_tracked_steps,
+            **{**same, **self.cuda, "optimizer": self.optimizer or None},  # cuda: the allocator's peaks, on a GPU
             step_time_stats=step_time_stats(measured),
             final_loss=self.losses[-1] if self.losses else None,
             tokens_per_s=sum(self.tokens_per_step[i] for i in timed) / sum(measured) if measured else None,
             samples_per_s=sum(self.samples_per_step[i] for i in timed) / sum(measured) if measured else None,
             train_time_s=train_time_s,
-            peak_live_tensor_bytes=self.peak_live_tensor_bytes,
-            memory_at_peak_bytes=self.memory_at_peak_bytes,
-            memory_category_max_bytes=self.memory_category_max_bytes,
             nvml_process_bytes=nvml_bytes,
-            cuda_max_allocated_bytes=self.cuda.get("cuda_max_allocated_bytes"),
-            cuda_max_reserved_bytes=self.cuda.get("cuda_max_reserved_bytes"),
-            optimizer_state_bytes=self.optimizer_state_bytes,
-            optimizer=self.optimizer or None,
-            optimizer_groups=self.optimizer_groups,
-            paging_effective=self.paging_effective,
         )
 
 
