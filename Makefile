@@ -39,7 +39,7 @@ browser:
 	  || echo "warning: could not install chromium (needs root and Debian); the browser test will be skipped"
 
 test: setup browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # The offline GPU bundle (.gpukit/, git-ignored): what an offline machine with CUDA torch lacks (pydantic, peft,
 # plotly, a slim bitsandbytes, tokenizer and data files), for Python 3.12 and this venv's. Prints its size. Carry

@@ -130,7 +130,7 @@ def test_user_multiple_choice_and_generation_files_run_on_tiny_llama_and_smollm2
     for r in recs:
         kind = r["task_info"]["kind"]
         assert kind in ("multiple_choice", "generation") and r["eval_after"]["examples"] == 8
-        assert len(r["losses"]) == 2 and r["task_info"]["examples_sha256"]["test"]
+        assert len(r["training"]["losses"]) == 2 and r["task_info"]["examples_sha256"]["test"]
         if kind == "generation":
             assert r["eval_after"]["generated_samples"]  # answers really were generated and compared
         else:
