@@ -145,9 +145,7 @@ class RunRecord(BaseModel):
     trainable_params: int | None = None
     trainable_pct: float | None = None
     weight_bytes: int | None = Field(None, description="parameter storage incl. packed 4-bit weights + constants")
-    training: TrainingRecord = Field(
-        default_factory=lambda: TrainingRecord(), description="what THE loop measured (harness/cell/loop.py)"
-    )
+    training: TrainingRecord = Field(default_factory=TrainingRecord, description="what THE loop measured (loop.py)")
     stage_seconds: dict[str, float] = Field(
         default_factory=dict,
         description="wall seconds of each stage of the cell: load, prepare, train (validation included), evaluate "

@@ -243,11 +243,12 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
 
         running: dict[str, str] = {}  # cell -> its newest progress line, shown together on the bar
 
-        def show_for(cfg: RunConfig):
+        def show_for(cfg: RunConfig):  # asked as the cell goes into the pool
             def show(line: str) -> None:
                 running[cfg.cell_id] = f"{label(cfg)} · {line}"
                 progress.update(bar, description=" | ".join(list(running.values())))
 
+            show("starting")
             return show
 
         def done(cfg: RunConfig, rec: RunRecord) -> None:
