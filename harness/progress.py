@@ -99,7 +99,7 @@ def _swap_bytes() -> int | None:
 
 
 class LogTail:
-    """The runner's side: the newest progress line a cell's log has, read incrementally."""
+    """The runner's side: a cell's progress lines, read incrementally from its log."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -107,14 +107,23 @@ class LogTail:
         self._partial = b""
         self.latest: str | None = None
 
-    def poll(self) -> str | None:
-        """Read what the log gained since the last poll; return the newest progress line (or the previous one)."""
+    def poll(self) -> list[str]:
+        """Read what the log gained since the last poll; return its new complete progress lines, oldest first.
+
+        Every line, not only the newest: a stage that starts and ends between two polls (evaluating a small test
+        split on a fast machine) is still passed on, so what the runner is told does not depend on timing."""
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(self._offset)
                 chunk = fh.read()
         except OSError:
-            return self.latest
+            return []
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        new = [t[len(MARK) :] for raw in lines if (t := raw.decode(errors="replace").strip()).startswith(MARK)]
+        if new:
+            self.latest = new[-1]
+        return new
         self._offset += len(chunk)
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         for raw in lines:

@@ -88,7 +88,8 @@ def run_cell_subprocess(
 ) -> RunRecord:
     """Run one cell in a process of its own with a wall-clock limit; always returns a record (and it is on
     disk). ``server``: a fork server whose environment matches this cell's (else a fresh process).
-    ``on_progress`` gets the cell's newest progress line (harness/progress.py) about twice a second."""
+    ``on_progress`` gets each of the cell's progress lines (harness/progress.py), read about twice a second and
+    once more after the cell's process ends."""
     cell_file = results_dir / "cells" / f"{cfg.cell_id}.json"
     atomic_write_text(cell_file, cfg.model_dump_json(indent=1))
     log = results_dir / "logs" / f"{cfg.cell_id}.log"
@@ -101,20 +102,23 @@ def run_cell_subprocess(
     except RuntimeError:  # the zygote died (it says why in its exception): this cell gets a fresh process
         run = _Fresh(cfg, cell_file, results_dir, log)
     tail = LogTail(log)
+    show = on_progress or (lambda line: None)
     while (rc := run.wait(0.5)) is None:
-        line = tail.poll()
-        if line and on_progress:
-            on_progress(line)
+        for line in tail.poll():
+            show(line)
         if time.perf_counter() - t0 < cfg.timeout_s:
             continue
         os.killpg(run.pid, signal.SIGKILL)  # the whole group: no orphaned workers keep running
         run.wait(60)
-        where = f" (last progress: {tail.poll()})" if tail.poll() else ""
+        tail.poll()
+        where = f" (last progress: {tail.latest})" if tail.latest else ""
         rec = failure_record(
             cfg, "timeout", f"run exceeded timeout_s={cfg.timeout_s:g}{where}", started, time.perf_counter() - t0
         )
         write_record(results_dir, rec)
         return rec
+    for line in tail.poll():  # what the cell wrote after the last poll, so no stage goes unseen
+        show(line)
     if rec_path.exists():
         try:
             return read_record(rec_path)
