@@ -153,3 +153,64 @@ def test_group_split_joins_groups_that_share_content():
         splits = group_split(rows, seed)
         where = {x.group: i for i, s in enumerate(splits) for x in s}
         assert where["copy"] == where["g7"]
+
+
+# --- the parsed-task store (harness/tasks/parsed.py) ---------------------------------------------------------------
+
+
+def _counting_loader(path, calls):
+    """A task loader over one CSV-ish file of ``text,label`` lines, counting how often it really parses."""
+    from harness.tasks.data import TaskData, group_split
+
+    def loader(seed: int) -> TaskData:
+        calls.append(seed)
+        rows = [(t, int(lbl), t) for t, lbl in (line.split(",") for line in path.read_text().splitlines())]
+        train, val, test = group_split(rows, seed)
+        return TaskData("counted", ["a", "b"], train, val, test, source=str(path), label_words=[" a", " b"])
+
+    return loader
+
+
+def test_a_stored_task_is_the_parsed_one_and_is_parsed_again_when_its_source_changes(tmp_path, monkeypatch):
+    import os
+
+    from harness.tasks.parsed import load_parsed
+
+    monkeypatch.setenv("FTBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    src, calls = tmp_path / "data.csv", []
+    src.write_text("\n".join(f"text {i},{i % 2}" for i in range(40)))
+    loader = _counting_loader(src, calls)
+    first = load_parsed("counted", 3, loader)
+    again = load_parsed("counted", 3, loader)
+    assert calls == [3] and again == first  # every field and example, from the stored copy
+    assert load_parsed("counted", 4, loader).info()["examples_sha256"] != first.info()["examples_sha256"]
+    assert calls == [3, 4]  # another split seed is another stored task
+
+    src.write_text("\n".join(f"text {i},{(i + 1) % 2}" for i in range(40)))  # same size, new labels
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    changed = load_parsed("counted", 3, loader)
+    assert calls == [3, 4, 3] and changed != first and {x.label for x in changed.train} == {0, 1}
+
+    for stored in (tmp_path / "cache" / "tasks").glob("counted-3-*.json"):
+        stored.write_text('{"signature": [')  # a torn or foreign file: parsed afresh, not an error
+    assert load_parsed("counted", 3, loader) == changed and calls == [3, 4, 3, 3]
+
+
+def test_a_task_whose_source_is_no_file_is_never_stored(tmp_path, monkeypatch):
+    from harness.tasks.parsed import load_parsed
+    from harness.tasks.synthetic import synthetic
+
+    monkeypatch.setenv("FTBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = load_parsed("synthetic", 0, synthetic), load_parsed("synthetic", 0, synthetic)
+    assert a.info() == b.info() and not (tmp_path / "cache" / "tasks").exists()
+
+
+def test_rotten_tomatoes_from_the_store_equals_a_fresh_parse(tmp_path, monkeypatch):
+    from harness.tasks.builtin import rotten_tomatoes
+
+    monkeypatch.setenv("FTBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    fresh = rotten_tomatoes(0)
+    load_task(TaskSpec(name="rotten_tomatoes"))  # parses and stores
+    stored = load_task(TaskSpec(name="rotten_tomatoes"))
+    assert len(list((tmp_path / "cache" / "tasks").glob("rotten_tomatoes-0-*.json"))) == 1
+    assert stored == fresh and stored.info() == fresh.info()

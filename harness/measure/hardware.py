@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from harness.cache import cache_dir
 from harness.measure.runstats import sync
 from harness.schema import AutoDtype
 
@@ -36,12 +37,6 @@ FASTER = 1.1  # bf16 must beat float32 by this factor for `auto` to choose it
 PEAK_BUDGET_S = 2.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def cache_dir() -> Path:
-    """ftbench's per-machine cache: ``$FTBENCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/ftbench``."""
-    env = os.environ.get("FTBENCH_CACHE_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftbench"
 
 
 def default_device(choice: str | None = None) -> torch.device:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.schema import ConfigError, TaskSpec
 from harness.tasks.data import KINDS, Example, TaskData, group_split
+from harness.tasks.parsed import load_parsed
 from harness.tasks.synthetic import synthetic
 from harness.tasks.userdata import GENERIC, load_generic
 
@@ -185,7 +186,7 @@ def check_task_name(name: str, where: str) -> None:
 def load_task(spec: TaskSpec) -> TaskData:
     """Load a task and apply the suite's sub-sampling (deterministic: first N after the seeded shuffle)."""
     check_task_name(spec.name, "task")
-    data = load_generic(spec) if spec.name in GENERIC else TASKS[spec.name](spec.split_seed)
+    data = load_generic(spec) if spec.name in GENERIC else load_parsed(spec.name, spec.split_seed, TASKS[spec.name])
     if spec.prompt:
         data.prompt = spec.prompt
     if spec.label_words:
