@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/validation.py
+	$(BIN)/python bench/cell_overhead.py
 	$(BIN)/python -m pytest -q bench/test_layers.py --benchmark-autosave --benchmark-columns=min,median,mean,stddev -p no:cacheprovider
 
 lint: setup
