@@ -32,6 +32,8 @@ WARM = (
     "transformers.models.llama.modeling_llama",
     "bitsandbytes.nn",
     "safetensors.torch",
+    "peft",  # every LoRA-family cell's method imports it at first use; 0.1–0.2 s a cell once torch is in
+    "transformers.models.bert.tokenization_bert_fast",
 )
 
 
