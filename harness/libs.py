@@ -82,3 +82,18 @@ def import_gptqmodel_quietly(*modules: str) -> list:
 def measurement_env() -> dict[str, str | None]:
     """The measurement-relevant environment variables of this process, as a record keeps them."""
     return {k: os.environ.get(k) for k in MEASUREMENT_ENV}
+
+
+@contextlib.contextmanager
+def environment_kept():
+    """The process environment as it was on entry, put back on exit: what libraries set on their own meanwhile
+    (torch sets ``TORCHINDUCTOR_CACHE_DIR`` the first time an optimizer is built) is undone. A run's checks
+    run inside this, so its cells get the environment the user gave, and the zygote started before the checks
+    still matches it (else the first cell started a second one: seconds of imports, every run)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in set(os.environ) - set(before):
+            del os.environ[k]
+        os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})

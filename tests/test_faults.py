@@ -27,6 +27,7 @@ def _records(d: Path) -> dict[str, dict]:
 
 def _start(suite_path: Path, results: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # as in a user's shell: torch set it in this test process
     return subprocess.Popen(
         [sys.executable, "-m", "harness", "run", str(suite_path), "--results", str(results)],
         cwd=ROOT,
@@ -131,6 +132,10 @@ def test_kill_the_runner_then_resume(tmp_path, write_suite):
     _wait_for(lambda: len(_records(tmp_path)) == 1)
     (child,) = _wait_for(lambda: _cell_children(runner.pid))
     first = _records(tmp_path)
+    # one zygote served the run: the one started before the checks, although torch set TORCHINDUCTOR_CACHE_DIR
+    # in the runner while they built an optimizer (a second zygote's imports once delayed every first cell)
+    zygotes = [c for c in psutil.Process(runner.pid).children() if "_zygote" in " ".join(c.cmdline())]
+    assert len(zygotes) == 1, [" ".join(z.cmdline()) for z in zygotes]
     runner.send_signal(signal.SIGKILL)
     runner.wait()
     _wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=10)

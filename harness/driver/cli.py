@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness.driver.cli_facts import cmd_estimate, cmd_methods, cmd_models, cmd_tasks
 from harness.driver.cli_results import OutputError, cmd_compare, cmd_report, cmd_summary, writing
-from harness.libs import quiet_libraries
+from harness.libs import environment_kept, quiet_libraries
 from harness.progress import interrupted_before_work, interrupts_raise
 from harness.schema import ConfigError
 
@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ResultsLocked as err:
             raise ConfigError(str(err)) from None
         suite = _with_options(suite, args)
-        check_fit(suite, args.suite)
+        with environment_kept():  # what torch and friends set while the checks run stays out of the cells
+            check_fit(suite, args.suite)
         _check_device(suite.device)
         if dry:  # the plan: every check above, then estimates only; nothing runs and nothing is written
             from harness.driver.dryrun import print_plan
