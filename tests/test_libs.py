@@ -75,3 +75,17 @@ def test_a_record_keeps_the_measurement_environment(monkeypatch):
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     env = environment()["measurement_env"]
     assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True" and set(env) == set(MEASUREMENT_ENV)
+
+
+def test_environment_kept_undoes_what_was_set_changed_or_removed_inside(monkeypatch):
+    from harness.libs import environment_kept
+
+    monkeypatch.setenv("FTBENCH_T_CHANGED", "user")
+    monkeypatch.setenv("FTBENCH_T_REMOVED", "user")
+    monkeypatch.delenv("FTBENCH_T_ADDED", raising=False)
+    before = dict(os.environ)
+    with environment_kept():
+        os.environ["FTBENCH_T_ADDED"] = "library"
+        os.environ["FTBENCH_T_CHANGED"] = "library"
+        del os.environ["FTBENCH_T_REMOVED"]
+    assert dict(os.environ) == before
