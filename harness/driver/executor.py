@@ -48,7 +48,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 class _Fresh:
-    """A fresh ``python -m harness _cell`` process per cell (CUDA machines, Ray workers, FTBENCH_FORKSERVER=0)."""
+    """A fresh ``python -m harness _cell`` process per cell (CUDA machines, memory limits, FTBENCH_FORKSERVER=0)."""
 
     def __init__(self, cfg: RunConfig, cell_file: Path, results_dir: Path, log: Path) -> None:
         with open(log, "w") as fh:
