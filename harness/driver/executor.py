@@ -137,3 +137,11 @@ def run_cell_subprocess(
     rec = failure_record(cfg, "failed", f"{why}\n{_tail(log)}".strip(), started, time.perf_counter() - t0)
     write_record(results_dir, rec)
     return rec
+
+
+def run_here(cfg: RunConfig, results_dir: Path, on_progress: Callable[[str], None] | None = None) -> RunRecord:
+    """One cell on this machine, in a process of its own: a fork of the suite's zygote, or a fresh process where
+    the cell has a memory limit (the zygote's preloaded libraries would count against it)."""
+    forked = forkserver.enabled() and not cfg.memory_limit_mb
+    server = forkserver.server_for(cfg.allow_network) if forked else None
+    return run_cell_subprocess(cfg, results_dir, on_progress, server)

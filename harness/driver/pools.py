@@ -13,8 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.driver import forkserver
-from harness.driver.executor import run_cell_subprocess
+from harness.driver.executor import run_here
 from harness.records import RunRecord
 from harness.schema import RunConfig
 
@@ -34,14 +33,6 @@ class CellPool(Protocol):
     def next_done(self) -> tuple[Any, RunRecord]: ...
 
     def close(self) -> None: ...
-
-
-def run_here(cfg: RunConfig, results_dir: Path, show: Show | None = None) -> RunRecord:
-    """One cell on this machine, in a process of its own: a fork of the suite's zygote, or a fresh process where
-    the cell has a memory limit (the zygote's preloaded libraries would count against it)."""
-    forked = forkserver.enabled() and not cfg.memory_limit_mb
-    server = forkserver.server_for(cfg.allow_network) if forked else None
-    return run_cell_subprocess(cfg, results_dir, show, server)
 
 
 class LocalPool:

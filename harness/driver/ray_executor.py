@@ -1,6 +1,6 @@
 """Run a suite's cells on a Ray cluster, one Ray task per cell.
 
-Each task runs the cell exactly as the local executor does (:func:`harness.driver.pools.run_here`) — in a
+Each task runs the cell exactly as the local executor does (:func:`harness.driver.executor.run_here`) — in a
 process of its own on the worker, with the same timeout, memory limit and parent-death signal: a fork of the
 worker's own zygote, started by its first cell and kept for the next, or a fresh ``python -m harness _cell``
 where a GPU or a memory limit rules forking out — and returns the
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.driver.executor import failure_record
+from harness.driver.executor import failure_record, run_here
 from harness.records import RunRecord, now_iso, write_record
 from harness.schema import RunConfig
 
@@ -29,8 +29,6 @@ from harness.schema import RunConfig
 def _remote_cell(cfg_json: str, results_dir: str) -> str:
     """Inside a Ray worker: run the cell in a process of its own, return its record as JSON. A worker runs many
     cells, so its zygote pays for the imports once; a fresh process per cell paid them every time."""
-    from harness.driver.pools import run_here
-
     cfg = RunConfig.model_validate_json(cfg_json)
     target = Path(results_dir)
     if not os.access(target if target.exists() else target.parent, os.W_OK):
