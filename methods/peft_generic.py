@@ -103,10 +103,13 @@ class PeftGeneric(MethodBase):
             return cls(task_type=task_type, **extra)
 
     def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
+        _no_cuda_build_without_cuda()
         check_peft_fits(model, self.config.peft_config(ctx.peft_task_type))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         from peft import get_peft_model
+
+        _no_cuda_build_without_cuda()
 
         model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
         self._ranks = [(0, _active_rank(model))]
@@ -138,3 +141,18 @@ class PeftGeneric(MethodBase):
         # Prompt-learning methods (prompt/prefix tuning) have nothing to merge into the weights.
         mergeable = isinstance(model.base_model, BaseTuner) and hasattr(model.base_model, "merge_and_unload")
         return export_peft(model, out_dir, mergeable=mergeable)
+
+
+def _no_cuda_build_without_cuda() -> None:
+    """peft's BOFT layers try to compile a CUDA extension (ninja, gcc) the first time one is built, whatever the
+    device: about 9 s on a machine without CUDA, once per empty ``~/.cache/torch_extensions``, with two warnings
+    and ``CC``/``CXX`` changed meanwhile, for a build that cannot succeed. Where torch has no CUDA, peft is told
+    at once that the extension is missing, which is what the failed build told it: BOFT then uses its plain
+    PyTorch block-diagonal product and sets its butterfly factor to 1 (peft/tuners/boft/layer.py)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from peft.tuners.boft import layer
+
+    layer.get_fbd_cuda = lambda: None

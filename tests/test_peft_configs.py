@@ -4,6 +4,8 @@ before anything trains (tests/bad_suites/ has one suite per kind); a saved adapt
 import json
 from pathlib import Path
 
+import pytest
+
 from harness.cell.run import run_cell
 from harness.driver.suite import expand, load_suite, parse_suite
 from methods.common import BOOKKEEPING
@@ -97,3 +99,22 @@ def test_dora_and_vera_run_in_a_suite(tmp_path, write_suite):
     for r in recs.values():
         merged = next(e for e in r["exports"] if e["kind"] == "merged")
         assert merged["max_abs_logit_diff"] < 1e-4 and merged["eval"]["accuracy"] == r["eval_after"]["accuracy"]
+
+
+def test_boft_on_a_machine_without_cuda_builds_no_cuda_extension(tmp_path, monkeypatch):
+    """peft's BOFT tried to compile a CUDA extension with ninja and gcc whatever the device (~9 s on a fresh
+    CPU machine); without CUDA the method now tells peft at once that there is none, as the failed build did."""
+    import torch
+
+    from harness.cell.models import load_model
+    from harness.contract import ModelContext
+    from harness.registry import build_method
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the extension may be built")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    method = build_method("peft", {"peft_type": "BOFT", "boft_block_size": 4, "target_modules": ["query", "value"]})
+    ctx = ModelContext(task_type="seq_cls", num_labels=2, model_type="bert")
+    model = method.prepare(load_model("tiny-bert", 2, 0, False).model, ctx)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    assert not (tmp_path / "ext").exists()  # no build was attempted
