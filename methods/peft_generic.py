@@ -145,10 +145,11 @@ class PeftGeneric(MethodBase):
 
 def _no_cuda_build_without_cuda() -> None:
     """peft's BOFT layers try to compile a CUDA extension (ninja, gcc) the first time one is built, whatever the
-    device: about 9 s on a machine without CUDA, once per empty ``~/.cache/torch_extensions``, with two warnings
-    and ``CC``/``CXX`` changed meanwhile, for a build that cannot succeed. Where torch has no CUDA, peft is told
-    at once that the extension is missing, which is what the failed build told it: BOFT then uses its plain
-    PyTorch block-diagonal product and sets its butterfly factor to 1 (peft/tuners/boft/layer.py)."""
+    device: two warnings, ``CC``/``CXX`` changed meanwhile, and up to seconds once per empty
+    ``~/.cache/torch_extensions`` (~9 s seen on one machine, 0.04 s on another), for a build that cannot
+    succeed. Where torch has no CUDA, peft is told at once that the extension is missing, which is what the
+    failed build told it: BOFT then uses its plain PyTorch block-diagonal product and sets its butterfly factor
+    to 1 (peft/tuners/boft/layer.py)."""
     import torch
 
     if torch.cuda.is_available():
