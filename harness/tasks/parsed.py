@@ -33,8 +33,8 @@ def source_signature(source: str) -> list | None:
             st = path.stat()
             return [[path.name, st.st_size, st.st_mtime_ns]]
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+            stats = sorted((str(p.relative_to(path)), p.stat()) for p in path.rglob("*") if p.is_file())
+            return [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
     except OSError:
         return None
     return None
