@@ -67,16 +67,9 @@ def import_gptqmodel_quietly(*modules: str) -> list:
     it sets put back as it was (before CUDA starts, so the allocator never sees them)."""
     if sys.modules.get(HIDDEN, 0) is None:
         del sys.modules[HIDDEN]
-    before = {k: os.environ.get(k) for k in MEASUREMENT_ENV}
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with environment_kept(MEASUREMENT_ENV), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()):
             return [importlib.import_module(m) for m in modules]
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def measurement_env() -> dict[str, str | None]:
@@ -85,15 +78,21 @@ def measurement_env() -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def environment_kept():
-    """The process environment as it was on entry, put back on exit: what libraries set on their own meanwhile
-    (torch sets ``TORCHINDUCTOR_CACHE_DIR`` the first time an optimizer is built) is undone. A run's checks
-    run inside this, so its cells get the environment the user gave, and the zygote started before the checks
-    still matches it (else the first cell started a second one: seconds of imports, every run)."""
-    before = dict(os.environ)
+def environment_kept(names: tuple[str, ...] | None = None):
+    """The process environment as it was on entry, put back on exit (only ``names``, if given): what libraries
+    set on their own meanwhile is undone. torch sets ``TORCHINDUCTOR_CACHE_DIR`` the first time an optimizer is
+    built, so a run's checks run inside this: its cells get the environment the user gave, and the zygote started
+    before the checks still matches it (else the first cell started a second one: seconds of imports, every run).
+    """
+    before = {k: os.environ.get(k) for k in names} if names is not None else dict(os.environ)
     try:
         yield
     finally:
-        for k in set(os.environ) - set(before):
-            del os.environ[k]
-        os.environ.update({k: v for k, v in before.items() if os.environ.get(k) != v})
+        if names is None:
+            for k in set(os.environ) - set(before):
+                del os.environ[k]
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            elif os.environ.get(k) != v:
+                os.environ[k] = v
