@@ -101,6 +101,9 @@ class TrainingRecord(BaseModel):
     cuda_max_reserved_bytes: int | None = None
     optimizer_state_bytes: int | None = None
     optimizer: str | None = Field(None, description="the suite's optimizer by name, or the method's own by class")
+    optimizer_implementation: str | None = Field(
+        None, description="how its update ran: fused | foreach | for-loop (torch), or the library's name"
+    )
     optimizer_groups: list[dict[str, Any]] = Field(
         default_factory=list, description="each parameter group: name, tensors, elements, lr and its own options"
     )

@@ -139,3 +139,24 @@ def test_batches_grouped_by_length_pad_less_and_cover_the_same_examples():
     order = list(range(1000))
     random.Random(0).shuffle(order)
     assert [b["ids"] for b in plain] == [order[i : i + 16] for i in range(0, 992, 16)]  # unchanged without it
+
+
+def test_adamw_runs_fused_unless_the_suite_says_otherwise_and_the_record_names_it(tmp_path):
+    """torch's fused AdamW is the default (harness/cell/optim.py): the same update as torch's loop over tensors,
+    to float rounding; `fused: false` in optimizer_args gives the loop back, and each record says which ran."""
+    fused = _run(tmp_path / "a", steps=4, lr=1e-2)
+    looped = _run(tmp_path / "b", steps=4, lr=1e-2, optimizer_args={"fused": False})
+    assert fused.training.optimizer_implementation == "fused"
+    assert looped.training.optimizer_implementation == "for-loop"
+    assert fused.training.losses == pytest.approx(looped.training.losses, rel=1e-4)
+    assert _run(tmp_path / "c", steps=1, optimizer="sgd").training.optimizer_implementation == "for-loop"
+
+
+def test_the_estimate_counts_adamw_scratch_only_where_the_update_loops_over_tensors():
+    from harness.measure.estimate import ARCHS, Setup, estimate
+
+    llama = ARCHS["llama-7b"]  # batch 1 × 512 tokens: the optimizer step, not backward, sets the peak
+    fused, looped = (estimate(llama, Setup(method="full", optimizer_fused=f)) for f in (True, False))
+    assert looped["peak"] - fused["peak"] == 2 * (32000 * 4096) * 2  # two scratch embeddings, bf16
+    lora = Setup(method="lora", optimizer="adamw_8bit", optimizer_fused=True)  # bitsandbytes: not torch's fused
+    assert estimate(llama, lora) == estimate(llama, Setup(**{**lora.__dict__, "optimizer_fused": False}))

@@ -31,7 +31,9 @@ def test_the_estimator_is_within_ten_percent_of_every_measured_cpu_peak(records)
     for r in measured:
         cfg = RunConfig.model_validate(r.config)
         name = cfg.model.name if cfg.model.name.endswith("-shape") else f"{cfg.model.name}-shape"
-        e = estimate_run(cfg, skeleton(name, mode="prompt"), decoder=True)
+        # these records predate torch's fused AdamW as ftbench's default: their updates looped over tensors
+        assert r.training.optimizer_implementation is None
+        e = estimate_run(cfg, skeleton(name, mode="prompt"), decoder=True, optimizer_fused=False)
         assert abs(e["peak_bytes"] / r.training.peak_live_tensor_bytes - 1) < 0.10, (r.model, r.method, e["peak_bytes"])
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.cell.optim import build_optimizer, lr_lambda, optimizer_state_bytes, paged_state_in_use
+from harness.cell.optim import build_optimizer, implementation, lr_lambda, optimizer_state_bytes, paged_state_in_use
 from harness.measure.hardware import DTYPES
 from harness.measure.memory import MemoryTracker, NullTracker, step_roots
 from harness.measure.runstats import cuda_memory_peaks, cuda_memory_reset, step_time_stats, sync
@@ -50,6 +50,7 @@ class LoopResult:
     samples_per_step: list[int] = field(default_factory=list)
     head_positions_per_step: list[int] = field(default_factory=list)  # positions the output head ran on (FLOPs)
     optimizer: str = ""  # the optimizer that ran: the suite's by name, or the method's own by class
+    optimizer_implementation: str = ""  # fused | foreach | for-loop, or the library's name
     optimizer_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
     timing_warmup_steps: int = 0
     memory_tracked_steps: list[int] = field(default_factory=list)  # warm-up + each new largest batch; not timed
@@ -138,6 +139,7 @@ def train(
 
     name = cfg.optimizer if own is None else f"{type(own).__name__} (the method's own)"
     res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps), optimizer=name)
+    res.optimizer_implementation = implementation(optimizer)
     res.optimizer_groups = [  # what each group trained with: the method's own options, the learning rate
         {
             "name": g.get("name", str(i)),

@@ -17,9 +17,9 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
                checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
                during recompute.
   peak         weights (adapters included) + optimizer state + max(activations + the output head's gradients
-               where it trains, gradients + optimizer temporaries), the temporaries being AdamW's two
-               per-tensor scratch buffers (sqrt(v) + eps, and the update) the size of the largest trainable
-               tensor — measured so by harness/measure/memory.py.
+               where it trains, gradients + optimizer temporaries). torch's fused Adam/AdamW (the default)
+               has none; an optimizer that loops over tensors holds two scratch buffers (sqrt(v) + eps, and
+               the update) the size of the largest trainable tensor — measured so by harness/measure/memory.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from harness.cell.optim import FUSED_BY_DEFAULT
 from harness.schema import ConfigError
 
 GB = 1e9
@@ -161,6 +162,7 @@ class Setup:
     weight_dtype_bytes: int = 2  # full/lora weights; 4 for fp32
     activation_bytes: int = 2
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_32bit | paged_adamw_8bit
+    optimizer_fused: bool = True  # torch's fused Adam/AdamW, in place; False: a loop over tensors, with scratch
     double_quant: bool = True
     bits: int = 4  # qalora
     group_size: int = 32  # qalora
@@ -238,7 +240,9 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
         acts = arch.layers * b * t * h * s.activation_bytes + per_layer + logits + model_level
     else:
         acts = arch.layers * per_layer + logits + model_level
-    temporaries = 2 * largest * train_bytes
+    # torch's fused Adam/AdamW (ftbench's default, harness/cell/optim.py) updates in place; a loop over tensors
+    # (the other torch optimizers) holds two scratch tensors the size of the largest one
+    temporaries = 0 if s.optimizer_fused and s.optimizer in FUSED_BY_DEFAULT else 2 * largest * train_bytes
     # Backward frees each layer's activations as it forms that layer's gradients, so the two never peak
     # together: the backward peak is all activations plus the first gradients formed (the output head's, where
     # it trains), the optimizer step's is all gradients plus AdamW's scratch.

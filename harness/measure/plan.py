@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from harness.cell.optim import FUSED_BY_DEFAULT
 from harness.measure.estimate import Setup, arch_from_model, estimate
 
 WEIGHT_BYTES = 4  # the harness loads every model in float32; autocast computes in the training dtype
@@ -35,6 +36,10 @@ def setup_for(cfg, model) -> Setup:
         weight_dtype_bytes=WEIGHT_BYTES,
         activation_bytes=2 if t.dtype == "bfloat16" else 4,
         optimizer=t.optimizer,
+        # as harness/cell/optim.py builds it: fused unless the suite's optimizer_args choose an implementation
+        optimizer_fused=t.optimizer in FUSED_BY_DEFAULT
+        and t.optimizer_args.get("fused", True) is not False
+        and not t.optimizer_args.get("foreach"),
         double_quant=bool(mc.get("double_quant", True)),
         bits=int(mc.get("bits", 4)),
         group_size=int(mc.get("group_size", 32)),
@@ -52,13 +57,16 @@ def setup_for(cfg, model) -> Setup:
     return Setup(**{**asdict(setup), "targets": targets})
 
 
-def estimate_run(cfg, model, decoder: bool) -> dict[str, Any]:
+def estimate_run(cfg, model, decoder: bool, optimizer_fused: bool | None = None) -> dict[str, Any]:
     """``ftbench estimate``'s prediction for this cell: bytes by category, the peak, and the setup it assumed;
-    or why it cannot say (a method without a memory model, an architecture it does not read)."""
+    or why it cannot say (a method without a memory model, an architecture it does not read).
+    ``optimizer_fused`` overrides what the config implies (a record made before torch's Adam ran fused)."""
     from harness.measure.estimate import NotEstimated
 
     try:
         setup = setup_for(cfg, model)
+        if optimizer_fused is not None:
+            setup = Setup(**{**asdict(setup), "optimizer_fused": optimizer_fused})
         e = estimate(arch_from_model(model, lm_head=decoder), setup)
     except (NotEstimated, AttributeError, ValueError) as err:
         return {"not_estimated": str(err).splitlines()[0]}
