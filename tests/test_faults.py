@@ -51,6 +51,11 @@ def _cell_children(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _in_training(results: Path) -> bool:
+    """A cell's log shows a training step (harness/progress.py writes "step N/M")."""
+    return any(re.search(r"\bstep \d+/", p.read_text(errors="replace")) for p in (results / "logs").glob("*.log"))
+
+
 def _wait_for(cond, timeout=120.0, every=0.2):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -114,7 +119,7 @@ def test_killed_run_process_is_a_failed_record_and_the_suite_goes_on(tmp_path, w
     suite = tiny_suite(methods=[{"method": "lora", "variant": "long", "train": LONG}, {"method": "full"}])
     runner = _start(write_suite(suite), tmp_path)
     (child,) = _wait_for(lambda: _cell_children(runner.pid))
-    time.sleep(3)  # let it get into training
+    _wait_for(lambda: _in_training(tmp_path))  # killed while it trains, not while it loads
     child.send_signal(signal.SIGKILL)
     runner.wait(timeout=300)
     recs = {r["variant"] + r["method"]: r for r in _records(tmp_path).values()}
