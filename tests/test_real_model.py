@@ -89,3 +89,29 @@ def test_smollm2_as_a_classifier_on_request(tmp_path):
     # peft's default Llama targets q_proj (576→576) and v_proj (576→192, 3 KV heads × 64), 30 layers,
     # plus the new score head (576 × 2, no bias)
     assert rec.trainable_params == 30 * (4 * (576 + 576) + 4 * (576 + 192)) + 576 * 2
+
+
+def test_the_gguf_conversion_parses_the_file_once_and_leaves_gguf_as_it_found_it(tmp_path):
+    """SmolLM2's conversion (harness/cell/models.py) reads the GGUF file for the config, the weights and the
+    tokenizer: inside `_gguf_read_once` the three share one parsed reader and one tensor-name map, and gguf-py's
+    own functions are back afterwards (a small GGUF file written here stands in for the model's)."""
+    import gguf
+
+    from harness.cell.models import _gguf_read_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 8), dtype="float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_read_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    assert gguf.GGUFReader(path) is not first
