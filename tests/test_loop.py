@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness.cell.optim import lr_lambda
+from harness.cell.optim import lr_lambda, runs_fused
 from harness.cell.run import run_cell
 from harness.schema import TrainConfig
 from tests.conftest import cells
@@ -150,6 +150,9 @@ def test_adamw_runs_fused_unless_the_suite_says_otherwise_and_the_record_names_i
     assert looped.training.optimizer_implementation == "for-loop"
     assert fused.training.losses == pytest.approx(looped.training.losses, rel=1e-4)
     assert _run(tmp_path / "c", steps=1, optimizer="sgd").training.optimizer_implementation == "for-loop"
+    # the rule the memory estimate reads (harness/measure/plan.py) agrees with what ran
+    loop = _run(tmp_path / "e", steps=1, optimizer_args={"foreach": False}).training.optimizer_implementation
+    assert loop == "for-loop" and not runs_fused("adamw", {"foreach": False}) and runs_fused("adamw", {})
 
 
 def test_the_estimate_counts_adamw_scratch_only_where_the_update_loops_over_tensors():

@@ -51,12 +51,20 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], str]] = {
 }
 
 
-# torch's Adam and AdamW run fused (one kernel over all tensors) unless the suite's optimizer_args say otherwise
-# (`fused: false`, or `foreach: true`). torch's default on a CPU is a loop over the tensors, five times slower on
-# MiniLM's 22M parameters (62 against 12.5 ms a step on a Xeon, bench/optimizer_step.py) and holding two scratch
+# torch's Adam and AdamW run fused (one kernel over all tensors) unless the suite's optimizer_args choose an
+# implementation (`fused` or `foreach`). torch's default on a CPU is a loop over the tensors, five times slower
+# on MiniLM's 22M parameters (62 against 12.5 ms a step on a Xeon, docs/speed.md) and holding two scratch
 # tensors the size of the largest one: the same update, in less time and memory. Other optimizers keep torch's
 # default. The record names what ran (`optimizer_implementation`).
 FUSED_BY_DEFAULT = ("adamw", "adam")
+
+
+def runs_fused(name: str, extra: dict[str, Any]) -> bool:
+    """Whether ``train.optimizer`` with these ``optimizer_args`` runs torch's fused update (given parameters it
+    takes): the one rule that building the optimizer and the memory estimate share."""
+    if "fused" in extra:
+        return bool(extra["fused"])
+    return name in FUSED_BY_DEFAULT and "foreach" not in extra
 
 
 def build_optimizer(
@@ -64,7 +72,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The suite's ``train.optimizer`` (torch or bitsandbytes) over ``groups``, with its arguments checked."""
     factory, _ = OPTIMIZERS[name]
-    if name in FUSED_BY_DEFAULT and "fused" not in extra and "foreach" not in extra and _fusable(params):
+    if "fused" not in extra and runs_fused(name, extra) and _fusable(params):
         extra = {**extra, "fused": True}
     return factory(params, lr=lr, weight_decay=weight_decay, **extra)
 

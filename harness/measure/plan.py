@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from harness.cell.optim import FUSED_BY_DEFAULT
+from harness.cell.optim import runs_fused
 from harness.measure.estimate import Setup, arch_from_model, estimate
 
 WEIGHT_BYTES = 4  # the harness loads every model in float32; autocast computes in the training dtype
@@ -36,10 +36,7 @@ def setup_for(cfg, model) -> Setup:
         weight_dtype_bytes=WEIGHT_BYTES,
         activation_bytes=2 if t.dtype == "bfloat16" else 4,
         optimizer=t.optimizer,
-        # as harness/cell/optim.py builds it: fused unless the suite's optimizer_args choose an implementation
-        optimizer_fused=t.optimizer in FUSED_BY_DEFAULT
-        and t.optimizer_args.get("fused", True) is not False
-        and not t.optimizer_args.get("foreach"),
+        optimizer_fused=runs_fused(t.optimizer, t.optimizer_args),
         double_quant=bool(mc.get("double_quant", True)),
         bits=int(mc.get("bits", 4)),
         group_size=int(mc.get("group_size", 32)),
