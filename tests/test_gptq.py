@@ -60,10 +60,13 @@ def test_gptq_integers_carry_over_and_beat_rtn_on_outputs(bits):
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
 
 
-def test_qalora_forward_equals_peft_use_qalora_on_a_gptqmodel_layer():
+def test_qalora_forward_equals_peft_use_qalora_on_a_gptqmodel_layer(monkeypatch):
     """Same integers, same adapter: ftbench's QALoraLinear and peft's GPTQLoraLinear(use_qalora) agree.
     peft pools the input as mean × (d_in / g); ftbench (the paper) sums over each group, i.e. mean × g — so the
     same function needs A_ftbench = A_peft × d_in / g²."""
+    # gptqmodel's pack() compiles a C++ extension on first use (about 50 s on a fresh 2-core machine, once per
+    # ~/.cache); its Python path packs the same integers. ftbench itself never packs through gptqmodel.
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
     import peft.import_utils
     from peft import LoraConfig, get_peft_model
 
