@@ -4,8 +4,9 @@ Some libraries change the process when imported: gptqmodel prints a banner and s
 (the CUDA allocator's configuration, which changes every reserved-memory figure we publish) and
 ``CUDA_DEVICE_ORDER``. peft imports gptqmodel from its LoRA dispatch whenever it is installed, so a run that
 never uses GPTQ would pay for it all. Here gptqmodel is hidden from every import until a cell asks for GPTQ,
-and that import puts back every environment variable it changed. A record keeps the measurement-relevant
-variables it ran with (:func:`measurement_env`).
+and that import puts back every environment variable it changed. So is torchao, which only gptqmodel needs:
+transformers imports it whenever it is installed (0.55 s of every process that loads a model, on a 2-core Xeon).
+A record keeps the measurement-relevant variables it ran with (:func:`measurement_env`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ MEASUREMENT_ENV = (
     "OPENBLAS_NUM_THREADS",
 )
 HIDDEN = "gptqmodel"  # imported only by a cell that quantizes with GPTQ (methods/gptq.py)
+HIDDEN_WITH_IT = ("torchao",)  # gptqmodel's own dependency, hidden from transformers and peft until then
 
 
 def quiet_libraries() -> None:
     """Advisory noise at import (bitsandbytes and transformers on CPU machines; torchao, pulled in by the gptq
     extra, about its CUDA-only libraries; ``kernels``, through bitsandbytes, about the hub being offline) and
-    transformers' deprecation notices stay out of the terminal; gptqmodel stays unimported."""
+    transformers' deprecation notices stay out of the terminal; gptqmodel and torchao stay unimported."""
     for name in (
         "bitsandbytes",
         "transformers",
@@ -52,9 +54,11 @@ def quiet_libraries() -> None:
 
 
 def hide_gptqmodel() -> None:
-    """``import gptqmodel`` fails and ``importlib.util.find_spec`` says it is absent (a ``None`` entry in
-    ``sys.modules`` means both), so peft's dispatch skips it. Nothing changes if it is already imported."""
-    sys.modules.setdefault(HIDDEN, None)
+    """``import gptqmodel`` (and torchao) fails and ``importlib.util.find_spec`` says it is absent (a ``None``
+    entry in ``sys.modules`` means both), so peft's dispatch and transformers' quantizers skip them. Nothing
+    changes if they are already imported."""
+    for name in (HIDDEN, *HIDDEN_WITH_IT):
+        sys.modules.setdefault(name, None)
 
 
 def gptqmodel_installed() -> bool:
@@ -65,8 +69,9 @@ def gptqmodel_installed() -> bool:
 def import_gptqmodel_quietly(*modules: str) -> list:
     """Import gptqmodel's ``modules`` with its banner kept out of the terminal and every measurement variable
     it sets put back as it was (before CUDA starts, so the allocator never sees them)."""
-    if sys.modules.get(HIDDEN, 0) is None:
-        del sys.modules[HIDDEN]
+    for name in (HIDDEN, *HIDDEN_WITH_IT):
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
     with environment_kept(MEASUREMENT_ENV), contextlib.redirect_stdout(io.StringIO()):
         with contextlib.redirect_stderr(io.StringIO()):
             return [importlib.import_module(m) for m in modules]

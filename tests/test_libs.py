@@ -34,7 +34,8 @@ RUN_IMPORTS = textwrap.dedent(
             build_method(name, cfg).prepare(load_model("tiny-llama", 2, 0, False, "prompt", False).model, ctx)
     after = {k: os.environ.get(k) for k in before}
     print(json.dumps({"before": before, "after": after, "stdout": out.getvalue(),
-                      "gptqmodel": sys.modules.get("gptqmodel", "absent") is not None}))
+                      "gptqmodel": sys.modules.get("gptqmodel", "absent") is not None,
+                      "torchao": sys.modules.get("torchao", "absent") is not None}))
     """
 )
 
@@ -47,6 +48,7 @@ def test_a_run_imports_no_library_that_changes_the_environment_or_prints():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["after"] == got["before"] == dict.fromkeys(MEASUREMENT_ENV)
     assert got["stdout"] == "" and not got["gptqmodel"]  # peft's dispatch did not import it
+    assert not got["torchao"]  # nor did transformers' quantizers import gptqmodel's torchao (0.5 s a process)
     assert "GPT-QModel" not in out.stderr and "PYTORCH_ALLOC_CONF" not in out.stderr
 
 
@@ -58,6 +60,7 @@ def test_importing_gptqmodel_for_a_gptq_cell_puts_its_environment_back():
         from harness.libs import MEASUREMENT_ENV, hide_gptqmodel, import_gptqmodel_quietly
         hide_gptqmodel()
         (mod,) = import_gptqmodel_quietly("gptqmodel.quantization.gptq")
+        import torchao  # gptqmodel's dependency: hidden with it, back with it
         print(json.dumps({"gptq": hasattr(mod, "GPTQ"), "env": {k: os.environ.get(k) for k in MEASUREMENT_ENV}}))
         """
     )
