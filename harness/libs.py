@@ -12,6 +12,8 @@ A record keeps the measurement-relevant variables it ran with (:func:`measuremen
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.abc
 import importlib.machinery
 import io
 import logging
@@ -51,6 +53,62 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     hide_gptqmodel()
+    if "bitsandbytes" not in sys.modules and not any(isinstance(f, _CompileWhenFirstCalled) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CompileWhenFirstCalled())
+
+
+class _CompileWhenFirstCalled(importlib.abc.MetaPathFinder):
+    """bitsandbytes wraps some of its functions in ``torch.compile`` as it is imported, and building that wrapper
+    imports TorchInductor's compiler (about 1 s of every process that imports peft, on a 2-core Xeon), although
+    no CPU run of ours calls those functions. While bitsandbytes is imported, ``torch.compile`` builds the
+    wrapper when the function is first called instead: what runs, and when it compiles, is unchanged."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the package
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Deferring(spec.loader)
+        return spec
+
+
+class _Deferring(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name: str):  # resources, source, is_package: the real loader's
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        import torch
+
+        real = torch.compile
+        torch.compile = functools.partial(_compile_when_called, real)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            torch.compile = real
+
+
+def _compile_when_called(real, model=None, **kwargs):
+    if model is None:  # used as @torch.compile(**kwargs)
+        return lambda fn: _compile_when_called(real, fn, **kwargs)
+    built = []
+
+    @functools.wraps(model)
+    def first_call_builds(*args, **kw):
+        if not built:
+            try:
+                built.append(real(model, **kwargs))
+            except Exception:  # as bitsandbytes does when building fails: the plain function
+                built.append(model)
+        return built[0](*args, **kw)
+
+    return first_call_builds
 
 
 def hide_gptqmodel() -> None:

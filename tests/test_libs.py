@@ -35,7 +35,8 @@ RUN_IMPORTS = textwrap.dedent(
     after = {k: os.environ.get(k) for k in before}
     print(json.dumps({"before": before, "after": after, "stdout": out.getvalue(),
                       "gptqmodel": sys.modules.get("gptqmodel", "absent") is not None,
-                      "torchao": sys.modules.get("torchao", "absent") is not None}))
+                      "torchao": sys.modules.get("torchao", "absent") is not None,
+                      "inductor": "torch._inductor.compile_fx" in sys.modules}))
     """
 )
 
@@ -49,6 +50,7 @@ def test_a_run_imports_no_library_that_changes_the_environment_or_prints():
     assert got["after"] == got["before"] == dict.fromkeys(MEASUREMENT_ENV)
     assert got["stdout"] == "" and not got["gptqmodel"]  # peft's dispatch did not import it
     assert not got["torchao"]  # nor did transformers' quantizers import gptqmodel's torchao (0.5 s a process)
+    assert not got["inductor"]  # bitsandbytes' torch.compile wrappers are built when called: never, here
     assert "GPT-QModel" not in out.stderr and "PYTORCH_ALLOC_CONF" not in out.stderr
 
 
@@ -70,6 +72,29 @@ def test_importing_gptqmodel_for_a_gptq_cell_puts_its_environment_back():
     got = json.loads(out.stdout.strip().splitlines()[-1])  # the banner would be on stdout before this line
     assert got == {"gptq": True, "env": {**dict.fromkeys(MEASUREMENT_ENV), "OMP_NUM_THREADS": "2"}}
     assert len(out.stdout.strip().splitlines()) == 1 and "GPT-QModel" not in out.stderr
+
+
+def test_torch_compile_wrappers_made_while_bitsandbytes_imports_are_built_at_their_first_call():
+    """harness.libs defers what ``torch.compile(fn)`` builds to fn's first call: same result; a build that fails
+    leaves the plain function, as bitsandbytes' own fallback does."""
+    from harness.libs import _compile_when_called
+
+    built = []
+
+    def fake_compile(fn, **kw):
+        built.append(kw)
+        if kw.get("fail"):
+            raise RuntimeError("no compiler")
+        return lambda *a: fn(*a) * 10
+
+    def double(x):
+        return 2 * x
+
+    deferred = _compile_when_called(fake_compile, dynamic=False)(double)  # as @torch.compile(dynamic=False)
+    assert built == [] and deferred.__name__ == "double"
+    assert deferred(3) == 60 and deferred(1) == 20 and built == [{"dynamic": False}]  # built once, when first called
+    failing = _compile_when_called(fake_compile, double, fail=True)
+    assert failing(3) == 6 and failing(4) == 8 and len(built) == 2  # the plain function, built (and failed) once
 
 
 def test_a_record_keeps_the_measurement_environment(monkeypatch):

@@ -33,7 +33,7 @@ WARM = (
     "bitsandbytes.nn",
     "safetensors.torch",
     "peft",  # every LoRA-family cell's method imports it at first use; 0.1–0.2 s a cell once torch is in
-    "transformers.models.bert.tokenization_bert_fast",
+    "transformers.models.bert.tokenization_bert",  # transformers 5: the fast tokenizer lives here
 )
 
 
