@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
 from harness.records import RunRecord, measured_step_times_s
@@ -161,11 +160,24 @@ def _decide(c: Paired) -> Paired:
     return c
 
 
+def holm(pvals: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm, 1979), in the order given: the i-th smallest of m p-values is
+    multiplied by m − i + 1, then made monotone from the smallest up and capped at 1. (statsmodels'
+    ``multipletests(method="holm")`` gives the same, but runs a full garbage collection at each call: 0.2 s with
+    torch loaded, four times in every summary.)"""
+    m = len(pvals)
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvals[i])):
+        running = max(running, min(1.0, (m - rank) * pvals[i]))
+        out[i] = running
+    return out
+
+
 def family(pairs: dict[tuple[str, str], Paired]) -> dict[tuple[str, str], Paired]:
     """Holm's correction over the pairs compared within one (model, task), then the verdicts again."""
     tested = [k for k, c in pairs.items() if c.p is not None]
     if len(tested) > 1:
-        adjusted = multipletests([pairs[k].p for k in tested], alpha=ALPHA, method="holm")[1]
+        adjusted = holm([pairs[k].p for k in tested])
         for k, p in zip(tested, adjusted, strict=True):
             pairs[k].p = float(p)
             pairs[k].test += ", Holm-adjusted"

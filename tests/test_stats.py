@@ -71,6 +71,18 @@ def test_holm_raises_p_values_over_a_family():
     assert adjusted.p >= raw and "Holm" in adjusted.test
 
 
+@pytest.mark.parametrize(
+    "pvals",
+    [[0.01, 0.04, 0.03, 0.005], [0.5, 0.2, 0.9], [0.001, 0.001, 0.3, 0.04, 0.02], [0.4, 0.6], [0.03]],
+)
+def test_holm_adjustment_equals_statsmodels_and_the_step_down_by_hand(pvals):
+    from statsmodels.stats.multitest import multipletests
+
+    assert stats.holm(pvals) == pytest.approx(list(multipletests(pvals, method="holm")[1]), abs=1e-12)
+    if pvals == [0.01, 0.04, 0.03, 0.005]:  # sorted 0.005, 0.01, 0.03, 0.04 × 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04
+        assert stats.holm(pvals) == pytest.approx([0.03, 0.06, 0.06, 0.02])  # then monotone: 0.04 → 0.06
+
+
 def test_multi_seed_interval_is_a_bootstrap_over_examples_and_contains_the_mean():
     n = 200
     s = stats.summarize([run("a", bits(n, set(range(120))), 0), run("a", bits(n, set(range(130))), 1)])
