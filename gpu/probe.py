@@ -119,6 +119,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", help="also write the JSON here (stdout mixes in libraries' own lines)")
     args = p.parse_args()
+    from harness.libs import quiet_libraries
+
+    quiet_libraries()  # as in every ftbench process: gptqmodel and torchao hidden, bitsandbytes' compiles deferred
     import torch
 
     device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
