@@ -237,11 +237,13 @@ def load_merged(path: Path) -> torch.nn.Module:
     JSON says, load every tensor strictly."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from harness.cell.models import built_for_loading
+
     meta = json.loads((Path(path) / "ftbench_quant.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} export")
     auto = AutoModelForCausalLM if meta.get("task_type") == "causal_lm" else AutoModelForSequenceClassification
-    model = auto.from_config(AutoConfig.from_pretrained(path))
+    model = built_for_loading(auto, AutoConfig.from_pretrained(path))  # every tensor is loaded below
     for name in meta["layers"]:
         lin = model.get_submodule(name)
         set_module(

@@ -121,6 +121,29 @@ def test_export_reload_and_run_record(tmp_path):
     assert sum(isinstance(x, QuantLinear) for x in reloaded.modules()) == 13
 
 
+def test_the_loader_builds_the_architecture_without_a_random_initialisation_and_ties_what_the_config_ties():
+    """load_merged builds its skeleton through harness.cell.models.built_for_loading: no random numbers are drawn
+    (the initialisation it skips), tied weights are one tensor, rotary buffers are as from_config makes them, and
+    once the weights are loaded the outputs equal the original model's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from harness.cell.models import built_for_loading
+
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(config).eval()
+    drawn = torch.random.get_rng_state()
+    built = built_for_loading(AutoModelForCausalLM, config).eval()
+    assert torch.equal(torch.random.get_rng_state(), drawn)  # nothing initialised at random
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    buffers = dict(original.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in built.named_buffers())
+    built.load_state_dict(original.state_dict())
+    ids = torch.randint(0, 97, (2, 7))
+    assert torch.equal(built(ids).logits, original(ids).logits)
+
+
 def test_group_size_must_divide_every_layer():
     with pytest.raises(ValueError, match=r"group_size 64 does not divide d_in=32 of layer 'bert\.encoder"):
         _prepared(group_size=64)

@@ -99,7 +99,7 @@ def smollm2_dir() -> Path:
         config = gguf.config
         if hasattr(config, "quantization_config"):  # the GGUF marker would make the saved copy refuse to save
             delattr(config, "quantization_config")
-        model = AutoModelForCausalLM.from_config(config)
+        model = built_for_loading(AutoModelForCausalLM, config)
         model.load_state_dict(gguf.state_dict())
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,6 +290,22 @@ def _random_model(auto, config, seed: int, device: torch.device | None, trust_re
         torch.cuda.manual_seed_all(seed)
     with torch.device(device or "cpu"):
         return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def built_for_loading(auto, config, **kwargs) -> torch.nn.Module:
+    """The architecture with its weights left uninitialised, for a caller that loads every weight next: a random
+    initialisation thrown away costs 1.4–1.9 s for SmolLM2 on 2 Zen 4 cores, minutes for an 8B model. Weights
+    the config ties are tied, as the skipped initialisation would have done; buffers computed in ``__init__``
+    (rotary frequencies) are computed as always."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4 kept it here
+        from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = auto.from_config(config, **kwargs)
+    model.tie_weights()
+    return model
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:
