@@ -165,6 +165,13 @@ class Method(Protocol):
         """Figures the method measured about itself (e.g. bits per quantized parameter), stored in the record's
         ``method_metrics``. Called once, after training and export."""
 
+    def starts_as_base(self) -> bool:
+        """True where the prepared model computes exactly what the model it was given computes (full
+        fine-tuning; LoRA, whose B starts at zero): its untrained score is then the base model's, so the cells
+        of one suite with the same model, task, seed and evaluation settings evaluate it once and share it
+        (the record says from which cell). False (the default) for anything that changes the weights or the
+        function at the start: quantization, a non-zero adapter init."""
+
 
 class NoOptions(BaseModel):
     """The Config of a method without options."""
@@ -215,6 +222,9 @@ class MethodBase:
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:
         return {}
+
+    def starts_as_base(self) -> bool:
+        return False
 
 
 REQUIRED = ("prepare", "trainable_parameters")

@@ -177,6 +177,11 @@ class RunRecord(BaseModel):
     memory_methods: dict[str, str] = Field(default_factory=dict)
     # quality
     eval_before: EvalMetrics | None = None
+    eval_before_from: str | None = Field(
+        None,
+        description="the cell whose measurement of the untrained model this run shares: both methods start as the "
+        "base model (full fine-tuning, LoRA), with the same model, task, seed, dtype and evaluation settings",
+    )
     eval_after: EvalMetrics | None = None
     validation_curve: list[dict[str, Any]] = Field(
         default_factory=list, description="every eval_every steps: {step, loss, accuracy, ..., examples, seconds}"

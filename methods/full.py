@@ -34,6 +34,9 @@ class Full(MethodBase):
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)
 
+    def starts_as_base(self) -> bool:
+        return True  # nothing is changed before training
+
     def memory_model(self) -> MemoryModel:
         return MemoryModel(trains="all")
 

@@ -90,6 +90,13 @@ def peft_targets(target_modules: list[str] | str | None) -> tuple[str, ...] | st
     return (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
 
 
+# LoraConfig fields that choose where and how large the adapters are, not what they compute at the start
+LORA_START_UNCHANGED = {
+    "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules",
+    "modules_to_save",
+}  # fmt: skip
+
+
 @register_method
 class Lora(MethodBase):
     """LoRA (Hu et al. 2021) through peft's LoraConfig."""
@@ -113,3 +120,10 @@ class Lora(MethodBase):
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         return export_peft(model, out_dir, mergeable=True)
+
+    def starts_as_base(self) -> bool:
+        """B = 0 adds exact zeros to every targeted layer's output. Pass-through options that change the start
+        (DoRA's magnitudes, PiSSA / OLoRA / LoftQ inits, which rewrite the base weights) say no."""
+        extra = dict(self.config.model_extra or {})
+        init = extra.pop("init_lora_weights", True)
+        return init in (True, "gaussian") and set(extra) <= LORA_START_UNCHANGED

@@ -139,3 +139,36 @@ def test_tiny_llama_lora(tmp_path):
     rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
     assert rec.status == "ok", rec.error
     assert rec.model_info["model_type"] == "llama"
+
+
+def test_methods_that_start_as_the_base_model_share_one_untrained_score(tmp_path):
+    """Full fine-tuning and LoRA (B = 0) start as the base model computes (Method.starts_as_base): in one suite
+    the untrained model is evaluated once, and the second record says whose score it shares. That score is the
+    one LoRA measures alone, example by example and to the last bit of the loss; QLoRA (quantized from the
+    start) measures its own."""
+    full_cfg, lora_cfg, qlora_cfg = cells(
+        methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}, {"method": "qlora", "config": {"r": 4}}]
+    )
+    full, lora, qlora = (run_cell(c, tmp_path / "suite") for c in (full_cfg, lora_cfg, qlora_cfg))
+    assert [r.status for r in (full, lora, qlora)] == ["ok"] * 3, (full.error, lora.error, qlora.error)
+    assert full.eval_before_from is None and lora.eval_before_from == full.cell_id
+    assert qlora.eval_before_from is None and qlora.eval_before.correct
+    alone = run_cell(lora_cfg, tmp_path / "alone")
+    assert alone.eval_before_from is None and alone.eval_before == lora.eval_before
+    assert alone.eval_before.correct and lora.eval_after != lora.eval_before  # a real score, and training moved it
+
+
+@pytest.mark.parametrize(
+    "method,config,same",
+    [
+        ("lora", {"use_rslora": True, "init_lora_weights": "gaussian"}, True),
+        ("lora", {"use_dora": True}, False),  # magnitudes: ‖W‖ recomputed, equal only up to rounding
+        ("lora", {"init_lora_weights": "pissa"}, False),  # rewrites the base weights
+        ("full", {"freeze_embeddings": True}, True),
+        ("qlora", {}, False),
+        ("qalora", {}, False),
+    ],
+)
+def test_which_configurations_start_as_the_base_model(method, config, same):
+    cls = get_method(method)
+    assert cls(cls.Config.model_validate(config)).starts_as_base() is same

@@ -10,6 +10,8 @@ The cell drives two contracts (:mod:`harness.contract`) and branches on neither:
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
 import time
 import traceback
@@ -19,6 +21,8 @@ from typing import Any
 
 import torch
 
+from harness import __version__
+from harness.atomic import atomic_write_text
 from harness.cell.deploy import measure as measure_deployments
 from harness.cell.exports import evaluate_exports
 from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
@@ -134,7 +138,10 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     # false). The untrained model's score (a decoder's zero-shot accuracy, as the method prepared it, e.g.
     # quantized) is measured then too, on the trainable parameters' initial values kept on disk: on disk so that
     # the copy adds nothing to the memory this run measures.
-    initial = _InitialWeights(model, method) if cfg.read_test and scored else None
+    reads_test = cfg.read_test and scored
+    shared = _shared_before(cfg, method, results_dir, device) if reads_test else None
+    shared_score = _read_shared(shared)  # already measured by another cell of this suite: nothing to keep
+    initial = _InitialWeights(model, method) if reads_test and shared_score is None else None
     clock.lap("prepare")
     validation = Validation(
         cfg.train, lambda m: io.evaluate(m, cfg.train.eval_batch_size, dtype, device, "validation"), cfg.trial
@@ -147,7 +154,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     rec["memory_methods"] = memory_methods(device.type)
     clock.lap("train")
 
-    if initial is None:
+    if not reads_test:
         return
     progress.say(f"evaluating after training ({len(task.test)} test examples)")
     after, scores = evaluate(model)
@@ -174,12 +181,43 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         rec.update(evaluate_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
         clock.lap("export")
     rec["method_metrics"] = method.report(model)
-    progress.say(f"evaluating the untrained model ({len(task.test)} test examples)")
-    initial.restore(model)
-    rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
+    shared_score = shared_score or _read_shared(shared)
+    if shared_score is not None:
+        rec["eval_before_from"], rec["eval_before"] = shared_score
+        progress.say(f"the untrained model: as scored by {shared_score[0]} ({cfg.method} starts as the base model)")
+        if initial is not None:
+            initial.discard()
+    else:
+        progress.say(f"evaluating the untrained model ({len(task.test)} test examples)")
+        initial.restore(model)
+        rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
+        if shared is not None:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(shared, json.dumps({"cell_id": cfg.cell_id, "metrics": rec["eval_before"].model_dump()}))
     if forgetting:
         rec["forgetting"]["before"] = forgetting(model)
     clock.lap("evaluate_before")
+
+
+def _shared_before(cfg: RunConfig, method: Method, results_dir: Path, device: torch.device) -> Path | None:
+    """Where a method that starts as the base model (``Method.starts_as_base``) finds or leaves the untrained
+    model's score for the suite's other cells, keyed by all that decides it: the model, the task and its split,
+    the seed (a new head's initialisation), the dtype, the evaluation's batch and sequence length, the device."""
+    if not method.starts_as_base() or cfg.forgetting:
+        return None
+    t = cfg.train
+    key = [cfg.model.model_dump(mode="json"), cfg.task.model_dump(mode="json"), cfg.seed, t.dtype, t.eval_batch_size]
+    key += [t.max_seq_len, str(device), __version__]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return results_dir / "shared" / f"eval_before-{digest}.json"
+
+
+def _read_shared(path: Path | None) -> tuple[str, EvalMetrics] | None:
+    try:
+        stored = json.loads(path.read_text()) if path is not None else None
+        return (stored["cell_id"], EvalMetrics(**stored["metrics"])) if stored else None
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: measure it here
+        return None
 
 
 class _InitialWeights:
@@ -198,6 +236,9 @@ class _InitialWeights:
         with torch.no_grad():
             for n, p in self.method.trainable_parameters(model):
                 p.copy_(saved[n])
+        self._dir.cleanup()
+
+    def discard(self) -> None:
         self._dir.cleanup()
 
 
