@@ -69,3 +69,22 @@ def environment() -> dict[str, Any]:
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
     }
     return env
+
+
+def describe(ident: dict[str, Any]) -> str:
+    """One line: 'AMD EPYC family 23 model 1 · AVX2 · bf16 emulated (71× slower than fp32) · 2 threads' (here, not
+    in harness/measure/hardware.py, so that a report names the machine without importing torch)."""
+    s = ident.get("bf16_speedup_vs_fp32") or 0.0
+    bf16 = (
+        f"bf16 native ({s:.1f}× fp32)"
+        if ident.get("native_bf16")
+        else (f"bf16 emulated ({1 / s:.0f}× slower than fp32)" if 0 < s < 0.5 else f"bf16 not faster ({s:.2f}× fp32)")
+    )
+    cpu = " ".join(str(x) for x in (ident.get("cpu_model"), ident.get("cpu_family_model")) if x)
+    parts = [
+        ident.get("gpu") or cpu,
+        ident.get("cpu_isa"),
+        bf16,
+        f"{ident.get('torch_threads')} threads",
+    ]
+    return " · ".join(str(p) for p in parts if p)

@@ -133,16 +133,18 @@ def pareto(records: list[RunRecord]) -> go.Figure:
 def memory_breakdown(records: list[RunRecord]) -> go.Figure:
     """Bytes by category at the step's peak (harness/measure/memory.py). Older records without the breakdown show
     weights, optimizer state and the unexplained rest of the peak."""
-    from harness.measure.memory import CATEGORIES
-
     ok = [r for r in records if r.status == "ok" and peak_bytes(r)[0] is not None]
     names = [run_label(r, ok) for r in ok]
     fig = go.Figure()
     if all(r.training.memory_at_peak_bytes for r in ok):
-        for c in CATEGORIES:
+        # the categories as the records name them, in the colours' (the tracker's) order: read from the records,
+        # not from harness/measure/memory.py, so that drawing a report never imports torch (1.5 s)
+        order = list(CATEGORY_COLORS)
+        stored = dict.fromkeys(c for r in ok for c in r.training.memory_at_peak_bytes)
+        for c in sorted(stored, key=lambda c: order.index(c) if c in order else len(order)):
             ys = [r.training.memory_at_peak_bytes.get(c, 0) / MIB for r in ok]
             if any(ys):
-                fig.add_bar(x=names, y=ys, name=c.replace("_", " "), marker_color=CATEGORY_COLORS[c])
+                fig.add_bar(x=names, y=ys, name=c.replace("_", " "), marker_color=CATEGORY_COLORS.get(c, "#999999"))
     else:
         weights = [(r.weight_bytes or 0) / MIB for r in ok]
         opt = [(r.training.optimizer_state_bytes or 0) / MIB for r in ok]

@@ -125,7 +125,7 @@ def _hardware(records: list[RunRecord]) -> str:
 
     machines = sorted({hardware_of(r) for r in records})
     if len(machines) == 1:
-        from harness.measure.hardware import describe
+        from harness.environment import describe
 
         env = records[0].environment  # with the measured bf16 speed where the record has it
         line = describe(env) if "bf16_speedup_vs_fp32" in env else machines[0]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness.cell.run import resolve_dtypes
+from harness.environment import describe
 from harness.measure import hardware
 from tests.conftest import cells, run_cli, tiny_suite
 
@@ -248,7 +249,7 @@ def test_the_cpu_is_named_with_its_family_and_model():
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     ident = hardware.static_identity(CPU)
     assert ident["cpu_family_model"] == f"family {fields['cpu family']} model {fields['model']}"
-    line = hardware.describe(hardware.identity(CPU))
+    line = describe(hardware.identity(CPU))
     assert line.startswith(f"{ident['cpu_model']} family {fields['cpu family']} model {fields['model']} · ")
     import hashlib
 

@@ -4,13 +4,15 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 from harness.cell.run import run_cell
 from harness.driver.cli import main
 from harness.records import read_record, write_record
-from tests.conftest import cells
+from tests.conftest import ROOT, cells
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,19 @@ def test_html_report_written(results, capsys):
     import torch
 
     assert f"Hardware: <b>{rec_cpu(results)} · {torch.backends.cpu.get_cpu_capability()} · bf16 " in html
+
+
+def test_reading_results_never_imports_torch(results):
+    """`ftbench report` and `ftbench summary` read records: importing torch would cost them 1.5 s of their 3
+    (harness/measure/memory.py's categories and the hardware line were the ways in)."""
+    code = (
+        "import sys; from harness.driver.cli import main; rc = main(sys.argv[1:]); "
+        "sys.stderr.write(f'torch imported: {\"torch\" in sys.modules}'); sys.exit(rc)"
+    )
+    for args in (["report", str(results), "-o", str(results / "light.html")], ["summary", str(results)]):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0 and done.stderr.endswith("torch imported: False"), done.stderr[-2000:]
+    assert "Hardware: <b>" in (results / "light.html").read_text()
 
 
 def test_compare_reports_deltas_and_environment_changes(results, tmp_path, capsys):

@@ -28,9 +28,10 @@ from harness.cell.exports import evaluate_exports
 from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
 from harness.cell.models import head_module_names, load_model, resolve_mode
 from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
+from harness.environment import describe
 from harness.measure.energy import EnergyMeter
 from harness.measure.flops import mfu_dtype, training_flops
-from harness.measure.hardware import DTYPES, default_device, describe, identity, resolve_config_dtypes
+from harness.measure.hardware import DTYPES, default_device, identity, resolve_config_dtypes
 from harness.measure.memory import nvml_process_bytes
 from harness.measure.plan import estimate_run
 from harness.measure.runstats import Contention, memory_methods, parameter_counts, peak_rss_bytes

@@ -14,8 +14,8 @@ def run_claims(suite_path: str, results: Path, run: bool = True, say=print) -> t
     """Returns (claims.html, the markdown table)."""
     from harness.driver.runner import run_suite
     from harness.driver.suite import expand, load_suite
-    from harness.environment import git
-    from harness.measure.hardware import default_device, describe, identity
+    from harness.environment import describe, git
+    from harness.measure.hardware import default_device, identity
     from harness.records import read_current
     from harness.schema import ConfigError
     from reports.claim_sets import select

@@ -155,8 +155,9 @@ def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
     explicitly where this machine emulates them; this machine's peak matmul rate for each dtype the cells will
     run in, before any cell (cached per machine, and the suite's figure kept on resume: harness/measure/flops.py)."""
     from harness.cell.run import resolve_dtypes
+    from harness.environment import describe
     from harness.measure.flops import mfu_dtype, peak_flops
-    from harness.measure.hardware import default_device, describe, identity, slow_note
+    from harness.measure.hardware import default_device, identity, slow_note
     from harness.registry import build_method
 
     device = default_device(todo[0].device)  # one device for the whole suite (its `device:` or --device)

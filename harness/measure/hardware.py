@@ -227,24 +227,6 @@ def identity(device: torch.device | None = None) -> dict[str, Any]:
     return ident
 
 
-def describe(ident: dict[str, Any]) -> str:
-    """One line: 'AMD EPYC family 23 model 1 · AVX2 · bf16 emulated (71× slower than fp32) · 2 threads'."""
-    s = ident.get("bf16_speedup_vs_fp32") or 0.0
-    bf16 = (
-        f"bf16 native ({s:.1f}× fp32)"
-        if ident.get("native_bf16")
-        else (f"bf16 emulated ({1 / s:.0f}× slower than fp32)" if 0 < s < 0.5 else f"bf16 not faster ({s:.2f}× fp32)")
-    )
-    cpu = " ".join(str(x) for x in (ident.get("cpu_model"), ident.get("cpu_family_model")) if x)
-    parts = [
-        ident.get("gpu") or cpu,
-        ident.get("cpu_isa"),
-        bf16,
-        f"{ident.get('torch_threads')} threads",
-    ]
-    return " · ".join(str(p) for p in parts if p)
-
-
 def load_check(interval_s: float = 0.2) -> dict[str, Any]:
     """How busy the machine is *besides us* (we sleep while sampling): a peak measured while other processes
     take more than half a core is flagged and not kept in the machine cache."""
