@@ -28,7 +28,7 @@ from harness.cell.exports import evaluate_exports
 from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
 from harness.cell.models import head_module_names, load_model, resolve_mode
 from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
-from harness.environment import describe
+from harness.environment import describe, git
 from harness.measure.energy import EnergyMeter
 from harness.measure.flops import mfu_dtype, training_flops
 from harness.measure.hardware import DTYPES, default_device, identity, resolve_config_dtypes
@@ -204,11 +204,15 @@ def _shared_before(cfg: RunConfig, method: Method, results_dir: Path, device: to
     """Where a method that starts as the base model (``Method.starts_as_base``) finds or leaves the untrained
     model's score for the suite's other cells, keyed by all that decides it: the model, the task and its split,
     the seed (a new head's initialisation), the dtype, the evaluation's batch and sequence length, the device."""
+    import transformers
+
     if not method.starts_as_base() or cfg.forgetting:
         return None
     t = cfg.train
     key = [cfg.model.model_dump(mode="json"), cfg.task.model_dump(mode="json"), cfg.seed, t.dtype, t.eval_batch_size]
-    key += [t.max_seq_len, str(device), __version__]
+    key += [t.max_seq_len, str(device)]
+    # and the code that computes it: a suite resumed after an upgrade or on another commit measures afresh
+    key += [__version__, torch.__version__, transformers.__version__, git("rev-parse", "HEAD")]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return results_dir / "shared" / f"eval_before-{digest}.json"
 
