@@ -204,10 +204,10 @@ def _shared_before(cfg: RunConfig, method: Method, results_dir: Path, device: to
     """Where a method that starts as the base model (``Method.starts_as_base``) finds or leaves the untrained
     model's score for the suite's other cells, keyed by all that decides it: the model, the task and its split,
     the seed (a new head's initialisation), the dtype, the evaluation's batch and sequence length, the device."""
-    import transformers
-
     if not method.starts_as_base() or cfg.forgetting:
         return None
+    import transformers
+
     t = cfg.train
     key = [cfg.model.model_dump(mode="json"), cfg.task.model_dump(mode="json"), cfg.seed, t.dtype, t.eval_batch_size]
     key += [t.max_seq_len, str(device)]
@@ -241,7 +241,7 @@ class _InitialWeights:
         with torch.no_grad():
             for n, p in self.method.trainable_parameters(model):
                 p.copy_(saved[n])
-        self._dir.cleanup()
+        self.discard()
 
     def discard(self) -> None:
         self._dir.cleanup()
