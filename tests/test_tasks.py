@@ -214,3 +214,25 @@ def test_rotten_tomatoes_from_the_store_equals_a_fresh_parse(tmp_path, monkeypat
     stored = load_task(TaskSpec(name="rotten_tomatoes"))
     assert len(list((tmp_path / "cache" / "tasks").glob("rotten_tomatoes-0-*.json"))) == 1
     assert stored == fresh and stored.info() == fresh.info()
+
+
+def test_evaluation_batches_by_length_waste_little_padding():
+    """Every example once, shortest first, at most batch_size to a batch; a batch closes early where padding to
+    the next length would make over a fifth of it padding (once it holds 512 tokens), as with 64 prompts of 5 to
+    57 tokens that one batch of 64 would pad to nearly twice their length."""
+    from harness.tasks.classifier import EVAL_MIN_BATCH_TOKENS, EVAL_PAD_SHARE, eval_batches
+
+    lengths = [5 + (i * 37) % 53 for i in range(64)]  # 5 to 57, shuffled
+    batches = eval_batches(lengths, 64)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(64)) and [lengths[i] for i in flat] == sorted(lengths)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 64 * max(lengths) > 1.8 * sum(lengths)  # one batch of 64: nearly half padding
+    assert len(batches) > 1 and padded < 1.3 * sum(lengths)
+    for b in batches[:-1]:  # each closed early: padding the next example in would have wasted too much
+        nxt = lengths[flat[flat.index(b[-1]) + 1]]
+        with_next = (len(b) + 1) * nxt
+        assert len(b) * lengths[b[-1]] >= EVAL_MIN_BATCH_TOKENS
+        assert with_next - sum(lengths[i] for i in b) - nxt > EVAL_PAD_SHARE * with_next
+    assert [len(b) for b in eval_batches([10] * 100, 32)] == [32, 32, 32, 4]  # equal lengths: full batches
+    assert eval_batches([], 8) == []

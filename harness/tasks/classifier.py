@@ -60,6 +60,34 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
 
 
+# Evaluation batches: examples sorted by length, and a batch closed early where padding the next example's length
+# would make more than a fifth of it padding (once it holds 512 tokens: smaller batches lose matmul efficiency).
+# With 64 prompts of 5 to 57 tokens in one batch of 64, half of SmolLM2's work was padding: 6.5 s → 3.5 s.
+EVAL_PAD_SHARE = 0.2
+EVAL_MIN_BATCH_TOKENS = 512
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of at most ``batch_size``, shortest first, each padded little: a batch
+    ends early where the next example would make over ``EVAL_PAD_SHARE`` of its padded tokens padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        padded = (len(cur) + 1) * n  # ascending lengths: the newest example sets the batch's width
+        full = len(cur) == batch_size
+        big_enough = bool(cur) and len(cur) * lengths[cur[-1]] >= EVAL_MIN_BATCH_TOKENS
+        wasteful = big_enough and padded - real - n > EVAL_PAD_SHARE * padded
+        if full or wasteful:
+            batches.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    return batches + [cur] if cur else batches
+
+
 GROUP_BY_LENGTH_WINDOW = 50  # batches per window sorted by length (transformers' LengthGroupedSampler: 50 too)
 
 
@@ -111,14 +139,12 @@ def evaluate(
     model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[dict, torch.Tensor]:
     """Accuracy, macro-F1 (scikit-learn) and mean loss on ``encoded``; also returns the logits (for fidelity
-    checks between a trained model and its exports). Examples are sorted by length to waste little padding."""
+    checks between a trained model and its exports). Batched by length to waste little padding (eval_batches)."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     logits = [None] * len(encoded)
     loss_sum = 0.0
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
+    for idx in eval_batches([len(e["input_ids"]) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(**batch)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.contract import Batch
-from harness.tasks.classifier import accuracy, calibration_batches, macro_f1, train_batches
+from harness.tasks.classifier import accuracy, calibration_batches, eval_batches, macro_f1, train_batches
 from harness.tasks.data import Example, TaskData
 
 
@@ -155,10 +155,9 @@ def score_continuations(
         if single
         else [(i, c, it.context + ch) for i, it in enumerate(items) for c, ch in enumerate(it.choices)]
     )
-    reqs.sort(key=lambda r: len(r[2]))  # little padding
     scores = [[0.0] * len(it.choices) for it in items]
-    for s in range(0, len(reqs), batch_size):
-        chunk = reqs[s : s + batch_size]
+    for batch_idx in eval_batches([len(r[2]) for r in reqs], batch_size):  # by length: little padding
+        chunk = [reqs[r] for r in batch_idx]
         batch = {k: v.to(device) for k, v in _left_pad([r[2] for r in chunk], pad_id).items()}
         if single:
             out = model(**batch, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
@@ -198,10 +197,8 @@ def generate_answers(
     model: torch.nn.Module, items: list[PromptItem], tokenizer, batch_size: int, max_new_tokens: int, device
 ) -> list[str]:
     """Greedy continuations of every context, cut at the first newline."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i].context))
     out = [""] * len(items)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
+    for idx in eval_batches([len(it.context) for it in items], batch_size):
         batch = _left_pad([items[i].context for i in idx], tokenizer.pad_token_id)
         gen = model.generate(
             input_ids=batch["input_ids"].to(device),
