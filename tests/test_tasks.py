@@ -91,6 +91,20 @@ def test_pairs_are_encoded_as_sentence_pairs():
     enc = encode(data.train, tok, 64)
     sep = tok.sep_token_id
     assert all(e["input_ids"].count(sep) == 2 and len(e["input_ids"]) <= 64 for e in enc)
+    # segment ids reach the model: 0 up to the first [SEP], 1 after it (BERT was pretrained so), 0 on padding
+    from harness.tasks.classifier import collate
+    from harness.tasks.data import Example
+
+    for e in enc:
+        first = e["input_ids"].index(sep) + 1
+        assert e["token_type_ids"] == [0] * first + [1] * (len(e["input_ids"]) - first)
+    batch = collate(enc, tok.pad_token_id)
+    for i, e in enumerate(enc):
+        n = len(e["input_ids"])
+        assert batch["token_type_ids"][i, :n].tolist() == e["token_type_ids"]
+        assert not batch["token_type_ids"][i, n:].any()
+    single = encode([Example("a single text", 0)], tok, 64)
+    assert "token_type_ids" not in single[0] and "token_type_ids" not in collate(single, tok.pad_token_id)
 
 
 def test_local_csv_and_jsonl_with_column_mapping(tmp_path):

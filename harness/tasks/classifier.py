@@ -36,7 +36,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:
     """Token ids per example; pairs (e.g. question, passage) are encoded as the tokenizer's sentence pair,
-    truncating the longer member first."""
+    truncating the longer member first, with its segment ids where it has them (BERT's token_type_ids: 0 for
+    the first member, 1 for the second, as the model was pretrained)."""
     if any(x.text_pair for x in examples):
         enc = tokenizer(
             [x.text for x in examples],
@@ -44,7 +45,10 @@ def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:
             truncation="longest_first",
             max_length=max_len,
         )
-        return [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
+        out = [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
+        for e, types in zip(out, enc.get("token_type_ids") or [], strict=False):
+            e["token_type_ids"] = types
+        return out
     enc = tokenizer([x.text for x in examples], truncation=True, max_length=max_len)
     return [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
 
@@ -57,7 +61,13 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for i, it in enumerate(items):
         ids[i, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
         mask[i, : len(it["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
+    if "token_type_ids" in items[0]:  # sentence pairs: each token's segment, padding in segment 0
+        types = torch.zeros((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            types[i, : len(it["token_type_ids"])] = torch.tensor(it["token_type_ids"])
+        batch["token_type_ids"] = types
+    return batch
 
 
 # Evaluation batches: examples sorted by length, and a batch closed early where padding the next example's length
