@@ -57,8 +57,11 @@ browser:
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 	  || echo "warning: could not install chromium (needs root and Debian); the browser test will be skipped"
 
+# Two pytest-xdist workers with one torch thread each: the suite's own work (imports, subprocesses, Python) is
+# mostly single-threaded, so one process left a core idle (docs/speed_tests_parallel.md).
+TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25 tests
 
 # The offline GPU bundle (.gpukit/, git-ignored): what an offline machine with CUDA torch lacks (pydantic, peft,
 # plotly, a slim bitsandbytes, tokenizer and data files), for Python 3.12 and this venv's. Prints its size. Carry

@@ -21,17 +21,51 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  
     os.environ.setdefault(_var, "1")
 # One machine cache for the whole session, the cells' subprocesses included: the bf16 probe and the peak matmul
 # rate are measured once per session (below), never per test. pytest_sessionfinish checks that from the log.
-SESSION_CACHE = Path(tempfile.mkdtemp(prefix="ftbench-test-cache-"))
+# Under pytest-xdist (`make test`: two workers) the workers share the controller's cache, so the probes and the
+# SmolLM2 conversion happen once in all (the conversion holds a lock), not once per worker.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER and os.environ.get("FTBENCH_TEST_SESSION_CACHE"):
+    SESSION_CACHE = Path(os.environ["FTBENCH_TEST_SESSION_CACHE"])
+else:
+    SESSION_CACHE = Path(tempfile.mkdtemp(prefix="ftbench-test-cache-"))
+    os.environ["FTBENCH_TEST_SESSION_CACHE"] = str(SESSION_CACHE)  # inherited by the workers started after this
 os.environ["FTBENCH_CACHE_DIR"] = str(SESSION_CACHE)
 os.environ["FTBENCH_KEEP_LOADED_PEAK"] = "1"  # a figure measured under load is kept (flagged), not re-measured
+if WORKER:
+    # Each worker gets its share of the cores: its own torch ops, its cells (FTBENCH_THREADS, read by each cell)
+    # and its subprocesses (OMP_NUM_THREADS). Two workers with torch's two threads each took 649 s against 363 s
+    # for one process (docs/speed_tests_parallel.md); with one thread each they take about a quarter less.
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.update(FTBENCH_THREADS=_threads, OMP_NUM_THREADS=_threads)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _machine_measured_once():
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """The machine's peaks are measured once, before any test runs (under xdist: in the controller, before it
+    starts the workers, so no worker's tests load the machine while it measures)."""
+    if WORKER:
+        import torch
+
+        torch.set_num_threads(int(os.environ["FTBENCH_THREADS"]))
+        return
     from harness.measure.hardware import peak_matmul
 
     for dtype in ("float32", "bfloat16"):
         peak_matmul(dtype, keep_loaded=True)
+
+
+_ALONE_LOCK = SESSION_CACHE / ".alone.lock"
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_shared(request):
+    """A test marked ``alone`` needs the machine to itself (it measures other processes' load): it takes the
+    session's lock exclusively, every other test takes it shared. Without xdist the lock is never contended."""
+    import fcntl
+
+    with open(_ALONE_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        yield
 
 
 def pytest_collection_finish(session):

@@ -55,6 +55,7 @@ def _burn(seconds: float) -> None:
         pass
 
 
+@pytest.mark.alone  # another xdist worker is another process: its load would count, rightly
 def test_contention_counts_other_processes_not_our_own_work():
     import multiprocessing as mp
     import time
