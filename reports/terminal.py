@@ -13,10 +13,10 @@ from reports import headline, stats
 PIPE_WIDTH = 100  # columns when stdout is a file or a pipe (a log, CI)
 HEAD = ("method", "trainable", "peak", "step", "accuracy [95% CI]", "gain", "vs the most accurate")
 LEGEND = (
-    "peak: CPU live tensors or CUDA allocated, as the report names it · step: median of timed steps (⚠ measured "
-    "under load) · gain: accuracy after − before on the same test examples, ✓ beyond noise, ≈ within noise · vs "
-    "the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise · every column: "
-    "--wide, report.html"
+    "peak: CPU live tensors or CUDA allocated, as the report names it · step: median of timed steps, ⚠ where "
+    "measured under load · gain: accuracy after − before on the same test examples, ✓ beyond noise, ≈ within "
+    "noise · vs the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise · "
+    "every column: --wide, report.html"
 )
 
 

@@ -250,3 +250,35 @@ def test_evaluation_batches_by_length_waste_little_padding():
         assert with_next - sum(lengths[i] for i in b) - nxt > EVAL_PAD_SHARE * with_next
     assert [len(b) for b in eval_batches([10] * 100, 32)] == [32, 32, 32, 4]  # equal lengths: full batches
     assert eval_batches([], 8) == []
+
+
+def test_a_tokenized_split_is_stored_once_and_read_back_equal(tmp_path, monkeypatch):
+    """The cells of a suite tokenize a large split once (harness/tasks/encoded.py): the stored ids equal a fresh
+    encoding, pairs' segment ids included; another length limit, tokenizer or example is another file."""
+    from harness.cell.models import load_model
+    from harness.tasks.classifier import encode
+    from harness.tasks.encoded import MIN_EXAMPLES, encoded
+
+    monkeypatch.setenv("FTBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def counted(examples, tokenizer, max_len):
+        calls.append(max_len)
+        return encode(examples, tokenizer, max_len)
+
+    tok = load_model("tiny-bert", 2, 0).tokenizer
+    rt = load_task(TaskSpec(name="rotten_tomatoes", train_examples=MIN_EXAMPLES)).train
+    pairs = load_task(TaskSpec(name="boolq", train_examples=MIN_EXAMPLES)).train
+    for examples in (rt, pairs):
+        first = encoded(counted, examples, tok, 32)
+        assert first == encode(examples, tok, 32) and encoded(counted, examples, tok, 32) == first
+    assert calls == [32, 32] and "token_type_ids" in first[0]  # each split tokenized once, read back once
+    assert len(list((tmp_path / "cache" / "encoded").glob("*.json"))) == 2
+
+    assert encoded(counted, rt, tok, 24) == encode(rt, tok, 24) and calls[-1] == 24  # another limit
+    edited = [rt[0].__class__(rt[0].text + " not", rt[0].label), *rt[1:]]
+    assert encoded(counted, edited, tok, 32)[0] == encode(edited[:1], tok, 32)[0] and len(calls) == 4
+    other = load_model("smollm2-135m", 2, 0, mode="prompt").tokenizer  # another tokenizer: its own ids
+    assert encoded(counted, rt, other, 32) == encode(rt, other, 32) and len(calls) == 5
+    assert encoded(counted, rt[:10], tok, 32) == encode(rt[:10], tok, 32) and len(calls) == 6  # small: not stored
+    assert len(list((tmp_path / "cache" / "encoded").glob("*.json"))) == 5
