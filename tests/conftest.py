@@ -39,32 +39,57 @@ if WORKER:
     os.environ.update(FTBENCH_THREADS=_threads, OMP_NUM_THREADS=_threads)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session):
-    """The machine's peaks are measured once, before any test runs (under xdist: in the controller, before it
-    starts the workers, so no worker's tests load the machine while it measures)."""
-    if WORKER:
-        import torch
-
-        torch.set_num_threads(int(os.environ["FTBENCH_THREADS"]))
-        return
+def _measure_the_machine() -> None:
     from harness.measure.hardware import peak_matmul
 
     for dtype in ("float32", "bfloat16"):
         peak_matmul(dtype, keep_loaded=True)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Under xdist the machine's peaks are measured in the controller, before it starts the workers (so no
+    worker's tests load the machine while it measures); the workers read them from the shared cache."""
+    if WORKER:
+        import torch
+
+        torch.set_num_threads(int(os.environ["FTBENCH_THREADS"]))
+    elif getattr(session.config.option, "numprocesses", None):
+        _measure_the_machine()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_measured_once():
+    """Without xdist: before the first test that runs (a session whose tests are all skipped measures nothing)."""
+    _measure_the_machine()
+
+
 _ALONE_LOCK = SESSION_CACHE / ".alone.lock"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``alone`` first: a worker waits for the other's current test to end before it runs one, and
+    at the start that test is a short one, not SmolLM2's."""
+    items.sort(key=lambda item: item.get_closest_marker("alone") is None)  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
 def _alone_or_shared(request):
     """A test marked ``alone`` needs the machine to itself (it measures other processes' load): it takes the
-    session's lock exclusively, every other test takes it shared. Without xdist the lock is never contended."""
+    session's lock exclusively, every other test takes it shared. Without xdist the lock is never contended. What
+    another worker's test left running (a zygote still importing, a Ray cluster) may outlive that test, so an
+    ``alone`` test also waits, up to 30 s, for the machine to go quiet."""
     import fcntl
 
+    alone = request.node.get_closest_marker("alone") is not None
     with open(_ALONE_LOCK, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        fcntl.flock(fh, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if alone:
+            from harness.measure.hardware import load_check
+
+            for _ in range(60):
+                if not load_check(0.5)["loaded"]:
+                    break
         yield
 
 
@@ -129,10 +154,16 @@ def ftbench(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 # is keyed by its environment: PYTEST_CURRENT_TEST (new every test) is left out of it, and the libraries' own
 # variables (set when first imported) are set before the first one starts. A test that changes the environment
 # (another FTBENCH_CACHE_DIR) gets a zygote of its own, closed when its run ends.
-import harness.cell.run  # noqa: E402,F401
-from harness.libs import quiet_libraries  # noqa: E402
+def pytest_configure(config):
+    """Where tests run (one process, or an xdist worker), the libraries are imported and quietened before any
+    test starts a zygote. An xdist controller runs no test: it skips them (4 s before the workers could start)."""
+    if WORKER or not getattr(config.option, "numprocesses", None):
+        import harness.cell.run  # noqa: F401
+        from harness.libs import quiet_libraries
 
-quiet_libraries()
+        quiet_libraries()
+
+
 _close_all_zygotes, _server_for = forkserver.close_all, forkserver.server_for
 
 
