@@ -34,7 +34,7 @@ os.environ["FTBENCH_KEEP_LOADED_PEAK"] = "1"  # a figure measured under load is 
 if WORKER:
     # Each worker gets its share of the cores: its own torch ops, its cells (FTBENCH_THREADS, read by each cell)
     # and its subprocesses (OMP_NUM_THREADS). Two workers with torch's two threads each took 649 s against 363 s
-    # for one process (docs/speed_tests_parallel.md); with one thread each they take about a quarter less.
+    # for one process (docs/speed_tests_parallel.md); with one thread each they take a third less.
     _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     os.environ.update(FTBENCH_THREADS=_threads, OMP_NUM_THREADS=_threads)
 
