@@ -257,7 +257,7 @@ def test_a_tokenized_split_is_stored_once_and_read_back_equal(tmp_path, monkeypa
     encoding, pairs' segment ids included; another length limit, tokenizer or example is another file."""
     from harness.cell.models import load_model
     from harness.tasks.classifier import encode
-    from harness.tasks.encoded import MIN_EXAMPLES, encoded
+    from harness.tasks.encoded import MIN_EXAMPLES, cached_encode
 
     monkeypatch.setenv("FTBENCH_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
@@ -270,15 +270,15 @@ def test_a_tokenized_split_is_stored_once_and_read_back_equal(tmp_path, monkeypa
     rt = load_task(TaskSpec(name="rotten_tomatoes", train_examples=MIN_EXAMPLES)).train
     pairs = load_task(TaskSpec(name="boolq", train_examples=MIN_EXAMPLES)).train
     for examples in (rt, pairs):
-        first = encoded(counted, examples, tok, 32)
-        assert first == encode(examples, tok, 32) and encoded(counted, examples, tok, 32) == first
+        first = cached_encode(counted, examples, tok, 32)
+        assert first == encode(examples, tok, 32) and cached_encode(counted, examples, tok, 32) == first
     assert calls == [32, 32] and "token_type_ids" in first[0]  # each split tokenized once, read back once
     assert len(list((tmp_path / "cache" / "encoded").glob("*.json"))) == 2
 
-    assert encoded(counted, rt, tok, 24) == encode(rt, tok, 24) and calls[-1] == 24  # another limit
+    assert cached_encode(counted, rt, tok, 24) == encode(rt, tok, 24) and calls[-1] == 24  # another limit
     edited = [rt[0].__class__(rt[0].text + " not", rt[0].label), *rt[1:]]
-    assert encoded(counted, edited, tok, 32)[0] == encode(edited[:1], tok, 32)[0] and len(calls) == 4
+    assert cached_encode(counted, edited, tok, 32)[0] == encode(edited[:1], tok, 32)[0] and len(calls) == 4
     other = load_model("smollm2-135m", 2, 0, mode="prompt").tokenizer  # another tokenizer: its own ids
-    assert encoded(counted, rt, other, 32) == encode(rt, other, 32) and len(calls) == 5
-    assert encoded(counted, rt[:10], tok, 32) == encode(rt[:10], tok, 32) and len(calls) == 6  # small: not stored
+    assert cached_encode(counted, rt, other, 32) == encode(rt, other, 32) and len(calls) == 5
+    assert cached_encode(counted, rt[:10], tok, 32) == encode(rt[:10], tok, 32) and len(calls) == 6  # small: not stored
     assert len(list((tmp_path / "cache" / "encoded").glob("*.json"))) == 5

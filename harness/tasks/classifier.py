@@ -14,7 +14,7 @@ import torch
 
 from harness.contract import Batch
 from harness.tasks.data import Example, TaskData
-from harness.tasks.encoded import encoded
+from harness.tasks.encoded import cached_encode
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -184,9 +184,9 @@ class ClassifierIO:
 
     def __init__(self, task: TaskData, tokenizer, max_seq_len: int, max_new_tokens: int = 0) -> None:
         self.pad_id = tokenizer.pad_token_id
-        self.train = encoded(encode, task.train, tokenizer, max_seq_len)  # tokenized once per suite, not per cell
-        self.test = encoded(encode, task.test, tokenizer, max_seq_len)
-        self._validation = lambda: encoded(encode, task.validation, tokenizer, max_seq_len)  # when first asked for
+        self.train = cached_encode(encode, task.train, tokenizer, max_seq_len)  # tokenized once per suite, not per cell
+        self.test = cached_encode(encode, task.test, tokenizer, max_seq_len)
+        self._validation = lambda: cached_encode(encode, task.validation, tokenizer, max_seq_len)  # when asked for
         self.validation: list[dict] | None = None
 
     def output_names(self, model: torch.nn.Module) -> list[str]:

@@ -11,14 +11,13 @@ stored split is never stale. A tokenizer with no serialized form (a slow, Python
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 from harness.atomic import atomic_write_text
 from harness.cache import cache_dir
 from harness.tasks.data import Example
+from harness.tasks.parsed import source_digest
 
 FORMAT = 1  # bump when the stored layout changes
 MIN_EXAMPLES = 1000  # smaller splits tokenize in milliseconds: not worth a file
@@ -26,23 +25,23 @@ MIN_EXAMPLES = 1000  # smaller splits tokenize in milliseconds: not worth a file
 
 def _key(fn: Callable, examples: list[Example], tokenizer, max_len: int) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    code = source_digest(fn)
     try:
-        code = Path(inspect.getsourcefile(fn)).read_bytes()
         pipeline = json.loads(backend.to_str()) if backend is not None else None
-    except (TypeError, OSError, AttributeError, ValueError):
+    except (AttributeError, ValueError):
         return None
-    if not isinstance(pipeline, dict):
+    if code is None or not isinstance(pipeline, dict):
         return None
     for call_state in ("truncation", "padding"):  # what the last call set, not what the tokenizer is
         pipeline.pop(call_state, None)
     h = hashlib.sha256(f"{FORMAT}:{fn.__qualname__}:{type(tokenizer).__name__}:{max_len}".encode())
-    h.update(code)
+    h.update(code.encode())
     h.update(json.dumps(pipeline, sort_keys=True).encode())
     h.update(json.dumps([[x.text, x.text_pair, x.label] for x in examples]).encode())
     return h.hexdigest()[:32]
 
 
-def encoded(fn: Callable, examples: list[Example], tokenizer, max_len: int) -> list[dict]:
+def cached_encode(fn: Callable, examples: list[Example], tokenizer, max_len: int) -> list[dict]:
     """``fn(examples, tokenizer, max_len)`` (a list of dicts of int lists and a label), from the stored copy when
     there is one, else computed and stored for the next cell."""
     key = _key(fn, examples, tokenizer, max_len) if len(examples) >= MIN_EXAMPLES else None

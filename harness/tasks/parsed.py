@@ -40,16 +40,23 @@ def source_signature(source: str) -> list | None:
     return None
 
 
-def _code_digest(loader: Callable) -> str | None:
-    """The loader's module file and the splitting code, by content: editing either makes the stored task stale."""
+def source_digest(*code: object) -> str | None:
+    """SHA-256 of the source files that define ``code`` (functions, modules), by content: editing one changes
+    it. None where one has no source file (built at run time): then nothing made from it is stored."""
     try:
-        files = {inspect.getsourcefile(loader), inspect.getsourcefile(data_module)}
-        h = hashlib.sha256(str(FORMAT).encode())
+        files = {inspect.getsourcefile(c) for c in code}
+        h = hashlib.sha256()
         for f in sorted(str(f) for f in files):
             h.update(Path(f).read_bytes())
         return h.hexdigest()
-    except (TypeError, OSError):  # a loader without a source file (built at run time): never stored
+    except (TypeError, OSError):
         return None
+
+
+def _code_digest(loader: Callable) -> str | None:
+    """The loader's module file and the splitting code, by content: editing either makes the stored task stale."""
+    code = source_digest(loader, data_module)
+    return None if code is None else f"{FORMAT}:{code}"
 
 
 def _encode(x: Example) -> list:
