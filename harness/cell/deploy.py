@@ -118,8 +118,10 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def measure(export, evaluate, causal: bool, seq_len: int, cfg, device, say, known: dict) -> list:
     """Every deployable form of ``export``: load (timed), evaluate on the test split, time at batch 1. A form in
     a dtype this machine emulates (bf16 on an AVX2-only CPU: 100× slower) is skipped, saying so, rather than
-    timed: its figure would measure the emulation. ``known``: id → (model, its float32 test metrics): a form
-    whose weights equal one of them bit for bit scores what it scored, so it is not evaluated again."""
+    timed: its figure would measure the emulation. ``known``: id → (model, its float32 test metrics): a float32
+    form whose weights equal one of them bit for bit scores what it scored, so it is not evaluated again. A form
+    in another dtype is always evaluated: the same weights through another kernel (QA-LoRA's INT4 matmul with
+    bf16 activations) score differently."""
     import gc
 
     from harness.measure.hardware import is_emulated, slow_note
@@ -147,7 +149,8 @@ def measure(export, evaluate, causal: bool, seq_len: int, cfg, device, say, know
                 rec.load_time_s = time.perf_counter() - t0
             else:
                 model = d.model.eval()
-            metrics = next((m for ref, m in known.values() if _same_weights(model, ref)), None)
+            reusable = known.values() if d.dtype == "float32" else ()
+            metrics = next((m for ref, m in reusable if _same_weights(model, ref)), None)
             rec.eval = EvalMetrics(**(metrics if metrics is not None else evaluate(model)[0]))
             rec.latency = latency(model, causal, device, seq_len, cfg)
         except Exception as err:  # one form failing (a kernel missing on this build) leaves the others standing
