@@ -59,7 +59,7 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
                 "config": {"r": 4, "group_size": 64, "compute_dtype": "float32", "param_dtype": "float32"},
             }
         ],
-        deploy={"prompt_tokens": 32, "new_tokens": 8, "repeats": 1},
+        deploy={"prompt_tokens": 32, "new_tokens": 4, "repeats": 1},
     )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
@@ -71,21 +71,22 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     # deployed through torch's INT4 kernel (bf16 activations), the merged model still reads the prompts as well
     forms = {d.name: d for d in merged.deployments}
     kernel, dequant = forms["int4 kernel"], forms["int4 dequant"]
-    assert kernel.error is None and kernel.load_time_s > 0 and len(kernel.latency["decode_per_token"]["times_s"]) == 8
+    assert kernel.error is None and kernel.load_time_s > 0 and len(kernel.latency["decode_per_token"]["times_s"]) == 4
     assert abs(kernel.eval.accuracy - dequant.eval.accuracy) <= 2 / 64, (kernel.eval, dequant.eval)
 
 
 def test_smollm2_as_a_classifier_on_request(tmp_path):
-    """`mode: classifier` keeps the other route: a new score head on the decoder."""
+    """`mode: classifier` keeps the other route: a new score head on the decoder (evaluated on 8 examples: the
+    route is under test, not the accuracy; each 32 took 3 s of 135M-parameter forwards on one AVX2 core)."""
     cfg = cells(
         models=[{"name": "smollm2-135m", "mode": "classifier"}],
-        tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 32}],
+        tasks=[{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 8}],
         train={"steps": 3, "batch_size": 4, "lr": 1e-3, "max_seq_len": 48, "timing_warmup_steps": 1},
         methods=[{"method": "lora", "config": {"r": 4}}],
     )[0]
     rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
     assert rec.status == "ok", rec.error
-    assert rec.model_info["architecture"] == "LlamaForSequenceClassification"
+    assert rec.model_info["architecture"] == "LlamaForSequenceClassification" and rec.eval_after.examples == 8
     # peft's default Llama targets q_proj (576→576) and v_proj (576→192, 3 KV heads × 64), 30 layers,
     # plus the new score head (576 × 2, no bias)
     assert rec.trainable_params == 30 * (4 * (576 + 576) + 4 * (576 + 192)) + 576 * 2
