@@ -125,12 +125,14 @@ def gptqmodel_installed() -> bool:
 
 
 def import_gptqmodel_quietly(*modules: str) -> list:
-    """Import gptqmodel's ``modules`` with its banner kept out of the terminal and every measurement variable
-    it sets put back as it was (before CUDA starts, so the allocator never sees them)."""
+    """Import gptqmodel's ``modules`` with its banner kept out of the terminal and the whole environment put back
+    as it was: the measurement variables it sets (before CUDA starts, so the allocator never sees them), and its
+    tokenizer library's ``HF_HOME``, ``HF_HUB_CACHE``, ``TRANSFORMERS_CACHE`` and ``HF_MODULES_CACHE``, pointed at
+    /tmp/tokenicer_hf_home (a later process started from this one would read its models from there)."""
     for name in (HIDDEN, *HIDDEN_WITH_IT):
         if sys.modules.get(name, 0) is None:
             del sys.modules[name]
-    with environment_kept(MEASUREMENT_ENV), contextlib.redirect_stdout(io.StringIO()):
+    with environment_kept(), contextlib.redirect_stdout(io.StringIO()):
         with contextlib.redirect_stderr(io.StringIO()):
             return [importlib.import_module(m) for m in modules]
 

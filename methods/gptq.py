@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import torch
 
-from harness.libs import gptqmodel_installed, import_gptqmodel_quietly
+from harness.libs import environment_kept, gptqmodel_installed, import_gptqmodel_quietly
 from methods.intquant import QuantLinear
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
@@ -39,7 +39,6 @@ def gptq_available() -> bool:
 
 
 def _import_gptq():
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))  # default: every core
     try:
         config, gptq = import_gptqmodel_quietly("gptqmodel.quantization.config", "gptqmodel.quantization.gptq")
     except ImportError as err:
@@ -88,49 +87,53 @@ def gptq_quantize(
     """Quantize ``targets`` of ``model`` with GPTQ on ``calibration`` batches (model inputs); returns a
     QuantLinear per path. The model is modified along the way (each block is replaced as it is quantized),
     so later blocks see quantized earlier ones; the caller swaps in the returned layers (or its adapters)."""
-    GPTQ, QuantizeConfig = _import_gptq()
-    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, damp_percent=damp_percent)
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
-    was_training = model.training
-    model.eval()
-    done: dict[str, QuantLinear] = {}
-    for block in _blocks(targets):
-        gptqs = {path: GPTQ(lin, qcfg) for path, lin in block}
-        for g in gptqs.values():
-            g.quantizer.configure(perchannel=True, bits=bits, sym=False)  # as gptqmodel's own processor does
-        seen: set[str] = set()
+    # gptqmodel sizes its CPU pool from GPTQMODEL_CPU_WORKERS when it first quantizes (its default: half the cores);
+    # ours is every core, for this quantization only: the process's environment is put back afterwards
+    with environment_kept(("GPTQMODEL_CPU_WORKERS",)):
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+        GPTQ, QuantizeConfig = _import_gptq()
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, damp_percent=damp_percent)
+        device = next(model.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
+        was_training = model.training
+        model.eval()
+        done: dict[str, QuantLinear] = {}
+        for block in _blocks(targets):
+            gptqs = {path: GPTQ(lin, qcfg) for path, lin in block}
+            for g in gptqs.values():
+                g.quantizer.configure(perchannel=True, bits=bits, sym=False)  # as gptqmodel's own processor does
+            seen: set[str] = set()
 
-        def record(path, gptqs=gptqs, seen=seen):
-            def hook(mod, args, out):
-                gptqs[path].add_batch(args[0].detach().float(), out.detach().float())
-                seen.add(path)
-                if len(seen) == len(gptqs):
-                    raise _StopForward  # the rest of the model is not needed for this block
+            def record(path, gptqs=gptqs, seen=seen):
+                def hook(mod, args, out):
+                    gptqs[path].add_batch(args[0].detach().float(), out.detach().float())
+                    seen.add(path)
+                    if len(seen) == len(gptqs):
+                        raise _StopForward  # the rest of the model is not needed for this block
 
-            return hook
+                return hook
 
-        handles = [lin.register_forward_hook(record(path)) for path, lin in block]
-        try:
-            for batch in batches:
-                seen.clear()
-                try:
-                    model(**batch)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
-        for path, lin in block:
-            q_fake, scale, zero = gptqs[path].quantize()[:3]
-            ql = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
-                             param_dtype, compute_dtype)  # fmt: skip
-            ql.set_quantized(*_to_ftbench(q_fake, scale, zero, bits, group_size))
-            if lin.bias is not None:
-                ql.bias.data = lin.bias.detach().float().clone()
-            done[path] = ql
-            gptqs[path].free()
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, ql)
-    model.train(was_training)
+            handles = [lin.register_forward_hook(record(path)) for path, lin in block]
+            try:
+                for batch in batches:
+                    seen.clear()
+                    try:
+                        model(**batch)
+                    except _StopForward:
+                        pass
+            finally:
+                for h in handles:
+                    h.remove()
+            for path, lin in block:
+                q_fake, scale, zero = gptqs[path].quantize()[:3]
+                ql = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
+                                 param_dtype, compute_dtype)  # fmt: skip
+                ql.set_quantized(*_to_ftbench(q_fake, scale, zero, bits, group_size))
+                if lin.bias is not None:
+                    ql.bias.data = lin.bias.detach().float().clone()
+                done[path] = ql
+                gptqs[path].free()
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, name, ql)
+        model.train(was_training)
     return done

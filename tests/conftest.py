@@ -158,6 +158,10 @@ def pytest_configure(config):
     """Where tests run (one process, or an xdist worker), the libraries are imported and quietened before any
     test starts a zygote. An xdist controller runs no test: it skips them (4 s before the workers could start)."""
     if WORKER or not getattr(config.option, "numprocesses", None):
+        # sklearn sets KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK when imported: a test importing it later would
+        # change the zygote's key and start another (seconds of imports, in each worker)
+        import sklearn.metrics  # noqa: F401
+
         import harness.cell.run  # noqa: F401
         from harness.libs import quiet_libraries
 

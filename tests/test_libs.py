@@ -61,16 +61,21 @@ def test_importing_gptqmodel_for_a_gptq_cell_puts_its_environment_back():
         import json, os
         from harness.libs import MEASUREMENT_ENV, hide_gptqmodel, import_gptqmodel_quietly
         hide_gptqmodel()
+        before = dict(os.environ)
         (mod,) = import_gptqmodel_quietly("gptqmodel.quantization.gptq")
         import torchao  # gptqmodel's dependency: hidden with it, back with it
-        print(json.dumps({"gptq": hasattr(mod, "GPTQ"), "env": {k: os.environ.get(k) for k in MEASUREMENT_ENV}}))
+        changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+        print(json.dumps({"gptq": hasattr(mod, "GPTQ"), "env": {k: os.environ.get(k) for k in MEASUREMENT_ENV},
+                          "changed": changed}))
         """
     )
-    env = {**{k: v for k, v in os.environ.items() if k not in MEASUREMENT_ENV}, "OMP_NUM_THREADS": "2"}
+    hf = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")  # tokenicer sets them where unset
+    env = {**{k: v for k, v in os.environ.items() if k not in MEASUREMENT_ENV + hf}, "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])  # the banner would be on stdout before this line
-    assert got == {"gptq": True, "env": {**dict.fromkeys(MEASUREMENT_ENV), "OMP_NUM_THREADS": "2"}}
+    env_now = {**dict.fromkeys(MEASUREMENT_ENV), "OMP_NUM_THREADS": "2"}
+    assert got == {"gptq": True, "env": env_now, "changed": []}
     assert len(out.stdout.strip().splitlines()) == 1 and "GPT-QModel" not in out.stderr
 
 

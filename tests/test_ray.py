@@ -24,11 +24,16 @@ def _records(d):
 @pytest.fixture(scope="module")
 def one_cluster():
     """The runs below that need no environment of their own run in this process, so they share the one local
-    cluster the first of them starts (``RayPool`` joins a running one); it stops when the module ends."""
-    yield
-    import ray
+    cluster the first of them starts (``RayPool`` joins a running one); it stops when the module ends, and what
+    ``ray.init`` set in this process's environment goes with it (else this worker's next `ftbench run` would
+    start another zygote: the environment is its key)."""
+    from harness.libs import environment_kept
 
-    ray.shutdown()
+    with environment_kept():
+        yield
+        import ray
+
+        ray.shutdown()
 
 
 def test_a_cell_that_kills_its_worker_is_failed(tmp_path, write_suite, one_cluster):
