@@ -60,6 +60,11 @@ class QLoraOptions(LoraOptions):
         "(Q + BA ≈ W)",
     )
     loftq_iter: int = Field(1, ge=1, le=10, description="loftq: alternating quantize / SVD steps (PEFT's default 1)")
+    export_merged_4bit: bool = Field(
+        True,
+        description="also export merged and requantized to this 4-bit format, evaluated (requantizing loses "
+        "accuracy); the adapter and the merged float32 model are always exported",
+    )
     export_int_bits: Literal[2, 3, 4, 8] | list[Literal[2, 3, 4, 8]] | None = Field(
         None, description="also export merged + requantized to group-wise INT-N (RTN), QA-LoRA's format; a list: each"
     )
@@ -289,12 +294,14 @@ class QLora(MethodBase):
         return requires_grad_parameters(model)
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
-        """(a) adapter; (b) merged + requantized 4-bit (bitsandbytes state dict, safetensors); (c) merged fp32."""
+        """(a) adapter; (b) merged + requantized 4-bit (bitsandbytes state dict, safetensors), unless the config says
+        not; (c) merged fp32; (d) merged + requantized INT-N where asked."""
         out = export_peft(model, out_dir, mergeable=False)
         in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
         dtype = self.config.compute_dtype
         out[0].deploy = [Deployable("nf4 + adapter", dtype, model=model, note=in_memory)]
-        out.append(attempt("merged_4bit", out_dir / "merged_4bit", lambda: self._export_merged4(model, out_dir)))
+        if self.config.export_merged_4bit:
+            out.append(attempt("merged_4bit", out_dir / "merged_4bit", lambda: self._export_merged4(model, out_dir)))
         merged32 = merged_full_precision(model)
         path32 = out_dir / "merged_fp32"
 

@@ -147,6 +147,18 @@ def test_run_records_quantization_and_merge_fidelity(tmp_path):
     assert rec.weight_bytes < lora.weight_bytes
 
 
+def test_the_requantized_merge_is_left_out_on_request(tmp_path):
+    """`export_merged_4bit: false` (the demo's choice: it saves an export and an evaluation): the adapter and the
+    merged float32 model only."""
+    cfg = cells(
+        methods=[{"method": "qlora", "config": {"r": 4, "target_modules": ["query"], "export_merged_4bit": False}}],
+        train={"steps": 2, "batch_size": 8, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1},
+    )[0]
+    rec = run_cell(cfg, tmp_path)
+    assert rec.status == "ok", rec.error
+    assert [e.kind for e in rec.exports] == ["adapter", "merged_fp32"] and rec.exports[1].eval is not None
+
+
 def test_int_export_for_the_qalora_comparison(tmp_path):
     cfg = cells(
         methods=[{"method": "qlora", "config": {"r": 4, "export_int_bits": 3, "export_int_group_size": 16}}],
