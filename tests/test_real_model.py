@@ -94,9 +94,12 @@ def test_smollm2_as_a_classifier_on_request(tmp_path):
 
 def test_the_gguf_conversion_parses_the_file_once_and_leaves_gguf_as_it_found_it(tmp_path):
     """SmolLM2's conversion (harness/cell/models.py) reads the GGUF file for the config, the weights and the
-    tokenizer: inside `_gguf_read_once` the three share one parsed reader and one tensor-name map, and gguf-py's
-    own functions are back afterwards (a small GGUF file written here stands in for the model's)."""
+    tokenizer: inside `_gguf_read_once` the three share one parsed reader (from the file in memory, not a memmap)
+    and one tensor-name map, and gguf-py's own functions are back afterwards (a small GGUF file written here
+    stands in for the model's)."""
     import gguf
+    import gguf.gguf_reader
+    import numpy as np
 
     from harness.cell.models import _gguf_read_once
 
@@ -112,7 +115,8 @@ def test_the_gguf_conversion_parses_the_file_once_and_leaves_gguf_as_it_found_it
     with _gguf_read_once():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(str(path)) is first and first.tensors[0].name == "token_embd.weight"
+        assert type(first.data) is np.ndarray and first.tensors[0].data.shape == (4, 8)
         arch = gguf.MODEL_ARCH.LLAMA
         assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
-    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
-    assert gguf.GGUFReader(path) is not first
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf.gguf_reader.np) == (real_reader, real_map, np)
+    assert gguf.GGUFReader(path) is not first and isinstance(gguf.GGUFReader(path).data, np.memmap)
