@@ -73,7 +73,6 @@ def _to_ftbench(q_fake: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return q.reshape(d_out, d_in).to(torch.uint8), scale, -scale * zero
 
 
-@torch.no_grad()
 def gptq_quantize(
     model: torch.nn.Module,
     targets: list[tuple[str, torch.nn.Linear]],
@@ -91,49 +90,63 @@ def gptq_quantize(
     # ours is every core, for this quantization only: the process's environment is put back afterwards
     with environment_kept(("GPTQMODEL_CPU_WORKERS",)):
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-        GPTQ, QuantizeConfig = _import_gptq()
-        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, damp_percent=damp_percent)
-        device = next(model.parameters()).device
-        batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
-        was_training = model.training
-        model.eval()
-        done: dict[str, QuantLinear] = {}
-        for block in _blocks(targets):
-            gptqs = {path: GPTQ(lin, qcfg) for path, lin in block}
-            for g in gptqs.values():
-                g.quantizer.configure(perchannel=True, bits=bits, sym=False)  # as gptqmodel's own processor does
-            seen: set[str] = set()
+        return _quantize_blocks(model, targets, calibration, bits, group_size, param_dtype, compute_dtype, damp_percent)
 
-            def record(path, gptqs=gptqs, seen=seen):
-                def hook(mod, args, out):
-                    gptqs[path].add_batch(args[0].detach().float(), out.detach().float())
-                    seen.add(path)
-                    if len(seen) == len(gptqs):
-                        raise _StopForward  # the rest of the model is not needed for this block
 
-                return hook
+@torch.no_grad()
+def _quantize_blocks(
+    model: torch.nn.Module,
+    targets: list[tuple[str, torch.nn.Linear]],
+    calibration: Iterable[dict[str, torch.Tensor]],
+    bits: int,
+    group_size: int,
+    param_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    damp_percent: float,
+) -> dict[str, QuantLinear]:
+    GPTQ, QuantizeConfig = _import_gptq()
+    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, damp_percent=damp_percent)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in calibration]
+    was_training = model.training
+    model.eval()
+    done: dict[str, QuantLinear] = {}
+    for block in _blocks(targets):
+        gptqs = {path: GPTQ(lin, qcfg) for path, lin in block}
+        for g in gptqs.values():
+            g.quantizer.configure(perchannel=True, bits=bits, sym=False)  # as gptqmodel's own processor does
+        seen: set[str] = set()
 
-            handles = [lin.register_forward_hook(record(path)) for path, lin in block]
-            try:
-                for batch in batches:
-                    seen.clear()
-                    try:
-                        model(**batch)
-                    except _StopForward:
-                        pass
-            finally:
-                for h in handles:
-                    h.remove()
-            for path, lin in block:
-                q_fake, scale, zero = gptqs[path].quantize()[:3]
-                ql = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
-                                 param_dtype, compute_dtype)  # fmt: skip
-                ql.set_quantized(*_to_ftbench(q_fake, scale, zero, bits, group_size))
-                if lin.bias is not None:
-                    ql.bias.data = lin.bias.detach().float().clone()
-                done[path] = ql
-                gptqs[path].free()
-                parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, name, ql)
-        model.train(was_training)
+        def record(path, gptqs=gptqs, seen=seen):
+            def hook(mod, args, out):
+                gptqs[path].add_batch(args[0].detach().float(), out.detach().float())
+                seen.add(path)
+                if len(seen) == len(gptqs):
+                    raise _StopForward  # the rest of the model is not needed for this block
+
+            return hook
+
+        handles = [lin.register_forward_hook(record(path)) for path, lin in block]
+        try:
+            for batch in batches:
+                seen.clear()
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for path, lin in block:
+            q_fake, scale, zero = gptqs[path].quantize()[:3]
+            ql = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
+                             param_dtype, compute_dtype)  # fmt: skip
+            ql.set_quantized(*_to_ftbench(q_fake, scale, zero, bits, group_size))
+            if lin.bias is not None:
+                ql.bias.data = lin.bias.detach().float().clone()
+            done[path] = ql
+            gptqs[path].free()
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, ql)
+    model.train(was_training)
     return done

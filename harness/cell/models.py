@@ -129,7 +129,7 @@ def _gguf_read_once():
     readers: dict[tuple[str, str], object] = {}
     in_memory = types.ModuleType("numpy")  # numpy, except that memmap reads the (read-only) file into memory
     in_memory.__dict__.update(np.__dict__)
-    in_memory.memmap = lambda path, mode="r", **kw: np.fromfile(path, dtype=np.uint8) if mode == "r" else None
+    in_memory.memmap = lambda path, mode="r", **kw: np.fromfile(path, dtype=np.uint8)  # used for mode "r" only
 
     def reader(path, mode="r"):
         key = (os.fspath(path), mode)
