@@ -39,11 +39,19 @@ def _start(suite_path: Path, results: Path) -> subprocess.Popen:
 
 
 def _cell_children(pid: int) -> list[psutil.Process]:
-    """The runner's cell processes: fresh `_cell` processes, or forks of its zygote (harness/driver/forkserver.py)."""
+    """The runner's cell processes: fresh `_cell` processes, or forks of its zygote (harness/driver/forkserver.py)
+    that write a cell's log (the zygote's other forks run the driver's checks: harness/driver/torchside.py)."""
 
     def is_cell(c: psutil.Process) -> bool:
         cmd = " ".join(c.cmdline())
-        return "_cell" in cmd or ("_zygote" in cmd and "_zygote" in " ".join(c.parent().cmdline()))
+        if "_cell" in cmd:
+            return True
+        if not ("_zygote" in cmd and "_zygote" in " ".join(c.parent().cmdline())):
+            return False
+        try:
+            return "/logs/" in os.readlink(f"/proc/{c.pid}/fd/1")
+        except OSError:  # it has ended meanwhile
+            return False
 
     try:
         return [c for c in psutil.Process(pid).children(recursive=True) if is_cell(c)]

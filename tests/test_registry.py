@@ -70,12 +70,16 @@ def test_entry_point_plugin_is_registered_and_runs(tmp_path):
     suite = tmp_path / "s.yaml"
     suite.write_text(yaml.safe_dump(tiny_suite(methods=[{"method": "head_only"}])))
     # One fresh interpreter (that is what sees the entry point) for both commands: each costs ~12 s of imports.
+    # The run's checks and machine facts ran in a fork of its zygote, with the method registered there too, and
+    # this process, as `ftbench` would, never imported torch (harness/driver/torchside.py).
     script = (
         "import sys; from harness.driver.cli import main; rc = main(['methods']); print('=' * 8, flush=True); "
-        f"sys.exit(rc or main(['run', {str(suite)!r}, '--results', {str(tmp_path / 'r')!r}]))"
+        f"rc = rc or main(['run', {str(suite)!r}, '--results', {str(tmp_path / 'r')!r}]); "
+        "print('torch imported:', 'torch' in sys.modules); sys.exit(rc)"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr + run.stdout
+    assert run.stdout.strip().endswith("torch imported: False") and run.stderr.startswith("hardware: "), run.stderr
     listing = run.stdout.split("=" * 8)[0]
     assert "head_only" in listing
     code = [ln for ln in (ROOT / "examples" / "head_only.py").read_text().split('"""')[-1].splitlines() if ln.strip()]

@@ -35,23 +35,26 @@ def _results_dir(arg: str | None, suite_name: str) -> Path:
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def _offline_unless_the_suite_allows(data) -> None:
+def _offline_unless_the_suite_allows(data) -> bool:
     """Offline for this whole process (validation reads configs of cached hub ids too) unless the suite says
-    ``allow_network: true``. Set before transformers is imported: the hub library reads it at import time."""
-    if not (isinstance(data, dict) and data.get("allow_network") is True):
+    ``allow_network: true``. Set before transformers is imported: the hub library reads it at import time.
+    Returns whether the suite allows the network."""
+    allowed = isinstance(data, dict) and data.get("allow_network") is True
+    if not allowed:
         os.environ.update(dict.fromkeys(OFFLINE, "1"))
+    return allowed
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Cheap checks first (schema, names, configs, data, results dir: no torch), then the model-skeleton checks."""
-    from harness.driver import forkserver
-    from harness.driver.suite import check_cheap, check_fit, read_suite_file
+    from harness.driver import forkserver, torchside
+    from harness.driver.suite import check_cheap, read_suite_file
 
     data = read_suite_file(args.suite)  # not a file, too large, not YAML: one line, before anything starts
-    _offline_unless_the_suite_allows(data)
+    network = _offline_unless_the_suite_allows(data)
     dry = getattr(args, "dry_run", False)
-    if args.executor == "local" and forkserver.enabled() and not dry:  # its imports overlap the checks below
-        forkserver.server_for(allow_network=False)
+    if args.executor == "local" and forkserver.enabled() and not dry:  # its imports overlap the cheap checks
+        forkserver.server_for(allow_network=network)
     try:
         suite = check_cheap(data, args.suite)
         results = _results_dir(args.results, suite.name)
@@ -65,7 +68,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(str(err)) from None
         suite = _with_options(suite, args)
         with environment_kept():  # what torch and friends set while the checks run stays out of the cells
-            check_fit(suite, args.suite)
+            # in a fork of the zygote just started (it imports torch anyway), not here (harness/driver/torchside.py)
+            torchside.call(
+                "harness.driver.suite:check_fit_sent",
+                suite.allow_network,
+                suite_json=suite.model_dump_json(),
+                source=args.suite,
+            )
         _check_device(suite.device)
         if dry:  # the plan: every check above, then estimates only; nothing runs and nothing is written
             from harness.driver.dryrun import print_plan

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 # Modules a cell imports lazily. Not gptqmodel: hidden unless a cell quantizes with GPTQ (harness/libs.py).
 WARM = (
@@ -136,10 +137,32 @@ class ForkServer:
 
     def start(self, cell_file: Path, results_dir: Path, log: Path) -> int:
         with self._lock:  # the next pid message read is this request's
-            return self._start(cell_file, results_dir, log)
+            return self._start({"cell_file": str(cell_file), "results": str(results_dir), "log": str(log)})
 
-    def _start(self, cell_file: Path, results_dir: Path, log: Path) -> int:
-        req = {"cell_file": str(cell_file), "results": str(results_dir), "log": str(log)}
+    def call(self, target: str, kwargs: dict[str, Any], workdir: Path) -> Any:
+        """``module:function(**kwargs)`` (JSON in, JSON out) in a fork of the zygote, where torch is imported
+        already: the driver's few steps that need torch (harness/driver/torchside.py). A ``ConfigError`` raised
+        there is raised here again; any other exception is a :class:`CallFailed` with the child's traceback."""
+        from harness.atomic import atomic_write_text
+        from harness.schema import ConfigError
+
+        request = workdir / "call.json"
+        atomic_write_text(request, json.dumps({"target": target, "kwargs": kwargs}))
+        with self._lock:
+            pid = self._start({"call": str(request), "log": str(workdir / "call.log")})
+        rc = self.wait(pid, timeout=3600.0)
+        try:
+            out = json.loads(request.with_suffix(".out.json").read_text())
+        except (OSError, ValueError):
+            log = (workdir / "call.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise CallFailed(f"{target} ended with code {rc} and no answer: {' | '.join(log)}") from None
+        if "config_error" in out:
+            raise ConfigError(out["config_error"])
+        if "error" in out:
+            raise CallFailed(f"{out['error']}\n(in a fork of the cells' zygote)\n{out['traceback']}")
+        return out["value"]
+
+    def _start(self, req: dict[str, Any]) -> int:
         req["env"] = {k: os.environ.get(k) for k in RUNTIME_VARS}
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
@@ -209,9 +232,12 @@ def _child(req: dict, protocol) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        from harness.cell.run import run_cell_file
+        if "call" in req:
+            rc = _answer(Path(req["call"]))
+        else:
+            from harness.cell.run import run_cell_file
 
-        rc = run_cell_file(Path(req["cell_file"]), Path(req["results"]))
+            rc = run_cell_file(Path(req["cell_file"]), Path(req["results"]))
     except BaseException:  # noqa: BLE001 - whatever happened, the runner learns it from the exit code
         import traceback
 
@@ -220,6 +246,30 @@ def _child(req: dict, protocol) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
+
+
+class CallFailed(RuntimeError):
+    """A :meth:`ForkServer.call` that raised something other than a user error, or died without an answer."""
+
+
+def _answer(request: Path) -> int:
+    """In the forked child: run the call in ``request``, write what it returned or raised beside it."""
+    import importlib
+    import traceback
+
+    from harness.atomic import atomic_write_text
+    from harness.schema import ConfigError
+
+    spec = json.loads(request.read_text())
+    module, _, name = spec["target"].partition(":")
+    try:
+        out = {"value": getattr(importlib.import_module(module), name)(**spec["kwargs"])}
+    except ConfigError as err:
+        out = {"config_error": str(err)}
+    except Exception as err:  # noqa: BLE001 - the driver says it in one line, as it would have said it itself
+        out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    atomic_write_text(request.with_suffix(".out.json"), json.dumps(out))
+    return 0
 
 
 def serve() -> int:

@@ -153,20 +153,36 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
 def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
     """Hardware identity at the top of the output; one warning line for half-precision dtypes asked for
     explicitly where this machine emulates them; this machine's peak matmul rate for each dtype the cells will
-    run in, before any cell (cached per machine, and the suite's figure kept on resume: harness/measure/flops.py)."""
+    run in, before any cell (cached per machine, and the suite's figure kept on resume: harness/measure/flops.py).
+    In a fork of the cells' zygote where there is one (harness/driver/torchside.py): it needs torch."""
+    from harness.driver import torchside
+
+    for server in forkserver.running():  # its imports must not load the machine while the peak is measured
+        server.wait_ready()
+    cells = [c.model_dump_json() for c in todo]
+    lines = torchside.call(
+        "harness.driver.runner:machine_facts", todo[0].allow_network, cells=cells, results=str(results_dir)
+    )
+    for line in lines:
+        console.print(line, soft_wrap=True)
+
+
+def machine_facts(cells: list[str], results: str) -> list[str]:
+    """What :func:`_before_cells` shows, for the cells given as JSON; the peaks are measured (or read) on the way."""
     from harness.cell.run import resolve_dtypes
     from harness.environment import describe
     from harness.measure.flops import mfu_dtype, peak_flops
     from harness.measure.hardware import default_device, identity, slow_note
-    from harness.registry import build_method
+    from harness.registry import build_method, load_method_file
 
+    todo = [RunConfig.model_validate_json(c) for c in cells]
     device = default_device(todo[0].device)  # one device for the whole suite (its `device:` or --device)
-    for server in forkserver.running():  # its imports must not load the machine while the peak is measured
-        server.wait_ready()
-    console.print(f"hardware: {describe(identity(device))}", soft_wrap=True)
+    lines = [f"hardware: {describe(identity(device))}"]
     slow: dict[str, set[str]] = {}
     needed: set[str] = set()
     for c in todo:
+        if c.method_source:  # a method from a file beside the suite: registered in this process too
+            load_method_file(c.method_source)
         resolved_cfg, dtypes = resolve_dtypes(c, device)
         method = build_method(resolved_cfg.method, resolved_cfg.method_config)
         needed.add(mfu_dtype(resolved_cfg.train.dtype, method.compute_dtype()))
@@ -176,9 +192,10 @@ def _before_cells(todo: list[RunConfig], results_dir: Path, console) -> None:
                 slow.setdefault(note, set()).add(f"{c.method}/{c.variant} {field}={d['value']}")
     for note, where in slow.items():  # one line per reason, before anything trains
         where_text = ", ".join(sorted(where))
-        console.print(f"[yellow]warning:[/] {note}, yet set explicitly: {where_text}; `auto` avoids it", soft_wrap=True)
+        lines.append(f"[yellow]warning:[/] {note}, yet set explicitly: {where_text}; `auto` avoids it")
     for dtype in sorted(needed):
-        peak_flops(results_dir, dtype, device)
+        peak_flops(Path(results), dtype, device)
+    return lines
 
 
 def run_suite(

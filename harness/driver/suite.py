@@ -9,7 +9,8 @@ is allowed. :func:`expand` turns a suite into its grid of cells (:class:`RunConf
 Validation has two phases. :func:`check_cheap` needs neither torch nor transformers: the schema, every name,
 each method's config (peft-backed configs import peft to check the fields they pass to it) and each task's
 data, so a typo is reported in about a second. :func:`check_fit` then builds optimizers and each model's
-skeleton (on the meta device) to check what only an architecture can say: target modules, ranks, group sizes.
+skeleton (on the meta device) to check what only an architecture can say: target modules, ranks, group sizes;
+``ftbench run`` runs it in a fork of the cells' zygote, which has torch imported (harness/driver/torchside.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def check_fit(suite: Suite, source: str) -> None:
     _check_optimizers(suite, source)
     _check_tasks_fit_models(suite, source)
     _check_methods_fit_models(suite, source, available_methods())
+
+
+def check_fit_sent(suite_json: str, source: str) -> None:
+    """:func:`check_fit` on a suite sent as JSON (to a fork of the cells' zygote: harness/driver/torchside.py).
+    Methods from files beside the suite are registered in that process first, as a cell does."""
+    suite = Suite.model_validate_json(suite_json)
+    for m in suite.methods:
+        if m.source:
+            load_method_file(m.source)
+    check_fit(suite, source)
 
 
 def _beside(source: str, name: str) -> str:
