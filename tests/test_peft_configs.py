@@ -57,11 +57,12 @@ def test_refusals_name_the_field_and_come_before_any_cell(tmp_path, write_suite)
     assert "methods[0].config.target_modules: no module named 'x'" in out.stderr and not (tmp_path / "r").exists()
 
 
-def test_forty_peft_variants_on_a_decoder_validate():
-    """Forty variants of eight PEFT types against SmolLM2's skeleton (how long it takes: bench/validation.py)."""
+def test_eight_peft_types_on_a_decoder_validate():
+    """Eight PEFT types against SmolLM2's skeleton, one variant each (forty, five of each, until 2026-12-07: the
+    copies checked nothing more and took 4 s more; how long forty take: bench/validation.py)."""
     variants = [
         {"method": "peft", "variant": f"v{i}", "config": {"peft_type": t, "target_modules": ["q_proj", "v_proj"]}}
-        for i, t in enumerate(["LORA", "LOHA", "LOKR", "VERA", "IA3", "FOURIERFT", "LILY", "BOFT"] * 5)
+        for i, t in enumerate(["LORA", "LOHA", "LOKR", "VERA", "IA3", "FOURIERFT", "LILY", "BOFT"])
     ]
     for v in variants:
         if v["config"]["peft_type"] == "IA3":
