@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -48,14 +50,28 @@ def _measure_the_machine() -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
-    """Under xdist the machine's peaks are measured in the controller, before it starts the workers (so no
-    worker's tests load the machine while it measures); the workers read them from the shared cache."""
+    """Under xdist the machine's peaks are measured in the controller while the workers start, and no test runs
+    before they are cached (the workers read them from the shared cache): the measurement holds the session's
+    `alone` lock (below), which every test takes. The workers' imports overlap it, so the figures are flagged as
+    measured under load, and kept; measured before the workers started, they cost 5 s of every `make test`."""
     if WORKER:
         import torch
 
         torch.set_num_threads(int(os.environ["FTBENCH_THREADS"]))
     elif getattr(session.config.option, "numprocesses", None):
-        _measure_the_machine()
+        import fcntl
+        import threading
+
+        lock = open(_ALONE_LOCK, "a")  # noqa: SIM115 - closed by the thread, when the peaks are cached
+        fcntl.flock(lock, fcntl.LOCK_EX)  # taken here, before any worker starts
+
+        def measure() -> None:
+            try:
+                _measure_the_machine()
+            finally:
+                lock.close()
+
+        threading.Thread(target=measure, name="ftbench-measure", daemon=True).start()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -106,12 +122,22 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if anything in it measured the probe or a peak twice on the session cache."""
     _close_all_zygotes()
-    from tests.test_hardware import measurement_counts
-
     repeated = {k: n for k, n in measurement_counts(SESSION_CACHE, per_machine=True).items() if n > 1}
     if repeated:
         print(f"\nftbench: measured more than once in this test session: {repeated}")
         session.exitstatus = 1
+
+
+def measurement_counts(cache: Path, per_machine: bool = False) -> Counter:
+    """'what:key' -> how many times it was measured on this cache (harness/measure/hardware.py logs each one); with
+    ``per_machine`` apart for each machine identity (a Ray worker with 1 thread is another machine). Here, not in
+    test_hardware.py: the xdist controller checks it at the end, and importing that module there imported torch,
+    transformers and peft (5 s of every `make test`, after the last test)."""
+    log = Path(cache) / "measurements.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return Counter(
+        f"{d['what']}:{d['key']}" + (f"@{d['machine']}" if per_machine else "") for d in map(json.loads, lines)
+    )
 
 
 def tiny_suite(**over) -> dict:

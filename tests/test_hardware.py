@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,9 @@ import torch
 from harness.cell.run import resolve_dtypes
 from harness.environment import describe
 from harness.measure import hardware
-from tests.conftest import cells, run_cli, tiny_suite
+from tests.conftest import cells, measurement_counts, run_cli, tiny_suite
 
 CPU = torch.device("cpu")
-
-
-def measurement_counts(cache: Path, per_machine: bool = False) -> Counter:
-    """'what:key' -> how many times it was measured on this cache (harness/measure/hardware.py logs each one); with
-    ``per_machine`` apart for each machine identity (a Ray worker with 1 thread is another machine)."""
-    log = Path(cache) / "measurements.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
-    return Counter(
-        f"{d['what']}:{d['key']}" + (f"@{d['machine']}" if per_machine else "") for d in map(json.loads, lines)
-    )
 
 
 @pytest.fixture
