@@ -4,6 +4,8 @@
    report it before torch is imported. Goal: ≤ 2 s on a 2-core Zen-1 EPYC.
 2. Full validation (both phases) of 40 PEFT variants against SmolLM2-135M's skeleton, in a fresh process
    (the skeleton comes from SmolLM2's config: the GGUF conversion is not needed). Goal: ≤ 20 s there.
+3. ``ftbench run`` on a suite whose target module does not exist (a skeleton check: it runs in a fork of the
+   cells' zygote, harness/driver/torchside.py): wall and CPU seconds, the driver and its zygote together.
 
     python bench/validation.py [--repeats 3]
 """
@@ -39,9 +41,20 @@ def forty_variants() -> list[dict]:
 
 
 def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    s, _, out = timed_cpu(cmd)
+    return s, out
+
+
+def timed_cpu(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds, CPU seconds (user + system, the command and every process it waited for) and the result."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    return time.perf_counter() - t0, out
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), out
 
 
 def cpu() -> str:
@@ -70,6 +83,15 @@ def main() -> None:
         s, out = timed([sys.executable, "-c", code])
         assert out.returncode == 0, out.stderr[-2000:]
         print(f"40 PEFT variants on SmolLM2's skeleton, both phases, fresh process: {s:.1f} s")
+        module = Path(d) / "module.yaml"
+        module.write_text(yaml.safe_dump(tiny_suite(methods=[{"method": "lora", "config": {"target_modules": ["x"]}}])))
+        runs = []
+        for _ in range(args.repeats):
+            wall, cpu_s, out = timed_cpu([sys.executable, "-m", "harness", "run", str(module), "--results", f"{d}/r"])
+            assert out.returncode == 2 and "no module named 'x'" in out.stderr, out.stderr
+            runs.append((wall, cpu_s))
+        wall, cpu_s = (statistics.median(x) for x in zip(*runs, strict=True))
+        print(f"unknown target module (a skeleton check): one line, exit 2, in {wall:.2f} s, {cpu_s:.2f} s of CPU")
 
 
 if __name__ == "__main__":
