@@ -120,3 +120,24 @@ def test_the_gguf_conversion_parses_the_file_once_and_leaves_gguf_as_it_found_it
         assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
     assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf.gguf_reader.np) == (real_reader, real_map, np)
     assert gguf.GGUFReader(path) is not first and isinstance(gguf.GGUFReader(path).data, np.memmap)
+
+
+def test_validating_a_smollm2_suite_before_its_conversion_parses_the_gguf_file_once(tmp_path, monkeypatch):
+    """Before SmolLM2's first conversion its architecture comes from the GGUF file. A suite's validation asks for
+    it three times (the mode twice, the skeleton): each parsed the file again until 2026-12-07 (5.3 s each on a
+    2-core EPYC); now one parse per process serves them all."""
+    from harness.cell import models
+    from harness.driver.suite import parse_suite
+    from tests.conftest import tiny_suite
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no converted copy here: the GGUF path
+    models._smollm2_gguf_config.cache_clear()
+    parses, real = [], models._gguf_read_once
+    monkeypatch.setattr(models, "_gguf_read_once", lambda: parses.append(1) or real())
+    try:
+        suite = parse_suite(tiny_suite(models=["smollm2-135m"], methods=[{"method": "lora", "config": {"r": 4}}]), "s")
+        assert suite.models[0].name == "smollm2-135m" and len(parses) == 1
+        assert models.skeleton("smollm2-135m", mode="prompt").config.num_hidden_layers == 30 and len(parses) == 1
+    finally:
+        models._smollm2_gguf_config.cache_clear()
+    assert not (tmp_path / "ftbench").exists()  # validated without converting
