@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -47,7 +48,7 @@ def test_a_check_in_the_zygote_registers_the_suites_method_file_and_says_what_it
         f"rc = main(['run', {str(bad)!r}, '--results', {str(tmp_path / 'r')!r}])\n"
         "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)"
     )
-    env = {"HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert run.stdout.strip() == "2 False False", run.stdout + run.stderr
     assert run.stderr.strip() == (
