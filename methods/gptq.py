@@ -73,6 +73,10 @@ def _to_ftbench(q_fake: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return q.reshape(d_out, d_in).to(torch.uint8), scale, -scale * zero
 
 
+# gptqmodel sizes its CPU pool from GPTQMODEL_CPU_WORKERS when it first quantizes (its default: half the cores);
+# ours is every core, for this quantization only: the process's environment is put back afterwards
+@environment_kept(("GPTQMODEL_CPU_WORKERS",))
+@torch.no_grad()
 def gptq_quantize(
     model: torch.nn.Module,
     targets: list[tuple[str, torch.nn.Linear]],
@@ -86,24 +90,7 @@ def gptq_quantize(
     """Quantize ``targets`` of ``model`` with GPTQ on ``calibration`` batches (model inputs); returns a
     QuantLinear per path. The model is modified along the way (each block is replaced as it is quantized),
     so later blocks see quantized earlier ones; the caller swaps in the returned layers (or its adapters)."""
-    # gptqmodel sizes its CPU pool from GPTQMODEL_CPU_WORKERS when it first quantizes (its default: half the cores);
-    # ours is every core, for this quantization only: the process's environment is put back afterwards
-    with environment_kept(("GPTQMODEL_CPU_WORKERS",)):
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-        return _quantize_blocks(model, targets, calibration, bits, group_size, param_dtype, compute_dtype, damp_percent)
-
-
-@torch.no_grad()
-def _quantize_blocks(
-    model: torch.nn.Module,
-    targets: list[tuple[str, torch.nn.Linear]],
-    calibration: Iterable[dict[str, torch.Tensor]],
-    bits: int,
-    group_size: int,
-    param_dtype: torch.dtype,
-    compute_dtype: torch.dtype,
-    damp_percent: float,
-) -> dict[str, QuantLinear]:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     GPTQ, QuantizeConfig = _import_gptq()
     qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, damp_percent=damp_percent)
     device = next(model.parameters()).device
