@@ -4,7 +4,8 @@ Runs ``ftbench run`` (in this process, so the cells fork from one warm zygote as
 Rotten Tomatoes — full fine-tuning and LoRA, ``--seeds`` seeds each, 4 steps — after one warm-up run, and
 prints each stage's median and range over the cells from their records' ``stage_seconds``. On the demo's
 MiniLM cells this fixed cost is about a second of each cell; in `make test`, with a few hundred small cells,
-it is most of their time.
+it is most of their time. Last, the run's own time outside its cells, per cell (the zygote, the checks, starting
+each cell and hearing that it ended, the report).
 
     python bench/cell_overhead.py [--seeds 4]
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -44,7 +46,9 @@ def main() -> None:
     path = tmp / "suite.yaml"
     path.write_text(yaml.safe_dump(suite(args.seeds)))
     for name in ("warmup", "measured"):  # the first run also starts the zygote and fills the caches
+        t0 = time.perf_counter()
         rc = ftbench(["run", str(path), "--results", str(tmp / name)])
+        run_s = time.perf_counter() - t0
         assert rc in (0, None), f"ftbench run exited {rc}"
     records = [json.loads(p.read_text()) for p in sorted((tmp / "measured" / "records").glob("*.json"))]
     hw = records[0]["environment"]
@@ -58,6 +62,8 @@ def main() -> None:
         else:
             xs = [r["stage_seconds"].get(stage, 0.0) for r in records]
         print(f"  {stage:<17} median {statistics.median(xs):6.3f}   range {min(xs):.3f}–{max(xs):.3f}")
+    outside = run_s - sum(r["wall_time_s"] for r in records)  # zygote start, checks, forks, waits, the report
+    print(f"  outside the cells {outside / len(records):6.3f}   (the run's {run_s:.1f} s less its cells', per cell)")
 
 
 if __name__ == "__main__":

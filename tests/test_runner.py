@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from harness.driver.runner import pending_cells, run_suite
 from harness.driver.suite import expand, parse_suite
 from harness.records import read_record
@@ -124,3 +126,27 @@ def test_a_cell_runs_with_the_imported_objects_frozen(tmp_path, write_suite):
         "run", str(write_suite(tiny_suite(methods=[{"method": "frozen.py:Frozen"}]))), "--results", str(tmp_path / "r")
     )
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_zygote_hears_a_cell_end_from_its_pidfd():
+    """The zygote sleeps until a request comes or a child ends (no 0.2 s poll per cell): a child's pidfd turns
+    readable once it has exited, and not before."""
+    import select
+
+    from harness.driver.forkserver import _pidfd
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: waits for its go, then exits
+        os.read(r, 1)
+        os._exit(3)
+    fd = _pidfd(pid)
+    if fd is None:
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        pytest.skip("this kernel has no pidfd_open: the zygote polls")
+    assert select.select([fd], [], [], 0)[0] == []  # still running
+    os.write(w, b"x")
+    assert select.select([fd], [], [], 60)[0] == [fd]  # 60 s: a guard against hanging, not a timing
+    assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 3
+    os.close(fd)
