@@ -55,10 +55,17 @@ def _row(c: headline.Config, verdict: str) -> list[str]:
         f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
         peak,
         step_text,
-        c.acc.label.replace(" (1 seed)", ""),
+        _accuracy(c.acc),
         f"{g.diff:+.3f} {'✓' if g.significant else '≈'}",
         verdict,
     ]
+
+
+def _accuracy(acc: stats.Summary) -> str:
+    """Mean, its spread over seeds where there are several, and the 95% interval: the seed count is the
+    caption's, so a row stays one line at 100 columns."""
+    spread = f" ± {acc.std:.3f}" if acc.seeds > 1 else ""
+    return f"{acc.mean:.3f}{spread} [{acc.ci[0]:.3f}, {acc.ci[1]:.3f}]"
 
 
 def _verdicts(ranked: list[headline.Config]) -> dict[str, str]:
@@ -92,8 +99,11 @@ def tables(records: list[RunRecord], title: str = "") -> list:
             box=box.SIMPLE_HEAD,
             title_justify="left",
             pad_edge=False,
+            show_edge=False,
+            collapse_padding=True,
         )
-        for i, h in enumerate(HEAD):
+        head = [h.replace("accuracy", "accuracy ± sd") if len(seeds) > 1 and h == HEAD[4] else h for h in HEAD]
+        for i, h in enumerate(head):
             table.add_column(h, overflow="fold", justify="right" if 0 < i < 4 else "left", no_wrap=0 < i < 6)
         ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
         verdicts = _verdicts(ranked)
@@ -106,7 +116,7 @@ def tables(records: list[RunRecord], title: str = "") -> list:
             why = (r.error or "").strip().splitlines()[0][:200] if r.error else ""
             out.append(Text(f"{r.status}: {r.model} · {r.task} · {r.method}/{r.variant} · seed {r.seed}: {why}"))
     if out:
-        out.append(Text(LEGEND, style="dim"))
+        out += [Text(""), Text(LEGEND, style="dim")]
     return out
 
 

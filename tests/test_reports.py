@@ -237,6 +237,32 @@ def test_the_summary_fits_a_terminal_and_the_wide_one_keeps_every_column(results
     assert "failed: tiny-bert · rotten_tomatoes · qlora/default · seed 0: RuntimeError: boom" in out
 
 
+def test_a_summary_of_several_seeds_keeps_each_configuration_on_one_line(results, tmp_path, capsys):
+    """Three seeds: the accuracy cell gains its spread over seeds (mean ± sd [95% CI]) and the caption the seed
+    count; each configuration is still one line of at most 100 columns, its verdict whole."""
+    d = tmp_path / "seeds"
+    (d / "records").mkdir(parents=True)
+    for p in (results / "records").glob("*.json"):
+        for seed in (0, 1, 2):
+            rec = json.loads(p.read_text())
+            rec["seed"] = rec["config"]["seed"] = seed
+            rec["cell_id"] = rec["cell_id"].replace("__s0__", f"__s{seed}__")
+            correct = list(rec["eval_after"]["correct"])
+            correct[seed] = "1" if correct[seed] == "0" else "0"  # the seeds differ a little
+            rec["eval_after"]["correct"] = "".join(correct)
+            rec["eval_after"]["accuracy"] = correct.count("1") / len(correct)
+            (d / "records" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
+    assert main(["summary", str(d)]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert "3 seed(s)" in lines[0] and "accuracy ± sd [95% CI]" in lines[1]
+    rows = [line for line in lines if line.split()[:1] in (["lora"], ["full"])]
+    assert len(rows) == 2
+    for row in rows:
+        assert re.search(r"\d\.\d{3} ± \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row), row
+        assert re.search(r"(most accurate|a tie|\))$", row.rstrip()), row  # the verdict not cut onto a next line
+
+
 def test_one_metric_catalogue_feeds_compare_the_explorer_the_sort_and_the_meanings(results):
     """Issue 28: the metric catalogue (reports/metrics.py) is defined once; compare's rows, the page's explorer,
     the run table's numeric sort and the column meanings read it instead of keeping copies."""
