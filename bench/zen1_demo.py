@@ -12,6 +12,8 @@ cache, as on a fresh machine, and the order is ABBA because these machines drift
     python bench/zen1_demo.py --old /tmp/old
 
 Zen 1 ≈ 696 s × (new / old). An estimate, not a measurement: the new code may scale differently from the old.
+Each checkout runs its own demo: since 2026-12-07 the new one has three methods (QA-LoRA left it), the old four,
+so the quotient is `make demo` against `make demo`, workload change included.
 """
 
 from __future__ import annotations
