@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harness.measure.plan import measured_by_category
 from harness.records import read_current
-from tests.conftest import run_cli, tiny_suite
+from tests.conftest import cells, run_cli, tiny_suite
 from tests.test_shapes import TINY_LLAMA
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,9 +36,15 @@ def test_the_dry_run_names_the_cells_that_will_not_fit_and_writes_nothing(tmp_pa
 
 
 def test_a_dry_run_with_everything_fitting_says_so(tmp_path, write_suite):
-    suite = tiny_suite(models=["tiny-llama"], tasks=[{"name": "synthetic"}])
+    """A cell the estimate cannot size gets its reason whole on a line under the table, not in a column."""
+    ia3 = {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": []}
+    methods = [{"method": "lora", "config": {"r": 4}}, {"method": "peft", "variant": "ia3", "config": ia3}]
+    suite = tiny_suite(models=["tiny-llama"], tasks=[{"name": "synthetic"}], methods=methods)
     out = run_cli("run", str(write_suite(suite)), "--dry-run", "--results", str(tmp_path / "res"))
-    assert out.returncode == 0 and "every estimated cell fits" in out.stdout
+    assert out.returncode == 0 and "every estimated cell fits (1 not estimated: above)" in out.stdout
+    assert "  peft/ia3/0: peft: not estimated (the method states no memory model)" in out.stdout.splitlines()
+    lora = next(line for line in out.stdout.splitlines() if line.strip().startswith("lora/default/0"))
+    assert "✓" in lora and lora.rstrip().endswith("s")  # its time column, unsqueezed
     assert not (tmp_path / "res").exists()
 
 
@@ -73,3 +81,35 @@ def test_each_record_carries_its_estimate_beside_the_measured_peak(tmp_path, wri
         assert e["trainable_params"] == r.trainable_params
         measured = measured_by_category(r)
         assert abs(measured["weights"] / e["by_category_bytes"]["weights"] - 1) < 1e-3  # rotary buffers aside
+
+
+@pytest.mark.parametrize("targets", [None, ["query", "value", "intermediate.dense"], ["dense"]])
+def test_an_encoders_lora_targets_are_estimated_as_peft_places_them(targets):
+    """BERT's blocks name their linears query … output.dense, not q_proj … down_proj: the estimate maps them by
+    position and shape, and counts exactly the adapters peft puts in the blocks (peft's default for BERT when
+    none are named: query and value; "dense" is the attention output and both MLP matrices, the pooler aside)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from harness.cell.models import skeleton
+    from harness.measure.plan import estimate_run
+
+    config = {"r": 4} if targets is None else {"r": 4, "target_modules": targets}
+    (cfg,) = cells(methods=[{"method": "lora", "config": config}])
+    model = skeleton("tiny-bert", mode="classifier")
+    e = estimate_run(cfg, model, decoder=False)
+    assert "peak_bytes" in e, e
+    wrapped = get_peft_model(BertForSequenceClassification(model.config), LoraConfig(r=4, target_modules=targets))
+    in_blocks = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n and ".layer." in n)
+    assert in_blocks > 0 and e["trainable_params"] == in_blocks
+    assert e["setup"]["r"] == 4
+
+
+def test_a_method_without_a_memory_model_is_not_estimated_and_says_so():
+    from harness.cell.models import skeleton
+    from harness.measure.plan import estimate_run
+
+    ia3 = {"peft_type": "IA3", "target_modules": ["key", "value", "output.dense"], "feedforward_modules": []}
+    (cfg,) = cells(methods=[{"method": "peft", "config": ia3}])
+    e = estimate_run(cfg, skeleton("tiny-bert", mode="classifier"), decoder=False)
+    assert e == {"not_estimated": "peft: not estimated (the method states no memory model)"}

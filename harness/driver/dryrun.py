@@ -81,15 +81,19 @@ def print_plan(suite, cells: list) -> int:
         for i, h in enumerate(("method/variant/seed", "weights", "grads", "optim", "activ", "peak", "needs", "fits")):
             table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
         table.add_column("time", justify="right", no_wrap=True)
+        why = []  # cells the estimate cannot size, each with its reason under the table (a column would squeeze)
         for r in group:
             if "peak_bytes" not in r:
-                table.add_row(escape(r["cell"]), *(["—"] * 6), "?", escape(r["why"][:40]))
+                table.add_row(escape(r["cell"]), *(["—"] * 6), "?", "—")
+                why.append(f"  {escape(r['cell'])}: {escape(r['why'])}")
                 continue
             c = r["by_category_bytes"]
             gib = [f"{c[k] / GIB:.2f}" for k in ("weights", "gradients", "optimizer_state", "activations")]
             need = [f"{r['peak_bytes'] / GIB:.2f}", f"{r['need'] / GIB:.2f}", "✓" if r["fits"] else "✗ no"]
             table.add_row(escape(r["cell"]), *gib, *need, f"~{r['seconds']:.0f} s")
         out.print(table)
+        for line in why:
+            out.print(line, highlight=False)
     capacity, where = (rows[0]["capacity"], rows[0]["where"]) if rows else (0, "")
     out.print(
         f"GiB, estimated (ftbench estimate's model: float32 weights, batch × max_seq_len). needs: the peak, or the "
@@ -102,5 +106,6 @@ def print_plan(suite, cells: list) -> int:
     if over:
         out.print(f"will not fit ({len(over)}): {', '.join(over)} — each would end as an oom record")
     else:
-        out.print("every estimated cell fits")
+        unknown = sum("peak_bytes" not in r for r in rows)
+        out.print("every estimated cell fits" + (f" ({unknown} not estimated: above)" if unknown else ""))
     return 0

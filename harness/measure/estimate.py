@@ -193,11 +193,14 @@ def memory_model(s: Setup):
     return mm
 
 
-def estimate(arch: Arch, s: Setup) -> dict[str, float]:
-    """Bytes by category and the estimated peak, for one fine-tuning step."""
+def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
+    """Bytes by category and the estimated peak, for one fine-tuning step. ``mm``: the method's memory model
+    from its whole config (a suite's cell); None builds it from the setup's knobs (``ftbench estimate``)."""
     p = arch.params()
     blocks = [(n, i, o) for n, i, o in arch.linear_shapes() if s.targets is None or n in s.targets]
-    mm = memory_model(s)
+    mm = mm if mm is not None else memory_model(s)
+    if not blocks and mm.trains != "all":
+        raise NotEstimated(f"{s.method}: not estimated (no linear layer of a block is among its targets {s.targets})")
     if mm.trains == "all":
         weights = (p["linear"] + p["other"]) * s.weight_dtype_bytes
         trainable, train_bytes = p["linear"] + p["other"], s.weight_dtype_bytes

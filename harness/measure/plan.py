@@ -11,11 +11,12 @@ peak, by category, so the estimator is checked at every run.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict
 from typing import Any
 
 from harness.cell.optim import runs_fused
-from harness.measure.estimate import Setup, arch_from_model, estimate
+from harness.measure.estimate import Arch, Setup, arch_from_model, estimate
 
 WEIGHT_BYTES = 4  # the harness loads every model in float32; autocast computes in the training dtype
 # What a process holds besides tensors when an address-space limit (RLIMIT_AS) applies: torch, transformers
@@ -24,12 +25,21 @@ PROCESS_OVERHEAD_BYTES = 1.5 * 2**30
 ASSUMED_MFU = {"cpu": 0.3, "cuda": 0.4}  # for the dry run's time only; records measure their own
 
 
+def method_memory_model(cfg):
+    """The cell's method's memory model, built from its whole config (None: the method states none)."""
+    from harness.registry import get_method
+
+    cls = get_method(cfg.method)
+    return cls(cls.Config.model_validate(cfg.method_config)).memory_model()
+
+
 def setup_for(cfg, model) -> Setup:
     """The estimate's setup for a cell on ``model`` (its skeleton or itself)."""
     mc, t = cfg.method_config, cfg.train
+    mm = method_memory_model(cfg)  # the method's own memory model, from its whole config (targets included)
     setup = Setup(
         method=cfg.method,
-        r=int(mc.get("r", 16)),
+        r=mm.rank if mm is not None and mm.rank else int(mc.get("r", 16)),  # the method's own default rank
         batch=t.batch_size,
         seq_len=t.max_seq_len,
         grad_checkpointing=t.grad_checkpointing,
@@ -42,16 +52,38 @@ def setup_for(cfg, model) -> Setup:
         group_size=int(mc.get("group_size", 32)),
         attention="eager" if getattr(model.config, "_attn_implementation", "sdpa") == "eager" else "sdpa",
     )
-    from harness.registry import get_method
-
-    cls = get_method(cfg.method)  # the method's own memory model, from its whole config (targets included)
-    mm = cls(cls.Config.model_validate(mc)).memory_model()
-    targets = mm.targets if mm is not None else None  # no memory model: estimate() says "not estimated"
+    targets = mm.targets if mm is not None else None  # no memory model: estimate_run says "not estimated"
     if targets == "peft-default":  # peft's per-architecture default (Llama, Qwen2, Mistral: q_proj and v_proj)
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
         targets = tuple(DEFAULTS.get(model.config.model_type, ()) or ()) or None
+    if targets is not None:
+        targets = block_roles(model, arch_from_model(model), targets)
     return Setup(**{**asdict(setup), "targets": targets})
+
+
+def block_roles(model, arch: Arch, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The estimate's names (``q_proj`` … ``down_proj``) of the block linears that ``targets`` select, matched as
+    peft matches them (a module's name, or the end of its dotted name after a dot, or a regular expression over
+    the whole name). The estimate counts Llama-named blocks; an encoder's block (BERT: query, key, value,
+    attention.output.dense, intermediate.dense, output.dense) has the same matrices in the same order. Where the
+    first block's linears do not line up with the estimate's, shape by shape, the names are returned as given."""
+    import torch
+
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    stack = next(((n, m) for n, m in stacks if len(m) == arch.layers), None)
+    if stack is None:
+        return targets
+    prefix, block = stack
+    linears = [(f"{prefix}.0.{n}", m) for n, m in block[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    roles = arch.linear_shapes()
+    if [(m.in_features, m.out_features) for _, m in linears] != [(i, o) for _, i, o in roles]:
+        return targets
+
+    def selected(name: str) -> bool:
+        return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+
+    return tuple(role for (name, _), (role, _, _) in zip(linears, roles, strict=True) if selected(name))
 
 
 def estimate_run(cfg, model, decoder: bool, optimizer_fused: bool | None = None) -> dict[str, Any]:
@@ -61,10 +93,13 @@ def estimate_run(cfg, model, decoder: bool, optimizer_fused: bool | None = None)
     from harness.measure.estimate import NotEstimated
 
     try:
+        mm = method_memory_model(cfg)
+        if mm is None:
+            raise NotEstimated(f"{cfg.method}: not estimated (the method states no memory model)")
         setup = setup_for(cfg, model)
         if optimizer_fused is not None:
             setup = Setup(**{**asdict(setup), "optimizer_fused": optimizer_fused})
-        e = estimate(arch_from_model(model, lm_head=decoder), setup)
+        e = estimate(arch_from_model(model, lm_head=decoder), setup, mm)
     except (NotEstimated, AttributeError, ValueError) as err:
         return {"not_estimated": str(err).splitlines()[0]}
     return {
