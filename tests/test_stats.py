@@ -83,11 +83,27 @@ def test_holm_adjustment_equals_statsmodels_and_the_step_down_by_hand(pvals):
         assert stats.holm(pvals) == pytest.approx([0.03, 0.06, 0.06, 0.02])  # then monotone: 0.04 → 0.06
 
 
-def test_multi_seed_interval_is_a_bootstrap_over_examples_and_contains_the_mean():
+def test_multi_seed_interval_over_examples_contains_the_mean_and_matches_a_bootstrap():
     n = 200
     s = stats.summarize([run("a", bits(n, set(range(120))), 0), run("a", bits(n, set(range(130))), 1)])
     assert s.seeds == 2 and s.mean == pytest.approx(0.625) and s.ci[0] < s.mean < s.ci[1]
     assert "± 0.035 (2 seeds)" in s.label
+    boot = stats.bootstrap_means(np.mean([[c == "1" for c in r.eval_after.correct] for r in s.runs], axis=0))
+    assert s.ci == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=0.006)  # the interior: the same
+
+
+def test_seeds_that_got_every_example_right_keep_an_interval_over_the_examples():
+    """60 of 60 right on two seeds is not certainty about the next 60 examples: Wilson's interval over the 60
+    examples, as for one seed (a percentile bootstrap over examples gave [1.000, 1.000]). Seeds that agree on
+    every example are one seed's evidence; seeds that disagree narrow it, down to n × seeds examples."""
+    all_right = stats.summarize([run("a", "1" * 60, 0), run("a", "1" * 60, 1)])
+    assert all_right.ci == pytest.approx(stats.wilson(1.0, 60)) and all_right.ci[0] < 0.95
+    agree = stats.summarize([run("a", bits(100, set(range(70))), s) for s in (0, 1)])
+    assert agree.ci == pytest.approx(stats.wilson(0.7, 100))
+    disagree = stats.summarize([run("a", bits(100, set(range(i, 70 + i))), s) for s, i in ((0, 0), (1, 30))])
+    assert disagree.mean == pytest.approx(0.7) and disagree.ci[1] - disagree.ci[0] < agree.ci[1] - agree.ci[0]
+    widest_narrowing = stats.wilson(0.7, 200)  # as if all 2 × 100 answers were independent
+    assert disagree.ci[1] - disagree.ci[0] >= widest_narrowing[1] - widest_narrowing[0] - 1e-9
 
 
 def test_headline_bolds_and_calls_best_only_beyond_noise():
