@@ -25,6 +25,7 @@ def _flops_per_step(cfg, model, trainable: float) -> float:
 def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
     """One row per cell: its key, the estimate by category, the memory it needs and has, and the time."""
     from harness.cell.models import resolve_mode, skeleton
+    from harness.cell.run import resolve_dtypes
     from harness.driver.runner import cell_key
     from harness.measure.hardware import default_device, peak_matmul
 
@@ -36,6 +37,7 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
     skeletons: dict[tuple[str, str], Any] = {}
     rows = []
     for cfg in cells:
+        cfg, _ = resolve_dtypes(cfg, device)  # `auto` as the cell will resolve it here: bf16 where it is native
         mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
         key = (cfg.model.name, mode)
         if key not in skeletons:
