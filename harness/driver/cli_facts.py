@@ -38,8 +38,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     """``ftbench models``: the model aliases, and what else a suite may name."""
     from harness.cell.modelnames import ALIASES
 
+    width = max(map(len, ALIASES))  # the columns line up whatever the longest alias
     for k, v in ALIASES.items():
-        print(f"{k:12s} {v}")
+        print(f"{k:{width}s}  {v}")
     print(
         "(or any local path / cached hub id transformers loads: a decoder (causal LM) reads every task through "
         "prompts, an encoder gets a classification head; `mode:` in the suite overrides)"
@@ -51,16 +52,17 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     """``ftbench tasks``: the registered tasks with their kind and source, and the generic ones."""
     from harness.tasks.builtin import TASKS, task_kind
 
-    for k, fn in TASKS.items():  # the docstring's first paragraph, whole: the source of the data is in it
-        print(f"{k:16s} {task_kind(k):16s} {' '.join((fn.__doc__ or '').strip().split(chr(10) * 2)[0].split())}")
-    generic = [
+    # the docstring's first paragraph, whole: the source of the data is in it
+    rows = [(k, task_kind(k), " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())) for k, fn in TASKS.items()]
+    rows += [
         ("csv / jsonl", "classification", "your file: {name: csv, path: data.csv, columns: {text: ..., label: ...}}"),
         ("", "multiple_choice", "kind: multiple_choice, columns: {text: ..., choices: ..., label: <the right one>}"),
         ("", "generation", "kind: generation, columns: {text: ..., answer: ...}"),
         ("hf", "any", "a hub dataset: {name: hf, dataset: <name>, columns: ...} (needs allow_network: true)"),
     ]
-    for k, kind, text in generic:
-        print(f"{k:16s} {kind:16s} {text}")
+    name_w, kind_w = (max(len(r[i]) for r in rows) for i in (0, 1))
+    for k, kind, text in rows:
+        print(f"{k:{name_w}s}  {kind:{kind_w}s}  {text}")
     return 0
 
 
