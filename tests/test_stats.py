@@ -149,3 +149,23 @@ def test_accuracy_and_macro_f1_agree_with_scikit_learn():
     for y_true, y_pred in cases:
         assert accuracy(y_true, y_pred) == accuracy_score(y_true, y_pred)
         assert macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def test_a_deployed_forms_accuracy_over_seeds_carries_its_interval_over_examples():
+    """The deployment table gave one seed's accuracy a 95% interval and several seeds' none ("1.000 ± 0.000")."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports import deployment
+
+    runs = []
+    for seed in (0, 1):
+        r = run("lora", "1" * 60, seed)
+        served = EvalMetrics(accuracy=1.0, loss=0.1, examples=60, correct="1" * 60)
+        form = DeploymentRecord(name="fp32", dtype="float32", eval=served, latency=None)
+        runs.append(
+            r.model_copy(
+                update={"exports": [ExportRecord(kind="merged", path="m", bytes_on_disk=9, deployments=[form])]}
+            )
+        )
+    (row,) = deployment.table_rows(deployment.forms(runs)[("m", "t")])
+    lo, hi = stats.wilson(1.0, 60)
+    assert row[-1] == f"1.000 ± 0.000 [{lo:.3f}, {hi:.3f}]"
