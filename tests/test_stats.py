@@ -169,3 +169,14 @@ def test_a_deployed_forms_accuracy_over_seeds_carries_its_interval_over_examples
     (row,) = deployment.table_rows(deployment.forms(runs)[("m", "t")])
     lo, hi = stats.wilson(1.0, 60)
     assert row[-1] == f"1.000 ± 0.000 [{lo:.3f}, {hi:.3f}]"
+
+
+def test_step_time_is_judged_against_students_t_at_the_repeats_degrees_of_freedom():
+    """A run-to-run spread estimated from a few repeats is itself uncertain: with 2 degrees of freedom a ×1.25
+    difference at sigma 0.05 is 3.2 standard errors (one run each), beyond the normal's 1.96 but within t(2)'s
+    4.30; with 60 degrees of freedom (t 2.00) it is beyond noise."""
+    a, b = run("a", "1", step_s=0.125), run("b", "1", step_s=0.1)
+    few = stats.step_time_verdict([a], [b], 0.05, 2)
+    many = stats.step_time_verdict([a], [b], 0.05, 60)
+    assert not few.significant and "4.30 standard errors" in few.why and "×1.25" in few.why
+    assert many.significant and "2.00 standard errors" in many.why
