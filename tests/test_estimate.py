@@ -89,6 +89,15 @@ def test_estimate_command_prints_the_table(capsys):
     assert main(["estimate", "--model", "llama-8b"]) == 2
 
 
+def test_a_small_models_estimate_keeps_two_significant_figures(capsys):
+    """MiniLM's LoRA estimate printed weights 0.0 GB and peak 0.1: now 0.047 and 0.12."""
+    assert main(["estimate", "--model", "minilm-l6", "--method", "lora"]) == 0
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| minilm-l6 | lora |"))
+    weights, *_, peak = [c.strip() for c in row.strip("|").split("|")[2:]]
+    assert float(weights) == pytest.approx(22.7e6 * 2 / 1e9, rel=0.05) and len(weights) == 5  # 0.0xx
+    assert 0.05 < float(peak) < 1 and len(peak.split(".")[1]) >= 2
+
+
 def test_fused_adamw_holds_no_scratch_and_the_estimate_follows_both_implementations():
     """Full fine-tuning of the tiny Llama, where the optimizer step sets the peak: torch's loop over tensors
     holds two scratch tensors the size of the embedding, the fused update none (here 23.7 against 16.0 MB

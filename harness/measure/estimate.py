@@ -279,6 +279,12 @@ def estimated_methods() -> list[str]:
     return out
 
 
+def _gb(n: float) -> str:
+    """Bytes as GB, to a precision a small model keeps (MiniLM's weights: 0.045, not 0.0)."""
+    v = n / GB
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.2g}" if v else "0"
+
+
 def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, str]]:
     """One row per (model, method): the estimate's parts in GB (trainable parameters in millions)."""
     rows = []
@@ -294,13 +300,13 @@ def table(names: list[str], methods: list[str], base: Setup) -> list[dict[str, s
                 {
                     "model": name,
                     "method": m,
-                    "weights GB": f"{e['weights'] / GB:.1f}",
+                    "weights GB": _gb(e["weights"]),
                     "trainable": f"{e['trainable_params'] / 1e6:.1f}M",
-                    "grads GB": f"{e['gradients'] / GB:.2f}",
-                    "optimizer GB": f"{e['optimizer_state'] / GB:.2f}"
-                    + (f" (+{e['optimizer_state_host'] / GB:.2f} host)" if e["optimizer_state_host"] else ""),
-                    "activations GB": f"{e['activations'] / GB:.1f}",
-                    "peak GB": f"{e['peak'] / GB:.1f}",
+                    "grads GB": _gb(e["gradients"]),
+                    "optimizer GB": _gb(e["optimizer_state"])
+                    + (f" (+{_gb(e['optimizer_state_host'])} host)" if e["optimizer_state_host"] else ""),
+                    "activations GB": _gb(e["activations"]),
+                    "peak GB": _gb(e["peak"]),
                 }
             )
     return rows
