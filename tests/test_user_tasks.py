@@ -61,6 +61,30 @@ def test_multiple_choice_file_loads_with_index_text_or_letter_answers(tmp_path):
     assert other.info()["examples_sha256"]["test"] != data.info()["examples_sha256"]["test"]
 
 
+def test_numeric_choices_given_by_their_text_are_read_as_texts(tmp_path):
+    """Answers that are numbers among numeric choices: "24" of ["21", "25", "24"] was refused (index 24 does not
+    exist), and "2" of ["1", "2", "3"] was silently read as index 2, the wrong choice."""
+    rng = random.Random(2)
+    path = tmp_path / "sums.jsonl"
+    with open(path, "w") as fh:
+        for i in range(60):
+            a, b = rng.randrange(4), rng.randrange(1, 20)
+            choices = [str(a + b + d) for d in rng.sample([-2, -1, 0, 1, 2], 3 if 0 < a + b < 3 else 4)]
+            choices = choices if str(a + b) in choices else [*choices[:-1], str(a + b)]
+            fh.write(json.dumps({"question": f"{i}: {a} + {b}?", "options": choices, "answer": str(a + b)}) + "\n")
+    data = load_task(TaskSpec(name="jsonl", path=str(path), **MC))
+    examples = data.train + data.validation + data.test
+    assert len(examples) == 60
+    for x in examples:
+        a, b = x.text.split(": ")[1].rstrip("?").split(" + ")
+        assert x.choices[x.label] == str(int(a) + int(b)), (x.text, x.choices, x.label)
+    assert any(
+        int(x.choices[x.label]) < len(x.choices) and x.choices.index(str(x.label)) != x.label
+        for x in examples
+        if str(x.label) in x.choices
+    )  # the ambiguous case occurs
+
+
 def test_choices_in_several_csv_columns_and_a_grouped_split(tmp_path):
     path = tmp_path / "mc.csv"
     with open(path, "w", newline="") as fh:

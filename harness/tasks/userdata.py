@@ -83,12 +83,17 @@ def check_task_spec(spec: TaskSpec, where: str, allow_network: bool = False) -> 
         )
 
 
-def _choice_index(value, choices: list[str]) -> int | None:
-    """The right choice given as its index (0-based), its text, or its letter (A, B, ...)."""
+def _choice_index(value, choices: list[str], by_text: bool = False) -> int | None:
+    """The right choice given as its index (0-based), its text, or its letter (A, B, ...). ``by_text``: the file
+    gives every row's answer as one of its choices' texts, so a number is a text first ("24" of ["21", "25",
+    "24"] is the third choice, not index 24; "2" of ["1", "2", "3"] the second, not index 2)."""
     text = str(value).strip()
+    if by_text and text in choices:
+        return choices.index(text)
     if isinstance(value, int) or text.isdigit():
         i = int(text)
-        return i if 0 <= i < len(choices) else None
+        if 0 <= i < len(choices):
+            return i
     if text in choices:
         return choices.index(text)
     if len(text) == 1 and text.isalpha() and ord(text.upper()) - ord("A") < len(choices):
@@ -132,6 +137,10 @@ def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> 
                 "examples per class to learn from (an id, or a number to regress?)"
             )
     index = {label: i for i, label in enumerate(labels)}
+    # multiple choice: is every row's answer one of its choices' texts? Then a number in it is a text, not an index
+    by_text = kind == "multiple_choice" and all(
+        str(r[c.label]).strip() in _row_choices(r, c.choices, f"{source}: row {i + 1}") for i, r in enumerate(records)
+    )
     out = []
     for i, r in enumerate(records):
         where = f"{source}: row {i + 1}"
@@ -143,7 +152,7 @@ def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> 
             out.append(Example(str(r[c.text]), index[str(r[c.label])], **common))
         elif kind == "multiple_choice":
             choices = _row_choices(r, c.choices, where)
-            label = _choice_index(r[c.label], choices)
+            label = _choice_index(r[c.label], choices, by_text)
             if label is None:
                 raise ConfigError(
                     f"{where}: column {c.label!r} = {r[c.label]!r} is neither the index, the text nor the letter "
