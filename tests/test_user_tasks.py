@@ -78,11 +78,8 @@ def test_numeric_choices_given_by_their_text_are_read_as_texts(tmp_path):
     for x in examples:
         a, b = x.text.split(": ")[1].rstrip("?").split(" + ")
         assert x.choices[x.label] == str(int(a) + int(b)), (x.text, x.choices, x.label)
-    assert any(
-        int(x.choices[x.label]) < len(x.choices) and x.choices.index(str(x.label)) != x.label
-        for x in examples
-        if str(x.label) in x.choices
-    )  # the ambiguous case occurs
+    right = [int(x.choices[x.label]) for x in examples]
+    assert any(0 <= n < len(x.choices) and n != x.label for n, x in zip(right, examples, strict=True))  # ambiguous
 
 
 def test_choices_in_several_csv_columns_and_a_grouped_split(tmp_path):
