@@ -180,3 +180,17 @@ def test_step_time_is_judged_against_students_t_at_the_repeats_degrees_of_freedo
     many = stats.step_time_verdict([a], [b], 0.05, 60)
     assert not few.significant and "4.30 standard errors" in few.why and "×1.25" in few.why
     assert many.significant and "2.00 standard errors" in many.why
+
+
+def test_a_bootstrap_p_value_is_never_zero():
+    """Two seeds that gained on 40 of 60 examples and lost none: every resample agrees, and the report printed
+    "p = 0". A finite bootstrap's p-value counts the observed sample too: 2 / 2001 here."""
+    before = "0" * 40 + "1" * 20
+    runs = [
+        run("a", "1" * 60, s).model_copy(
+            update={"eval_before": EvalMetrics(accuracy=20 / 60, loss=1.0, examples=60, correct=before)}
+        )
+        for s in (0, 1)
+    ]
+    g = stats.gain(runs)
+    assert g.significant and g.p == pytest.approx(2 / (stats.BOOTSTRAP + 1))
