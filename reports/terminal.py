@@ -11,9 +11,10 @@ from harness.records import RunRecord
 from reports import headline, stats
 
 PIPE_WIDTH = 100  # columns when stdout is a file or a pipe (a log, CI)
-HEAD = ("method", "trainable", "peak", "step", "accuracy [95% CI]", "gain", "vs the most accurate")
+HEAD = ("method", "trains", "peak", "step", "accuracy [95% CI]", "gain", "vs the most accurate")
 LEGEND = (
-    "peak: CPU live tensors or CUDA allocated, as the report names it · step: median of timed steps, ⚠ where "
+    "trains: the share of parameters the optimizer updates · peak: CPU live tensors or CUDA allocated, as the "
+    "report names it · step: median of timed steps, ⚠ where "
     "measured under load · gain: accuracy after − before on the same test examples, ✓ beyond noise, ≈ within "
     "noise · vs the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise · "
     "every column: --wide, report.html"
@@ -29,7 +30,11 @@ def console():
 
 
 def _p(p: float | None) -> str:
-    return "not testable" if p is None else ("p < 0.0001" if p < 1e-4 else f"p = {p:.2g}")
+    """At most three decimals, so that a verdict is at most 24 columns ("within noise (p = 0.049)") and a row with
+    three seeds' spread and the under-load mark still fits 100 columns."""
+    if p is None:
+        return "not testable"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2g}"
 
 
 def _size(n: float) -> str:
@@ -48,7 +53,7 @@ def _row(c: headline.Config, verdict: str) -> list[str]:
     step = c.median_step_s()
     step_text = f"{step * 1000:.0f} ms" if step else "—"
     if step and any(map(stats.under_load, c.runs)):
-        step_text += " ⚠"
+        step_text += "⚠"
     g = stats.gain(c.runs)
     return [
         c.name.removesuffix("/default"),

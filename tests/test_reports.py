@@ -208,7 +208,7 @@ def test_figures_of_two_models_and_two_tasks_never_merge_runs(results):
 
 
 def test_the_summary_fits_a_terminal_and_the_wide_one_keeps_every_column(results, tmp_path, capsys):
-    """`ftbench summary`: one compact table (method, trainable, peak, step, accuracy with its interval, gain,
+    """`ftbench summary`: one compact table (method, trains, peak, step, accuracy with its interval, gain,
     verdict) within 100 columns when the output is not a terminal; `--wide` keeps every column; a failed run is
     one line under the table, not a row of dashes."""
     from harness.records import make_record
@@ -217,7 +217,7 @@ def test_the_summary_fits_a_terminal_and_the_wide_one_keeps_every_column(results
     out = capsys.readouterr().out
     lines = out.rstrip("\n").splitlines()
     assert max(len(line) for line in lines) <= 100, max(lines, key=len)
-    for word in ("method", "trainable", "peak", "accuracy [95% CI]", "gain", "vs the most accurate"):
+    for word in ("method", "trains", "peak", "accuracy [95% CI]", "gain", "vs the most accurate"):
         assert word in out
     rows = [line.split() for line in lines if line.split()[:1] in (["lora"], ["full"])]
     assert sorted(r[0] for r in rows) == ["full", "lora"] and all("[" in " ".join(r) for r in rows)
@@ -239,7 +239,8 @@ def test_the_summary_fits_a_terminal_and_the_wide_one_keeps_every_column(results
 
 def test_a_summary_of_several_seeds_keeps_each_configuration_on_one_line(results, tmp_path, capsys):
     """Three seeds: the accuracy cell gains its spread over seeds (mean ± sd [95% CI]) and the caption the seed
-    count; each configuration is still one line of at most 100 columns, its verdict whole."""
+    count; each configuration is still one line of at most 100 columns, its verdict whole, even with the
+    under-load mark on its step time (--jobs 2 folded "within noise (p = 0.009)" onto a second line)."""
     d = tmp_path / "seeds"
     (d / "records").mkdir(parents=True)
     for p in (results / "records").glob("*.json"):
@@ -251,6 +252,7 @@ def test_a_summary_of_several_seeds_keeps_each_configuration_on_one_line(results
             correct[seed] = "1" if correct[seed] == "0" else "0"  # the seeds differ a little
             rec["eval_after"]["correct"] = "".join(correct)
             rec["eval_after"]["accuracy"] = correct.count("1") / len(correct)
+            rec["contention"] = {"loaded": True, "concurrent_cells": 2}
             (d / "records" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
     assert main(["summary", str(d)]) == 0
     lines = capsys.readouterr().out.rstrip("\n").splitlines()
@@ -261,6 +263,11 @@ def test_a_summary_of_several_seeds_keeps_each_configuration_on_one_line(results
     for row in rows:
         assert re.search(r"\d\.\d{3} ± \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row), row
         assert re.search(r"(most accurate|a tie|\))$", row.rstrip()), row  # the verdict not cut onto a next line
+        assert "ms⚠" in row
+    from reports.terminal import _p
+
+    widest = max((_p(x / 10000) for x in range(1, 10001)), key=len)  # every p a verdict can carry
+    assert len(f"within noise ({widest})") == 24, widest
 
 
 def test_one_metric_catalogue_feeds_compare_the_explorer_the_sort_and_the_meanings(results):
