@@ -78,8 +78,8 @@ def check_task_spec(spec: TaskSpec, where: str, allow_network: bool = False) -> 
     if spec.name == "hf" and not allow_network:
         raise ConfigError(
             f"{where}.dataset: {spec.dataset!r} would be fetched from the Hugging Face hub, but "
-            "runs are offline; set `allow_network: true` where the hub is reachable, or export it "
-            "to a local csv / jsonl file"
+            "runs are offline; set `allow_network: true` at the suite's top level where the hub is reachable, or "
+            "export it to a local csv / jsonl file"
         )
 
 
