@@ -184,7 +184,32 @@ def warnings(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
     only_new = [k for k in new_by if k not in old_by]
     if only_old or only_new:
         out.append(f"note: {len(only_old)} cells only in OLD, {len(only_new)} only in NEW (not compared)")
+    apart = drift_note(old, new) if hw is None else None
+    if apart:
+        out.append(apart)
     return out
+
+
+def drift_note(old: list[RunRecord], new: list[RunRecord]) -> str | None:
+    """Step time is judged against the spread between seeds within each side. Where OLD ran wholly before NEW (or
+    after), a drift of the machine between the two is not in that spread: say how far apart they ran."""
+    from datetime import datetime
+
+    def span(rs: list[RunRecord]) -> tuple[datetime, datetime] | None:
+        times = sorted(datetime.fromisoformat(r.started_at) for r in rs if r.status == "ok" and r.started_at)
+        return (times[0], times[-1]) if times else None
+
+    a, b = span(old), span(new)
+    if a is None or b is None or (a[0] <= b[1] and b[0] <= a[1]):  # interleaved: drift is in both sides alike
+        return None
+    after = a[1] < b[0]
+    gap = (b[0] - a[1]) if after else (a[0] - b[1])
+    minutes = gap.total_seconds() / 60
+    when = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.0f} h" if minutes < 2880 else f"{gap.days} days"
+    return (
+        f"note: NEW ran {when} {'after' if after else 'before'} OLD: step-time verdicts use the seeds' spread within "
+        "each, which leaves out this machine's drift between them (for a timing claim, alternate them: ABBA)"
+    )
 
 
 # The pivoted table: one row per cell, one column per metric, "old → new (change, verdict)"; a change is

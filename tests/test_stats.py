@@ -194,3 +194,20 @@ def test_a_bootstrap_p_value_is_never_zero():
     ]
     g = stats.gain(runs)
     assert g.significant and g.p == pytest.approx(2 / (stats.BOOTSTRAP + 1))
+
+
+def test_compare_says_when_old_and_new_ran_one_after_the_other():
+    """Step time is judged against the seeds' spread within each side; when NEW ran wholly after OLD, a drift of the
+    machine between them is not in it (the same cell, 9 minutes apart, differed by 34% on a 2-core VM), and compare says
+    so. Interleaved runs share the drift: no note."""
+    from reports.compare import drift_note, warnings
+
+    def at(r, t):
+        return r.model_copy(update={"started_at": f"2026-12-02T{t}:00+00:00"})
+
+    old = [at(run("a", "1", 0), "10:00"), at(run("a", "1", 1), "10:05")]
+    new = [at(run("a", "1", 0), "10:45"), at(run("a", "1", 1), "10:50")]
+    assert "NEW ran 40 min after OLD" in drift_note(old, new) and "ABBA" in drift_note(old, new)
+    assert any(w.startswith("note: NEW ran 40 min after OLD") for w in warnings(old, new))
+    assert "NEW ran 40 min before OLD" in drift_note(new, old)
+    assert drift_note([old[0], new[1]], [old[1], new[0]]) is None
