@@ -102,9 +102,11 @@ def _table(studies: dict[str, dict]) -> str:
                 else f"{h['value']:.4f}"
             )
             params = ", ".join(f"{k} {_fmt(v)}" for k, v in h["params"].items())
-            cells = [name, str(h["number"]), params, value + chosen, h["state"].lower()]
+            loss = f"{h['val_loss']:.4f}" if isinstance(h.get("val_loss"), float) else "—"
+            cells = [name, str(h["number"]), params, value + chosen, loss, h["state"].lower()]
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{c}</th>" for c in ("configuration", "trial", "parameters", "validation value", "state"))
+    titles = ("configuration", "trial", "parameters", "validation value", "validation loss", "state")
+    head = "".join(f"<th>{c}</th>" for c in titles)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
@@ -157,11 +159,19 @@ def render(records: list[RunRecord], results_dir: Path | None, figure_html) -> s
         parts.append(figure_html(lr_figure(studies), f"fig-tune-lr-{k}"))
         flat = [n for n, t in studies.items() if len({h["value"] for h in t["history"] if h["value"] is not None}) == 1]
         if flat:
+            by_loss = all(studies[n].get("tied_at_best") for n in flat)  # records since ties are broken by loss
+            chosen = "has the lowest validation loss" if by_loss else "is simply the first"
             parts.append(
                 f'<p class="warn">Every trial of {html.escape(", ".join(flat))} scored the same on validation: the '
-                "chosen one is simply the first, and says nothing about which learning rate is better (a larger "
-                "validation set, more steps or the loss as the objective may tell them apart).</p>"
+                f"chosen one {chosen}, and says little about which learning rate is better (a larger validation "
+                "set, more steps or the loss as the objective may tell them apart).</p>"
             )
+        for n, t in studies.items():
+            if n not in flat and t.get("tied_at_best", 1) > 1:
+                parts.append(
+                    f'<p class="note">{html.escape(n)}: {t["tied_at_best"]} trials tied at the best validation '
+                    "value; the one with the lowest validation loss was chosen.</p>"
+                )
         everything = [r for r in records if r.total_params and r.trainable_params == r.total_params]
         trains_all = {f"{r.method}/{r.variant}" for r in everything}
         parts += [f"<p>{html.escape(line)}</p>" for line in lr_ratio(studies, trains_all)]

@@ -61,7 +61,7 @@ def test_trials_never_read_the_test_split_and_final_runs_read_it_once_after_trai
     assert len(ran) == 3 and "test" not in splits and splits.count("validation") == 3 * 2  # steps 2 and 4
     t = best.tuning
     assert t["trials"] == 3 and t["selected_on"] == "validation split (val_accuracy)" and len(t["history"]) == 3
-    assert best.train.lr == t["best_params"]["lr"] == max(t["history"], key=lambda h: h["value"])["params"]["lr"]
+    assert best.train.lr == t["best_params"]["lr"] and t["best_value"] == max(h["value"] for h in t["history"])
     for seed in suite.seeds:  # the final runs: the tuned config on every seed of the suite
         splits.clear()
         cfg = with_params(best.model_copy(update={"seed": seed}), {})
@@ -76,6 +76,7 @@ def test_trials_never_read_the_test_split_and_final_runs_read_it_once_after_trai
     page = write_report(tmp_path).read_text()  # the tuning section, with Optuna's own figure of the study
     assert "Hyperparameters: tuned on the validation split" in page and 'id="fig-tune-lr-0"' in page
     assert "optimization history" in page and "tuned: 3 trials on val_accuracy (lr " in page
+    assert "<th>validation loss</th>" in page  # the tie-break's figure, per trial
 
 
 def test_an_interrupted_study_resumes_without_repeating_trials_and_ends_like_an_uninterrupted_one(tmp_path):
@@ -145,6 +146,59 @@ def test_the_grid_sampler_tries_each_log_spaced_point_once(tmp_path):
     suite = _suite(sampler="grid", space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
     (best,), ran = _tune(suite, tmp_path)
     assert sorted(ran) == pytest.approx([1e-4, 1e-3, 1e-2]) and best.tuning["sampler"] == "grid"
+
+
+def _scripted(loss_of):
+    """An executor that trains nothing: every trial scores validation accuracy 0.5 (as trials that only learned
+    the majority class do) at the validation loss ``loss_of(cfg)``."""
+    from harness.records import make_record, now_iso
+
+    ran = []
+
+    def execute(cfg, trial_dir):
+        ran.append(cfg)
+        curve = [{"step": 4, "accuracy": 0.5, "loss": loss_of(cfg)}]
+        return make_record(cfg, "ok", None, now_iso(), 0.1, validation_curve=curve, selected_step=4)
+
+    return execute, ran
+
+
+def test_trials_tied_on_validation_accuracy_are_told_apart_by_validation_loss(tmp_path):
+    from harness.driver.tune import grid_points, space_for
+
+    suite = _suite(sampler="grid", space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    last = grid_points(space_for(suite.tune, expand(suite)[0]), 3, suite.tune.seed)[-1]["lr"]
+    execute, ran = _scripted(lambda cfg: 0.1 if cfg.train.lr == last else 0.7)  # the last proposal fits best
+    said = []
+    base = [c for c in expand(suite) if c.seed == 0]
+    (best,) = tune_cells(suite, base, tmp_path, execute, say=said.append)
+    assert len(ran) == 3 and best.train.lr == last and best.tuning["tied_at_best"] == 3
+    assert [h["val_loss"] for h in best.tuning["history"]] == [0.7, 0.7, 0.1]
+    assert any("3 trials tied at val_accuracy 0.5; the one with the lowest validation loss" in s for s in said)
+
+
+def test_a_grid_says_when_trials_leave_points_out_and_never_runs_a_point_twice(tmp_path):
+    from harness.driver.tune import budget, grid_coverage
+
+    space = {"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "config.r": {"choices": [4, 8]}}}
+    suite = _suite(sampler="grid", space=space)  # 3 trials: lr 3 × r 2 = 6 points
+    (cfg,) = [c for c in expand(suite) if c.seed == 0]
+    from harness.driver.tune import space_for
+
+    assert grid_coverage(suite.tune, space_for(suite.tune, cfg)) == (
+        "a grid of 6 points (lr 3 × config.r 2): 3 trials try 3 of them, in a seeded order"
+    )
+    few = _suite(sampler="grid", trials=5, space={"lora": {"config.r": {"choices": [4, 8]}}})
+    assert budget(few.tune, space_for(few.tune, cfg)) == 2
+    assert grid_coverage(few.tune, space_for(few.tune, cfg)).endswith("2 trials, each point once, not the 5 budgeted")
+    execute, ran = _scripted(lambda cfg: 0.5)
+    said = []
+    (best,) = tune_cells(few, [c for c in expand(few) if c.seed == 0], tmp_path, execute, say=said.append)
+    assert sorted(c.method_config["r"] for c in ran) == [4, 8] and best.tuning["trials"] == 2
+    assert "trial 2/2" in said[-2] and "a grid of 2 points (config.r 2)" in said[0]
+    exact = _suite(sampler="grid", space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    one_range = space_for(exact.tune, cfg)
+    assert grid_coverage(exact.tune, one_range) is None and budget(exact.tune, one_range) == 3
 
 
 def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(tmp_path):

@@ -330,7 +330,10 @@ def _tuned(suite: Suite, grid, base, results_dir: Path, console, executor: str, 
     # the study's text folds onto more lines rather than being cut (the best value and the trial must show)
     text = TextColumn("{task.fields[text]}", table_column=Column(overflow="fold", ratio=1))
     columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), text)
-    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+    # piped to a log, the bars would print once at the end, folded to the log's 80 columns: the lines that
+    # say() prints per trial carry the same figures
+    live = console.is_terminal
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False, disable=not live) as progress:
         bars: dict[str, int] = {}
 
         def status(key: str, text: str, done: int, total: int) -> None:
@@ -339,7 +342,7 @@ def _tuned(suite: Suite, grid, base, results_dir: Path, console, executor: str, 
                 bars[key] = progress.add_task(name, total=total, text="")
             progress.update(bars[key], completed=done, total=total, text=text)
 
-        finals = tune_cells(suite, base, results_dir, pool, progress.console.print, status)
+        finals = tune_cells(suite, base, results_dir, pool, lambda s: progress.console.print(s, soft_wrap=True), status)
     best = {(c.model.name, c.task.display_name, c.method, c.variant): c for c in finals}
     out = []
     for c in grid:

@@ -15,6 +15,7 @@ an interrupted study proposes what an uninterrupted one would have.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,14 @@ def with_params(cfg: RunConfig, params: dict[str, Any], **update) -> RunConfig:
 
 def objective_value(rec: RunRecord, objective: str) -> float | None:
     """The trial's validation score at its selected step (the last one unless ``train.select`` says otherwise)."""
+    point = _selected_point(rec)
+    return None if point is None else point["accuracy"] if objective == "val_accuracy" else point["loss"]
+
+
+def _selected_point(rec: RunRecord) -> dict | None:
     if rec.status != "ok" or not rec.validation_curve:
         return None
-    point = next((p for p in rec.validation_curve if p["step"] == rec.selected_step), rec.validation_curve[-1])
-    return point["accuracy"] if objective == "val_accuracy" else point["loss"]
+    return next((p for p in rec.validation_curve if p["step"] == rec.selected_step), rec.validation_curve[-1])
 
 
 def _sampler(tune: Tune, finished: int):
@@ -105,6 +110,29 @@ def grid_points(space: dict[str, SearchRange], points: int, seed: int) -> list[d
     combos = [dict(zip(values, c, strict=True)) for c in itertools.product(*values.values())]
     random.Random(seed).shuffle(combos)
     return combos
+
+
+def budget(tune: Tune, space: dict[str, SearchRange]) -> int:
+    """Trials a study runs: ``tune.trials``, or fewer where a grid has fewer points (a repeated point would run
+    the same configuration on the same seed again)."""
+    if tune.sampler != "grid":
+        return tune.trials
+    return min(tune.trials, math.prod(len(v) for v in grid(space, tune.trials).values()))
+
+
+def grid_coverage(tune: Tune, space: dict[str, SearchRange]) -> str | None:
+    """One line where a grid's trials are not its points: more points than trials (the seeded first ``trials``
+    of them run, the rest never do) or fewer (the study stops when each has run once); None where they match."""
+    if tune.sampler != "grid":
+        return None
+    sizes = {name: len(v) for name, v in grid(space, tune.trials).items()}
+    points = math.prod(sizes.values())
+    if points == tune.trials:
+        return None
+    dims = " × ".join(f"{name} {n}" for name, n in sizes.items())
+    if points > tune.trials:
+        return f"a grid of {points} points ({dims}): {tune.trials} trials try {tune.trials} of them, in a seeded order"
+    return f"a grid of {points} points ({dims}): {points} trials, each point once, not the {tune.trials} budgeted"
 
 
 def grid(space: dict[str, SearchRange], points: int) -> dict[str, list]:
@@ -176,17 +204,20 @@ def tune_cells(
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # not counted; proposed again
             study.tell(t.number, state=TrialState.FAIL)
         space = space_for(tune, cfg)
-        studies.append({"cfg": cfg, "key": key, "study": study, "space": space, "dists": _distributions(space)})
+        st = {"cfg": cfg, "key": key, "study": study, "space": space, "dists": _distributions(space)}
+        studies.append({**st, "budget": budget(tune, space)})
+        if line := grid_coverage(tune, space):
+            say(f"tune {key}: {line}")
     status = status or (lambda *_: None)
     for st in studies:
-        status(st["key"], _summary(st["study"], tune), len(_counted(st["study"])), tune.trials)
+        status(st["key"], _summary(st, tune), len(_counted(st["study"])), st["budget"])
 
     flight: dict[int, tuple[dict, Any]] = {}  # ticket (the study's index) → (study, trial)
     while True:
         for i, st in enumerate(studies):
             if len(flight) >= pool.slots:
                 break
-            if i in flight or len(_counted(st["study"])) >= tune.trials:
+            if i in flight or len(_counted(st["study"])) >= st["budget"]:
                 continue
             trial = _propose(st, tune)
             info = {"storage": spec, "study": st["key"], "number": trial.number}
@@ -194,9 +225,9 @@ def tune_cells(
             cfg = with_params(st["cfg"], trial.params, read_test=False, export=False, trial=info)
             params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
 
-            def show(line: str, key=st["key"], study=st["study"], params=params) -> None:
-                text = f"{_summary(study, tune)} · trial: {params} · {line}"
-                status(key, text, len(_counted(study)), tune.trials)
+            def show(line: str, st=st, params=params) -> None:
+                text = f"{_summary(st, tune)} · trial: {params} · {line}"
+                status(st["key"], text, len(_counted(st["study"])), st["budget"])
 
             show("starting")
             pool.submit(i, cfg, trial_dir, show)
@@ -207,6 +238,8 @@ def tune_cells(
         st, trial = flight.pop(ticket)
         study = st["study"]
         value = objective_value(rec, tune.objective)
+        if (point := _selected_point(rec)) is not None:  # breaks ties on validation accuracy (discrete)
+            trial.set_user_attr("val_loss", point["loss"])
         if rec.status == "pruned":
             study.tell(trial, state=TrialState.PRUNED)
         elif value is None:
@@ -217,8 +250,8 @@ def tune_cells(
         result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
         done = len(_counted(study))
         params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
-        say(f"tune {st['key']}: trial {done}/{tune.trials} ({params}) → {result}; {_summary(study, tune)}")
-        status(st["key"], _summary(study, tune), done, tune.trials)
+        say(f"tune {st['key']}: trial {done}/{st['budget']} ({params}) → {result}; {_summary(st, tune)}")
+        status(st["key"], _summary(st, tune), done, st["budget"])
     return [_final(st, tune, spec, say) for st in studies]
 
 
@@ -232,13 +265,14 @@ def _propose(st: dict, tune: Tune):
     return study.ask(st["dists"])
 
 
-def _summary(study, tune: Tune) -> str:
+def _summary(st: dict, tune: Tune) -> str:
     """Trials done and pruned, and the best value so far: the study's line in the progress display."""
     from optuna.trial import TrialState
 
+    study = st["study"]
     counted = _counted(study)
     pruned = sum(t.state == TrialState.PRUNED for t in counted)
-    text = f"{len(counted)}/{tune.trials} trials, {pruned} pruned"
+    text = f"{len(counted)}/{st['budget']} trials, {pruned} pruned"
     if any(t.state == TrialState.COMPLETE for t in counted):
         text += f", best {tune.objective} {study.best_value:.4g}"
     return text
@@ -253,12 +287,18 @@ def _final(st: dict, tune: Tune, spec: str, say: Callable[[str], None]) -> RunCo
     if not any(t.state == TrialState.COMPLETE for t in trials):
         say(f"tune {st['key']}: no trial completed; the suite's own hyperparameters are used")
         return cfg
-    best = study.best_trial
+    best, tied = _best(study, tune)
+    if tied > 1:
+        say(
+            f"tune {st['key']}: {tied} trials tied at {tune.objective} {best.value:.4g}; the one with the lowest"
+            f" validation loss is taken ({', '.join(f'{k} {fmt_param(v)}' for k, v in best.params.items())})"
+        )
     tuning = {
         "selected_on": f"validation split ({tune.objective})",
         "objective": tune.objective,
         "best_value": best.value,
         "best_params": best.params,
+        "tied_at_best": tied,
         "trials": len(trials),
         "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
@@ -267,9 +307,26 @@ def _final(st: dict, tune: Tune, spec: str, say: Callable[[str], None]) -> RunCo
         "pruner": tune.pruner,
         "study": st["key"],
         "storage": public_url(spec),
-        "history": [{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in trials],
+        "history": [
+            {"number": t.number, "params": t.params, "value": t.value, "state": t.state.name}
+            | ({"val_loss": t.user_attrs["val_loss"]} if "val_loss" in t.user_attrs else {})
+            for t in trials
+        ],
     }
     return with_params(cfg, best.params, tuning=tuning)
+
+
+def _best(study, tune: Tune) -> tuple[Any, int]:
+    """The best complete trial and how many tied at its value. Validation accuracy is a count over the split, so
+    trials tie (often every trial that only learned the majority class): among them the lowest validation loss
+    wins, then the earliest trial. A tie on validation loss keeps Optuna's best (the earliest)."""
+    from optuna.trial import TrialState
+
+    best = study.best_trial
+    tied = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value == best.value]
+    if tune.objective == "val_accuracy" and len(tied) > 1:
+        best = min(tied, key=lambda t: (t.user_attrs.get("val_loss", math.inf), t.number))
+    return best, len(tied)
 
 
 def _counted(study) -> list:
