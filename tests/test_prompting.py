@@ -96,6 +96,9 @@ def test_label_word_scores_are_log_probabilities(llama):
         ("There were 41 students.", "41 students", True),
         ("1,200 meters", "1200 meters", True),
         ("14", "41 students", False),
+        ("3 + 38 = 41", "41 students", True),  # the question restated, then the answer: read at the answer
+        ("41 - 3 = 38", "41 students", False),
+        ("41 students, 3 teachers", "41 students", False),  # the last number is what the model ended on
         ("", "9 apples", False),
         ("Sara has more", "Sara", True),
         ("3:2", "3:2", True),

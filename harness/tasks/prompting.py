@@ -5,7 +5,8 @@
 - multiple choice: the continuations are the choices, scored by their summed log-likelihood ("acc" in
   lm-evaluation-harness; ``accuracy_norm`` divides by the choice's token count).
 - generation: the continuation is the reference answer (+ EOS); evaluation generates greedily and compares
-  the first number of the output with the answer's (or the normalised text where the answer is not a number).
+  the last number of the output's first line with the answer's (lm-evaluation-harness's flexible-extract), or the
+  normalised text where the answer is not a number.
 
 Training minimises the negative log-likelihood of the right continuation's tokens only (prompt tokens are
 context, not targets). Sequences are left-padded, so every continuation ends at the last column: the model
@@ -182,12 +183,14 @@ def _norm(text: str) -> str:
 
 
 def answer_matches(generated: str, reference: str) -> bool:
-    """Numeric answers ("9 apples"): the first number generated equals it. Others ("3:2", "Sara"): the
+    """Numeric answers ("9 apples"): the last number of the generated line equals it, as lm-evaluation-harness's
+    "flexible-extract" reads GSM8K (``group_select: -1``): a model that restates the question before answering
+    ("3 + 4 = 7") is read at its answer, not at the question's first operand. Others ("3:2", "Sara"): the
     normalised generation starts with the normalised reference."""
     head = reference.strip().split(" ")[0]
     if _NUMBER.fullmatch(head):
-        m = _NUMBER.search(generated)
-        return m is not None and float(m.group().replace(",", "")) == float(head.replace(",", ""))
+        numbers = _NUMBER.findall(generated)
+        return bool(numbers) and float(numbers[-1].replace(",", "")) == float(head.replace(",", ""))
     ref = _norm(reference)
     return bool(ref) and _norm(generated).startswith(ref)
 
