@@ -1,0 +1,35 @@
+"""The report's generated answers (reports/samples.py): what each configuration wrote, before and after training,
+marked as it was scored, so a score of 0 can be read as a model that cannot answer or as a reading that misses."""
+
+from harness.records import EvalMetrics
+from reports import samples
+from reports.html import render
+from tests.test_stats import run
+
+
+def _generating(method: str, seed: int, before: list[str], after: list[str], answers: list[str]):
+    r = run(method, "0" * len(answers), seed=seed)
+
+    def ev(texts):
+        right = "".join("1" if t.split()[-1] == a else "0" for t, a in zip(texts, answers, strict=True))
+        kept = [{"answer": a, "generated": t} for a, t in zip(answers, texts, strict=True)]
+        return EvalMetrics(
+            accuracy=right.count("1") / len(right), loss=1.0, examples=len(right), correct=right, generated_samples=kept
+        )
+
+    return r.model_copy(update={"eval_before": ev(before), "eval_after": ev(after)})
+
+
+def test_each_configuration_shows_its_lowest_seeds_generations_before_and_after_marked_as_scored():
+    answers = ["41", "7"]
+    lora = _generating("lora", 1, ["3 + 38 = 41", "five"], ["41", "6"], answers)
+    later = _generating("lora", 2, ["x", "y"], ["never shown", "z"], answers)
+    full = _generating("full", 0, ["12", "7"], ["41", "7"], answers)
+    page = render([later, lora, full], "", "s")
+    assert samples.applies([lora]) and not samples.applies([run("full", "01")])
+    section = page[page.index("<h2>Generated answers</h2>") :]
+    assert "never shown" not in section and "lora/default: seed 1" in section and "full/default: seed 0" in section
+    row0 = section[section.index("<td>0</td>") : section.index("<td>1</td>")]
+    assert "<td>41</td>" in row0 and "✓ <code>&#x27;3 + 38 = 41&#x27;</code><br>→ ✓ <code>&#x27;41&#x27;" in row0
+    assert "✗ <code>&#x27;12&#x27;</code>" in row0  # full's untrained answer, wrong
+    assert "<h2>Generated answers</h2>" not in render([run("full", "01")], "", "s")  # no generation task
