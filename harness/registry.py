@@ -91,6 +91,7 @@ def describe_config(config: type[BaseModel]) -> list[dict[str, Any]]:
         tname = ann.__name__ if plain else str(ann).replace("typing.", "")
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append({"field": fname, "type": tname, "default": default, "help": f.description or ""})
+    rows.sort(key=lambda r: r["default"] != "required")  # what must be given first (stable otherwise)
     if config.model_config.get("extra") == "allow":
         rows.append(
             {

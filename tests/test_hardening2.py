@@ -214,6 +214,14 @@ def test_methods_shows_one_method_and_refuses_an_unknown_one(capsys):
     assert "methods nosuch: unknown method; allowed: " in err and "full, lora, peft, qalora, qat_lora, qlora" in err
 
 
+def test_a_methods_required_fields_come_first():
+    from harness.registry import available_methods, describe_config
+
+    rows = describe_config(available_methods()["peft"].Config)
+    assert rows[0] == {**rows[0], "field": "peft_type", "default": "required"} and rows[-1]["field"] == "…"
+    assert [r["field"] for r in rows].index("ignored") > 0
+
+
 @pytest.mark.parametrize("command", ["methods", "models", "tasks"])
 def test_listing_static_facts_imports_no_torch(command):
     """`models` took 17 s on a fresh machine: it imported torch and transformers to print a dict of names."""

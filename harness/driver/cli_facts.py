@@ -10,13 +10,13 @@ from harness.schema import ConfigError
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """``ftbench methods [NAME]``: each method (or one) with its config fields, types and defaults."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from harness.registry import available_methods, describe_config
+    from reports.terminal import console as make_console
 
-    console = Console()
+    console = make_console()  # piped into a file: 100 columns, not rich's 80
     known = available_methods()
     if args.name and args.name not in known:
         raise ConfigError(f"methods {args.name}: unknown method; allowed: {', '.join(known)}")
