@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.records import EvalMetrics, RunRecord
+from reports.metrics import fmt_pct
 from reports.stats import boot_means
 
 MARGIN = 0.01  # one accuracy point: what the papers call parity
@@ -175,7 +176,7 @@ def task_claims(records: list[RunRecord]) -> list[Verdict]:
         out.append(Verdict(claim, source, paper, measured + extra, verdict, why))
 
     lora_pct = [r.trainable_pct for r in runs.by.get(LORA, []) if r.trainable_pct is not None]
-    pct = f"; LoRA trains {lora_pct[0]:.2f}% of the parameters" if lora_pct else ""
+    pct = f"; LoRA trains {fmt_pct(lora_pct[0])} of the parameters" if lora_pct else ""
     add(
         "LoRA ≈ full fine-tuning accuracy, at ~1–2% of the parameters trained",
         "Hu et al. 2021 (LoRA), Table 2",

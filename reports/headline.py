@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from harness.records import RunRecord, measured_step_times_s
 from reports import stats, tuning
-from reports.metrics import BY_KEY, fmt_bytes, peak_bytes, smallest_export, text
+from reports.metrics import BY_KEY, fmt_bytes, fmt_pct, peak_bytes, smallest_export, text
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _row(c: Config, verdict: tuple[str, str], bold: bool) -> str:
         html.escape(c.name),
         f"<b>{acc}</b>" if bold else acc,
         f'<span title="{html.escape(g.why)}">{html.escape(gained)}</span>',
-        f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
+        fmt_pct(r.trainable_pct),
         html.escape(peak),
         html.escape(step),
         html.escape(exports),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from harness.records import RunRecord
-from reports.metrics import CATALOGUE, fmt_bytes, fmt_count  # noqa: F401  (fmt_*: imported from here too)
+from reports.metrics import CATALOGUE, fmt_bytes, fmt_count, fmt_pct  # noqa: F401  (fmt_*: imported from here too)
 
 NUMERIC = {"trainable", "trainable %", "weights", "peak memory", "peak RSS", "step time (median)", "tokens/s", "MFU"}
 # What each column means (the HTML header's hover and the footnotes under the table).
@@ -134,7 +134,7 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "seed": str(r.seed),
                 "status": r.status if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:80]}",
                 "trainable": fmt_count(r.trainable_params),
-                "trainable %": f"{r.trainable_pct:.2f}" if r.trainable_pct is not None else "—",
+                "trainable %": fmt_pct(r.trainable_pct, ""),
                 "weights": fmt_bytes(r.weight_bytes),
                 "peak memory": peak_memory_label(r),
                 "peak RSS": fmt_bytes(r.peak_rss_bytes),

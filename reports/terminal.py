@@ -9,6 +9,7 @@ import statistics
 
 from harness.records import RunRecord
 from reports import headline, stats
+from reports.metrics import fmt_pct
 
 PIPE_WIDTH = 100  # columns when stdout is a file or a pipe (a log, CI)
 HEAD = ("method", "trains", "peak", "step", "accuracy [95% CI]", "gain", "vs the most accurate")
@@ -57,7 +58,7 @@ def _row(c: headline.Config, verdict: str) -> list[str]:
     g = stats.gain(c.runs)
     return [
         c.name.removesuffix("/default"),
-        f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
+        fmt_pct(r.trainable_pct),
         peak,
         step_text,
         _accuracy(c.acc),
@@ -162,7 +163,7 @@ def measured_only_tables(records: list[RunRecord], title: str = "") -> list:
             row = [
                 f"{r.method}/{r.variant}".removesuffix("/default"),
                 str(r.seed),
-                f"{r.trainable_pct:.2f}%" if r.trainable_pct is not None else "—",
+                fmt_pct(r.trainable_pct),
                 _size(peak_bytes(r)[0] or 0),
                 _size(est) if est else "—",
                 f"{step * 1000:.0f} ms" + (" ⚠" if stats.under_load(r) else "") if step else "—",

@@ -290,3 +290,20 @@ def test_one_metric_catalogue_feeds_compare_the_explorer_the_sort_and_the_meanin
         "exports": False,
     }  # fmt: skip
     assert explore.METRICS["peak_bytes"][0] == "peak memory (as the run measured it), MiB"
+
+
+def test_a_tiny_trainable_share_is_not_shown_as_zero():
+    """Prompt tuning's 8 virtual tokens on SmolLM2-135M train 0.0034% of the parameters: two decimals read 0.00%."""
+    from rich.console import Console
+
+    from reports.metrics import BY_KEY, fmt_pct, text
+    from reports.terminal import tables
+    from tests.test_stats import run
+
+    assert fmt_pct(0.0034) == "0.0034%" and fmt_pct(1.4689) == "1.47%" and fmt_pct(0.0) == "0.00%"
+    assert fmt_pct(None) == "—" and text(BY_KEY["trainable_pct"], 0.0034) == "0.0034%"
+    r = run("prompt", "0110").model_copy(update={"trainable_pct": 0.0034})
+    out = Console(width=120, record=True)
+    for part in tables([r]):
+        out.print(part)
+    assert "0.0034%" in out.export_text()
