@@ -86,3 +86,12 @@ def test_every_export_records_served_accuracy_bits_and_gap(tmp_path):
     assert 31 < by["merged_fp32"].bits_per_weight_on_disk < 33
     assert by["merged_int4"].bits_per_weight_on_disk < by["merged_fp32"].bits_per_weight_on_disk
     assert by["merged_fp32"].predictions_differing == 0.0  # merged in fp32: the trained model up to rounding
+    from transformers import AutoTokenizer
+
+    from harness.cell.models import load_model
+
+    base = load_model("tiny-bert", 2, 0).tokenizer
+    for kind in ("merged_fp32", "merged_int4"):  # a model folder serves on its own: the tokenizer is beside it
+        tok = AutoTokenizer.from_pretrained(by[kind].path)
+        assert tok("a fine film")["input_ids"] == base("a fine film")["input_ids"]
+    assert not list(Path(by["adapter"].path).glob("tokenizer*"))  # an adapter folder stays as PEFT writes it

@@ -29,12 +29,31 @@ def prediction_flips(trained: torch.Tensor, served: torch.Tensor) -> float | Non
     return float((trained.argmax(-1) != served.argmax(-1)).float().mean())
 
 
+def with_tokenizer(path: Path, tokenizer) -> None:
+    """A model folder (``config.json``) gets the run's tokenizer files beside its weights, so that it loads and
+    serves on its own (``AutoTokenizer.from_pretrained(path)``, a pipeline); an adapter folder is left as PEFT
+    writes it. The export's ``bytes_on_disk`` stays the method's own (the weights): every method's artifact
+    carries the same tokenizer."""
+    if tokenizer is not None and Path(path).is_dir() and (Path(path) / "config.json").exists():
+        tokenizer.save_pretrained(path)
+
+
 def evaluate_exports(
-    method: Method, model, out_dir: Path, evaluate: Evaluate, scores, progress, device, deployments, known
+    method: Method,
+    model,
+    out_dir: Path,
+    evaluate: Evaluate,
+    scores,
+    progress,
+    device,
+    deployments,
+    known,
+    tokenizer=None,
 ) -> dict:
     """Each artifact the method writes, evaluated where it comes with a model: its accuracy as served, its bits
     per weight on disk, how far its scores are from the trained model's (largest logit difference, share of
-    predictions that differ); then, with ``deployments``, what each of its deployable forms costs."""
+    predictions that differ); then, with ``deployments``, what each of its deployable forms costs. A model
+    folder gets ``tokenizer``'s files."""
     progress.say("exporting")
     try:
         exports = method.export(model, out_dir)
@@ -43,6 +62,8 @@ def evaluate_exports(
         return {"exports": [entry], "export_bytes": 0}
     out = []
     for e in exports:
+        if not e.error:
+            with_tokenizer(e.path, tokenizer)
         er = ExportRecord(
             kind=e.kind,
             path=str(e.path),

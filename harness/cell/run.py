@@ -179,7 +179,10 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
                 return forms
 
         out_dir = results_dir / "exports" / cfg.cell_id
-        rec.update(evaluate_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known))
+        tok = loaded.tokenizer
+        rec.update(
+            evaluate_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known, tok)
+        )
         clock.lap("export")
     rec["method_metrics"] = method.report(model)
     shared_score = shared_score or _read_shared(shared)
