@@ -60,7 +60,11 @@ class ExportRecord(BaseModel):
     path: str
     bytes_on_disk: int
     eval: EvalMetrics | None = None
-    max_abs_logit_diff: float | None = Field(None, description="vs the trained in-memory model, on the test split")
+    max_abs_logit_diff: float | None = Field(
+        None,
+        description="vs the trained in-memory model, on the test split, both in the run's dtype (bf16 autocast "
+        "rounding included); prompts: of each continuation's summed log-likelihood",
+    )
     predictions_differing: float | None = Field(
         None, description="share of test predictions that differ from the trained in-memory model's (0: as trained)"
     )

@@ -13,8 +13,10 @@ MEANINGS = {  # the metric columns' meanings are the catalogue's (reports/metric
     "optimizer": "the optimizer, and whether paged state really was paged",
     "fastest deployment": "the run's fastest deployable artifact at batch 1: ms per generated token (decoders) or "
     "per example (encoders); every form in the report's Deployment section",
-    "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| vs "
-    "the trained in-memory model on the test split",
+    "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| "
+    "(prompts: of a continuation's log-likelihood) vs the trained in-memory model on the test split, both in the "
+    "run's dtype: under bf16 autocast rounding alone moves scores by ~0.1, so there an exact merge is 0 differing "
+    "predictions rather than Δ ≈ 0 (docs/methods.md)",
     **{m.column: m.meaning for m in CATALOGUE if m.column},
     "accuracy before → after": "test accuracy before and after training, [95% Wilson interval over test examples]",
 }
