@@ -283,3 +283,19 @@ def test_compare_flags_runs_under_load_and_explains_tokens_per_s_against_step_ti
     text = pivot([o], [n])
     assert "NEW run(s) measured under load" in text and "⚠ NEW under load" in text
     assert "moves apart from step time: real tokens per step" in text
+
+
+def test_every_argument_of_every_public_command_says_what_it_does():
+    import argparse
+
+    from harness.driver.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {'/'.join(a.option_strings) or a.dest}"
+        for name, p in sub.choices.items()
+        if not name.startswith("_")
+        for a in p._actions
+        if not a.help and not isinstance(a, argparse._HelpAction)
+    ]
+    assert bare == []

@@ -201,12 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list model aliases").set_defaults(fn=cmd_models)
     sub.add_parser("tasks", help="list tasks").set_defaults(fn=cmd_tasks)
     s = sub.add_parser("summary", help="print the summary table of a results directory")
-    s.add_argument("results")
+    s.add_argument("results", help="a results directory (results/<suite name>)")
     s.set_defaults(fn=cmd_summary)
     rp = sub.add_parser("report", help="write the HTML report of a results directory (or md / csv / json)")
-    rp.add_argument("results")
+    rp.add_argument("results", help="a results directory (results/<suite name>)")
     rp.add_argument("-o", "--output", help="output file (default: RESULTS/report.html; stdout for md/csv/json)")
-    rp.add_argument("--format", choices=["html", "md", "csv", "json"], default="html")
+    rp.add_argument(
+        "--format",
+        choices=["html", "md", "csv", "json"],
+        default="html",
+        help="html (default): the self-contained page; md, csv, json: the tables (on stdout unless -o)",
+    )
     rp.add_argument(
         "--plotly",
         choices=["embed", "cdn"],
@@ -217,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (r, t, s):
         sp.add_argument("--wide", action="store_true", help="the summary with every column (default: compact)")
     cp = sub.add_parser("compare", help="compare two results directories cell by cell")
-    cp.add_argument("old")
-    cp.add_argument("new")
+    cp.add_argument("old", help="the baseline: a results directory")
+    cp.add_argument("new", help="the results directory judged against it")
     cp.add_argument("--format", choices=["md", "csv", "json"], default="md", help="md (default): the pivoted table")
     cp.set_defaults(fn=cmd_compare)
     c = sub.add_parser("claims", help="the papers' claims reproduced in miniature, with verdicts")
@@ -237,17 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--method", action="append", help="a method that states a memory model (repeatable; default: every one)"
     )
-    e.add_argument("--r", type=int, default=16)
-    e.add_argument("--batch", type=int, default=1)
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--grad-checkpointing", action="store_true")
+    e.add_argument("--r", type=int, default=16, help="adapter rank of the LoRA family (default 16)")
+    e.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     e.add_argument(
-        "--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"]
+        "--grad-checkpointing", action="store_true", help="keep only each block's input for backward, recompute"
     )
-    e.add_argument("--no-double-quant", action="store_true")
-    e.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    e.add_argument("--group-size", type=int, default=32, choices=[16, 32, 64, 128])
-    e.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    e.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"],
+        help="optimizer state per trained parameter (default adamw: two fp32 moments)",
+    )
+    e.add_argument("--no-double-quant", action="store_true", help="qlora: fp32 block scales, not 8-bit ones")
+    e.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="qalora: integer bits (default 4)")
+    e.add_argument(
+        "--group-size", type=int, default=32, choices=[16, 32, 64, 128], help="qalora: group size (default 32)"
+    )
+    e.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="attention kernel (default sdpa)")
     e.set_defaults(fn=cmd_estimate)
     # internal commands (the fork server, a cell): added without help, so --help never lists them
     z = sub.add_parser("_zygote")
