@@ -131,6 +131,34 @@ def test_row_errors_name_the_file_row_and_column(tmp_path):
         load_task(TaskSpec(name="jsonl", path=str(tmp_path / "broken.jsonl"), **MC))
 
 
+def _labelled(path, delimiter=",", label=lambda i, lab: lab):
+    rows = [
+        (f"this film is {w} indeed, take {i}", "pos" if w in ("good", "great") else "neg")
+        for i, w in enumerate(["good", "bad", "great", "awful"] * 20)
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(["review", "verdict"])
+        w.writerows((text, label(i, lab)) for i, (text, lab) in enumerate(rows))
+    return TaskSpec(name="csv", path=str(path), columns={"text": "review", "label": "verdict"})
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_a_semicolon_or_tab_separated_csv_reads_like_a_comma_separated_one(tmp_path, delimiter):
+    """A European spreadsheet's "CSV" is ;-separated: its header read by commas is one column, never a task."""
+    comma = load_task(_labelled(tmp_path / "c.csv"))
+    other = load_task(_labelled(tmp_path / "o.csv", delimiter))
+    assert other.labels == comma.labels == ["neg", "pos"]
+    assert [(x.text, x.label) for x in other.test] == [(x.text, x.label) for x in comma.test]
+
+
+def test_labels_are_read_without_surrounding_spaces_and_a_case_only_difference_is_refused(tmp_path):
+    spaced = load_task(_labelled(tmp_path / "s.csv", label=lambda i, lab: f" {lab} " if i % 3 else lab))
+    assert spaced.labels == ["neg", "pos"]
+    with pytest.raises(ConfigError, match=r"labels 'NEG' and 'neg', which differ only in letter case"):
+        load_task(_labelled(tmp_path / "u.csv", label=lambda i, lab: lab.upper() if i % 3 == 0 else lab))
+
+
 @pytest.mark.real_model
 def test_user_multiple_choice_and_generation_files_run_on_tiny_llama_and_smollm2(tmp_path, write_suite):
     mc, gen = write_mc(tmp_path / "mc.jsonl", n=120), write_generation(tmp_path / "gen.jsonl", n=120)

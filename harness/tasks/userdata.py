@@ -28,6 +28,14 @@ def read_user_text(path: Path, what: str = "") -> str:
         raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from None
 
 
+def _delimiter(text: str) -> str:
+    """A comma, unless the header is one field by commas and holds exactly one of ; tab | (a European
+    spreadsheet's "CSV" is ;-separated, a .tsv tab-separated): a one-column file cannot be a task anyway."""
+    header = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+    others = [d for d in ";\t|" if d in (header[0] if len(header) == 1 else "")]
+    return others[0] if len(others) == 1 else ","
+
+
 def generic_kind(spec: TaskSpec) -> str:
     """The kind of a csv / jsonl / hf task: classification unless ``kind:`` says otherwise."""
     return spec.kind or "classification"
@@ -126,11 +134,18 @@ def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> 
     missing = [k for k in wanted if k and k not in records[0]]
     if missing:
         raise ConfigError(f"{source}: no column {missing[0]!r}; columns are {', '.join(records[0])}")
-    labels = sorted({str(r[c.label]) for r in records}) if kind == "classification" else ["answer"]
+    labels = sorted({str(r[c.label]).strip() for r in records}) if kind == "classification" else ["answer"]
     if kind == "classification":
         blank = next((i for i, r in enumerate(records) if r[c.label] is None or not str(r[c.label]).strip()), None)
         if blank is not None:
             raise ConfigError(f"{source}: row {blank + 1}: column {c.label!r} is empty; every row needs its label")
+        folded: dict[str, str] = {}
+        for label in labels:  # " POS " and "pos": a spreadsheet's accident, not two classes
+            if (other := folded.setdefault(label.casefold(), label)) != label:
+                raise ConfigError(
+                    f"{source}: column {c.label!r} has labels {other!r} and {label!r}, which differ only in letter "
+                    "case: they would be two classes; write each class one way"
+                )
         if len(labels) > 2 and len(labels) > len(records) / 2:
             raise ConfigError(
                 f"{source}: column {c.label!r} has {len(labels)} distinct labels in {len(records)} rows: too few "
@@ -149,7 +164,7 @@ def _examples_from_records(records: list[dict], spec: TaskSpec, source: str) -> 
             "text_pair": str(r[c.text_pair]) if c.text_pair else None,
         }
         if kind == "classification":
-            out.append(Example(str(r[c.text]), index[str(r[c.label])], **common))
+            out.append(Example(str(r[c.text]), index[str(r[c.label]).strip()], **common))
         elif kind == "multiple_choice":
             choices = _row_choices(r, c.choices, where)
             label = _choice_index(r[c.label], choices, by_text)
@@ -190,7 +205,7 @@ def load_generic(spec: TaskSpec) -> TaskData:
         text = read_user_text(path)
         if spec.name == "csv":
             try:
-                records = list(csv.DictReader(io.StringIO(text, newline="")))
+                records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text)))
             except csv.Error as err:
                 raise ConfigError(f"{path}: not a readable CSV file ({err})") from None
         else:
