@@ -24,8 +24,9 @@ Status = Literal["ok", "failed", "oom", "timeout", "pruned"]  # pruned: a tuning
 
 class EvalMetrics(BaseModel):
     """Test-split metrics. Classifier heads: loss is the mean cross-entropy over the labels. Prompts: loss is
-    the mean NLL per token of the right continuation; multiple choice adds the length-normalised accuracy;
-    generation's accuracy is exact (numeric) match and a few generated answers are kept to read."""
+    the mean NLL per token of the right continuation; multiple choice adds the accuracy normalised per character
+    of each choice (lm-evaluation-harness's acc_norm); generation's accuracy is exact (numeric) match and a few
+    generated answers are kept to read."""
 
     accuracy: float
     macro_f1: float | None = None

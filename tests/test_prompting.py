@@ -109,6 +109,19 @@ def test_answer_matching(generated, reference, ok):
     assert answer_matches(generated, reference) is ok
 
 
+def test_the_normalised_pick_divides_by_characters_as_lm_eval_acc_norm(llama):
+    """Choice 0: 2 characters in 4 tokens, log-likelihood -4; choice 1: 10 characters in 2 tokens, -10. Per
+    character (lm-eval) choice 1 wins (-1 vs -2); per token choice 0 would (-1 vs -5)."""
+    from harness.tasks.prompting import PromptItem, normalised_pick
+
+    item = PromptItem([1], [[5, 6, 7, 8], [9, 10]], 1, chars=[2, 10])
+    assert normalised_pick([-4.0, -10.0], [4, 2], item) == 1
+    assert normalised_pick([-4.0, -10.0], [4, 2], PromptItem([1], [[5], [6]], 0)) == 0  # no characters: per token
+    task = load_task(TaskSpec(name="piqa", eval_examples=4))
+    items = encode_prompts(task, task.test, llama.tokenizer, 128)
+    assert [it.chars for it in items] == [[len(c) for c in x.choices] for x in task.test]
+
+
 def test_generation_task_generates_and_scores(llama):
     task = load_task(TaskSpec(name="asdiv", eval_examples=4))
     items = encode_prompts(task, task.test, llama.tokenizer, 64)

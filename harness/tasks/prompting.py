@@ -3,7 +3,7 @@
 - classification: the continuations are the task's label words (" negative", " positive"); the prediction is
   the label whose words are most likely after the prompt (no classification head, nothing new to train).
 - multiple choice: the continuations are the choices, scored by their summed log-likelihood ("acc" in
-  lm-evaluation-harness; ``accuracy_norm`` divides by the choice's token count).
+  lm-evaluation-harness; ``accuracy_norm`` divides by the choice's length in characters, as its ``acc_norm``).
 - generation: the continuation is the reference answer (+ EOS); evaluation generates greedily and compares
   the last number of the output's first line with the answer's (lm-evaluation-harness's flexible-extract), or the
   normalised text where the answer is not a number.
@@ -38,6 +38,7 @@ class PromptItem:
     choices: list[list[int]]  # token ids of each continuation
     label: int  # index of the right continuation
     answer: str | None = None  # generation: the reference text
+    chars: list[int] | None = None  # multiple choice: each choice's length in characters (accuracy_norm)
 
 
 def _fields(template: str) -> list[str]:
@@ -98,7 +99,8 @@ def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: 
             values[longest] = tokenizer.decode(field_ids[longest])
         if task.kind == "classification" and len({tuple(c) for c in choices}) < len(choices):
             raise ValueError(f"task {task.name}: label words tokenise identically: {texts}")
-        items.append(PromptItem(bos + context, choices, label, x.answer))
+        chars = [len(c) for c in x.choices] if task.kind == "multiple_choice" else None
+        items.append(PromptItem(bos + context, choices, label, x.answer, chars))
     return items
 
 
@@ -259,10 +261,17 @@ def evaluate_prompts(
     if task.kind == "classification":
         metrics["macro_f1"] = macro_f1(y_true, y_pred)
     else:
-        norm = [[sc / n for sc, n in zip(s, ln, strict=True)] for s, ln in zip(scores, lengths, strict=True)]
-        hits = [int(np.argmax(n)) == it.label for n, it in zip(norm, items, strict=True)]
+        picks = [normalised_pick(sc, ln, it) for sc, ln, it in zip(scores, lengths, items, strict=True)]
+        hits = [p == it.label for p, it in zip(picks, items, strict=True)]
         metrics["accuracy_norm"] = float(np.mean(hits))
     return metrics, table
+
+
+def normalised_pick(scores: list[float], tokens: list[int], item: PromptItem) -> int:
+    """The choice with the highest log-likelihood per character (lm-evaluation-harness's acc_norm: tokenizer-
+    independent); per token where the item has no character lengths."""
+    per = item.chars or tokens
+    return int(np.argmax([sc / max(n, 1) for sc, n in zip(scores, per, strict=True)]))
 
 
 @torch.no_grad()
