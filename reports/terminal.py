@@ -126,6 +126,31 @@ def tables(records: list[RunRecord], title: str = "") -> list:
     return out
 
 
+def to_markdown(records: list[RunRecord], title: str = "") -> str:
+    """The summary's tables as Markdown, to publish where the HTML page cannot go (a README, an issue): a
+    table per (model, task), each configuration over its seeds with its interval and verdicts, then the runs
+    that did not finish ok and the legend."""
+    from reports.markdown import md, md_table
+
+    lines: list[str] = []
+    for (model, task), cs in headline.configs(records).items():
+        first = next(iter(cs.values()))
+        seeds = sorted({r.seed for c in cs.values() for r in c.runs})
+        caption = f"{model} · {task} · {first.acc.examples} test examples · {len(seeds)} seed(s)"
+        head = [h.replace("accuracy", "accuracy ± sd") if len(seeds) > 1 and h == HEAD[4] else h for h in HEAD]
+        ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
+        verdicts = _verdicts(ranked)
+        lines += [f"**{md(' · '.join(x for x in (title, caption) if x))}**", ""]
+        lines += md_table(head, [_row(c, verdicts[c.name]) for c in ranked]) + [""]
+    lines += [
+        f"- {md(f'{r.status}: {r.model} · {r.task} · {r.method}/{r.variant} · seed {r.seed}')}: "
+        f"{md((r.error or '').strip().splitlines()[0][:200] if r.error else '')}"
+        for r in records
+        if r.status != "ok"
+    ]
+    return "\n".join(lines + ([f"_{md(LEGEND)}_"] if lines else []))
+
+
 MEASURED_HEAD = ("method", "seed", "trainable", "peak", "estimate", "step", "tokens/s", "MFU")
 
 

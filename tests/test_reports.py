@@ -32,6 +32,16 @@ def rec_cpu(results) -> str:
 def test_markdown_csv_json(results, capsys):
     assert main(["report", str(results), "--format", "md"]) == 0
     md = capsys.readouterr().out
+    # first the summary's headline, as published: each configuration over its seeds, interval, verdicts, legend
+    caption, _, rest = md.partition("\n\n")
+    assert caption.startswith("**tiny-bert · rotten_tomatoes · ") and "test examples · 1 seed(s)**" in caption
+    headline, _, rest = rest.partition("\n\n")
+    assert headline.startswith(
+        "| method | trains | peak | step | accuracy \\[95% CI\\] | gain | vs the most accurate |"
+    )
+    assert headline.count("\n| lora |") + headline.count("\n| full |") == 2 and ("| +" in headline or "| -" in headline)
+    legend, _, md = rest.partition("\n\n")
+    assert legend.startswith("_trains: the share of parameters")
     head, _, table = md.partition("\n\n")
     assert head.startswith("model: **tiny-bert** · task: **rotten_tomatoes** · seed: **0** · status: **ok**")
     assert table.startswith("| method |") and table.count("\n| lora") + table.count("\n| full") == 2
