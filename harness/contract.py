@@ -165,6 +165,10 @@ class Method(Protocol):
         """Figures the method measured about itself (e.g. bits per quantized parameter), stored in the record's
         ``method_metrics``. Called once, after training and export."""
 
+    def positions_added(self) -> int:
+        """Positions the method puts before every sequence that each layer then computes (prompt tuning's
+        virtual tokens): the model FLOPs behind MFU count them. 0 (the default): the batch's own positions."""
+
     def starts_as_base(self) -> bool:
         """True where the prepared model computes exactly what the model it was given computes (full
         fine-tuning; LoRA, whose B starts at zero): its untrained score is then the base model's, so the cells
@@ -222,6 +226,9 @@ class MethodBase:
 
     def report(self, model: torch.nn.Module) -> dict[str, Any]:
         return {}
+
+    def positions_added(self) -> int:
+        return 0
 
     def starts_as_base(self) -> bool:
         return False

@@ -113,7 +113,15 @@ class PeftGeneric(MethodBase):
 
         model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
         self._ranks = [(0, _active_rank(model))]
+        cfg = model.peft_config[model.active_adapter]
+        # prompt tuning, P-tuning, …: virtual token embeddings joined to the input, through every layer; prefix
+        # tuning's go into the attention's keys and values only (peft's PeftModel.forward), no linear layer's
+        through_layers = getattr(cfg, "is_prompt_learning", False) and cfg.peft_type != "PREFIX_TUNING"
+        self._positions_added = int(cfg.num_virtual_tokens) if through_layers else 0
         return model
+
+    def positions_added(self) -> int:
+        return getattr(self, "_positions_added", 0)
 
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         tuner = model.base_model

@@ -238,3 +238,20 @@ def test_check_model_gets_the_context_prepare_will_get():
     finally:
         _REGISTRY.pop("test_picky")
     assert seen == [("seq_cls", ["classifier"], [], "bert"), ("causal_lm", [], ["lm_head"], "llama")]
+
+
+def test_virtual_tokens_a_method_adds_count_in_the_model_flops():
+    """Prompt tuning joins 8 virtual token embeddings to every sequence, and every layer computes them: MFU's
+    model FLOPs count them (prefix tuning's go to the attention's keys and values only, and are not)."""
+    from harness.measure.flops import flops_per_token, training_flops
+
+    prompt = build_method("peft", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8})
+    prefix = build_method("peft", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8})
+    model, io, tc = _setup(prompt, steps=4)
+    _setup(prefix, steps=4)
+    assert (prompt.positions_added(), prefix.positions_added(), MethodBase().positions_added()) == (8, 0, 0)
+    res = train(model, prompt, io.batches(8, 0), tc, 0, CPU, io.objective)
+    flops = {n: training_flops(model, [], res, "float32", None, CPU, n)["model_flops_per_step"] for n in (0, 8)}
+    per_token = flops_per_token(model)["total"]
+    samples = [res.samples_per_step[i] for i in res.timed_steps]
+    assert flops[8] - flops[0] == pytest.approx(per_token * 8 * sum(samples) / len(samples))

@@ -70,17 +70,26 @@ def mfu_dtype(train_dtype: str, method_compute: str | None) -> str:
 
 
 def training_flops(
-    model: torch.nn.Module, output_names: list[str], res, dtype_name: str, results_dir: Path, device: torch.device
+    model: torch.nn.Module,
+    output_names: list[str],
+    res,
+    dtype_name: str,
+    results_dir: Path,
+    device: torch.device,
+    positions_added: int = 0,
 ) -> dict:
     """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.cell.loop.LoopResult`).
-    Every layer runs on every computed token; the output head on the positions it computed (prompts: the
-    answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in ``dtype_name``."""
+    Every layer runs on every computed token, and on the ``positions_added`` a method puts before each sequence
+    (``Method.positions_added``: prompt tuning's virtual tokens); the output head on the positions it computed
+    (prompts: the answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in
+    ``dtype_name``."""
     timed, measured = res.timed_steps, res.measured_step_times_s
     fpt = flops_per_token(model, frozenset(output_names))
     if not measured:
         return {"flops_per_token": fpt}
     step_flops = [
-        fpt["total"] * res.computed_tokens_per_step[i] + fpt["output_per_position"] * res.head_positions_per_step[i]
+        fpt["total"] * (res.computed_tokens_per_step[i] + positions_added * res.samples_per_step[i])
+        + fpt["output_per_position"] * res.head_positions_per_step[i]
         for i in timed
     ]
     peak = peak_flops(results_dir, dtype_name, device)
