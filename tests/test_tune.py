@@ -277,3 +277,18 @@ def test_the_lr_ratio_compares_any_adapter_method_with_what_trains_everything():
     assert [line.split(":")[0] for line in lines] == ["bitfit/default", "lora/r8"]
     assert "best learning rate ×10 everything/default's" in lines[0] and "×100" in lines[1]
     assert lr_ratio(studies, trains_all=set()) == []  # nothing trains everything: no ratio to state
+
+
+def test_a_failed_trial_says_why_on_its_line(tmp_path):
+    from harness.records import make_record, now_iso
+
+    def fails(cfg, trial_dir):
+        return make_record(
+            cfg, "failed", "ValueError: r must be positive\nTraceback (most recent call last): …", now_iso(), 0.1
+        )
+
+    said = []
+    suite = _suite(trials=1)
+    (cfg,) = tune_cells(suite, [c for c in expand(suite) if c.seed == 0], tmp_path, fails, say=said.append)
+    assert any(s.endswith("→ failed: ValueError: r must be positive; 1/1 trials, 0 pruned") for s in said), said
+    assert cfg.tuning is None and "no trial completed" in said[-1]

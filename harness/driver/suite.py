@@ -96,7 +96,8 @@ def _paths_from_the_suite_file(suite: Suite, source: str) -> Suite:
 
 def _check_tune(suite: Suite, source: str) -> None:
     """Each space names a method of the suite, and each tuned ``config.<field>`` is a field that method's config
-    accepts (its own validation, on the range's first value)."""
+    accepts (its own validation, on every choice and on both ends of a range): a value the method refuses would
+    otherwise be a failed trial, found only when the study proposes it."""
     if suite.tune is None:
         return
     known = available_methods()
@@ -110,12 +111,14 @@ def _check_tune(suite: Suite, source: str) -> None:
         for key, r in fields.items():
             if not key.startswith("config."):
                 continue
-            value = r.choices[0] if r.choices is not None else (int(r.low) if r.integer else r.low)
-            try:
-                known[entry.method].Config.model_validate({**entry.config, key.removeprefix("config."): value})
-            except ValidationError as err:
-                why = err.errors()[0]["msg"]
-                raise ConfigError(f"{source}: tune.space.{name}.{key}: {why} (method {entry.method})") from None
+            ends = [r.low, r.high] if r.choices is None else []
+            for value in r.choices if r.choices is not None else [int(x) if r.integer else x for x in ends]:
+                try:
+                    known[entry.method].Config.model_validate({**entry.config, key.removeprefix("config."): value})
+                except ValidationError as err:
+                    first = err.errors()[0]  # about this value (its field), or about the key itself (unknown)
+                    why = f"{value!r}: {first['msg']}" if key.removeprefix("config.") in first["loc"] else first["msg"]
+                    raise ConfigError(f"{source}: tune.space.{name}.{key}: {why} (method {entry.method})") from None
 
 
 def _check_names(suite: Suite, source: str) -> None:

@@ -247,7 +247,9 @@ def tune_cells(
         else:
             study.tell(trial, value)
         study.set_user_attr(f"wall_s_{trial.number}", rec.wall_time_s)
-        result = rec.status if rec.status != "ok" else f"{tune.objective} {value:.4g}"
+        result = f"{tune.objective} {value:.4g}" if rec.status == "ok" else rec.status
+        if rec.status not in ("ok", "pruned") and rec.error:  # why, in one line: the record has the traceback
+            result += f": {rec.error.strip().splitlines()[0][:160]}"
         done = len(_counted(study))
         params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
         say(f"tune {st['key']}: trial {done}/{st['budget']} ({params}) → {result}; {_summary(st, tune)}")
