@@ -115,7 +115,7 @@ def _verdicts(cs: dict[str, Config]) -> dict[str, tuple[str, str]]:
     for c in ranked[1:]:
         p = pairs[(top, c.name)]
         pv = f" (p = {p.p:.2g})" if p.p is not None else " (not testable)"
-        out[c.name] = (f"{'below' if p.significant else 'within noise of'} {top}{pv}", p.why)
+        out[c.name] = (f"{'below' if p.significant else p.noise + ' of'} {top}{pv}", p.why)
     if len(ranked) > 1 and not pairs[(top, ranked[1].name)].significant:
         out[top] = (f"most accurate, within noise of {ranked[1].name}", pairs[(top, ranked[1].name)].why)
     return out

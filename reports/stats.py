@@ -127,7 +127,15 @@ class Paired:
 
     @property
     def verdict(self) -> str:
-        return "beyond noise" if self.significant else "within noise"
+        return "beyond noise" if self.significant else self.noise
+
+    @property
+    def noise(self) -> str:
+        """Which noise a difference that is not a win lies within: "within seed noise" where the test over the
+        examples passed (p below ALPHA) but the seeds disagree (the difference is under twice its standard error
+        over seeds), so that a small p beside "within noise" does not read as a contradiction."""
+        seeds_only = self.p is not None and self.p < ALPHA and self.diff != 0 and self.seed_se is not None
+        return "within seed noise" if seeds_only and not self.significant else "within noise"
 
 
 def paired(a: Summary, b: Summary) -> Paired:

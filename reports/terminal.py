@@ -17,7 +17,8 @@ LEGEND = (
     "trains: the share of parameters the optimizer updates · peak: CPU live tensors or CUDA allocated, as the "
     "report names it · step: median of timed steps, ⚠ where "
     "measured under load · gain: accuracy after − before on the same test examples, ✓ beyond noise, ≈ within "
-    "noise · vs the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise · "
+    "noise · vs the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise "
+    "(seed noise: p below 0.05, but the seeds' difference is under 2 standard errors) · "
     "every column: --wide, report.html"
 )
 
@@ -84,7 +85,7 @@ def _verdicts(ranked: list[headline.Config]) -> dict[str, str]:
     out = {top: "most accurate" if pairs[(top, ranked[1].name)].significant else "most accurate, a tie"}
     for c in ranked[1:]:
         p = pairs[(top, c.name)]
-        out[c.name] = f"{'below' if p.significant else 'within noise'} ({_p(p.p)})"
+        out[c.name] = f"{'below' if p.significant else p.noise} ({_p(p.p)})"
     return out
 
 

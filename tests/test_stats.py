@@ -211,3 +211,22 @@ def test_compare_says_when_old_and_new_ran_one_after_the_other():
     assert any(w.startswith("note: NEW ran 40 min after OLD") for w in warnings(old, new))
     assert "NEW ran 40 min before OLD" in drift_note(new, old)
     assert drift_note([old[0], new[1]], [old[1], new[0]]) is None
+
+
+def test_a_small_p_that_the_seeds_do_not_back_reads_within_seed_noise():
+    """A's two seeds score 0.75 and 0.30, B's 0.40 twice, on the same 200 examples: the paired test over the
+    examples says p < 0.05, but A − B = 0.125 is under twice its standard error over seeds (0.45). The verdict
+    names the seeds, so "p < 0.001" beside it is not a contradiction."""
+    from reports.terminal import _verdicts
+
+    n = 200
+    a = [run("a", bits(n, set(range(150))), seed=0), run("a", bits(n, set(range(60))), seed=1)]
+    b = [run("b", bits(n, set(range(80))), seed=s) for s in (0, 1)]
+    ranked = [headline.Config("a", a, stats.summarize(a)), headline.Config("b", b, stats.summarize(b))]
+    pair = stats.paired(ranked[0].acc, ranked[1].acc)
+    assert pair.p < 0.05 and not pair.significant and pair.noise == "within seed noise"
+    assert _verdicts(ranked)["b"] == "within seed noise (p < 0.001)"
+    one_seed = stats.paired(stats.summarize(a[:1]), stats.summarize(b[:1]))
+    assert one_seed.significant and one_seed.verdict == "beyond noise"
+    tie = stats.paired(stats.summarize(b), stats.summarize(b))
+    assert tie.noise == "within noise"
