@@ -299,3 +299,15 @@ def test_every_argument_of_every_public_command_says_what_it_does():
         if not a.help and not isinstance(a, argparse._HelpAction)
     ]
     assert bare == []
+
+
+def test_the_claims_suite_is_found_from_any_folder(tmp_path, monkeypatch):
+    """`ftbench claims` run outside the source tree said "suites/claims.yaml: no such suite file"."""
+    from harness.driver.cli import _shipped, build_parser
+
+    assert build_parser().parse_args(["claims"]).suite is None  # so that the command resolves it
+    monkeypatch.chdir(tmp_path)
+    assert _shipped("suites/claims.yaml") == ROOT / "suites" / "claims.yaml"
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "claims.yaml").write_text("name: mine\n")
+    assert _shipped("suites/claims.yaml") == Path("suites/claims.yaml")  # this folder's own comes first

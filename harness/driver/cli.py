@@ -159,6 +159,18 @@ def _run(args: argparse.Namespace, suite, results: Path) -> int:
     return 0 if all(r.status == "ok" for r in records) else 1
 
 
+def _shipped(relative: str) -> Path:
+    """A file of the ftbench tree (``suites/claims.yaml``): in this folder where it has one, else beside the
+    installed ``harness`` package (the source tree of an editable install), so the command works from anywhere."""
+    here = Path(relative)
+    if here.exists():
+        return here
+    import harness
+
+    beside = Path(harness.__file__).resolve().parents[1] / relative
+    return beside if beside.exists() else here
+
+
 def cmd_claims(args: argparse.Namespace) -> int:
     """The papers' claims: run suites/claims.yaml (resuming), measure, print and write the verdict table."""
     from harness.driver.claims import run_claims
@@ -166,10 +178,11 @@ def cmd_claims(args: argparse.Namespace) -> int:
     from harness.driver.suite import load_suite
 
     results = _results_dir(args.results, "claims")
+    suite = args.suite or str(_shipped("suites/claims.yaml"))
     try:  # stdout is the verdict table: a library's import banner (gptqmodel, through peft) goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
-            load_suite(args.suite)  # a bad suite is one line, before anything runs
-            page, md = run_claims(args.suite, results, run=not args.no_run, say=lambda s: print(s, file=sys.stderr))
+            load_suite(suite)  # a bad suite is one line, before anything runs
+            page, md = run_claims(suite, results, run=not args.no_run, say=lambda s: print(s, file=sys.stderr))
     except ResultsLocked as err:
         raise ConfigError(str(err)) from None
     print(md)
@@ -227,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--format", choices=["md", "csv", "json"], default="md", help="md (default): the pivoted table")
     cp.set_defaults(fn=cmd_compare)
     c = sub.add_parser("claims", help="the papers' claims reproduced in miniature, with verdicts")
-    c.add_argument("--suite", default="suites/claims.yaml", help="the claims suite (default suites/claims.yaml)")
+    c.add_argument(
+        "--suite", help="the claims suite (default: suites/claims.yaml here, else the one ftbench was installed from)"
+    )
     c.add_argument("--results", help="results directory (default: results/claims)")
     c.add_argument("--no-run", action="store_true", help="judge the records already there; run nothing")
     c.set_defaults(fn=cmd_claims)
