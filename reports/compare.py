@@ -113,6 +113,13 @@ def env_differences(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
     ]
 
 
+def effective(r: RunRecord) -> dict:
+    """The config a run ran: the suite's, plus what each ``auto`` dtype became on its machine (the same suite is
+    bf16 where this CPU runs it natively and float32 elsewhere, or under ``ATEN_CPU_CAPABILITY=avx2``)."""
+    resolved = {k: v.get("value") for k, v in (r.resolved_dtypes or {}).items()}
+    return {**r.config, "resolved_dtypes": resolved} if resolved else r.config
+
+
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Fields whose values differ between two resolved configs ("train.steps: 30 → 60")."""
     out = []
@@ -132,7 +139,7 @@ def compare(old: list[RunRecord], new: list[RunRecord]) -> tuple[list[dict[str, 
     rows = []
     for k in [k for k in old_by if k in new_by]:
         o, n = old_by[k], new_by[k]
-        same = not config_diff(o.config, n.config)
+        same = not config_diff(effective(o), effective(n))
         for metric, f in METRICS.items():
             a, b = f(o), f(n)
             if a is None and b is None:
@@ -164,7 +171,7 @@ def warnings(old: list[RunRecord], new: list[RunRecord]) -> list[str]:
     old_by, new_by = {key(r): r for r in old}, {key(r): r for r in new}
     differ = {}
     for k in [k for k in old_by if k in new_by]:
-        for d in config_diff(old_by[k].config, new_by[k].config):
+        for d in config_diff(effective(old_by[k]), effective(new_by[k])):
             differ.setdefault(d, []).append(k)
     for d, ks in differ.items():
         out.append(f"warning: config differs in {len(ks)} cell(s), not judged: {d}")
@@ -334,7 +341,7 @@ def pivot(old: list[RunRecord], new: list[RunRecord]) -> str:
         lines.insert(0, " · ".join(f"{names[i]}: **{esc(parts[0][i])}**" for i in constant))
     shown = [i for i in range(4) if i not in constant] or [2]
     metrics = ["accuracy", "peak memory", "step time", "tokens/s", "trainable", "exports"]
-    diffs = {k: config_diff(old_by[k].config, new_by[k].config) for k in both}
+    diffs = {k: config_diff(effective(old_by[k]), effective(new_by[k])) for k in both}
     extra = ["config"] if any(diffs.values()) else []
     head = [names[i] for i in shown] + metrics + extra
     lines += ["", "| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]

@@ -317,3 +317,21 @@ def test_a_tiny_trainable_share_is_not_shown_as_zero():
     for part in tables([r]):
         out.print(part)
     assert "0.0034%" in out.export_text()
+
+
+def test_compare_sees_an_auto_dtype_that_became_another_one():
+    """The same suite (dtype: auto) is bf16 on one run and float32 on the other: not the same config, so the
+    accuracy and timing are not judged as a change of code."""
+    from reports import compare
+    from tests.test_stats import run
+
+    def ran(dtype: str):
+        r = run("lora", "0110" * 25)
+        why = {"value": dtype, "why": "…"}
+        return r.model_copy(update={"config": {"train": {"dtype": "auto"}}, "resolved_dtypes": {"train.dtype": why}})
+
+    rows, warns = compare.compare([ran("bfloat16")], [ran("float32")])
+    assert rows and not any(r["same_config"] for r in rows)
+    assert "warning: config differs in 1 cell(s), not judged: resolved_dtypes.train.dtype: bfloat16 → float32" in warns
+    rows, warns = compare.compare([ran("float32")], [ran("float32")])
+    assert all(r["same_config"] for r in rows) and not any("config differs" in w for w in warns)
