@@ -249,6 +249,8 @@ def _judge(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: b
             return "run-to-run noise not measured: not judged"
         if v.unjudged == "under load":
             return "measured under load: not judged"
+        if v.unjudged == "machines":
+            return "different hardware: not judged"
         return _word(metric, -diff if metric == "tokens/s" else diff, v.significant, v.why.split(" (")[0])
     return ""
 

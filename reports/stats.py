@@ -268,7 +268,7 @@ class StepTimeVerdict:
 
     significant: bool
     why: str
-    unjudged: str | None = None  # "no steps" | "under load" | "no noise"; None: judged
+    unjudged: str | None = None  # "no steps" | "under load" | "machines" | "no noise"; None: judged
 
 
 def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | None, dof: int) -> StepTimeVerdict:
@@ -280,6 +280,11 @@ def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | Non
     if any(map(under_load, a + b)):
         why = "measured under load (other processes took CPU while it trained): not judged"
         return StepTimeVerdict(False, why, "under load")
+    from reports.compare import hardware_of  # here: compare imports this module
+
+    if len({hardware_of(r) for r in a + b}) > 1:  # a results dir resumed on another machine
+        why = "measured on different machines: not judged"
+        return StepTimeVerdict(False, why, "machines")
     if sigma is None:
         why = "run-to-run noise not measured (one run per configuration): add seeds to judge step time"
         return StepTimeVerdict(False, why, "no noise")

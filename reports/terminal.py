@@ -118,6 +118,17 @@ def tables(records: list[RunRecord], title: str = "") -> list:
             table.add_row(*(escape(x) for x in _row(c, verdicts[c.name])))
         out.append(table)
     out += measured_only_tables(records, title)
+    from reports.compare import hardware_of
+
+    machines = sorted({hardware_of(r) for r in records})
+    if len(machines) > 1:  # a results dir resumed elsewhere: its step times and MFU do not compare
+        out.append(
+            Text(
+                f"warning: these runs come from {len(machines)} machines: {' | '.join(machines)}; step time "
+                "and MFU do not compare across them",
+                style="yellow",
+            )
+        )
     for r in records:
         if r.status != "ok":
             why = (r.error or "").strip().splitlines()[0][:200] if r.error else ""

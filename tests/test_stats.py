@@ -230,3 +230,30 @@ def test_a_small_p_that_the_seeds_do_not_back_reads_within_seed_noise():
     assert one_seed.significant and one_seed.verdict == "beyond noise"
     tie = stats.paired(stats.summarize(b), stats.summarize(b))
     assert tie.noise == "within noise"
+
+
+def test_step_times_from_two_machines_are_not_judged_and_the_summary_says_so():
+    """A results dir resumed on another machine: its runs' step times do not compare, whatever their spread."""
+    from rich.console import Console
+
+    from reports.terminal import tables
+
+    def on(cpu: str, method: str, seed: int, step_s: float):
+        r = run(method, bits(40, set(range(30))), seed=seed, step_s=step_s)
+        return r.model_copy(update={"environment": {"cpu_model": cpu, "torch_threads": 2}})
+
+    fast = [on("EPYC", "a", s, 0.1) for s in (0, 1, 2)]
+    slow_here = [on("EPYC", "b", s, 0.3 + 0.001 * s) for s in (0, 1, 2)]
+    slow_there = [on("Xeon", "b", s, 0.3 + 0.001 * s) for s in (0, 1, 2)]
+    sigma = stats.run_to_run_sigma([fast, slow_here])
+    assert stats.step_time_verdict(fast, slow_here, *sigma).significant
+    v = stats.step_time_verdict(fast, slow_there, *sigma)
+    assert not v.significant and v.unjudged == "machines"
+    out = Console(width=200, record=True)
+    for part in tables(fast + slow_there):
+        out.print(part)
+    assert "warning: these runs come from 2 machines" in out.export_text()
+    out = Console(width=200, record=True)
+    for part in tables(fast + slow_here):
+        out.print(part)
+    assert "machines" not in out.export_text()
