@@ -34,6 +34,9 @@ class EvalMetrics(BaseModel):
     examples: int
     accuracy_norm: float | None = None
     generated_samples: list[dict[str, Any]] | None = None
+    generations_cut: int | None = Field(
+        None, description="generation: answers that ran into max_new_tokens before a newline or the end of text"
+    )
     correct: str | None = Field(
         None, description="per test example in the split's order, '1' right / '0' wrong: for paired tests"
     )

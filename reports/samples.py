@@ -16,6 +16,29 @@ def applies(records: list[RunRecord]) -> bool:
     return any(r.eval_after is not None and r.eval_after.generated_samples for r in records)
 
 
+def cut_warnings(records: list[RunRecord]) -> list[str]:
+    """One line per configuration whose generations ran into ``max_new_tokens`` before ending (its lowest seed,
+    before and after training): an answer cut short is scored as it stands, so its accuracy undercounts."""
+    seen, out = set(), []
+    for r in sorted(records, key=lambda r: r.seed):
+        name = f"{r.method}/{r.variant}"
+        if r.status != "ok" or (r.model, r.task, name) in seen:
+            continue
+        seen.add((r.model, r.task, name))
+        parts = [
+            f"{ev.generations_cut} of {ev.examples} {when}"
+            for when, ev in (("untrained", r.eval_before), ("trained", r.eval_after))
+            if ev is not None and ev.generations_cut
+        ]
+        if parts:
+            limit = (r.config.get("task") or {}).get("max_new_tokens", "max_new_tokens")
+            out.append(
+                f"{r.model} · {r.task} · {name}: {' and '.join(parts)} answers ran into max_new_tokens ({limit}) "
+                "before a newline or the end of text, and were scored cut short: give them room"
+            )
+    return out
+
+
 def _cell(ev: EvalMetrics | None, i: int) -> str:
     if ev is None or not ev.generated_samples or i >= len(ev.generated_samples):
         return "—"
@@ -29,7 +52,7 @@ def render(records: list[RunRecord]) -> str:
     for r in sorted(records, key=lambda r: r.seed):
         if r.status == "ok" and r.eval_after is not None and r.eval_after.generated_samples:
             by[(r.model, r.task)].setdefault(f"{r.method}/{r.variant}", r)
-    parts = []
+    parts = [f'<p class="warn">{html.escape(line)}</p>' for line in cut_warnings(records)]
     for (model, task), runs in by.items():
         first = next(iter(runs.values()))
         seeds = ", ".join(sorted({f"{n}: seed {r.seed}" for n, r in runs.items()}))

@@ -119,7 +119,9 @@ def tables(records: list[RunRecord], title: str = "") -> list:
         out.append(table)
     out += measured_only_tables(records, title)
     from reports.compare import hardware_of
+    from reports.samples import cut_warnings
 
+    out += [Text(f"warning: {line}", style="yellow") for line in cut_warnings(records)]
     machines = sorted({hardware_of(r) for r in records})
     if len(machines) > 1:  # a results dir resumed elsewhere: its step times and MFU do not compare
         out.append(

@@ -122,12 +122,35 @@ def test_the_normalised_pick_divides_by_characters_as_lm_eval_acc_norm(llama):
     assert [it.chars for it in items] == [[len(c) for c in x.choices] for x in task.test]
 
 
+def test_a_generation_that_runs_into_max_new_tokens_is_counted_as_cut(llama):
+    """Two answers: one ends with the end-of-text token, one runs into max_new_tokens (4) before a newline or
+    the end of text: only that one is cut short (the report and the summary then warn)."""
+    import copy
+
+    from harness.tasks.prompting import PromptItem, generate_answers
+
+    tok = copy.deepcopy(llama.tokenizer)
+    tok.eos_token = tok.sep_token  # the tiny model's BERT vocabulary has no end-of-text token of its own
+    digits = tok("12 34", add_special_tokens=False)["input_ids"]
+    rows = [digits[:1] + [tok.eos_token_id] * 3, (digits * 4)[:4]]
+
+    class Scripted:  # generate's output: the contexts, then the scripted continuations
+        def generate(self, input_ids, **kw):
+            assert kw["max_new_tokens"] == 4
+            return torch.cat([input_ids, torch.tensor(rows)[: len(input_ids)]], dim=1)
+
+    items = [PromptItem([5, 6, 7], [[8]], 0, "12") for _ in rows]
+    texts, cut = generate_answers(Scripted(), items, tok, 8, 4, CPU)
+    assert cut == [False, True] and texts[0] == tok.decode(digits[:1]).strip()
+
+
 def test_generation_task_generates_and_scores(llama):
     task = load_task(TaskSpec(name="asdiv", eval_examples=4))
     items = encode_prompts(task, task.test, llama.tokenizer, 64)
     assert [it.answer for it in items] == [x.answer for x in task.test]
     metrics, scores = evaluate_prompts(llama.model, task, items, llama.tokenizer, 4, torch.float32, CPU, 5)
     assert metrics["accuracy"] == 0.0 and metrics["examples"] == 4 and scores.shape == (4, 1)
+    assert metrics["generations_cut"] == 4  # random weights: never a newline or the end of text in 5 tokens
     sample = metrics["generated_samples"][0]
     assert sample["answer"] == task.test[0].answer and isinstance(sample["generated"], str)
     assert len(llama.tokenizer(sample["generated"], add_special_tokens=False)["input_ids"]) <= 5 + 2

@@ -33,3 +33,24 @@ def test_each_configuration_shows_its_lowest_seeds_generations_before_and_after_
     assert "<td>41</td>" in row0 and "✓ <code>&#x27;3 + 38 = 41&#x27;</code><br>→ ✓ <code>&#x27;41&#x27;" in row0
     assert "✗ <code>&#x27;12&#x27;</code>" in row0  # full's untrained answer, wrong
     assert "<h2>Generated answers</h2>" not in render([run("full", "01")], "", "s")  # no generation task
+
+
+def test_answers_cut_by_max_new_tokens_are_a_warning_in_the_report_and_the_summary():
+    from rich.console import Console
+
+    from reports.terminal import tables
+
+    r = _generating("lora", 0, ["36 + 38 =", "7"], ["74", "7"], ["74", "7"])
+    cut = r.model_copy(
+        update={
+            "eval_before": r.eval_before.model_copy(update={"generations_cut": 1}),
+            "config": {"task": {"max_new_tokens": 6}},
+        }
+    )
+    line = "m · t · lora/default: 1 of 2 untrained answers ran into max_new_tokens (6) before a newline"
+    assert samples.cut_warnings([cut])[0].startswith(line) and samples.cut_warnings([r]) == []
+    assert line in render([cut], "", "s")
+    out = Console(width=300, record=True)
+    for part in tables([cut]):
+        out.print(part)
+    assert "warning: " + line in out.export_text()

@@ -200,9 +200,10 @@ def answer_matches(generated: str, reference: str) -> bool:
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module, items: list[PromptItem], tokenizer, batch_size: int, max_new_tokens: int, device
-) -> list[str]:
-    """Greedy continuations of every context, cut at the first newline."""
-    out = [""] * len(items)
+) -> tuple[list[str], list[bool]]:
+    """Greedy continuations of every context, cut at the first newline, and whether each ran into
+    ``max_new_tokens`` before a newline or the end of text (its answer may be cut short)."""
+    out, cut = [""] * len(items), [False] * len(items)
     for idx in eval_batches([len(it.context) for it in items], batch_size):
         batch = _left_pad([items[i].context for i in idx], tokenizer.pad_token_id)
         gen = model.generate(
@@ -215,8 +216,12 @@ def generate_answers(
         )
         width = batch["input_ids"].shape[1]
         for j, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[j, width:], skip_special_tokens=True).strip().split("\n")[0]
-    return out
+            new = gen[j, width:]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            ended = tokenizer.eos_token_id is not None and bool((new == tokenizer.eos_token_id).any())
+            cut[i] = len(new) >= max_new_tokens and not ended and "\n" not in text.strip()
+            out[i] = text.strip().split("\n")[0]
+    return out, cut
 
 
 def evaluate_prompts(
@@ -249,11 +254,13 @@ def evaluate_prompts(
     right = [scores[i][it.label] / lengths[i][it.label] for i, it in enumerate(items)]
     metrics: dict = {"loss": -float(np.mean(right)), "examples": len(items)}  # mean NLL per right-answer token
     if generated is not None:
+        generated, cut = generated
         pairs = list(zip(generated, items, strict=True))
         hits = [answer_matches(g, it.answer or "") for g, it in pairs]
         metrics["accuracy"] = float(np.mean(hits))
         metrics["correct"] = "".join("1" if h else "0" for h in hits)
         metrics["generated_samples"] = [{"answer": it.answer, "generated": g} for g, it in pairs[:5]]
+        metrics["generations_cut"] = sum(cut)
         return metrics, table
     y_pred = table.argmax(-1).numpy()
     metrics["accuracy"] = accuracy(y_true, y_pred)
