@@ -292,3 +292,39 @@ def test_a_failed_trial_says_why_on_its_line(tmp_path):
     (cfg,) = tune_cells(suite, [c for c in expand(suite) if c.seed == 0], tmp_path, fails, say=said.append)
     assert any(s.endswith("→ failed: ValueError: r must be positive; 1/1 trials, 0 pruned") for s in said), said
     assert cfg.tuning is None and "no trial completed" in said[-1]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_finite_space_never_runs_a_configuration_twice_and_a_resumed_study_draws_the_same(tmp_path, sampler):
+    """config.r from [4, 8, 16] and 5 trials: random draws (and TPE's first ten) repeat, and a repeat would run the
+    same configuration on the same seed to the same result. Each configuration runs once; the budget is 3."""
+    from harness.driver.tune import budget, grid_coverage, space_for
+
+    suite = _suite(sampler=sampler, trials=5, space={"lora": {"config.r": {"choices": [4, 8, 16]}}})
+    (cfg,) = [c for c in expand(suite) if c.seed == 0]
+    assert budget(suite.tune, space_for(suite.tune, cfg)) == 3
+    assert grid_coverage(suite.tune, space_for(suite.tune, cfg)) == (
+        "the space holds 3 configurations: 3 trials, each once, not the 5 budgeted"
+    )
+    execute, ran = _scripted(lambda c: 1.0 / c.method_config["r"])
+    (best,) = tune_cells(suite, [cfg], tmp_path / "a", execute, say=lambda _: None)
+    assert sorted(c.method_config["r"] for c in ran) == [4, 8, 16] and best.tuning["trials"] == 3
+    assert best.method_config["r"] == 16  # all tie at 0.5; the lowest validation loss wins
+    again, ran_again = _scripted(lambda c: 1.0 / c.method_config["r"])
+    tune_cells(suite, [cfg], tmp_path / "b", again, say=lambda _: None)
+    assert [c.method_config["r"] for c in ran_again] == [c.method_config["r"] for c in ran]  # seeded: the same
+    calls = []
+
+    def dies_on_the_second(c, trial_dir):
+        calls.append(c.method_config["r"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the runner killed mid-trial
+        return again(c, trial_dir)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_cells(suite, [cfg], tmp_path / "cut", dies_on_the_second, say=lambda _: None)
+    resumed, ran_resumed = _scripted(lambda c: 1.0 / c.method_config["r"])
+    tune_cells(suite, [cfg], tmp_path / "cut", resumed, say=lambda _: None)
+    assert calls[:1] + [c.method_config["r"] for c in ran_resumed] == [c.method_config["r"] for c in ran]
+    continuous = _suite(sampler=sampler, space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    assert budget(continuous.tune, space_for(continuous.tune, cfg)) == 3

@@ -112,19 +112,33 @@ def grid_points(space: dict[str, SearchRange], points: int, seed: int) -> list[d
     return combos
 
 
+def finite_size(space: dict[str, SearchRange]) -> int | None:
+    """How many configurations a space holds where it is finite (choices and integer ranges only); None where a
+    range is continuous."""
+    sizes = [
+        len(r.choices) if r.choices is not None else int(r.high) - int(r.low) + 1 if r.integer else None
+        for r in space.values()
+    ]
+    return None if None in sizes else math.prod(sizes)
+
+
 def budget(tune: Tune, space: dict[str, SearchRange]) -> int:
-    """Trials a study runs: ``tune.trials``, or fewer where a grid has fewer points (a repeated point would run
-    the same configuration on the same seed again)."""
-    if tune.sampler != "grid":
-        return tune.trials
-    return min(tune.trials, math.prod(len(v) for v in grid(space, tune.trials).values()))
+    """Trials a study runs: ``tune.trials``, or fewer where a grid has fewer points or a finite space fewer
+    configurations (a repeated one would run the same configuration on the same seed again)."""
+    if tune.sampler == "grid":
+        return min(tune.trials, math.prod(len(v) for v in grid(space, tune.trials).values()))
+    return min(tune.trials, finite_size(space) or tune.trials)
 
 
 def grid_coverage(tune: Tune, space: dict[str, SearchRange]) -> str | None:
     """One line where a grid's trials are not its points: more points than trials (the seeded first ``trials``
-    of them run, the rest never do) or fewer (the study stops when each has run once); None where they match."""
+    of them run, the rest never do) or fewer (the study stops when each has run once); None where they match.
+    For TPE and random: a finite space with fewer configurations than trials."""
     if tune.sampler != "grid":
-        return None
+        size = finite_size(space)
+        if size is None or size >= tune.trials:
+            return None
+        return f"the space holds {size} configurations: {size} trials, each once, not the {tune.trials} budgeted"
     sizes = {name: len(v) for name, v in grid(space, tune.trials).items()}
     points = math.prod(sizes.values())
     if points == tune.trials:
@@ -258,13 +272,31 @@ def tune_cells(
 
 
 def _propose(st: dict, tune: Tune):
+    from optuna.trial import TrialState
+
     study = st["study"]
     done = len(_counted(study))
-    study.sampler = _sampler(tune, done)
     if tune.sampler == "grid":  # the next grid point, fixed (Optuna's GridSampler needs optimize())
+        study.sampler = _sampler(tune, done)
         points = grid_points(st["space"], tune.trials, tune.seed)
         study.enqueue_trial(points[done % len(points)])
-    return study.ask(st["dists"])
+        return study.ask(st["dists"])
+    # A finite space (choices, integers): TPE's first 10 proposals and the random sampler draw with replacement,
+    # and a configuration that already ran would run again on the same seed, to the same result. Such a draw
+    # is told as a failure marked "duplicate" (not counted, never run) and the sampler draws again, seeded past
+    # it: a resumed study replays the same draws from the same history.
+    seen = {tuple(sorted(t.params.items())) for t in _counted(study)} if finite_size(st["space"]) else set()
+    skipped = sum(bool(t.user_attrs.get("duplicate")) for t in study.get_trials(deepcopy=False))
+    for _ in range(100):
+        study.sampler = _sampler(tune, done + skipped)
+        trial = study.ask(st["dists"])
+        if tuple(sorted(trial.params.items())) not in seen:
+            return trial
+        trial.set_user_attr("duplicate", True)
+        study.tell(trial, state=TrialState.FAIL)
+        skipped += 1
+    study.sampler = _sampler(tune, done + skipped)
+    return study.ask(st["dists"])  # a large space nearly exhausted: after 100 draws, a repeat is accepted
 
 
 def _summary(st: dict, tune: Tune) -> str:
@@ -333,11 +365,12 @@ def _best(study, tune: Tune) -> tuple[Any, int]:
 
 def _counted(study) -> list:
     """Trials that count against the budget: finished (complete, pruned, failed), not those cut short by a
-    killed runner."""
+    killed runner nor the draws of a configuration that had already run (never run themselves)."""
     from optuna.trial import TrialState
 
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return [t for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted")]
+    ignored = ("interrupted", "duplicate")
+    return [t for t in study.get_trials(deepcopy=False, states=finished) if not any(map(t.user_attrs.get, ignored))]
 
 
 def openstorage(spec: str):
