@@ -163,7 +163,7 @@ def render(records: list[RunRecord], results_dir: Path | None, figure_html) -> s
             chosen = "has the lowest validation loss" if by_loss else "is simply the first"
             parts.append(
                 f'<p class="warn">Every trial of {html.escape(", ".join(flat))} scored the same on validation: the '
-                f"chosen one {chosen}, and says little about which learning rate is better (a larger validation "
+                f"chosen one {chosen}, and says little about which configuration is better (a larger validation "
                 "set, more steps or the loss as the objective may tell them apart).</p>"
             )
         for n, t in studies.items():
