@@ -178,19 +178,19 @@ def test_trials_tied_on_validation_accuracy_are_told_apart_by_validation_loss(tm
 
 
 def test_a_grid_says_when_trials_leave_points_out_and_never_runs_a_point_twice(tmp_path):
-    from harness.driver.tune import budget, grid_coverage
+    from harness.driver.tune import budget, space_coverage
 
     space = {"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "config.r": {"choices": [4, 8]}}}
     suite = _suite(sampler="grid", space=space)  # 3 trials: lr 3 × r 2 = 6 points
     (cfg,) = [c for c in expand(suite) if c.seed == 0]
     from harness.driver.tune import space_for
 
-    assert grid_coverage(suite.tune, space_for(suite.tune, cfg)) == (
+    assert space_coverage(suite.tune, space_for(suite.tune, cfg)) == (
         "a grid of 6 points (lr 3 × config.r 2): 3 trials try 3 of them, in a seeded order"
     )
     few = _suite(sampler="grid", trials=5, space={"lora": {"config.r": {"choices": [4, 8]}}})
     assert budget(few.tune, space_for(few.tune, cfg)) == 2
-    assert grid_coverage(few.tune, space_for(few.tune, cfg)).endswith("2 trials, each point once, not the 5 budgeted")
+    assert space_coverage(few.tune, space_for(few.tune, cfg)).endswith("2 trials, each point once, not the 5 budgeted")
     execute, ran = _scripted(lambda cfg: 0.5)
     said = []
     (best,) = tune_cells(few, [c for c in expand(few) if c.seed == 0], tmp_path, execute, say=said.append)
@@ -198,7 +198,7 @@ def test_a_grid_says_when_trials_leave_points_out_and_never_runs_a_point_twice(t
     assert "trial 2/2" in said[-2] and "a grid of 2 points (config.r 2)" in said[0]
     exact = _suite(sampler="grid", space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
     one_range = space_for(exact.tune, cfg)
-    assert grid_coverage(exact.tune, one_range) is None and budget(exact.tune, one_range) == 3
+    assert space_coverage(exact.tune, one_range) is None and budget(exact.tune, one_range) == 3
 
 
 def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(tmp_path):
@@ -298,12 +298,12 @@ def test_a_failed_trial_says_why_on_its_line(tmp_path):
 def test_a_finite_space_never_runs_a_configuration_twice_and_a_resumed_study_draws_the_same(tmp_path, sampler):
     """config.r from [4, 8, 16] and 5 trials: random draws (and TPE's first ten) repeat, and a repeat would run the
     same configuration on the same seed to the same result. Each configuration runs once; the budget is 3."""
-    from harness.driver.tune import budget, grid_coverage, space_for
+    from harness.driver.tune import budget, space_coverage, space_for
 
     suite = _suite(sampler=sampler, trials=5, space={"lora": {"config.r": {"choices": [4, 8, 16]}}})
     (cfg,) = [c for c in expand(suite) if c.seed == 0]
     assert budget(suite.tune, space_for(suite.tune, cfg)) == 3
-    assert grid_coverage(suite.tune, space_for(suite.tune, cfg)) == (
+    assert space_coverage(suite.tune, space_for(suite.tune, cfg)) == (
         "the space holds 3 configurations: 3 trials, each once, not the 5 budgeted"
     )
     execute, ran = _scripted(lambda c: 1.0 / c.method_config["r"])

@@ -130,7 +130,7 @@ def budget(tune: Tune, space: dict[str, SearchRange]) -> int:
     return min(tune.trials, finite_size(space) or tune.trials)
 
 
-def grid_coverage(tune: Tune, space: dict[str, SearchRange]) -> str | None:
+def space_coverage(tune: Tune, space: dict[str, SearchRange]) -> str | None:
     """One line where a grid's trials are not its points: more points than trials (the seeded first ``trials``
     of them run, the rest never do) or fewer (the study stops when each has run once); None where they match.
     For TPE and random: a finite space with fewer configurations than trials."""
@@ -220,7 +220,7 @@ def tune_cells(
         space = space_for(tune, cfg)
         st = {"cfg": cfg, "key": key, "study": study, "space": space, "dists": _distributions(space)}
         studies.append({**st, "budget": budget(tune, space)})
-        if line := grid_coverage(tune, space):
+        if line := space_coverage(tune, space):
             say(f"tune {key}: {line}")
     status = status or (lambda *_: None)
     for st in studies:
