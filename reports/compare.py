@@ -6,6 +6,7 @@ from typing import Any
 
 from harness.records import RunRecord, headline_latency_s, measured_step_times_s
 from reports.metrics import BY_KEY, peak_bytes, text
+from reports.stats import hardware_of
 
 COMPARED = (  # the catalogue's metrics compare rows carry (reports/metrics.py)
     "accuracy_after",
@@ -29,16 +30,6 @@ PIVOT = {
 }
 ENV_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu", "python", "git_commit")
 HARDWARE_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "gpu")
-
-
-def hardware_of(r: RunRecord) -> str:
-    """One record's hardware identity as one short string (older records may lack the newer fields)."""
-    e = r.environment
-    bf16 = {True: "native bf16", False: "bf16 not native"}.get(e.get("native_bf16"), "bf16 unknown")
-    gpu = f"{e['gpu']} · " if e.get("gpu") else ""
-    return (
-        f"{gpu}{e.get('cpu_model')} · {e.get('cpu_isa') or 'ISA unknown'} · {bf16} · {e.get('torch_threads')} threads"
-    )
 
 
 def hardware_warning(old: list[RunRecord], new: list[RunRecord]) -> str | None:

@@ -121,7 +121,7 @@ def _failures(records: list[RunRecord]) -> str:
 
 def _hardware(records: list[RunRecord]) -> str:
     """The machine(s) the runs come from, at the top: step times and MFU mean nothing without it."""
-    from reports.compare import hardware_of
+    from reports.stats import hardware_of
 
     machines = sorted({hardware_of(r) for r in records})
     if len(machines) == 1:

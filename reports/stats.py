@@ -233,6 +233,16 @@ def under_load(r: RunRecord) -> bool:
     return bool((r.contention or {}).get("loaded"))
 
 
+def hardware_of(r: RunRecord) -> str:
+    """One record's hardware identity as one short string (older records may lack the newer fields)."""
+    e = r.environment
+    bf16 = {True: "native bf16", False: "bf16 not native"}.get(e.get("native_bf16"), "bf16 unknown")
+    gpu = f"{e['gpu']} · " if e.get("gpu") else ""
+    return (
+        f"{gpu}{e.get('cpu_model')} · {e.get('cpu_isa') or 'ISA unknown'} · {bf16} · {e.get('torch_threads')} threads"
+    )
+
+
 def load_note(r: RunRecord) -> str:
     """Why a run's timings are flagged, in a few words ('' when they are not)."""
     c = r.contention or {}
@@ -280,8 +290,6 @@ def step_time_verdict(a: list[RunRecord], b: list[RunRecord], sigma: float | Non
     if any(map(under_load, a + b)):
         why = "measured under load (other processes took CPU while it trained): not judged"
         return StepTimeVerdict(False, why, "under load")
-    from reports.compare import hardware_of  # here: compare imports this module
-
     if len({hardware_of(r) for r in a + b}) > 1:  # a results dir resumed on another machine
         why = "measured on different machines: not judged"
         return StepTimeVerdict(False, why, "machines")

@@ -118,8 +118,8 @@ def tables(records: list[RunRecord], title: str = "") -> list:
             table.add_row(*(escape(x) for x in _row(c, verdicts[c.name])))
         out.append(table)
     out += measured_only_tables(records, title)
-    from reports.compare import hardware_of
     from reports.samples import cut_warnings
+    from reports.stats import hardware_of
 
     out += [Text(f"warning: {line}", style="yellow") for line in cut_warnings(records)]
     machines = sorted({hardware_of(r) for r in records})
