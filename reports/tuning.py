@@ -107,7 +107,16 @@ def _table(studies: dict[str, dict]) -> str:
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     titles = ("configuration", "trial", "parameters", "validation value", "validation loss", "state")
     head = "".join(f"<th>{c}</th>" for c in titles)
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+    gaps = any([h["number"] for h in t["history"]] != list(range(len(t["history"]))) for t in studies.values())
+    note = (
+        '<p class="note">Trial numbers are Optuna\'s: they skip the trials a killed runner left unfinished and '
+        "the draws set aside as repeats of a configuration that had already run, none of which counts.</p>"
+        if gaps
+        else ""
+    )
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>{note}'
+    )
 
 
 def optuna_figures(results_dir: Path | None, studies: dict[str, dict], prefix: str) -> list[tuple[str, go.Figure]]:

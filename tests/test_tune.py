@@ -328,3 +328,14 @@ def test_a_finite_space_never_runs_a_configuration_twice_and_a_resumed_study_dra
     assert calls[:1] + [c.method_config["r"] for c in ran_resumed] == [c.method_config["r"] for c in ran]
     continuous = _suite(sampler=sampler, space={"lora": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
     assert budget(continuous.tune, space_for(continuous.tune, cfg)) == 3
+
+
+def test_the_trial_table_explains_gaps_in_optunas_numbers():
+    from reports.tuning import _table
+
+    def study(numbers):
+        history = [{"number": n, "params": {"config.r": n}, "value": 0.5, "state": "COMPLETE"} for n in numbers]
+        return {"lora/default": {"history": history, "best_params": {"config.r": 0}, "best_value": 0.5}}
+
+    assert "Trial numbers are Optuna's: they skip" in _table(study([0, 2, 6]))
+    assert "Trial numbers" not in _table(study([0, 1, 2]))
