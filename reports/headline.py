@@ -140,34 +140,34 @@ def _row(c: Config, verdict: tuple[str, str], bold: bool) -> str:
     g = stats.gain(c.runs)
     pv = f", p = {g.p:.2g}" if g.p is not None else ""
     gained = f"{g.diff:+.3f} ({g.verdict}{pv})"
-    cells = [
-        html.escape(c.name),
-        f"<b>{acc}</b>" if bold else acc,
-        f'<span title="{html.escape(g.why)}">{html.escape(gained)}</span>',
-        fmt_pct(r.trainable_pct),
-        html.escape(peak),
-        html.escape(step),
-        html.escape(exports),
-        f'<span title="{html.escape(verdict[1])}">{html.escape(verdict[0])}</span>',
-        html.escape(tuning.label(r)),
+    cells = [  # (text, right-aligned figures); the verdict beside the accuracy, in view without scrolling
+        (html.escape(c.name), False),
+        (f"<b>{acc}</b>" if bold else acc, True),
+        (f'<span title="{html.escape(g.why)}">{html.escape(gained)}</span>', True),
+        (f'<span title="{html.escape(verdict[1])}">{html.escape(verdict[0])}</span>', False),
+        (fmt_pct(r.trainable_pct), True),
+        (html.escape(peak), True),
+        (html.escape(step), True),
+        (html.escape(exports), False),
+        (html.escape(tuning.label(r)), False),
     ]
-    return "<tr>" + "".join(f'<td class="{"num" if 0 < i < 6 else ""}">{x}</td>' for i, x in enumerate(cells)) + "</tr>"
+    return "<tr>" + "".join(f'<td class="{"numw" if right else ""}">{x}</td>' for x, right in cells) + "</tr>"
 
 
 HEAD = [
     ("configuration", "method/variant"),
     ("accuracy", "test accuracy: mean ± sample std over seeds, [95% interval over test examples]"),
     ("gain from training", "accuracy after − before on the same test examples, and whether it is beyond noise"),
-    ("trainable", "trainable parameters as % of all (quantized weights counted by their logical size)"),
-    ("peak memory", "mean over seeds (± std): CUDA allocator peak or CPU live-tensor peak, as named"),
-    ("step time", "median over every timed step of every seed (warm-up and memory-tracked steps excluded), IQR"),
-    ("exports", "each artifact on disk"),
     (
         "vs the most accurate",
         "paired test on the same test examples (McNemar exact for one seed each, else a paired bootstrap), "
         "Holm-adjusted within this model and task; with 2+ seeds each the difference must also exceed twice its "
         "seed standard error. Hover for the evidence. Bold only where beyond noise",
     ),
+    ("trainable", "trainable parameters as % of all (quantized weights counted by their logical size)"),
+    ("peak memory", "mean over seeds (± std): CUDA allocator peak or CPU live-tensor peak, as named"),
+    ("step time", "median over every timed step of every seed (warm-up and memory-tracked steps excluded), IQR"),
+    ("exports", "each artifact on disk"),
     ("hyperparameters", "tuned on the validation split (trials, objective, the chosen values) or hand-set"),
 ]
 

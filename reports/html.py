@@ -29,7 +29,8 @@ vertical-align:top}th{background:#f4f4f4;cursor:pointer;user-select:none}th:hove
 tr:nth-child(even) td{background:#fafafa}.fail td{background:#fff0f0}pre{background:#f6f8fa;padding:10px;
 overflow:auto;font-size:.8em;max-height:420px}.note{color:#555;font-size:.9em}.plot{min-height:420px}
 .warn{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px}
-.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.scroll{overflow-x:auto;max-width:100%}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.numw{text-align:right;font-variant-numeric:tabular-nums}.scroll{overflow-x:auto;max-width:100%}
 .sig{color:#0a6b2f;font-weight:600}.nosig{color:#8a5a00}ul.best li{margin:.2em 0}
 @media (max-width:600px){body{margin:8px auto;padding:0 8px}table{font-size:.75em}.plot{min-height:320px}}
 @media print{body{max-width:none;margin:0}.plot,.js-plotly-plot,tr,pre,ul.best{break-inside:avoid;

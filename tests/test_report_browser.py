@@ -131,6 +131,15 @@ def test_grid_report_per_model_and_task_on_a_phone_and_in_print(grid_report, tmp
             "#fig-pareto .scatterlayer .trace path.js-line", "ps => ps.map(p => getComputedStyle(p).stroke)"
         )
         body = page.inner_text("body")
+        # the headline's tables, each [scrollWidth, clientWidth], and where its verdict column starts
+        headline = page.evaluate(
+            """() => { const out = []; let h = [...document.querySelectorAll('h2')]
+                   .find(x => x.innerText.startsWith('Headline')).nextElementSibling;
+               for (; h && h.tagName !== 'H2'; h = h.nextElementSibling)
+                 if (h.classList.contains('scroll')) out.push([h.scrollWidth, h.clientWidth,
+                   [...h.querySelectorAll('th')].map(t => t.innerText).indexOf('vs the most accurate')]);
+               return out; }"""
+        )
         page.set_viewport_size({"width": 390, "height": 800})
         page.wait_for_timeout(300)
         phone = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
@@ -153,6 +162,8 @@ def test_grid_report_per_model_and_task_on_a_phone_and_in_print(grid_report, tmp
     assert body.count("within noise") + body.count("beyond noise") >= 4
     assert strokes and all(s not in ("none", "rgba(0, 0, 0, 0)") for s in strokes)
     assert phone[0] <= phone[1], f"horizontal page scroll at 390 px: {phone}"
+    # on a laptop the headline fits its 1200 px column, its verdict beside the accuracy: no scrolling to read it
+    assert len(headline) == 4 and all(w <= cw and col == 3 for w, cw, col in headline), headline
     assert pdf.stat().st_size > 10_000
     if os.environ.get("FTBENCH_KEEP_PDF"):
         shutil.copy(pdf, os.environ["FTBENCH_KEEP_PDF"])
