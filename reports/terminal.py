@@ -48,12 +48,19 @@ def _size(n: float) -> str:
     return "—"
 
 
-def _row(c: headline.Config, verdict: str) -> list[str]:
+def _row(c: headline.Config, verdict: str, spread: bool = False) -> list[str]:
+    """A configuration's row; with ``spread`` (Markdown, to publish) the peak carries its std over seeds and the
+    step time its interquartile range, as the HTML headline's do."""
     r = c.runs[0]
     peaks = c.peaks()
     peak = _size(statistics.fmean(peaks)) if peaks else "—"
+    if spread and len(peaks) > 1:
+        peak += f" ± {_size(statistics.stdev(peaks))}"
     step = c.median_step_s()
     step_text = f"{step * 1000:.0f} ms" if step else "—"
+    if spread and step and len(c.steps_s()) > 1:
+        q = statistics.quantiles(c.steps_s(), n=4)
+        step_text += f" (IQR {q[0] * 1000:.0f}–{q[2] * 1000:.0f})"
     if step and any(map(stats.under_load, c.runs)):
         step_text += "⚠"
     g = stats.gain(c.runs)
@@ -155,7 +162,7 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
         ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
         verdicts = _verdicts(ranked)
         lines += [f"**{md(' · '.join(x for x in (title, caption) if x))}**", ""]
-        lines += md_table(head, [_row(c, verdicts[c.name]) for c in ranked]) + [""]
+        lines += md_table(head, [_row(c, verdicts[c.name], spread=True) for c in ranked]) + [""]
     lines += [
         f"- {md(f'{r.status}: {r.model} · {r.task} · {r.method}/{r.variant} · seed {r.seed}')}: "
         f"{md((r.error or '').strip().splitlines()[0][:200] if r.error else '')}"

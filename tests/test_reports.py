@@ -40,6 +40,7 @@ def test_markdown_csv_json(results, capsys):
         "| method | trains | peak | step | accuracy \\[95% CI\\] | gain | vs the most accurate |"
     )
     assert headline.count("\n| lora |") + headline.count("\n| full |") == 2 and ("| +" in headline or "| -" in headline)
+    assert headline.count(" ms (IQR ") == 2  # a figure to publish carries its spread
     legend, _, md = rest.partition("\n\n")
     assert legend.startswith("_trains: the share of parameters")
     head, _, table = md.partition("\n\n")
