@@ -92,7 +92,8 @@ def _verdicts(ranked: list[headline.Config]) -> dict[str, str]:
     out = {top: "most accurate" if pairs[(top, ranked[1].name)].significant else "most accurate, a tie"}
     for c in ranked[1:]:
         p = pairs[(top, c.name)]
-        out[c.name] = f"{'below' if p.significant else p.noise} ({_p(p.p)})"
+        word = "below" if p.significant else p.noise.replace("within seed noise", "seed noise")  # 100 columns
+        out[c.name] = f"{word} ({_p(p.p)})"
     return out
 
 
