@@ -170,6 +170,8 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
         for r in records
         if r.status != "ok"
     ]
+    if lines and lines[-1]:
+        lines.append("")  # a blank line: the legend must not read as part of the last failure's list item
     return "\n".join(lines + ([f"_{md(LEGEND)}_"] if lines else []))
 
 

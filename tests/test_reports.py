@@ -336,3 +336,14 @@ def test_compare_sees_an_auto_dtype_that_became_another_one():
     assert "warning: config differs in 1 cell(s), not judged: resolved_dtypes.train.dtype: bfloat16 → float32" in warns
     rows, warns = compare.compare([ran("float32")], [ran("float32")])
     assert all(r["same_config"] for r in rows) and not any("config differs" in w for w in warns)
+
+
+def test_the_markdown_summary_keeps_its_legend_out_of_the_failures_list():
+    from reports.terminal import to_markdown
+    from tests.test_stats import run
+
+    ok = run("lora", "0110" * 5)
+    failed = run("full", "0110" * 5).model_copy(update={"status": "failed", "error": "ValueError: boom\ntrace"})
+    text = to_markdown([ok, failed])
+    assert "- failed: m · t · full/default · seed 0: ValueError: boom\n\n_trains: " in text
+    assert "\n\n\n" not in to_markdown([ok])  # one blank line before the legend, not two
