@@ -139,6 +139,10 @@ def tables(records: list[RunRecord], title: str = "") -> list:
                 style="yellow",
             )
         )
+    commits = sorted({str(r.environment.get("git_commit"))[:10] for r in records if r.environment.get("git_commit")})
+    if len(commits) > 1:  # a results dir resumed after an upgrade: earlier records keep the earlier code's figures
+        what = f"{len(commits)} commits ({', '.join(commits)})"
+        out.append(Text(f"warning: these runs come from {what}: different code measured them", style="yellow"))
     for r in records:
         if r.status != "ok":
             why = (r.error or "").strip().splitlines()[0][:200] if r.error else ""

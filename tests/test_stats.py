@@ -257,3 +257,24 @@ def test_step_times_from_two_machines_are_not_judged_and_the_summary_says_so():
     for part in tables(fast + slow_here):
         out.print(part)
     assert "machines" not in out.export_text()
+
+
+def test_the_summary_warns_when_its_runs_come_from_several_commits():
+    from rich.console import Console
+
+    from reports.terminal import tables
+
+    def at(commit: str, method: str):
+        r = run(method, bits(40, set(range(30))))
+        return r.model_copy(update={"environment": {**r.environment, "git_commit": commit}})
+
+    def text(records):
+        out = Console(width=200, record=True)
+        for part in tables(records):
+            out.print(part)
+        return out.export_text()
+
+    assert "warning: these runs come from 2 commits (aaaaaaaaaa, bbbbbbbbbb)" in text(
+        [at("a" * 40, "lora"), at("b" * 40, "full")]
+    )
+    assert "commits" not in text([at("a" * 40, "lora"), at("a" * 40, "full")])
