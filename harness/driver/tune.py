@@ -112,37 +112,35 @@ def grid_points(space: dict[str, SearchRange], points: int, seed: int) -> list[d
     return combos
 
 
-def finite_size(space: dict[str, SearchRange]) -> int | None:
-    """How many configurations a space holds where it is finite (choices and integer ranges only); None where a
-    range is continuous."""
-    sizes = [
-        len(r.choices) if r.choices is not None else int(r.high) - int(r.low) + 1 if r.integer else None
-        for r in space.values()
-    ]
-    return None if None in sizes else math.prod(sizes)
+def space_sizes(tune: Tune, space: dict[str, SearchRange]) -> dict[str, int] | None:
+    """How many values a study can propose per dimension: the grid's points per range (grid), or each choices
+    list and integer range (TPE, random); None where a continuous range makes the space infinite."""
+    if tune.sampler == "grid":
+        return {name: len(v) for name, v in grid(space, tune.trials).items()}
+    sizes = {
+        name: len(r.choices) if r.choices is not None else int(r.high) - int(r.low) + 1 if r.integer else None
+        for name, r in space.items()
+    }
+    return None if None in sizes.values() else sizes
 
 
 def budget(tune: Tune, space: dict[str, SearchRange]) -> int:
     """Trials a study runs: ``tune.trials``, or fewer where a grid has fewer points or a finite space fewer
     configurations (a repeated one would run the same configuration on the same seed again)."""
-    if tune.sampler == "grid":
-        return min(tune.trials, math.prod(len(v) for v in grid(space, tune.trials).values()))
-    return min(tune.trials, finite_size(space) or tune.trials)
+    sizes = space_sizes(tune, space)
+    return tune.trials if sizes is None else min(tune.trials, math.prod(sizes.values()))
 
 
 def space_coverage(tune: Tune, space: dict[str, SearchRange]) -> str | None:
     """One line where a grid's trials are not its points: more points than trials (the seeded first ``trials``
-    of them run, the rest never do) or fewer (the study stops when each has run once); None where they match.
-    For TPE and random: a finite space with fewer configurations than trials."""
-    if tune.sampler != "grid":
-        size = finite_size(space)
-        if size is None or size >= tune.trials:
-            return None
-        return f"the space holds {size} configurations: {size} trials, each once, not the {tune.trials} budgeted"
-    sizes = {name: len(v) for name, v in grid(space, tune.trials).items()}
-    points = math.prod(sizes.values())
-    if points == tune.trials:
+    of them run, the rest never do) or fewer (the study stops when each has run once); for TPE and random, a
+    finite space with fewer configurations than trials. None otherwise."""
+    sizes = space_sizes(tune, space)
+    points = math.prod(sizes.values()) if sizes is not None else None
+    if points is None or points == tune.trials or (tune.sampler != "grid" and points > tune.trials):
         return None
+    if tune.sampler != "grid":
+        return f"the space holds {points} configurations: {points} trials, each once, not the {tune.trials} budgeted"
     dims = " × ".join(f"{name} {n}" for name, n in sizes.items())
     if points > tune.trials:
         return f"a grid of {points} points ({dims}): {tune.trials} trials try {tune.trials} of them, in a seeded order"
@@ -285,7 +283,8 @@ def _propose(st: dict, tune: Tune):
     # and a configuration that already ran would run again on the same seed, to the same result. Such a draw
     # is told as a failure marked "duplicate" (not counted, never run) and the sampler draws again, seeded past
     # it: a resumed study replays the same draws from the same history.
-    seen = {tuple(sorted(t.params.items())) for t in _counted(study)} if finite_size(st["space"]) else set()
+    finite = space_sizes(tune, st["space"]) is not None
+    seen = {tuple(sorted(t.params.items())) for t in _counted(study)} if finite else set()
     skipped = sum(bool(t.user_attrs.get("duplicate")) for t in study.get_trials(deepcopy=False))
     for _ in range(100):
         study.sampler = _sampler(tune, done + skipped)
