@@ -116,6 +116,12 @@ class TrainingRecord(BaseModel):
         default_factory=list, description="each parameter group: name, tensors, elements, lr and its own options"
     )
     paging_effective: bool | None = Field(None, description="true only where optimizer state really was paged")
+    loss_scales: list[float] = Field(
+        default_factory=list, description="fp16 only: the loss scale each step's backward ran with (dynamic scaling)"
+    )
+    skipped_steps: list[int] = Field(
+        default_factory=list, description="fp16 only: steps whose gradients overflowed, so no update was made"
+    )
 
 
 class RunRecord(BaseModel):

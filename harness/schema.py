@@ -41,8 +41,9 @@ class TrainConfig(Strict):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: PositiveFloat | None = Field(1.0, allow_inf_nan=False, description="clip grad norm; null: no clip")
     grad_checkpointing: bool = False
-    dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = Field(
-        "float32", description="compute dtype (bf16 = autocast); auto: bf16 only where this machine runs it natively"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], AutoDtype()] = Field(
+        "float32",
+        description="compute dtype (bf16/fp16 = autocast; fp16 adds loss scaling); auto: bf16 where native, else fp32",
     )
     optimizer: str = Field("adamw", description=f"one of {', '.join(OPTIMIZERS)}")
     optimizer_args: dict[str, Any] = Field(default_factory=dict)

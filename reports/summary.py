@@ -196,3 +196,27 @@ def console():
 
     c = Console()
     return c if c.is_terminal else Console(width=220)
+
+
+def skipped_step_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per configuration whose fp16 loss scaling skipped steps (their gradients overflowed, so no update
+    was made): a run reads as ``steps`` long but trained on fewer, and its step times include the skipped ones."""
+    from collections import defaultdict
+
+    by: dict[tuple[str, str, str], list[tuple[int, int, int]]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.training.loss_scales:
+            by[(r.model, r.task, f"{r.method}/{r.variant}")].append(
+                (r.seed, len(r.training.skipped_steps), len(r.training.losses))
+            )
+    out = []
+    for (model, task, name), runs in by.items():
+        counts = sorted(n for _, n, _ in runs)
+        if counts[-1]:
+            many = f"{counts[0]}–{counts[-1]}" if counts[0] != counts[-1] else str(counts[0])
+            seeds = ", ".join(str(s) for s, _, _ in sorted(runs))
+            out.append(
+                f"{model} · {task} · {name}: {many} of {runs[0][2]} steps skipped by fp16 loss scaling (seed(s) "
+                f"{seeds}): their gradients overflowed, so they made no update"
+            )
+    return out

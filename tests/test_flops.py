@@ -65,11 +65,26 @@ def test_each_base_matmul_counts_once_whatever_wraps_it():
     assert full < counts["qalora"] < counts["lora"]  # A acts on d_in / g pooled inputs
 
 
-def test_mfu_uses_the_methods_compute_dtype(tmp_path):
+def test_mfu_uses_the_methods_compute_dtype(tmp_path, monkeypatch):
+    from harness.measure import hardware
+
+    monkeypatch.setattr(hardware, "is_emulated", lambda dtype, device=None: False)  # as on an AVX512-BF16 CPU
     cfg = cells(methods=[{"method": "qlora", "config": {"r": 4, "compute_dtype": "bfloat16"}}])[0]
     rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
     assert rec.status == "ok", rec.error
     assert rec.mfu_dtype == "bfloat16" and "cpu:bfloat16" in (tmp_path / "machine.json").read_text()
+
+
+def test_mfu_of_an_emulated_half_dtype_is_against_the_fp32_peak_the_emulation_runs_on(monkeypatch):
+    from harness.measure import hardware
+    from harness.measure.flops import mfu_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "is_emulated", lambda dtype, device=None: dtype == "float16")
+    assert mfu_dtype("float16", None, cpu) == "float32"  # fp16 autocast where fp16 is emulated
+    assert mfu_dtype("float32", "float16", cpu) == "float32"  # a method's compute dtype, emulated
+    assert mfu_dtype("bfloat16", None, cpu) == "bfloat16" and mfu_dtype("float32", "bfloat16", cpu) == "bfloat16"
+    assert mfu_dtype("float16", None) == "float16"  # no device: the dtype as resolved
 
 
 def test_lm_head_is_counted_per_kept_position_not_per_token():

@@ -71,6 +71,14 @@ def test_auto_is_fp32_where_bf16_is_native_but_not_faster(fresh_cache, monkeypat
     assert value == "float32" and "not faster" in why
 
 
+def test_auto_on_a_gpu_without_bf16_is_fp32_and_names_fp16_with_loss_scaling(monkeypatch):
+    no_bf16 = {"bfloat16": {"speedup_vs_float32": 0.0}, "float16": {"speedup_vs_float32": 8.0}}  # a T4, a V100
+    monkeypatch.setattr(hardware, "dtype_speed", lambda device_type="": no_bf16)
+    value, why = hardware.resolve_dtype("auto", torch.device("cuda"))
+    assert value == "float32" and why == "fp32: no bf16 on this GPU (dtype float16: fp16 autocast with loss scaling)"
+    assert hardware.resolve_dtype("float16", torch.device("cuda")) == ("float16", "set in the suite")
+
+
 def test_a_run_resolves_train_and_method_dtypes_and_says_why(fresh_cache, monkeypatch):
     fake_speed(monkeypatch, 1 / 50)
     cfg = cells(train={"steps": 2, "dtype": "auto"}, methods=[{"method": "qlora", "config": {"compute_dtype": "auto"}}])

@@ -59,7 +59,47 @@ def test_gradient_checkpointing_same_losses(tmp_path):
 def test_bfloat16_autocast_trains(tmp_path):
     rec = _run(tmp_path, dtype="bfloat16", steps=8)
     assert all(math.isfinite(x) for x in rec.training.losses)
+    assert rec.training.loss_scales == [] and rec.training.skipped_steps == []  # bf16 needs no loss scaling
     assert rec.training.losses != _run(tmp_path / "f32", steps=8).training.losses
+
+
+def test_float16_run_records_the_loss_scale_of_every_step(tmp_path):
+    rec = _run(tmp_path, dtype="float16", steps=4)
+    assert rec.config["train"]["dtype"] == "float16"
+    assert all(math.isfinite(x) for x in rec.training.losses)
+    assert rec.training.loss_scales == [2.0**16] * 4 and rec.training.skipped_steps == []
+
+
+def test_float16_skips_the_step_whose_gradients_overflowed_and_halves_the_scale():
+    from harness.cell.loop import train
+    from harness.cell.models import load_model
+    from harness.contract import ModelContext
+    from harness.registry import build_method
+    from harness.tasks.builtin import load_task
+    from harness.tasks.classifier import ClassifierIO
+
+    loaded = load_model("tiny-bert", num_labels=2, seed=0)
+    io = ClassifierIO(load_task(cells()[0].task), loaded.tokenizer, 32)
+    method = build_method("full", {})
+    model = method.prepare(loaded.model, ModelContext("seq_cls", 2, "bert", ["classifier"], train_steps=4))
+    weight, backwards, after = model.classifier.weight, [], []
+    # one micro-batch per step, so the second backward is step 1's: its gradient overflows
+    weight.register_hook(lambda g: (backwards.append(1), g * math.inf if len(backwards) == 2 else g)[1])
+    tc = TrainConfig(steps=4, batch_size=8, lr=1e-3, dtype="float16", timing_warmup_steps=1)
+    res = train(
+        model,
+        method,
+        io.batches(8, 0),
+        tc,
+        0,
+        torch.device("cpu"),
+        io.objective,
+        on_step=lambda *_: after.append(weight.detach().clone()),
+    )
+    assert res.skipped_steps == [1] and res.loss_scales == [2.0**16, 2.0**16, 2.0**15, 2.0**15]
+    assert torch.equal(after[1], after[0]) and not torch.equal(after[2], after[1])  # no update at step 1 only
+    assert res.lrs == pytest.approx([1e-3, 0.75e-3, 0.75e-3, 0.5e-3])  # the linear schedule waited a step
+    assert all(math.isfinite(x) for x in res.losses)
 
 
 @pytest.mark.parametrize("opt", ["adamw", "sgd", "adamw_8bit"])

@@ -54,3 +54,22 @@ def test_answers_cut_by_max_new_tokens_are_a_warning_in_the_report_and_the_summa
     for part in tables([cut]):
         out.print(part)
     assert "warning: " + line in out.export_text()
+
+
+def test_steps_skipped_by_fp16_loss_scaling_are_a_warning_in_the_summary_the_markdown_and_the_report():
+    from rich.console import Console
+
+    from reports.terminal import tables, to_markdown
+
+    def fp16(r, skipped):
+        scaled = {"loss_scales": [2.0**16] * 4, "skipped_steps": skipped, "losses": [0.7] * 4}
+        return r.model_copy(update={"training": r.training.model_copy(update=scaled)})
+
+    runs = [fp16(run("lora", "01", seed=0), [0]), fp16(run("lora", "01", seed=1), [0, 1]), run("full", "11")]
+    line = "m · t · lora/default: 1–2 of 4 steps skipped by fp16 loss scaling (seed(s) 0, 1)"
+    assert line in render(runs, "", "s") and line in to_markdown(runs)
+    out = Console(width=300, record=True)
+    for part in tables(runs):
+        out.print(part)
+    assert "warning: " + line in out.export_text()
+    assert "skipped by fp16" not in render([fp16(run("lora", "01"), []), run("full", "11")], "", "s")  # none skipped

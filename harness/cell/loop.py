@@ -59,6 +59,8 @@ class LoopResult:
     memory_category_max_bytes: dict = field(default_factory=dict)  # category -> its own maximum
     optimizer_state_bytes: int = 0
     paging_effective: bool | None = None  # None: no paged optimizer asked for
+    loss_scales: list[float] = field(default_factory=list)  # fp16: the scale each step's backward ran with
+    skipped_steps: list[int] = field(default_factory=list)  # fp16: steps whose gradients overflowed (no update)
     cuda: dict = field(default_factory=dict)
 
     @property
@@ -134,8 +136,12 @@ def train(
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
     dtype = DTYPES[cfg.dtype]
-    # Mixed precision: weights and optimizer stay float32, matmuls run in bf16 where autocast allows.
+    # Mixed precision: weights and optimizer stay float32, matmuls run in bf16/fp16 where autocast allows.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # fp16's narrow range flushes small gradients to zero: the loss is scaled up before backward and the gradients
+    # scaled back before clipping; a step whose gradients overflowed is skipped and the scale halved (Micikevicius
+    # et al. 2018, "Mixed Precision Training", arXiv 1710.03740, section 3.2). bf16 has fp32's range: no scaling.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     name = cfg.optimizer if own is None else f"{type(own).__name__} (the method's own)"
     res = LoopResult(timing_warmup_steps=min(cfg.timing_warmup_steps, cfg.steps), optimizer=name)
@@ -173,18 +179,31 @@ def train(
                     loss = objective(model, batch)
                     extra = method.loss_term(model, batch)  # a regulariser, say; None for most methods
                     loss = (loss if extra is None else loss + extra) / cfg.grad_accum
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 loss_sum += float(loss.detach())
             if not math.isfinite(loss_sum):
                 res.losses.append(loss_sum)
-                raise NonFiniteLoss(f"non-finite loss {loss_sum} at step {step}", res)
+                hint = " (fp16 ends at ±65504: bfloat16 or float32 would tell an overflow apart)" if scaler else ""
+                raise NonFiniteLoss(f"non-finite loss {loss_sum} at step {step}{hint}", res)
             tracker.gradients_ready(params)
+            if scaler is not None:
+                scale = scaler.get_scale()
+                res.loss_scales.append(scale)
+                scaler.unscale_(optimizer)  # clipping and the method's hook see the true gradients
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skips the update where a gradient is inf/NaN
+                scaler.update()  # halves the scale after an overflow: the only way it shrinks
+            skipped = scaler is not None and scaler.get_scale() < scale
             tracker.optimizer_done(optimizer)
-            scheduler.step()
-            method.on_step_end(model, step)  # before zero_grad: a method may read this step's gradients
+            if skipped:  # no update happened: the schedule waits, and no method reads overflowed gradients
+                res.skipped_steps.append(step)
+            else:
+                scheduler.step()
+                method.on_step_end(model, step)  # before zero_grad: a method may read this step's gradients
             optimizer.zero_grad(set_to_none=True)
         sync(device)
         res.step_times_s.append(time.perf_counter() - t0)

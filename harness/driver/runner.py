@@ -185,7 +185,7 @@ def machine_facts(cells: list[str], results: str) -> list[str]:
             load_method_file(c.method_source)
         resolved_cfg, dtypes = resolve_dtypes(c, device)
         method = build_method(resolved_cfg.method, resolved_cfg.method_config)
-        needed.add(mfu_dtype(resolved_cfg.train.dtype, method.compute_dtype()))
+        needed.add(mfu_dtype(resolved_cfg.train.dtype, method.compute_dtype(), device))
         for field, d in dtypes.items():
             note = slow_note(d["value"], device) if d["choice"] != "auto" else None
             if note:

@@ -193,7 +193,10 @@ def resolve_dtype(choice: str, device: torch.device | None = None) -> tuple[str,
         return "bfloat16", f"bf16: measured {s:.1f}× fp32 on {where}"
     if s < 0.5:
         isa = static_identity(device)["cpu_isa"] if device.type == "cpu" else "GPU"
-        return "float32", f"fp32: bf16 emulated ({isa}), {1 / s:.0f}× slower" if s > 0 else "fp32: no bf16 here"
+        if s > 0:
+            return "float32", f"fp32: bf16 emulated ({isa}), {1 / s:.0f}× slower"
+        # A GPU without bf16 (T4, V100) has fast fp16, but fp16 can overflow where fp32 would not: asked for, not auto
+        return "float32", "fp32: no bf16 on this GPU (dtype float16: fp16 autocast with loss scaling)"
     return "float32", f"fp32: bf16 not faster on {where} ({s:.2f}× fp32)"
 
 

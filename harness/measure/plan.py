@@ -44,7 +44,7 @@ def setup_for(cfg, model) -> Setup:
         seq_len=t.max_seq_len,
         grad_checkpointing=t.grad_checkpointing,
         weight_dtype_bytes=WEIGHT_BYTES,
-        activation_bytes=2 if t.dtype == "bfloat16" else 4,
+        activation_bytes=2 if t.dtype in ("bfloat16", "float16") else 4,
         optimizer=t.optimizer,
         optimizer_fused=runs_fused(t.optimizer, t.optimizer_args),
         double_quant=bool(mc.get("double_quant", True)),
