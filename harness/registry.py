@@ -34,10 +34,13 @@ FILE_MODULE = "ftbench_user_"  # the module name a method file beside a suite is
 
 
 _loaded = False
+_BROKEN: dict[str, str] = {}  # a plug-in that did not load -> why: told where it is named, not in every command
 
 
 def _load_all() -> None:
-    """Import the built-in methods and the entry-point plug-ins once."""
+    """Import the built-in methods and the entry-point plug-ins once. A plug-in that fails to import or to
+    register is set aside with its reason (:func:`broken_plugins`): one broken package installed beside ftbench
+    must not stop every command, nor a suite that never names it."""
     global _loaded
     if _loaded:
         return
@@ -45,13 +48,21 @@ def _load_all() -> None:
     import methods  # noqa: F401  (importing registers the built-ins)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
-        if getattr(cls, "name", None) != ep.name:
-            raise RegistryError(
-                f"entry point {ep.name!r} ({ep.value}) loads a method named {getattr(cls, 'name', None)!r}"
-            )
-        if ep.name not in _REGISTRY:
-            register_method(cls)
+        dist = f"package {ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unnamed package"
+        try:
+            cls = ep.load()
+            if getattr(cls, "name", None) != ep.name:
+                raise RegistryError(f"it loads a method named {getattr(cls, 'name', None)!r}")
+            if ep.name not in _REGISTRY:
+                register_method(cls)
+        except Exception as err:  # noqa: BLE001 - the plug-in's own error, kept with its name and package
+            _BROKEN[ep.name] = f"the plug-in {ep.value} ({dist}) did not load: {type(err).__name__}: {err}"
+
+
+def broken_plugins() -> dict[str, str]:
+    """Entry-point methods that failed to import or register, each with why (``ftbench methods`` lists them)."""
+    _load_all()
+    return dict(_BROKEN)
 
 
 def available_methods() -> dict[str, type]:
@@ -67,8 +78,11 @@ def registered_names() -> list[str]:
 
 
 def get_method(name: str) -> type:
-    """The method class registered as ``name`` (KeyError if none)."""
+    """The method class registered as ``name`` (KeyError if none; RegistryError, saying why, for a plug-in that
+    did not load)."""
     methods_ = available_methods()
+    if name in _BROKEN:
+        raise RegistryError(f"method {name!r}: {_BROKEN[name]}")
     if name not in methods_:
         raise KeyError(name)
     return methods_[name]

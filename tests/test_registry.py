@@ -89,3 +89,32 @@ def test_entry_point_plugin_is_registered_and_runs(tmp_path):
     assert data["trainable_params"] == 32 * 2 + 2  # tiny-bert head: hidden 32 × 2 labels + bias
     assert data["exports"][0]["kind"] == "trained"  # MethodBase's export: the trained parameters
     assert data["eval_after"]["accuracy"] is not None and data["training"]["optimizer"] == "adamw"
+
+
+def test_a_plugin_that_fails_to_import_is_set_aside_and_named_where_it_is_used(tmp_path, monkeypatch, capsys):
+    """One broken package in the `ftbench.methods` group stopped every command (`ftbench methods`, any suite) with
+    a ModuleNotFoundError that named neither the plug-in nor its package."""
+    from harness import registry
+    from harness.driver.cli import main
+
+    dist = tmp_path / "broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ftbench.methods]\nbroken = broken_method:Broken\n")
+    (tmp_path / "broken_method.py").write_text("import a_library_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    why = "the plug-in broken_method:Broken (package broken 0.1) did not load: ModuleNotFoundError"
+    assert registry.broken_plugins()["broken"].startswith(why) and "lora" in available_methods()
+    with pytest.raises(RegistryError, match="method 'broken': the plug-in broken_method:Broken"):
+        registry.get_method("broken")
+    assert main(["methods", "full"]) == 0  # every other command still works
+    for name in ("ok", "broken"):
+        suite = tmp_path / f"{name}.yaml"
+        suite.write_text(yaml.safe_dump(tiny_suite(methods=[{"method": "broken" if name == "broken" else "full"}])))
+        assert main(["run", str(suite), "--results", str(tmp_path / name), "--dry-run"]) == (
+            2 if name == "broken" else 0
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"ftbench: error: {tmp_path / 'broken.yaml'}: methods[0].method: 'broken': {why}"), err

@@ -13,11 +13,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from harness.registry import available_methods, describe_config
+    from harness.registry import available_methods, broken_plugins, describe_config
     from reports.terminal import console as make_console
 
     console = make_console()  # piped into a file: 100 columns, not rich's 80
-    known = available_methods()
+    known, broken = available_methods(), broken_plugins()
+    if args.name in broken:
+        raise ConfigError(f"methods {args.name}: {broken[args.name]}")
     if args.name and args.name not in known:
         raise ConfigError(f"methods {args.name}: unknown method; allowed: {', '.join(known)}")
     for name, cls in known.items():
@@ -31,6 +33,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for row in describe_config(cls.Config):
             table.add_row(*(escape(str(row[c])) for c in ("field", "type", "default", "help")))
         console.print(table)
+    for name, why in broken.items() if not args.name else ():
+        console.print(f"[yellow]warning:[/] method {escape(name)} is not available: {escape(why)}")
     return 0
 
 

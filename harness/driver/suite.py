@@ -24,7 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from harness.cell.modelnames import ALIASES, check_model_name, fingerprint
-from harness.registry import available_methods, get_method, load_method_file, registered_names
+from harness.registry import available_methods, broken_plugins, get_method, load_method_file, registered_names
 from harness.schema import ConfigError, ModelSpec, RunConfig, Suite, TaskSpec, TrainConfig, format_validation_error
 from harness.tasks.builtin import TASKS, check_task_name, load_task, task_kind
 from harness.tasks.userdata import check_task_spec, read_user_text
@@ -141,6 +141,8 @@ def _check_names(suite: Suite, source: str) -> None:
                 raise ConfigError(f"{where}.method: {m.method!r} is named {cls.name!r}, like {files[cls.name]}")
             m = suite.methods[i] = m.model_copy(update={"method": cls.name, "source": spec})
             known = available_methods()
+        if m.method in broken_plugins():
+            raise ConfigError(f"{where}.method: {m.method!r}: {broken_plugins()[m.method]}")
         if m.method not in known:
             allowed = ", ".join(registered_names())
             raise ConfigError(f"{where}.method: unknown method {m.method!r}; allowed: {allowed}, or file.py:Class")
