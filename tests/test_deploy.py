@@ -88,6 +88,7 @@ def test_a_form_in_an_emulated_dtype_is_skipped_with_the_reason(tmp_path, monkey
     rec = _run(tmp_path, "tiny-bert", "lora", {"r": 4})
     forms = {d.name: d for e in rec.exports for d in e.deployments}
     assert forms["bf16"].skipped.startswith("bf16 emulated") and forms["bf16"].latency is None
+    assert forms["bf16"].skipped.endswith("measure it where bfloat16 is native")
     assert forms["fp32"].skipped is None and forms["fp32"].latency["kind"] == "encoder"
 
 

@@ -77,6 +77,7 @@ def test_auto_on_a_gpu_without_bf16_is_fp32_and_names_fp16_with_loss_scaling(mon
     value, why = hardware.resolve_dtype("auto", torch.device("cuda"))
     assert value == "float32" and why == "fp32: no bf16 on this GPU (dtype float16: fp16 autocast with loss scaling)"
     assert hardware.resolve_dtype("float16", torch.device("cuda")) == ("float16", "set in the suite")
+    assert hardware.slow_note("bfloat16", torch.device("cuda")) == "bf16 not supported on this GPU"  # not "emulated"
 
 
 def test_a_run_resolves_train_and_method_dtypes_and_says_why(fresh_cache, monkeypatch):

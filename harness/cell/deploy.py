@@ -136,7 +136,7 @@ def measure(export, evaluate, causal: bool, seq_len: int, cfg, device, say, know
             continue
         if d.dtype in ("float16", "bfloat16") and is_emulated(d.dtype, device):
             note = slow_note(d.dtype, device)
-            rec.skipped = f"{note}: its latency would measure the emulation; measure it on a CPU with native bf16"
+            rec.skipped = f"{note}: its latency would measure the emulation; measure it where {d.dtype} is native"
             out.append(rec)
             continue
         say(f"deployment cost: {export.kind} · {d.name}")

@@ -175,7 +175,9 @@ def slow_note(dtype_name: str, device: torch.device | None = None) -> str | None
     device = device or default_device()
     s = dtype_speed(device.type)[dtype_name]["speedup_vs_float32"]
     where = f"this CPU ({static_identity(device)['cpu_isa']})" if device.type == "cpu" else "this GPU"
-    slower = f"{1 / s:.0f}× slower than fp32" if s > 0 else "unsupported"
+    if s <= 0:  # the probe's mark for a dtype the device lacks (bf16 on a T4 or V100)
+        return f"{SHORT[dtype_name]} not supported on {where}"
+    slower = f"{1 / s:.0f}× slower than fp32"
     if s < EMULATED:
         return f"{SHORT[dtype_name]} emulated on {where}: {slower}"
     return f"{SHORT[dtype_name]} not faster here"
