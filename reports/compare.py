@@ -49,9 +49,12 @@ def key(r: RunRecord) -> tuple:
 
 
 def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """The summary as raw numbers (for CSV / JSON)."""
+    """The summary as raw numbers (for CSV / JSON), with what a row means nothing without once rows from several
+    suites or machines are pooled: the steps, learning rate and dtype it trained with, and the hardware."""
     rows = []
     for r in records:
+        train = r.config.get("train") or {}
+        dtype = (r.resolved_dtypes.get("train.dtype") or {}).get("value") or train.get("dtype")
         row = {
             "model": r.model,
             "task": r.task,
@@ -66,6 +69,13 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             "optimizer_state_bytes": r.training.optimizer_state_bytes,
             "paging_effective": r.training.paging_effective,
             "wall_time_s": r.wall_time_s,
+            "steps": train.get("steps"),
+            "lr": train.get("lr"),
+            "train_dtype": dtype,
+            "steps_skipped_by_loss_scaling": len(r.training.skipped_steps) if r.training.loss_scales else None,
+            "mfu": r.mfu,
+            "mfu_dtype": r.mfu_dtype,
+            "hardware": hardware_of(r),
         }
         row.update({k: f(r) for k, f in METRICS.items()})
         for e in r.exports:

@@ -55,6 +55,9 @@ def test_markdown_csv_json(results, capsys):
     full = next(d for d in data if d["method"] == "full")
     assert full["trainable_params"] == full["total_params"]
     assert all(d["peak_kind"] == "CPU live tensors" for d in data)
+    # pooled with rows from other suites or machines, a row still says how it trained and where
+    assert {(d["steps"], d["train_dtype"], d["steps_skipped_by_loss_scaling"]) for d in data} == {(4, "float32", None)}
+    assert all(d["hardware"].startswith(data[0]["hardware"][:8]) and 0 < d["mfu"] < 1 for d in data)
 
 
 def test_html_report_written(results, capsys):
