@@ -131,3 +131,18 @@ def test_the_plan_resolves_auto_dtypes_as_the_cell_will(monkeypatch, speedup, ac
     suite = parse_suite(tiny_suite(models=["tiny-llama"], tasks=[{"name": "synthetic"}], train=train), "<test>")
     (row,) = plan_rows(suite, expand(suite))
     assert row["setup"]["activation_bytes"] == activation_bytes
+
+
+def test_the_plan_gives_long_times_in_hours_or_days_and_warns_when_a_dtype_is_emulated(monkeypatch, capsys):
+    """An fp16 plan for an 8B shape on a CPU said `~177517 s` with no word of why: fp16 is emulated there."""
+    from harness.driver.dryrun import duration, print_plan
+    from harness.driver.suite import check_cheap
+    from harness.measure import hardware
+
+    assert [duration(s) for s in (42, 720, 3 * 3600, 177517)] == ["~42 s", "~12 min", "~3.0 h", "~2 days"]
+    monkeypatch.setattr(hardware, "slow_note", lambda d, device=None: "fp16 emulated here" if d == "float16" else None)
+    for dtype in ("float16", "float32"):
+        suite = check_cheap(tiny_suite(train={"steps": 2, "dtype": dtype}, tasks=[{"name": "synthetic"}]), "s.yaml")
+        assert print_plan(suite, expand(suite)) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert ("warning: fp16 emulated here: the times above are at that speed" in out) == (dtype == "float16")

@@ -27,7 +27,7 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
     from harness.cell.models import resolve_mode, skeleton
     from harness.cell.run import resolve_dtypes
     from harness.driver.runner import cell_key
-    from harness.measure.hardware import default_device, peak_matmul
+    from harness.measure.hardware import default_device, peak_matmul, slow_note
 
     device = default_device(suite.device)
     if suite.memory_limit_mb:
@@ -59,8 +59,22 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
         flops = _flops_per_step(cfg, model, e["trainable_params"]) * cfg.train.steps
         peak = peak_matmul(dtype, device)["peak_matmul_flops"]
         mfu = ASSUMED_MFU.get(device.type, 0.3)
-        rows.append({**row, **e, "need": need, "fits": need <= capacity, "seconds": flops / (peak * mfu), "mfu": mfu})
+        rows.append(
+            {**row, **e, "need": need, "fits": need <= capacity, "seconds": flops / (peak * mfu), "mfu": mfu}
+            | {"slow": slow_note(dtype, device)}  # an emulated dtype: its times are at the emulation's speed
+        )
     return rows
+
+
+def duration(seconds: float) -> str:
+    """An estimated time in the unit a reader takes in at once: ~45 s, ~12 min, ~3.4 h, ~21 days."""
+    if seconds < 100:
+        return f"~{seconds:.0f} s"
+    if seconds < 100 * 60:
+        return f"~{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"~{seconds / 3600:.1f} h"
+    return f"~{seconds / 86400:.0f} days"
 
 
 def print_plan(suite, cells: list) -> int:
@@ -92,7 +106,7 @@ def print_plan(suite, cells: list) -> int:
             c = r["by_category_bytes"]
             gib = [f"{c[k] / GIB:.2f}" for k in ("weights", "gradients", "optimizer_state", "activations")]
             need = [f"{r['peak_bytes'] / GIB:.2f}", f"{r['need'] / GIB:.2f}", "✓" if r["fits"] else "✗ no"]
-            table.add_row(escape(r["cell"]), *gib, *need, f"~{r['seconds']:.0f} s")
+            table.add_row(escape(r["cell"]), *gib, *need, duration(r["seconds"]))
         out.print(table)
         for line in why:
             out.print(line, highlight=False)
@@ -104,6 +118,8 @@ def print_plan(suite, cells: list) -> int:
         f"at an assumed MFU of {rows[0].get('mfu', 0.3):.0%} of this machine's measured peak.",
         style="dim",
     )
+    for note in sorted({r["slow"] for r in rows if r.get("slow")}):
+        out.print(f"[yellow]warning:[/] {escape(note)}: the times above are at that speed")
     over = [r["cell"] for r in rows if r.get("fits") is False]
     if over:
         out.print(f"will not fit ({len(over)}): {', '.join(over)} — each would end as an oom record")
