@@ -83,8 +83,8 @@ class QALoraOptions(Strict):
         return v
 
     param_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored scales and zeros")
-    compute_dtype: Annotated[Literal["auto", "float32", "bfloat16"], AutoDtype()] = Field(
-        "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
+    compute_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], AutoDtype()] = Field(
+        "float32", description="dequantize to this; auto: a half-precision train.dtype, else bf16 where native"
     )
 
 

@@ -50,7 +50,7 @@ class QLoraOptions(LoraOptions):
     double_quant: bool = Field(True, description="quantize the absmax constants again (8-bit, blocks of 256)")
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(64, description="values per absmax")
     compute_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], AutoDtype()] = Field(
-        "float32", description="dequantize to this; auto: bf16 only where this machine runs it natively"
+        "float32", description="dequantize to this; auto: a half-precision train.dtype, else bf16 where native"
     )
     skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
     init_lora_weights: bool | str = Field(

@@ -80,6 +80,28 @@ def test_auto_on_a_gpu_without_bf16_is_fp32_and_names_fp16_with_loss_scaling(mon
     assert hardware.slow_note("bfloat16", torch.device("cuda")) == "bf16 not supported on this GPU"  # not "emulated"
 
 
+def test_a_methods_auto_dtype_follows_a_half_precision_training_dtype_it_accepts(fresh_cache, monkeypatch):
+    """On a GPU without bf16 `auto` alone is fp32: QLoRA's dequantized matmuls in fp32 beside LoRA's fp16 ones
+    would not compare; on a bf16 machine, `auto` alone is bf16 inside fp16 autocast: two roundings in one run."""
+    fake_speed(monkeypatch, 1 / 50)  # bf16 emulated: `auto` alone would be fp32
+    for train in ("float16", "bfloat16"):
+        for method in ("qlora", "qalora"):
+            auto = [{"method": method, "config": {"compute_dtype": "auto"}}]
+            cfg = cells(train={"steps": 2, "dtype": train}, methods=auto)[0]
+            resolved_cfg, dtypes = resolve_dtypes(cfg, CPU)
+            assert resolved_cfg.method_config["compute_dtype"] == train, method
+            assert (
+                dtypes["method.compute_dtype"]["why"]
+                == f"{hardware.SHORT[train]}: follows train.dtype, a half-precision run"
+            )
+    cfg = cells(
+        train={"steps": 2, "dtype": "float32"}, methods=[{"method": "qlora", "config": {"compute_dtype": "auto"}}]
+    )[0]
+    assert resolve_dtypes(cfg, CPU)[0].method_config["compute_dtype"] == "float32"  # fp32 training: the machine's
+    explicit = cells(train={"dtype": "float16"}, methods=[{"method": "qlora", "config": {"compute_dtype": "float32"}}])
+    assert resolve_dtypes(explicit[0], CPU)[0].method_config["compute_dtype"] == "float32"  # said: kept
+
+
 def test_a_run_resolves_train_and_method_dtypes_and_says_why(fresh_cache, monkeypatch):
     fake_speed(monkeypatch, 1 / 50)
     cfg = cells(train={"steps": 2, "dtype": "auto"}, methods=[{"method": "qlora", "config": {"compute_dtype": "auto"}}])

@@ -69,7 +69,8 @@ def resolve_dtypes(cfg: RunConfig, device: torch.device) -> tuple[RunConfig, dic
     """Every ``auto`` dtype (training and the method's own) made concrete for this machine; the record keeps the
     choice, the value and why. The record's ``config`` stays as the suite wrote it."""
     train, resolved = resolve_config_dtypes(TrainConfig, cfg.train.model_dump(), device, prefix="train.")
-    method_cfg, more = resolve_config_dtypes(get_method(cfg.method).Config, cfg.method_config, device)
+    method_cls = get_method(cfg.method)
+    method_cfg, more = resolve_config_dtypes(method_cls.Config, cfg.method_config, device, train_dtype=train["dtype"])
     update = {"train": TrainConfig.model_validate(train), "method_config": method_cfg}
     return cfg.model_copy(update=update), {**resolved, **more}
 

@@ -37,6 +37,7 @@ FASTER = 1.1  # bf16 must beat float32 by this factor for `auto` to choose it
 PEAK_BUDGET_S = 2.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+HALF = ("bfloat16", "float16")
 
 
 def default_device(choice: str | None = None) -> torch.device:
@@ -208,15 +209,31 @@ def auto_dtype_fields(config_cls: type) -> list[str]:
 
 
 def resolve_config_dtypes(
-    config_cls: type, values: dict[str, Any], device: torch.device | None = None, prefix: str = "method."
+    config_cls: type,
+    values: dict[str, Any],
+    device: torch.device | None = None,
+    prefix: str = "method.",
+    train_dtype: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
-    """``values`` with every AutoDtype field resolved, and {field: {choice, value, why}} for the record."""
+    """``values`` with every AutoDtype field resolved, and {field: {choice, value, why}} for the record. Where the
+    run trains in a half dtype (``train_dtype``, resolved) that a field accepts, its ``auto`` is that dtype: QLoRA
+    dequantizing to fp32 beside LoRA's fp16 base matmuls would compare the two unfairly (a T4 has no bf16, so
+    `auto` alone says fp32), and bf16 inside fp16 autocast would mix two roundings in one run."""
+    from typing import get_args
+
     values, resolved = dict(values), {}
     for name in auto_dtype_fields(config_cls):
         choice = values.get(name, config_cls.model_fields[name].default)
         if not isinstance(choice, str) or choice not in (*DTYPES, "auto"):
             continue
-        value, why = resolve_dtype(choice, device)
+        if (
+            choice == "auto"
+            and train_dtype in HALF
+            and train_dtype in get_args(config_cls.model_fields[name].annotation)
+        ):
+            value, why = train_dtype, f"{SHORT[train_dtype]}: follows train.dtype, a half-precision run"
+        else:
+            value, why = resolve_dtype(choice, device)
         values[name] = value
         resolved[prefix + name] = {"choice": choice, "value": value, "why": why}
     return values, resolved
