@@ -11,6 +11,8 @@ NUMERIC = {"trainable", "trainable %", "weights", "peak memory", "peak RSS", "st
 # What each column means (the HTML header's hover and the footnotes under the table).
 MEANINGS = {  # the metric columns' meanings are the catalogue's (reports/metrics.py); these are the rest
     "optimizer": "the optimizer, and whether paged state really was paged",
+    "dtype": "the training dtype as resolved (auto: what ran here), the method's compute dtype where it differs, "
+    "and fp16's steps skipped by loss scaling",
     "fastest deployment": "the run's fastest deployable artifact at batch 1: ms per generated token (decoders) or "
     "per example (encoders); every form in the report's Deployment section",
     "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| "
@@ -33,6 +35,7 @@ COLUMNS = [
     "peak memory",
     "peak RSS",
     "optimizer",
+    "dtype",
     "step time (median)",
     "tokens/s",
     "MFU",
@@ -104,6 +107,22 @@ def optimizer_label(r: RunRecord) -> str:
     return name
 
 
+def dtype_label(r: RunRecord) -> str:
+    """'bf16', 'fp32 · compute bf16' (QLoRA dequantizing to bf16 under fp32 training), 'fp16 · 2 steps skipped'."""
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # not from hardware.py: that imports torch
+    train = (r.resolved_dtypes.get("train.dtype") or {}).get("value") or (r.config.get("train") or {}).get("dtype")
+    if train is None:
+        return "—"
+    compute = (r.resolved_dtypes.get("method.compute_dtype") or {}).get("value")
+    parts = [short.get(train, train)]
+    if compute not in (None, train):
+        parts.append(f"compute {short.get(compute, compute)}")
+    if r.training.skipped_steps:
+        n = len(r.training.skipped_steps)
+        parts.append(f"{n} step{'s' if n > 1 else ''} skipped")
+    return " · ".join(parts)
+
+
 def fastest_deployment(r: RunRecord) -> str:
     """The run's fastest deployable form (harness/cell/deploy.py) and its latency at batch 1."""
     from harness.records import headline_latency_s
@@ -141,6 +160,7 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 "peak memory": peak_memory_label(r),
                 "peak RSS": fmt_bytes(r.peak_rss_bytes),
                 "optimizer": optimizer_label(r),
+                "dtype": dtype_label(r),
                 "step time (median)": f"{r.training.step_time_stats['median_s'] * 1000:.0f} ms{loaded}"
                 if r.training.step_time_stats.get("median_s")
                 else "—",
@@ -167,7 +187,8 @@ def to_markdown(records: Iterable[RunRecord]) -> str:
     from reports.markdown import md, md_table
 
     rows = summary_rows(records)
-    constant = [c for c in ("model", "task", "seed", "status", "optimizer") if rows and len({r[c] for r in rows}) == 1]
+    once = ("model", "task", "seed", "status", "optimizer", "dtype")
+    constant = [c for c in once if rows and len({r[c] for r in rows}) == 1]
     cols = [c for c in shown_columns(rows) if c not in constant]
     lines = [" · ".join(f"{c}: **{md(rows[0][c])}**" for c in constant), ""] if constant else []
     return "\n".join(lines + md_table(cols, [[row[c] for c in cols] for row in rows]))

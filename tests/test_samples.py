@@ -73,3 +73,22 @@ def test_steps_skipped_by_fp16_loss_scaling_are_a_warning_in_the_summary_the_mar
         out.print(part)
     assert "warning: " + line in out.export_text()
     assert "skipped by fp16" not in render([fp16(run("lora", "01"), []), run("full", "11")], "", "s")  # none skipped
+
+
+def test_the_dtype_column_says_what_ran_the_compute_dtype_where_it_differs_and_the_skipped_steps():
+    from reports.summary import dtype_label, to_markdown
+
+    def ran(train, compute=None, skipped=()):
+        dtypes = {"train.dtype": {"choice": "auto", "value": train, "why": ""}}
+        if compute:
+            dtypes["method.compute_dtype"] = {"choice": "auto", "value": compute, "why": ""}
+        r = run("qlora", "01")
+        training = r.training.model_copy(update={"skipped_steps": list(skipped), "loss_scales": [1.0] * 4})
+        return r.model_copy(update={"resolved_dtypes": dtypes, "training": training})
+
+    assert dtype_label(run("full", "01")) == "—"  # an old record: no dtype kept
+    assert dtype_label(ran("bfloat16", "bfloat16")) == "bf16"
+    assert dtype_label(ran("float32", "bfloat16")) == "fp32 · compute bf16"
+    assert dtype_label(ran("float16", "float16", [0])) == "fp16 · 1 step skipped"
+    assert dtype_label(ran("float16", skipped=[0, 3])) == "fp16 · 2 steps skipped"
+    assert "dtype: **bf16**" in to_markdown([ran("bfloat16"), ran("bfloat16")])  # the same in every row: said once
