@@ -47,6 +47,8 @@ def environment() -> dict[str, Any]:
         "native_bf16": hw["native_bf16"],
         "bf16_speedup_vs_fp32": hw["bf16_speedup_vs_fp32"],
         "machine_key": hw["machine_key"],
+        "isa_caps": hw.get("isa_caps"),  # oneDNN / MKL ISA caps set in the environment (None: none)
+        "float32_matmul_precision": hw.get("float32_matmul_precision"),  # None: "highest", no TF32
         "cpu_count": os.cpu_count(),
         "torch_threads": hw["torch_threads"],
         "measurement_env": measurement_env(),  # allocator configuration and thread pools, as this run had them
@@ -84,6 +86,8 @@ def describe(ident: dict[str, Any]) -> str:
     parts = [
         ident.get("gpu") or cpu,
         ident.get("cpu_isa"),
+        *(f"{k}={v}" for k, v in (ident.get("isa_caps") or {}).items()),  # an ISA cap set from outside
+        f"fp32 matmul precision {ident['float32_matmul_precision']}" if ident.get("float32_matmul_precision") else "",
         bf16,
         f"{ident.get('torch_threads')} threads",
     ]

@@ -30,6 +30,11 @@ MEASUREMENT_ENV = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
+    "ATEN_CPU_CAPABILITY",  # the ISA caps: an AVX512 CPU measured as an AVX2 one
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "NVIDIA_TF32_OVERRIDE",  # TF32 in fp32 matmuls, forced on or off from outside
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
 )
 HIDDEN = "gptqmodel"  # imported only by a cell that quantizes with GPTQ (methods/gptq.py)
 HIDDEN_WITH_IT = ("torchao",)  # gptqmodel's own dependency, hidden from transformers and peft until then

@@ -238,9 +238,11 @@ def hardware_of(r: RunRecord) -> str:
     e = r.environment
     bf16 = {True: "native bf16", False: "bf16 not native"}.get(e.get("native_bf16"), "bf16 unknown")
     gpu = f"{e['gpu']} · " if e.get("gpu") else ""
-    return (
-        f"{gpu}{e.get('cpu_model')} · {e.get('cpu_isa') or 'ISA unknown'} · {bf16} · {e.get('torch_threads')} threads"
-    )
+    caps = "".join(f" · {k}={v}" for k, v in (e.get("isa_caps") or {}).items())
+    if e.get("float32_matmul_precision"):
+        caps += f" · fp32 matmul precision {e['float32_matmul_precision']}"
+    isa = e.get("cpu_isa") or "ISA unknown"
+    return f"{gpu}{e.get('cpu_model')} · {isa}{caps} · {bf16} · {e.get('torch_threads')} threads"
 
 
 def load_note(r: RunRecord) -> str:

@@ -275,3 +275,26 @@ def test_the_cpu_is_named_with_its_family_and_model():
 
     fields = {k: v for k, v in ident.items() if k != "machine_key"}  # the key is a digest of every field
     assert hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12] == ident["machine_key"]
+
+
+def test_an_isa_cap_or_tf32_set_from_outside_is_another_machine_for_speed_and_is_named(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 alone (ATEN's capability unchanged) kept the machine key, so the cached bf16 probe
+    of the uncapped CPU was read for a capped one; TF32 in fp32 matmuls changes the fp32 peak alike."""
+    from reports.stats import hardware_of
+    from tests.test_stats import run
+
+    plain = hardware.static_identity(CPU)
+    assert "isa_caps" not in plain and "float32_matmul_precision" not in plain  # a plain machine keeps its key
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = hardware.static_identity(CPU)
+    assert capped["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and capped["machine_key"] != plain["machine_key"]
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = hardware.static_identity(CPU)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert tf32["float32_matmul_precision"] == "high" and tf32["machine_key"] != plain["machine_key"]
+    env = {**capped, "native_bf16": False, "bf16_speedup_vs_fp32": 0.02}
+    assert "· ONEDNN_MAX_CPU_ISA=AVX2 ·" in describe(env)
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in hardware_of(run("full", "01").model_copy(update={"environment": env}))

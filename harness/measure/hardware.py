@@ -76,6 +76,13 @@ def static_identity(device: torch.device | None = None) -> dict[str, Any]:
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
+    # What else changes a matmul's speed from the outside: oneDNN's and MKL's ISA caps (ATEN's is cpu_isa), and
+    # fp32 matmuls allowed TF32 (or bf16) on a GPU. Kept only when set, so a plain machine keeps its key and cache.
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k)}
+    if caps:
+        ident["isa_caps"] = caps
+    if torch.get_float32_matmul_precision() != "highest":
+        ident["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     ident["machine_key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return ident
 
