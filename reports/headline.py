@@ -83,7 +83,9 @@ def best_per_axis(cs: dict[str, Config]) -> list[Best]:
         a, b = with_peak[0], with_peak[1]
         ma, mb = statistics.fmean(a.peaks()), statistics.fmean(b.peaks())
         sig, why = _memory_check(a, b)
-        out.append(Best("peak memory", a.name, f"{fmt_bytes(mb - ma)} less than {b.name} ({mb / ma:.2f}×)", sig, why))
+        # a ratio under 1.1× reads as "1.00×" at two decimals: a share says how small a difference is
+        size = f"{mb / ma:.2f}×" if mb >= 1.1 * ma else f"{(1 - ma / mb) * 100:.2g}% less"
+        out.append(Best("peak memory", a.name, f"{fmt_bytes(mb - ma)} less than {b.name} ({size})", sig, why))
     timed = sorted((c for c in cs.values() if c.median_step_s()), key=lambda c: c.median_step_s())
     if len(timed) > 1:
         a, b = timed[0], timed[1]

@@ -278,3 +278,16 @@ def test_the_summary_warns_when_its_runs_come_from_several_commits():
         [at("a" * 40, "lora"), at("b" * 40, "full")]
     )
     assert "commits" not in text([at("a" * 40, "lora"), at("a" * 40, "full")])
+
+
+def test_a_memory_difference_under_ten_percent_is_given_as_a_share_not_as_1_00x():
+    """A 29 KiB difference on 52 MiB read `(1.00×)` in the headline: true to two decimals, and no help."""
+
+    def peaked(method, peak):
+        r = run(method, "01")
+        return r.model_copy(update={"training": r.training.model_copy(update={"peak_live_tensor_bytes": peak})})
+
+    for other, size in ((54_250_000 + 29_900, "0.055% less"), (2 * 54_250_000, "2.00×")):
+        cs = headline.configs([peaked("lora", 54_250_000), peaked("qalora", other)])[("m", "t")]
+        best = {b.axis: b for b in headline.best_per_axis(cs)}["peak memory"]
+        assert best.margin.endswith(f"less than qalora/default ({size})"), best.margin
