@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from harness.records import RunRecord, measured_step_times_s
 from reports import stats, tuning
 from reports.metrics import BY_KEY, fmt_bytes, fmt_pct, peak_bytes, smallest_export, text
+from reports.summary import train_dtype
 
 
 @dataclass
@@ -179,7 +180,9 @@ def render(records: list[RunRecord]) -> str:
     parts = []
     for (model, task), cs in configs(records).items():
         n = next(iter(cs.values())).acc.examples
-        parts.append(f"<h3>{html.escape(model)} · {html.escape(task)} <small>({n} test examples)</small></h3>")
+        dtypes = ", ".join(sorted({d for c in cs.values() for r in c.runs if (d := train_dtype(r))}))
+        small = html.escape(f"({n} test examples{', ' + dtypes if dtypes else ''})")
+        parts.append(f"<h3>{html.escape(model)} · {html.escape(task)} <small>{small}</small></h3>")
         items = []
         for b in best_per_axis(cs):
             tag = {True: "beyond noise", False: "within noise", None: "exact"}[b.significant]

@@ -107,16 +107,25 @@ def optimizer_label(r: RunRecord) -> str:
     return name
 
 
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # not hardware.py's: that imports torch
+
+
+def train_dtype(r: RunRecord) -> str | None:
+    """The dtype the run trained in, short ('bf16'), as resolved on its machine (`auto` as what it became);
+    None where the record keeps none (or only `auto`, from before resolved dtypes were kept)."""
+    d = (r.resolved_dtypes.get("train.dtype") or {}).get("value") or (r.config.get("train") or {}).get("dtype")
+    return SHORT_DTYPES.get(d, d) if d and d != "auto" else None
+
+
 def dtype_label(r: RunRecord) -> str:
     """'bf16', 'fp32 · compute bf16' (QLoRA dequantizing to bf16 under fp32 training), 'fp16 · 2 steps skipped'."""
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # not from hardware.py: that imports torch
-    train = (r.resolved_dtypes.get("train.dtype") or {}).get("value") or (r.config.get("train") or {}).get("dtype")
+    train = train_dtype(r)
     if train is None:
         return "—"
     compute = (r.resolved_dtypes.get("method.compute_dtype") or {}).get("value")
-    parts = [short.get(train, train)]
-    if compute not in (None, train):
-        parts.append(f"compute {short.get(compute, compute)}")
+    parts = [train]
+    if compute is not None and SHORT_DTYPES.get(compute, compute) != train:
+        parts.append(f"compute {SHORT_DTYPES.get(compute, compute)}")
     if r.training.skipped_steps:
         n = len(r.training.skipped_steps)
         parts.append(f"{n} step{'s' if n > 1 else ''} skipped")

@@ -97,6 +97,19 @@ def _verdicts(ranked: list[headline.Config]) -> dict[str, str]:
     return out
 
 
+def _caption(model: str, task: str, cs: dict, seeds: list[int]) -> str:
+    """'minilm-l6 · rotten_tomatoes · 400 test examples · 1 seed(s) · bf16': the dtype the runs trained in, as
+    resolved (`auto` differs by machine, and step times with it), or each of them where they differ."""
+    from reports.summary import train_dtype
+
+    first = next(iter(cs.values()))
+    dtypes = sorted({d for c in cs.values() for r in c.runs if (d := train_dtype(r))})
+    return " · ".join(
+        [model, task, f"{first.acc.examples} test examples", f"{len(seeds)} seed(s)"]
+        + ([", ".join(dtypes) if len(dtypes) == 1 else f"dtypes {', '.join(dtypes)}"] if dtypes else [])
+    )
+
+
 def tables(records: list[RunRecord], title: str = "") -> list:
     """Rich renderables: a table per (model, task), then one line per run that did not finish ok."""
     from rich import box
@@ -106,9 +119,8 @@ def tables(records: list[RunRecord], title: str = "") -> list:
 
     out: list = []
     for (model, task), cs in headline.configs(records).items():
-        first = next(iter(cs.values()))
         seeds = sorted({r.seed for c in cs.values() for r in c.runs})
-        caption = f"{model} · {task} · {first.acc.examples} test examples · {len(seeds)} seed(s)"
+        caption = _caption(model, task, cs, seeds)
         table = Table(
             title=escape(" · ".join(x for x in (title, caption) if x)),
             box=box.SIMPLE_HEAD,
@@ -161,9 +173,8 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
 
     lines: list[str] = []
     for (model, task), cs in headline.configs(records).items():
-        first = next(iter(cs.values()))
         seeds = sorted({r.seed for c in cs.values() for r in c.runs})
-        caption = f"{model} · {task} · {first.acc.examples} test examples · {len(seeds)} seed(s)"
+        caption = _caption(model, task, cs, seeds)
         head = [h.replace("accuracy", "accuracy ± sd") if len(seeds) > 1 and h == HEAD[4] else h for h in HEAD]
         ranked = sorted(cs.values(), key=lambda c: -c.acc.mean)
         verdicts = _verdicts(ranked)

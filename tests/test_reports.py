@@ -34,7 +34,7 @@ def test_markdown_csv_json(results, capsys):
     md = capsys.readouterr().out
     # first the summary's headline, as published: each configuration over its seeds, interval, verdicts, legend
     caption, _, rest = md.partition("\n\n")
-    assert caption.startswith("**tiny-bert · rotten_tomatoes · ") and "test examples · 1 seed(s)**" in caption
+    assert caption.startswith("**tiny-bert · rotten_tomatoes · ") and "test examples · 1 seed(s) · fp32**" in caption
     headline, _, rest = rest.partition("\n\n")
     assert headline.startswith(
         "| method | trains | peak | step | accuracy \\[95% CI\\] | gain | vs the most accurate |"
