@@ -70,6 +70,13 @@ def test_float16_run_records_the_loss_scale_of_every_step(tmp_path):
     assert rec.training.loss_scales == [2.0**16] * 4 and rec.training.skipped_steps == []
 
 
+def test_a_non_finite_loss_under_fp16_stops_the_run_and_names_fp16s_range(tmp_path):
+    train = {"steps": 30, "batch_size": 8, "lr": 1e30, "optimizer": "sgd", "max_grad_norm": None, "dtype": "float16"}
+    cfg = cells(train={**train, "max_seq_len": 32}, methods=[{"method": "full"}])[0]
+    rec = run_cell(cfg.model_copy(update={"export": False}), tmp_path)
+    assert rec.status == "failed" and "(fp16 ends at ±65504: bfloat16 or float32 would tell" in rec.error, rec.error
+
+
 def test_float16_skips_the_step_whose_gradients_overflowed_and_halves_the_scale():
     from harness.cell.loop import train
     from harness.cell.models import load_model
