@@ -3,7 +3,8 @@
 Read it top to bottom: seed, optimizer over the parameters the method names (in the method's parameter
 groups, by the method's own optimizer where it has one), LR schedule, then for each optimizer step
 ``grad_accum`` micro-batches of forward/backward (the task's loss plus the method's loss term), clipping, the
-optimizer and scheduler steps, and the method's ``on_step_end`` hook. The first ``timing_warmup_steps`` steps
+optimizer and scheduler steps, and the method's ``on_step_end`` hook (under fp16, a step whose gradients
+overflowed makes none of the three, and the loss scale halves). The first ``timing_warmup_steps`` steps
 are real training steps but are excluded from the step-time statistics (allocator growth, lazy initialisation
 and the first optimizer-state allocation make them slow). Memory is tracked during those steps and during any
 later step whose batch is larger (batch × padded length) than every step tracked so far, so the peak covers the
