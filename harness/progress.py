@@ -26,6 +26,37 @@ def fmt_duration(seconds: float) -> str:
     return f"{m}m {s:02d}s" if m < 60 else f"{m // 60}h {m % 60:02d}m"
 
 
+class SuiteEta:
+    """The suite's time left, from the cells finished so far: a pending cell is expected to take what the
+    finished cells of its configuration took (its other seeds), else what the finished cells took on average;
+    ``parallel`` cells side by side (--jobs N) share the wait; it counts down from the last finish (not below
+    zero). Nothing until a cell has finished."""
+
+    def __init__(self, configuration_of: dict[str, str], parallel: int = 1, clock=time.monotonic) -> None:
+        self.configuration_of, self.parallel, self.clock = configuration_of, max(1, parallel), clock
+        self.took: dict[str, list[float]] = {}  # configuration -> wall seconds of its finished cells
+        self.left = set(configuration_of)
+        self.at = clock()
+
+    def finished(self, cell_id: str, seconds: float) -> None:
+        self.left.discard(cell_id)
+        self.took.setdefault(self.configuration_of[cell_id], []).append(seconds)
+        self.at = self.clock()
+
+    def seconds(self) -> float | None:
+        if not self.took or not self.left:
+            return None
+        every = [x for xs in self.took.values() for x in xs]
+        mean = {k: sum(xs) / len(xs) for k, xs in self.took.items()}
+        overall = sum(every) / len(every)
+        total = sum(mean.get(self.configuration_of[c], overall) for c in self.left) / self.parallel
+        return max(0.0, total - (self.clock() - self.at))
+
+    def text(self) -> str:
+        s = self.seconds()
+        return "" if s is None else f"ETA ~{fmt_duration(s)}"
+
+
 def interrupted_before_work(signum, frame) -> None:
     """Ctrl-C while ftbench imports its libraries and validates: nothing is being written yet, so end here, in
     one line. (A KeyboardInterrupt raised inside a library's import can be swallowed by its own bare

@@ -71,3 +71,26 @@ def test_the_run_output_ends_without_a_stale_stage_line(tmp_path, write_suite):
     last_ok = max(i for i, line in enumerate(lines) if line.startswith("ok "))
     after = "\n".join(lines[last_ok + 1 :])
     assert "cells done" in after and "evaluating" not in after and "loading" not in after, after
+
+
+def test_the_suites_eta_expects_each_pending_cell_to_take_what_its_configuration_took():
+    """A pending seed of a slow configuration counts as slow, a configuration not yet seen as the mean; jobs
+    share the wait; the figure counts down between finishes; nothing before the first finish or after the last."""
+    from harness.progress import SuiteEta
+
+    now = [0.0]
+    cells = {"a0": "slow", "a1": "slow", "b0": "fast", "b1": "fast", "c0": "new"}
+    eta = SuiteEta(cells, parallel=1, clock=lambda: now[0])
+    assert eta.text() == ""
+    eta.finished("a0", 90.0)
+    eta.finished("b0", 10.0)
+    assert eta.seconds() == 90 + 10 + 50  # a1 as slow, b1 as fast, c0 as the mean of both
+    now[0] = 30.0
+    assert eta.seconds() == 120 and eta.text() == "ETA ~2m 00s"
+    assert SuiteEta(cells, parallel=2, clock=lambda: 0.0).seconds() is None
+    two = SuiteEta(cells, parallel=2, clock=lambda: 0.0)
+    two.finished("a0", 90.0)
+    assert two.seconds() == 4 * 90 / 2
+    for c in ("a1", "b0", "b1", "c0"):
+        two.finished(c, 1.0)
+    assert two.text() == ""

@@ -16,7 +16,7 @@ from harness.atomic import atomic_write_text
 from harness.driver import forkserver
 from harness.driver.pools import make_pool, run_all
 from harness.driver.suite import expand
-from harness.progress import interrupts_raise
+from harness.progress import SuiteEta, interrupts_raise
 from harness.records import RunRecord, cell_identity, read_record, record_path, write_record
 from harness.schema import RUN_SETTINGS, RunConfig, Suite
 
@@ -251,10 +251,12 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
         console=console,
         transient=False,
     ) as progress:
-        bar = progress.add_task("", total=len(todo))
+        bar = progress.add_task("", total=len(todo), eta="")
+        eta = SuiteEta({c.cell_id: f"{c.model.name}/{c.task.display_name}/{c.method}/{c.variant}" for c in todo}, jobs)
 
         def label(cfg: RunConfig) -> str:
             return f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant}"
@@ -264,7 +266,7 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
         def show_for(cfg: RunConfig):  # asked as the cell goes into the pool
             def show(line: str) -> None:
                 running[cfg.cell_id] = f"{label(cfg)} · {line}"
-                progress.update(bar, description=" | ".join(list(running.values())))
+                progress.update(bar, description=" | ".join(list(running.values())), eta=eta.text())
 
             show("starting")
             return show
@@ -273,7 +275,8 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
             running.pop(cfg.cell_id, None)
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
             progress.console.print(f"{mark} {label(cfg)} · seed {cfg.seed} ({rec.wall_time_s:.1f} s)")
-            progress.advance(bar)
+            eta.finished(cfg.cell_id, rec.wall_time_s)
+            progress.update(bar, advance=1, eta=eta.text())
 
         if todo:  # a resume with nothing left to run starts no pool (nor a Ray cluster)
             pool = make_pool(executor, address, jobs, ray_slots=len(todo))
