@@ -175,6 +175,9 @@ class RunRecord(BaseModel):
     peak_matmul_flops: float | None = Field(None, description="this machine, run dtype, measured per suite")
     mfu: float | None = Field(None, description="model FLOP/s over measured steps / peak_matmul_flops")
     mfu_dtype: str | None = Field(None, description="the dtype whose peak MFU is measured against")
+    hfu: float | None = Field(
+        None, description="as mfu, counting the forward that grad_checkpointing recomputes (equal to mfu without it)"
+    )
     peak_matmul_info: dict[str, Any] = Field(
         default_factory=dict, description="how the peak was measured: size, repeats, seconds, load, source"
     )

@@ -74,6 +74,7 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             "train_dtype": dtype,
             "steps_skipped_by_loss_scaling": len(r.training.skipped_steps) if r.training.loss_scales else None,
             "mfu": r.mfu,
+            "hfu": r.hfu,
             "mfu_dtype": r.mfu_dtype,
             "hardware": hardware_of(r),
         }

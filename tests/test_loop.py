@@ -54,6 +54,10 @@ def test_gradient_checkpointing_same_losses(tmp_path):
     plain = _run(tmp_path / "p")
     ckpt = _run(tmp_path / "c", grad_checkpointing=True)
     assert ckpt.training.losses == pytest.approx(plain.training.losses, rel=1e-5, abs=1e-6)
+    # MFU leaves the recomputed forward out (model FLOPs); HFU counts it: one more forward of the body per token
+    f = ckpt.flops_per_token
+    assert plain.hfu == plain.mfu and f["output_per_position"] == 0
+    assert ckpt.hfu / ckpt.mfu == pytest.approx((f["total"] + f["forward"]) / f["total"])
 
 
 def test_bfloat16_autocast_trains(tmp_path):

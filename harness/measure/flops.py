@@ -85,21 +85,25 @@ def training_flops(
     results_dir: Path,
     device: torch.device,
     positions_added: int = 0,
+    recomputed: bool = False,
 ) -> dict:
     """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.cell.loop.LoopResult`).
     Every layer runs on every computed token, and on the ``positions_added`` a method puts before each sequence
     (``Method.positions_added``: prompt tuning's virtual tokens); the output head on the positions it computed
     (prompts: the answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in
-    ``dtype_name``."""
+    ``dtype_name``. Model FLOPs leave out what gradient checkpointing recomputes (PaLM's MFU, Chowdhery et al.
+    2022, appendix B): with ``recomputed``, HFU adds one more forward of the body per token, the work the
+    hardware did; without it HFU equals MFU."""
     timed, measured = res.timed_steps, res.measured_step_times_s
     fpt = flops_per_token(model, frozenset(output_names))
     if not measured:
         return {"flops_per_token": fpt}
+    tokens = [res.computed_tokens_per_step[i] + positions_added * res.samples_per_step[i] for i in timed]
     step_flops = [
-        fpt["total"] * (res.computed_tokens_per_step[i] + positions_added * res.samples_per_step[i])
-        + fpt["output_per_position"] * res.head_positions_per_step[i]
-        for i in timed
+        fpt["total"] * t + fpt["output_per_position"] * res.head_positions_per_step[i]
+        for t, i in zip(tokens, timed, strict=True)
     ]
+    hardware = [f + (fpt["forward"] * t if recomputed else 0.0) for f, t in zip(step_flops, tokens, strict=True)]
     peak = peak_flops(results_dir, dtype_name, device)
     return {
         "flops_per_token": fpt,
@@ -108,6 +112,7 @@ def training_flops(
         "peak_matmul_info": {k: v for k, v in peak.items() if k != "peak_matmul_flops"},
         "mfu_dtype": dtype_name,
         "mfu": sum(step_flops) / sum(measured) / peak["peak_matmul_flops"],
+        "hfu": sum(hardware) / sum(measured) / peak["peak_matmul_flops"],
     }
 
 
