@@ -132,6 +132,14 @@ def dtype_label(r: RunRecord) -> str:
     return " · ".join(parts)
 
 
+def mfu_label(r: RunRecord, loaded: str = "") -> str:
+    """'12.3% of bf16 peak', with HFU where checkpointing recomputed the forward: '(HFU 16.4%)'."""
+    if not r.mfu:
+        return "—"
+    hfu = f" (HFU {r.hfu * 100:.1f}%)" if r.hfu and abs(r.hfu - r.mfu) > 1e-12 else ""
+    return f"{r.mfu * 100:.1f}% of {r.mfu_dtype or '?'} peak{hfu}{loaded}"
+
+
 def fastest_deployment(r: RunRecord) -> str:
     """The run's fastest deployable form (harness/cell/deploy.py) and its latency at batch 1."""
     from harness.records import headline_latency_s
@@ -174,7 +182,7 @@ def summary_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
                 if r.training.step_time_stats.get("median_s")
                 else "—",
                 "tokens/s": f"{r.training.tokens_per_s:,.0f}" if r.training.tokens_per_s else "—",
-                "MFU": f"{r.mfu * 100:.1f}% of {r.mfu_dtype or '?'} peak{loaded}" if r.mfu else "—",
+                "MFU": mfu_label(r, loaded),
                 "accuracy before → after": accuracy_label(r),
                 "forgetting: LM loss before → after": forgetting_label(r),
                 "exports": "; ".join(f"{e.kind} {fmt_bytes(e.bytes_on_disk)}" for e in r.exports if not e.unsupported)

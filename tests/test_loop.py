@@ -58,6 +58,9 @@ def test_gradient_checkpointing_same_losses(tmp_path):
     f = ckpt.flops_per_token
     assert plain.hfu == plain.mfu and f["output_per_position"] == 0
     assert ckpt.hfu / ckpt.mfu == pytest.approx((f["total"] + f["forward"]) / f["total"])
+    from reports.summary import mfu_label
+
+    assert f"(HFU {ckpt.hfu * 100:.1f}%)" in mfu_label(ckpt) and "HFU" not in mfu_label(plain)
 
 
 def test_bfloat16_autocast_trains(tmp_path):
