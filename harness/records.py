@@ -40,6 +40,11 @@ class EvalMetrics(BaseModel):
     correct: str | None = Field(
         None, description="per test example in the split's order, '1' right / '0' wrong: for paired tests"
     )
+    predicted: list[int] | None = Field(
+        None,
+        description="per test example in the split's order, the label (multiple choice: choice) predicted; the "
+        "right ones are the record's task_info.test_label_ids",
+    )
 
 
 class DeploymentRecord(BaseModel):

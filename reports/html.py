@@ -18,7 +18,7 @@ from plotly.offline import get_plotlyjs
 from harness.records import RunRecord, read_current
 from reports import deployment, explore, figures, headline, league, samples, scale, tuning
 from reports.metrics import BY_COLUMN
-from reports.summary import MEANINGS, NUMERIC, shown_columns, skipped_step_warnings, summary_rows
+from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows, training_warnings
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;
@@ -219,7 +219,7 @@ def render(
         "".join(f'<p class="warn">{html.escape(p)}</p>' for p in problems or []),
         "<h2>Headline: each configuration over its seeds</h2>",
         headline.render(records),
-        "".join(f'<p class="warn">{html.escape(w)}</p>' for w in skipped_step_warnings(records)),
+        "".join(f'<p class="warn">{html.escape(w)}</p>' for w in training_warnings(records)),
         "<h2>Hyperparameters: tuned on the validation split, or hand-set</h2>",
         tuning.render(records, results_dir, _figure),
         "<h2>Every run</h2>",

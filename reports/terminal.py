@@ -140,9 +140,9 @@ def tables(records: list[RunRecord], title: str = "") -> list:
     out += measured_only_tables(records, title)
     from reports.samples import cut_warnings
     from reports.stats import hardware_of
-    from reports.summary import skipped_step_warnings
+    from reports.summary import training_warnings
 
-    out += [Text(f"warning: {line}", style="yellow") for line in cut_warnings(records) + skipped_step_warnings(records)]
+    out += [Text(f"warning: {line}", style="yellow") for line in cut_warnings(records) + training_warnings(records)]
     machines = sorted({hardware_of(r) for r in records})
     if len(machines) > 1:  # a results dir resumed elsewhere: its step times and MFU do not compare
         out.append(
@@ -187,11 +187,11 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
         if r.status != "ok"
     ]
     from reports.samples import cut_warnings
-    from reports.summary import skipped_step_warnings
+    from reports.summary import training_warnings
 
     if lines and lines[-1]:
         lines.append("")  # a blank line: the legend must not read as part of the last failure's list item
-    lines += [f"> **warning:** {md(w)}\n" for w in cut_warnings(records) + skipped_step_warnings(records)]
+    lines += [f"> **warning:** {md(w)}\n" for w in cut_warnings(records) + training_warnings(records)]
     return "\n".join(lines + ([f"_{md(LEGEND)}_"] if lines else []))
 
 

@@ -171,6 +171,8 @@ def test_prompt_training_learns_the_label_words_and_records_forgetting(tmp_path)
     assert rec.model_info["mode"] == "prompt" and rec.model_info["architecture"] == "LlamaForCausalLM"
     assert rec.eval_before.loss > 9 and rec.eval_after.loss < 1.5  # from ~ln(30522) ≈ 10.3 to a two-word choice
     assert rec.eval_before.macro_f1 is not None and rec.task_info["label_words"] == [" negative", " positive"]
+    truth, ev = rec.task_info["test_label_ids"], rec.eval_after
+    assert [int(c) for c in ev.correct] == [int(p == t) for p, t in zip(ev.predicted, truth, strict=True)]
     f = rec.forgetting
     assert f["task"] == "bbc_news" and f["before"]["texts"] == 4 and f["after"]["tokens"] == f["before"]["tokens"]
     assert f["after"]["lm_loss"] != f["before"]["lm_loss"]
@@ -197,6 +199,9 @@ def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
     assert rec.status == "ok", rec.error
     assert rec.eval_after.accuracy_norm is not None and rec.eval_after.macro_f1 is None
     assert rec.total_params > rec.trainable_params > 0
+    # each example's pick kept beside the right choice: right exactly where the paired tests say so
+    truth, ev = rec.task_info["test_label_ids"], rec.eval_after
+    assert [int(c) for c in ev.correct] == [int(p == t) for p, t in zip(ev.predicted, truth, strict=True)]
     for e in rec.exports:
         if e.eval is not None and e.kind in ("merged", "merged_fp32", "merged_int"):
             assert e.max_abs_logit_diff < 1e-2, e
