@@ -16,7 +16,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, read_current
-from reports import deployment, explore, figures, headline, league, samples, scale, tuning
+from reports import deployment, explore, figures, headline, labels, league, samples, scale, tuning
 from reports.metrics import BY_COLUMN
 from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows, training_warnings
 
@@ -224,6 +224,7 @@ def render(
         tuning.render(records, results_dir, _figure),
         "<h2>Every run</h2>",
         _table(records),
+        *(["<h2>Each label's recall</h2>", labels.render(records)] if labels.applies(records) else []),
         *(["<h2>Generated answers</h2>", samples.render(records)] if samples.applies(records) else []),
         "<h2>Deployment cost of each artifact</h2>",
         deployment.render(records, _figure),

@@ -132,3 +132,28 @@ def test_a_model_that_gives_every_example_one_label_is_a_warning_naming_the_labe
     picks_first = predicting("lora", 0, [0] * 100).model_copy(update={"task_info": {**mc, "test_label_ids": [1] * 100}})
     assert "predicts choice 1 for 100%" in one_label_warnings([picks_first])[0]
     assert one_label_warnings([fine, predicting("lora", 0, [1] * 60 + [0] * 40)]) == []  # 60%: not one label
+
+
+def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_over_seeds():
+    from reports import labels
+
+    truth = [0] * 4 + [1] * 4 + [2] * 2  # three topics, the last rarer
+    info = {"kind": "classification", "labels": ["sport", "tech", "<b>arts</b>"], "test_label_ids": truth}
+
+    def predicting(method, seed, predicted):
+        r = run(method, "".join("1" if p == t else "0" for p, t in zip(predicted, truth, strict=True)), seed=seed)
+        ev = r.eval_after.model_copy(update={"predicted": predicted})
+        return r.model_copy(update={"task_info": info, "eval_after": ev})
+
+    a = predicting("lora", 0, [0, 0, 0, 1, 1, 1, 1, 1, 2, 0])  # sport 3/4, tech 4/4, arts 1/2
+    b = predicting("lora", 1, [0, 0, 0, 0, 1, 1, 0, 0, 0, 0])  # sport 4/4, tech 2/4, arts 0/2
+    assert labels.per_label(a) == [(0.75, 0.4), (1.0, 0.5), (0.5, 0.1)]
+    page = labels.render([a, b])
+    assert "&lt;b&gt;arts&lt;/b&gt; <small>(2, 20%)</small>" in page  # each label's own count and share, escaped
+    row = page[page.index("lora/default") :]
+    assert '<td class="num">0.88 <small>(60%)</small></td><td class="num">0.75 <small>(35%)</small></td>' in row
+    assert "(2 seeds)" in row and '<td class="num">0.25 <small>(5%)</small></td>' in row
+    assert labels.applies([a]) and not labels.applies([run("full", "01")])
+    mc = a.model_copy(update={"task_info": {**info, "kind": "multiple_choice"}})
+    assert not labels.applies([mc])  # a choice's index is not a label
+    assert "<h2>Each label's recall</h2>" in render([a, b], "", "s")

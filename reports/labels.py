@@ -1,0 +1,81 @@
+"""Each label's recall per configuration, for classification tasks: which classes a method gets right, not only
+how many examples. Recall is the share of a label's test examples predicted as that label (mean over seeds);
+beside it, the share of all test examples predicted as that label, which shows a model leaning on one label.
+Read from each run's ``eval_after.predicted`` and the task's ``test_label_ids``."""
+
+from __future__ import annotations
+
+import html
+import statistics
+from collections import defaultdict
+
+from harness.records import RunRecord
+
+
+def _scored(r: RunRecord) -> bool:
+    truth = (r.task_info or {}).get("test_label_ids")
+    ev = r.eval_after
+    return (
+        r.status == "ok"
+        and (r.task_info or {}).get("kind") == "classification"
+        and ev is not None
+        and bool(ev.predicted)
+        and bool(truth)
+        and len(truth) == len(ev.predicted)
+    )
+
+
+def applies(records: list[RunRecord]) -> bool:
+    """Any trained classification run kept its predictions."""
+    return any(_scored(r) for r in records)
+
+
+def per_label(r: RunRecord) -> list[tuple[float | None, float]]:
+    """(recall, predicted share) per label index of one run; recall None for a label absent from the test split."""
+    truth, predicted = r.task_info["test_label_ids"], r.eval_after.predicted
+    n_labels = max(len(r.task_info.get("labels") or []), max(truth) + 1, max(predicted) + 1)
+    out = []
+    for k in range(n_labels):
+        of_k = [p for t, p in zip(truth, predicted, strict=True) if t == k]
+        recall = sum(p == k for p in of_k) / len(of_k) if of_k else None
+        out.append((recall, sum(p == k for p in predicted) / len(predicted)))
+    return out
+
+
+def render(records: list[RunRecord]) -> str:
+    """A table per (model, task): a row per configuration, a column per label: recall (predicted share)."""
+    by: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if _scored(r):
+            by[(r.model, r.task)][f"{r.method}/{r.variant}"].append(r)
+    parts = [
+        '<p class="note">Recall: the share of a label\'s test examples the trained model gave that label (mean '
+        "over seeds). In brackets: the share of all test examples it gave that label, to read beside the label's "
+        "own share in the header.</p>"
+    ]
+    for (model, task), configs in by.items():
+        first = next(iter(configs.values()))[0]
+        truth, names = first.task_info["test_label_ids"], first.task_info.get("labels") or []
+        n_labels = len(per_label(first))
+        head = "".join(
+            f"<th>{html.escape(names[k] if k < len(names) else str(k))} "
+            f"<small>({truth.count(k)}, {truth.count(k) / len(truth):.0%})</small></th>"
+            for k in range(n_labels)
+        )
+        rows = []
+        for name, runs in sorted(configs.items()):
+            stats = [per_label(r) for r in runs]
+            cells = []
+            for k in range(n_labels):
+                recalls = [s[k][0] for s in stats if k < len(s) and s[k][0] is not None]
+                shares = [s[k][1] for s in stats if k < len(s)]
+                recall = f"{statistics.fmean(recalls):.2f}" if recalls else "—"
+                cells.append(f'<td class="num">{recall} <small>({statistics.fmean(shares):.0%})</small></td>')
+            seeds = f" <small>({len(runs)} seeds)</small>" if len(runs) > 1 else ""
+            rows.append(f"<tr><td>{html.escape(name)}{seeds}</td>{''.join(cells)}</tr>")
+        parts.append(
+            f"<h3>{html.escape(model)} · {html.escape(task)}</h3>"
+            f'<div class="scroll"><table><thead><tr><th>configuration</th>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+        )
+    return "".join(parts)
