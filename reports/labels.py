@@ -9,7 +9,10 @@ import html
 import statistics
 from collections import defaultdict
 
+import numpy as np
+
 from harness.records import RunRecord
+from reports.stats import wilson_over_seeds
 
 
 def _scored(r: RunRecord) -> bool:
@@ -50,8 +53,9 @@ def render(records: list[RunRecord]) -> str:
             by[(r.model, r.task)][f"{r.method}/{r.variant}"].append(r)
     parts = [
         '<p class="note">Recall: the share of a label\'s test examples the trained model gave that label (mean '
-        "over seeds). In brackets: the share of all test examples it gave that label, to read beside the label's "
-        "own share in the header.</p>"
+        "over seeds), with its 95% interval over that label's examples (few examples: a wide interval). In "
+        "parentheses: the share of all test examples it gave that label, to read beside the label's own share in "
+        "the header.</p>"
     ]
     for (model, task), configs in by.items():
         first = next(iter(configs.values()))[0]
@@ -67,10 +71,17 @@ def render(records: list[RunRecord]) -> str:
             stats = [per_label(r) for r in runs]
             cells = []
             for k in range(n_labels):
-                recalls = [s[k][0] for s in stats if k < len(s) and s[k][0] is not None]
-                shares = [s[k][1] for s in stats if k < len(s)]
-                recall = f"{statistics.fmean(recalls):.2f}" if recalls else "—"
-                cells.append(f'<td class="num">{recall} <small>({statistics.fmean(shares):.0%})</small></td>')
+                share = statistics.fmean(s[k][1] for s in stats if k < len(s))
+                of_k = [i for i, t in enumerate(truth) if t == k]
+                if not of_k:
+                    cells.append(f'<td class="num">— <small>({share:.0%})</small></td>')
+                    continue
+                # each of the label's examples right on how many seeds: the interval is over its examples
+                right = np.mean([[r.eval_after.predicted[i] == k for i in of_k] for r in runs], axis=0)
+                lo, hi = wilson_over_seeds(right, len(runs))
+                cells.append(
+                    f'<td class="num">{right.mean():.2f} <small>[{lo:.2f}, {hi:.2f}] ({share:.0%})</small></td>'
+                )
             seeds = f" <small>({len(runs)} seeds)</small>" if len(runs) > 1 else ""
             rows.append(f"<tr><td>{html.escape(name)}{seeds}</td>{''.join(cells)}</tr>")
         parts.append(

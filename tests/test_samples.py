@@ -135,7 +135,10 @@ def test_a_model_that_gives_every_example_one_label_is_a_warning_naming_the_labe
 
 
 def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_over_seeds():
+    import numpy as np
+
     from reports import labels
+    from reports.stats import wilson, wilson_over_seeds
 
     truth = [0] * 4 + [1] * 4 + [2] * 2  # three topics, the last rarer
     info = {"kind": "classification", "labels": ["sport", "tech", "<b>arts</b>"], "test_label_ids": truth}
@@ -151,8 +154,11 @@ def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_o
     page = labels.render([a, b])
     assert "&lt;b&gt;arts&lt;/b&gt; <small>(2, 20%)</small>" in page  # each label's own count and share, escaped
     row = page[page.index("lora/default") :]
-    assert '<td class="num">0.88 <small>(60%)</small></td><td class="num">0.75 <small>(35%)</small></td>' in row
-    assert "(2 seeds)" in row and '<td class="num">0.25 <small>(5%)</small></td>' in row
+    # sport: right on 3 of 4 (seed 0) and 4 of 4 (seed 1); its interval is over its 4 examples, seeds averaged
+    lo, hi = wilson_over_seeds(np.array([1, 1, 1, 0.5]), 2)
+    assert f'<td class="num">0.88 <small>[{lo:.2f}, {hi:.2f}] (60%)</small></td>' in row and "(2 seeds)" in row
+    lo, hi = wilson(0.5, 2)  # one seed: Wilson's interval over the label's 2 examples
+    assert f'<td class="num">0.50 <small>[{lo:.2f}, {hi:.2f}] (10%)</small></td>' in labels.render([a])
     assert labels.applies([a]) and not labels.applies([run("full", "01")])
     mc = a.model_copy(update={"task_info": {**info, "kind": "multiple_choice"}})
     assert not labels.applies([mc])  # a choice's index is not a label
