@@ -45,6 +45,21 @@ def per_label(r: RunRecord) -> list[tuple[float | None, float]]:
     return out
 
 
+WIDE = 8  # more labels than this: a row per label
+
+
+def _cell(runs: list[RunRecord], truth: list[int], k: int) -> str:
+    """Label ``k``'s recall over ``runs`` (seeds) with its interval, and the share of examples given ``k``."""
+    share = statistics.fmean(sum(p == k for p in r.eval_after.predicted) / len(truth) for r in runs)
+    of_k = [i for i, t in enumerate(truth) if t == k]
+    if not of_k:
+        return f'<td class="num">— <small>({share:.0%})</small></td>'
+    # each of the label's examples right on how many seeds: the interval is over its examples
+    right = np.mean([[r.eval_after.predicted[i] == k for i in of_k] for r in runs], axis=0)
+    lo, hi = wilson_over_seeds(right, len(runs))
+    return f'<td class="num">{right.mean():.2f} <small>[{lo:.2f}, {hi:.2f}] ({share:.0%})</small></td>'
+
+
 def render(records: list[RunRecord]) -> str:
     """A table per (model, task): a row per configuration, a column per label: recall (predicted share)."""
     by: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
@@ -61,32 +76,28 @@ def render(records: list[RunRecord]) -> str:
         first = next(iter(configs.values()))[0]
         truth, names = first.task_info["test_label_ids"], first.task_info.get("labels") or []
         n_labels = len(per_label(first))
-        head = "".join(
-            f"<th>{html.escape(names[k] if k < len(names) else str(k))} "
-            f"<small>({truth.count(k)}, {truth.count(k) / len(truth):.0%})</small></th>"
+        labels = [
+            f"{html.escape(names[k] if k < len(names) else str(k))} "
+            f"<small>({truth.count(k)}, {truth.count(k) / len(truth):.0%})</small>"
             for k in range(n_labels)
-        )
-        rows = []
-        for name, runs in sorted(configs.items()):
-            stats = [per_label(r) for r in runs]
-            cells = []
-            for k in range(n_labels):
-                share = statistics.fmean(s[k][1] for s in stats if k < len(s))
-                of_k = [i for i, t in enumerate(truth) if t == k]
-                if not of_k:
-                    cells.append(f'<td class="num">— <small>({share:.0%})</small></td>')
-                    continue
-                # each of the label's examples right on how many seeds: the interval is over its examples
-                right = np.mean([[r.eval_after.predicted[i] == k for i in of_k] for r in runs], axis=0)
-                lo, hi = wilson_over_seeds(right, len(runs))
-                cells.append(
-                    f'<td class="num">{right.mean():.2f} <small>[{lo:.2f}, {hi:.2f}] ({share:.0%})</small></td>'
-                )
-            seeds = f" <small>({len(runs)} seeds)</small>" if len(runs) > 1 else ""
-            rows.append(f"<tr><td>{html.escape(name)}{seeds}</td>{''.join(cells)}</tr>")
+        ]
+        columns = {  # configuration -> its cell per label
+            f"{html.escape(name)}" + (f" <small>({len(runs)} seeds)</small>" if len(runs) > 1 else ""): [
+                _cell(runs, truth, k) for k in range(n_labels)
+            ]
+            for name, runs in sorted(configs.items())
+        }
+        if n_labels <= WIDE:  # a row per configuration, a column per label
+            head = "".join(f"<th>{x}</th>" for x in labels)
+            rows = [f"<tr><td>{c}</td>{''.join(cells)}</tr>" for c, cells in columns.items()]
+            first_head = "configuration"
+        else:  # many labels: a row per label, so the page grows down, not sideways
+            head = "".join(f"<th>{c}</th>" for c in columns)
+            rows = [f"<tr><td>{x}</td>{''.join(cs[k] for cs in columns.values())}</tr>" for k, x in enumerate(labels)]
+            first_head = "label"
         parts.append(
             f"<h3>{html.escape(model)} · {html.escape(task)}</h3>"
-            f'<div class="scroll"><table><thead><tr><th>configuration</th>{head}</tr></thead>'
+            f'<div class="scroll"><table><thead><tr><th>{first_head}</th>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>"
         )
     return "".join(parts)

@@ -163,3 +163,12 @@ def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_o
     mc = a.model_copy(update={"task_info": {**info, "kind": "multiple_choice"}})
     assert not labels.applies([mc])  # a choice's index is not a label
     assert "<h2>Each label's recall</h2>" in render([a, b], "", "s")
+    many = [k % 10 for k in range(40)]  # ten labels: a row per label, a column per configuration
+    wide = a.model_copy(
+        update={
+            "task_info": {"kind": "classification", "labels": [f"l{k}" for k in range(10)], "test_label_ids": many},
+            "eval_after": a.eval_after.model_copy(update={"predicted": many}),
+        }
+    )
+    page = labels.render([wide])
+    assert "<th>label</th><th>lora/default</th>" in page and page.count("<tr><td>l") == 10
