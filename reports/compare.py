@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.records import RunRecord, headline_latency_s, measured_step_times_s
+from reports import labels
 from reports.metrics import BY_KEY, peak_bytes, text
 from reports.stats import hardware_of
 
@@ -79,6 +80,10 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             "hardware": hardware_of(r),
         }
         row.update({k: f(r) for k, f in METRICS.items()})
+        if labels.applies([r]):  # classification: each label's recall, by the label's name
+            names = r.task_info.get("labels") or []
+            for k, (recall, _) in enumerate(labels.per_label(r)):
+                row[f"recall_{names[k] if k < len(names) else k}"] = recall
         for e in r.exports:
             row[f"export_{e.kind}_bytes"] = e.bytes_on_disk
             if e.eval is not None:

@@ -60,6 +60,9 @@ def test_markdown_csv_json(results, capsys):
     for r in read_current(results)[0]:  # each prediction kept beside the right label: right where `correct` says
         truth, ev = r.task_info["test_label_ids"], r.eval_after
         assert [int(c) for c in ev.correct] == [int(p == t) for p, t in zip(ev.predicted, truth, strict=True)]
+        row = next(d for d in data if d["method"] == r.method)  # and each label's recall, by name
+        right = [sum(p == t == k for p, t in zip(ev.predicted, truth, strict=True)) for k in (0, 1)]
+        assert [row["recall_rotten"], row["recall_fresh"]] == [right[k] / truth.count(k) for k in (0, 1)]
     # pooled with rows from other suites or machines, a row still says how it trained and where
     assert {(d["steps"], d["train_dtype"], d["steps_skipped_by_loss_scaling"]) for d in data} == {(4, "float32", None)}
     assert all(d["hardware"].startswith(data[0]["hardware"][:8]) and 0 < d["mfu"] < 1 for d in data)
