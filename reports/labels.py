@@ -46,58 +46,79 @@ def per_label(r: RunRecord) -> list[tuple[float | None, float]]:
 
 
 WIDE = 8  # more labels than this: a row per label
+NOTE = (
+    "Recall: the share of a label's test examples the trained model gave that label (mean over seeds), with its "
+    "95% interval over that label's examples (few examples: a wide interval). In parentheses: the share of all "
+    "test examples it gave that label, to read beside the label's own share in the header."
+)
 
 
-def _cell(runs: list[RunRecord], truth: list[int], k: int) -> str:
-    """Label ``k``'s recall over ``runs`` (seeds) with its interval, and the share of examples given ``k``."""
+def _cell(runs: list[RunRecord], truth: list[int], k: int) -> tuple[str, str]:
+    """Label ``k``'s recall over ``runs`` (seeds), and its interval with the share of examples given ``k``."""
     share = statistics.fmean(sum(p == k for p in r.eval_after.predicted) / len(truth) for r in runs)
     of_k = [i for i, t in enumerate(truth) if t == k]
     if not of_k:
-        return f'<td class="num">— <small>({share:.0%})</small></td>'
+        return "—", f"({share:.0%})"
     # each of the label's examples right on how many seeds: the interval is over its examples
     right = np.mean([[r.eval_after.predicted[i] == k for i in of_k] for r in runs], axis=0)
     lo, hi = wilson_over_seeds(right, len(runs))
-    return f'<td class="num">{right.mean():.2f} <small>[{lo:.2f}, {hi:.2f}] ({share:.0%})</small></td>'
+    return f"{right.mean():.2f}", f"[{lo:.2f}, {hi:.2f}] ({share:.0%})"
 
 
-def render(records: list[RunRecord]) -> str:
-    """A table per (model, task): a row per configuration, a column per label: recall (predicted share)."""
+def grids(records: list[RunRecord]) -> list[tuple[str, str, list[str], list[tuple[str, list[tuple[str, str]]]]]]:
+    """Per (model, task): (title, first column's name, the other columns' names, rows of (name, cells)), each cell
+    (figure, its interval and share). A row per configuration and a column per label, or, past ``WIDE`` labels,
+    a row per label."""
     by: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if _scored(r):
             by[(r.model, r.task)][f"{r.method}/{r.variant}"].append(r)
-    parts = [
-        '<p class="note">Recall: the share of a label\'s test examples the trained model gave that label (mean '
-        "over seeds), with its 95% interval over that label's examples (few examples: a wide interval). In "
-        "parentheses: the share of all test examples it gave that label, to read beside the label's own share in "
-        "the header.</p>"
-    ]
+    out = []
     for (model, task), configs in by.items():
         first = next(iter(configs.values()))[0]
         truth, names = first.task_info["test_label_ids"], first.task_info.get("labels") or []
-        n_labels = len(per_label(first))
-        labels = [
-            f"{html.escape(names[k] if k < len(names) else str(k))} "
-            f"<small>({truth.count(k)}, {truth.count(k) / len(truth):.0%})</small>"
-            for k in range(n_labels)
+        n = len(per_label(first))
+        label_names = [
+            f"{names[k] if k < len(names) else k} ({truth.count(k)}, {truth.count(k) / len(truth):.0%})"
+            for k in range(n)
         ]
-        columns = {  # configuration -> its cell per label
-            f"{html.escape(name)}" + (f" <small>({len(runs)} seeds)</small>" if len(runs) > 1 else ""): [
-                _cell(runs, truth, k) for k in range(n_labels)
-            ]
+        cells = {
+            name + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""): [_cell(runs, truth, k) for k in range(n)]
             for name, runs in sorted(configs.items())
         }
-        if n_labels <= WIDE:  # a row per configuration, a column per label
-            head = "".join(f"<th>{x}</th>" for x in labels)
-            rows = [f"<tr><td>{c}</td>{''.join(cells)}</tr>" for c, cells in columns.items()]
-            first_head = "configuration"
-        else:  # many labels: a row per label, so the page grows down, not sideways
-            head = "".join(f"<th>{c}</th>" for c in columns)
-            rows = [f"<tr><td>{x}</td>{''.join(cs[k] for cs in columns.values())}</tr>" for k, x in enumerate(labels)]
-            first_head = "label"
+        if n <= WIDE:
+            out.append((f"{model} · {task}", "configuration", label_names, list(cells.items())))
+        else:
+            rows = [(x, [cs[k] for cs in cells.values()]) for k, x in enumerate(label_names)]
+            out.append((f"{model} · {task}", "label", list(cells), rows))
+    return out
+
+
+def render(records: list[RunRecord]) -> str:
+    """The HTML section: a table per (model, task), each recall with its interval and share in small type."""
+    parts = [f'<p class="note">{html.escape(NOTE)}</p>']
+    for title, first, columns, rows in grids(records):
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in [first, *columns])
+        body = "".join(
+            f"<tr><td>{html.escape(name)}</td>"
+            + "".join(f'<td class="num">{v} <small>{html.escape(extra)}</small></td>' for v, extra in cells)
+            + "</tr>"
+            for name, cells in rows
+        )
         parts.append(
-            f"<h3>{html.escape(model)} · {html.escape(task)}</h3>"
-            f'<div class="scroll"><table><thead><tr><th>{first_head}</th>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table></div>"
+            f"<h3>{html.escape(title)}</h3>"
+            f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
         )
     return "".join(parts)
+
+
+def to_markdown(records: list[RunRecord]) -> str:
+    """The same tables in Markdown, for ``report --format md``: '' where no run is a scored classification."""
+    from reports.markdown import md, md_table
+
+    lines: list[str] = []
+    for title, first, columns, rows in grids(records):
+        lines += [f"**Each label's recall · {md(title)}**", ""]
+        lines += md_table([first, *columns], [[name] + [f"{v} {extra}" for v, extra in cells] for name, cells in rows])
+        lines.append("")
+    return "\n".join(lines + [f"_{md(NOTE)}_"]) if lines else ""

@@ -46,9 +46,11 @@ def test_markdown_csv_json(results, capsys):
         legend, _, md = md.partition("\n\n")
     assert legend.startswith("_trains: the share of parameters")
     head, _, table = md.partition("\n\n")
+    table, _, after = table.partition("\n\n")
     assert head.startswith("model: **tiny-bert** · task: **rotten_tomatoes** · seed: **0** · status: **ok**")
     assert table.startswith("| method |") and table.count("\n| lora") + table.count("\n| full") == 2
     assert "| model |" not in table and "e+0" not in table and "e-0" not in table  # no exponents in a table
+    assert "**Each label's recall · tiny-bert · rotten_tomatoes**" in after  # then each label's recall
     assert main(["report", str(results), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["method"] for r in rows} == {"lora", "full"} and all(float(r["accuracy_after"]) >= 0 for r in rows)

@@ -152,7 +152,7 @@ def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_o
     b = predicting("lora", 1, [0, 0, 0, 0, 1, 1, 0, 0, 0, 0])  # sport 4/4, tech 2/4, arts 0/2
     assert labels.per_label(a) == [(0.75, 0.4), (1.0, 0.5), (0.5, 0.1)]
     page = labels.render([a, b])
-    assert "&lt;b&gt;arts&lt;/b&gt; <small>(2, 20%)</small>" in page  # each label's own count and share, escaped
+    assert "<th>&lt;b&gt;arts&lt;/b&gt; (2, 20%)</th>" in page  # each label's own count and share, escaped
     row = page[page.index("lora/default") :]
     # sport: right on 3 of 4 (seed 0) and 4 of 4 (seed 1); its interval is over its 4 examples, seeds averaged
     lo, hi = wilson_over_seeds(np.array([1, 1, 1, 0.5]), 2)

@@ -70,12 +70,13 @@ def _tabular(records, fmt: str) -> str:
     from reports.summary import to_markdown
 
     if fmt == "md":
+        from reports import labels
         from reports.deployment import to_markdown as deployment_markdown
         from reports.league import to_markdown as league_markdown
         from reports.terminal import to_markdown as headline_markdown
 
         parts = (headline_markdown(records), to_markdown(records), deployment_markdown(records))
-        parts += (league_markdown(records),)
+        parts += (league_markdown(records), labels.to_markdown(records))
         return "\n\n".join(x for x in parts if x)
     rows = flat_rows(records)
     return csv_text(rows) if fmt == "csv" else json.dumps(rows, indent=1)
