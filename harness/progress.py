@@ -30,10 +30,10 @@ class SuiteEta:
     """The suite's time left, from the cells finished so far: a pending cell is expected to take what the
     finished cells of its configuration took (its other seeds), else what the finished cells took on average;
     ``parallel`` cells side by side (--jobs N) share the wait; it counts down from the last finish (not below
-    zero). Nothing until a cell has finished."""
+    zero). Nothing until a cell has finished, nor with ``parallel`` 0 (unknown: a Ray cluster's)."""
 
     def __init__(self, configuration_of: dict[str, str], parallel: int = 1, clock=time.monotonic) -> None:
-        self.configuration_of, self.parallel, self.clock = configuration_of, max(1, parallel), clock
+        self.configuration_of, self.parallel, self.clock = configuration_of, parallel, clock
         self.took: dict[str, list[float]] = {}  # configuration -> wall seconds of its finished cells
         self.left = set(configuration_of)
         self.at = clock()
@@ -44,7 +44,7 @@ class SuiteEta:
         self.at = self.clock()
 
     def seconds(self) -> float | None:
-        if not self.took or not self.left:
+        if not self.took or not self.left or self.parallel < 1:
             return None
         every = [x for xs in self.took.values() for x in xs]
         mean = {k: sum(xs) / len(xs) for k, xs in self.took.items()}

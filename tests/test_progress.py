@@ -94,3 +94,6 @@ def test_the_suites_eta_expects_each_pending_cell_to_take_what_its_configuration
     for c in ("a1", "b0", "b1", "c0"):
         two.finished(c, 1.0)
     assert two.text() == ""
+    ray = SuiteEta(cells, parallel=0, clock=lambda: 0.0)  # a cluster's parallelism is not known here
+    ray.finished("a0", 90.0)
+    assert ray.text() == ""

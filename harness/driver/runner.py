@@ -256,7 +256,9 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
         transient=False,
     ) as progress:
         bar = progress.add_task("", total=len(todo), eta="")
-        eta = SuiteEta({c.cell_id: f"{c.model.name}/{c.task.display_name}/{c.method}/{c.variant}" for c in todo}, jobs)
+        # on Ray the cluster decides how many cells run at once: no ETA there rather than a wrong one
+        configurations = {c.cell_id: f"{c.model.name}/{c.task.display_name}/{c.method}/{c.variant}" for c in todo}
+        eta = SuiteEta(configurations, jobs if executor != "ray" else 0)
 
         def label(cfg: RunConfig) -> str:
             return f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant}"
