@@ -17,8 +17,9 @@ from plotly.offline import get_plotlyjs
 
 from harness.records import RunRecord, read_current
 from reports import deployment, explore, figures, headline, labels, league, samples, scale, tuning
+from reports.caveats import training_warnings
 from reports.metrics import BY_COLUMN
-from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows, training_warnings
+from reports.summary import MEANINGS, NUMERIC, shown_columns, summary_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;

@@ -138,9 +138,9 @@ def tables(records: list[RunRecord], title: str = "") -> list:
             table.add_row(*(escape(x) for x in _row(c, verdicts[c.name])))
         out.append(table)
     out += measured_only_tables(records, title)
+    from reports.caveats import training_warnings
     from reports.samples import cut_warnings
     from reports.stats import hardware_of
-    from reports.summary import training_warnings
 
     out += [Text(f"warning: {line}", style="yellow") for line in cut_warnings(records) + training_warnings(records)]
     machines = sorted({hardware_of(r) for r in records})
@@ -186,8 +186,8 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
         for r in records
         if r.status != "ok"
     ]
+    from reports.caveats import training_warnings
     from reports.samples import cut_warnings
-    from reports.summary import training_warnings
 
     if lines and lines[-1]:
         lines.append("")  # a blank line: the legend must not read as part of the last failure's list item

@@ -101,7 +101,7 @@ def test_a_model_that_gives_every_example_one_label_is_a_warning_naming_the_labe
     summary, the markdown and the report say so; a model right at the label's true share is not flagged."""
     from rich.console import Console
 
-    from reports.summary import one_label_warnings
+    from reports.caveats import one_label_warnings
     from reports.terminal import tables, to_markdown
 
     truth = [1] * 53 + [0] * 47

@@ -1,0 +1,76 @@
+"""What a reader must know before trusting a configuration's trained figures, said beside them in the summary,
+the Markdown and the HTML report: a trained model that gives nearly every example one label (its accuracy is that
+label's frequency), fp16 steps whose gradients overflowed and made no update."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from harness.records import RunRecord
+
+
+def skipped_step_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per configuration whose fp16 loss scaling skipped steps (their gradients overflowed, so no update
+    was made): a run reads as ``steps`` long but trained on fewer, and its step times include the skipped ones."""
+    from collections import defaultdict
+
+    by: dict[tuple[str, str, str], list[tuple[int, int, int]]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.training.loss_scales:
+            by[(r.model, r.task, f"{r.method}/{r.variant}")].append(
+                (r.seed, len(r.training.skipped_steps), len(r.training.losses))
+            )
+    out = []
+    for (model, task, name), runs in by.items():
+        counts = sorted(n for _, n, _ in runs)
+        if counts[-1]:
+            many = f"{counts[0]}–{counts[-1]}" if counts[0] != counts[-1] else str(counts[0])
+            seeds = ", ".join(str(s) for s, _, _ in sorted(runs))
+            out.append(
+                f"{model} · {task} · {name}: {many} of {runs[0][2]} steps skipped by fp16 loss scaling (seed(s) "
+                f"{seeds}): their gradients overflowed, so they made no update"
+            )
+    return out
+
+
+ONE_LABEL_SHARE, ONE_LABEL_EXCESS = 0.95, 0.15  # predicted for ≥ 95% of examples, ≥ 15 points above its true share
+
+
+def one_label_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per configuration whose trained model gives (nearly) every test example the same label: the
+    share it predicts one label for (at least 95%) well above that label's true share. Its accuracy is then
+    that label's frequency, not a reading of the task (seen: 20 steps of MiniLM on Rotten Tomatoes, 0.530
+    from calling every snippet 'fresh')."""
+    from collections import Counter, defaultdict
+
+    by: dict[tuple[str, str, str], list[tuple[int, str, float, float, int]]] = defaultdict(list)
+    for r in records:
+        truth = (r.task_info or {}).get("test_label_ids")
+        ev = r.eval_after
+        if r.status != "ok" or ev is None or not ev.predicted or not truth or len(truth) != len(ev.predicted):
+            continue
+        label, n = Counter(ev.predicted).most_common(1)[0]
+        share, true_share = n / len(ev.predicted), truth.count(label) / len(truth)
+        if share >= ONE_LABEL_SHARE and share - true_share >= ONE_LABEL_EXCESS:
+            names = (r.task_info or {}).get("labels") or []
+            kind = (r.task_info or {}).get("kind")
+            name = f"choice {label + 1}" if kind == "multiple_choice" or label >= len(names) else repr(names[label])
+            by[(r.model, r.task, f"{r.method}/{r.variant}")].append((r.seed, name, share, true_share, len(truth)))
+    out = []
+    for (model, task, config), runs in by.items():
+        runs.sort()
+        seeds = ", ".join(str(s) for s, *_ in runs)
+        _, name, share, true_share, n = runs[0]
+        out.append(
+            f"{model} · {task} · {config}: predicts {name} for {share:.0%} of the {n} test examples, of which "
+            f"{true_share:.0%} are {name} (seed(s) {seeds}): its accuracy is that label's frequency, not a "
+            "reading of the task"
+        )
+    return out
+
+
+def training_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """What a reader must know before trusting a configuration's trained figures: a model that predicts one label
+    whatever the input, fp16 steps that made no update."""
+    records = list(records)
+    return one_label_warnings(records) + skipped_step_warnings(records)
