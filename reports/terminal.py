@@ -121,10 +121,10 @@ def tables(records: list[RunRecord], title: str = "") -> list:
     for (model, task), cs in headline.configs(records).items():
         seeds = sorted({r.seed for c in cs.values() for r in c.runs})
         caption = _caption(model, task, cs, seeds)
+        # the caption above the table, not its title: a title wraps at the table's width ("· 1 seed(s) ·\nbf16")
+        out.append(Text(" · ".join(x for x in (title, caption) if x), style="italic"))
         table = Table(
-            title=escape(" · ".join(x for x in (title, caption) if x)),
             box=box.SIMPLE_HEAD,
-            title_justify="left",
             pad_edge=False,
             show_edge=False,
             collapse_padding=True,
