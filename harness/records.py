@@ -40,11 +40,17 @@ class EvalMetrics(BaseModel):
     correct: str | None = Field(
         None, description="per test example in the split's order, '1' right / '0' wrong: for paired tests"
     )
-    predicted: list[int] | None = Field(
+    predicted: str | None = Field(
         None,
-        description="per test example in the split's order, the label (multiple choice: choice) predicted; the "
-        "right ones are the record's task_info.test_label_ids",
+        description="per test example in the split's order, the index of the label (multiple choice: choice) "
+        "predicted, comma-separated like task_info.test_label_ids, the right ones (read with label_ids)",
     )
+
+
+def label_ids(text: str | None) -> list[int]:
+    """``EvalMetrics.predicted`` or ``task_info["test_label_ids"]`` (comma-separated, one line in a record rather
+    than a thousand) as a list of label indices; [] for none."""
+    return [int(x) for x in text.split(",")] if text else []
 
 
 class DeploymentRecord(BaseModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from harness.records import RunRecord
+from harness.records import RunRecord, label_ids
 
 
 def skipped_step_warnings(records: Iterable[RunRecord]) -> list[str]:
@@ -45,12 +45,12 @@ def one_label_warnings(records: Iterable[RunRecord]) -> list[str]:
 
     by: dict[tuple[str, str, str], list[tuple[int, str, float, float, int]]] = defaultdict(list)
     for r in records:
-        truth = (r.task_info or {}).get("test_label_ids")
-        ev = r.eval_after
-        if r.status != "ok" or ev is None or not ev.predicted or not truth or len(truth) != len(ev.predicted):
+        truth = label_ids((r.task_info or {}).get("test_label_ids"))
+        predicted = label_ids(r.eval_after.predicted if r.eval_after is not None else None)
+        if r.status != "ok" or not predicted or len(truth) != len(predicted):
             continue
-        label, n = Counter(ev.predicted).most_common(1)[0]
-        share, true_share = n / len(ev.predicted), truth.count(label) / len(truth)
+        label, n = Counter(predicted).most_common(1)[0]
+        share, true_share = n / len(predicted), truth.count(label) / len(truth)
         if share >= ONE_LABEL_SHARE and share - true_share >= ONE_LABEL_EXCESS:
             names = (r.task_info or {}).get("labels") or []
             kind = (r.task_info or {}).get("kind")

@@ -11,20 +11,25 @@ from collections import defaultdict
 
 import numpy as np
 
-from harness.records import RunRecord
+from harness.records import RunRecord, label_ids
 from reports.stats import wilson_over_seeds
 
 
+def _truth(r: RunRecord) -> list[int]:
+    return label_ids((r.task_info or {}).get("test_label_ids"))
+
+
+def _predicted(r: RunRecord) -> list[int]:
+    return label_ids(r.eval_after.predicted if r.eval_after is not None else None)
+
+
 def _scored(r: RunRecord) -> bool:
-    truth = (r.task_info or {}).get("test_label_ids")
-    ev = r.eval_after
+    predicted = _predicted(r)
     return (
         r.status == "ok"
         and (r.task_info or {}).get("kind") == "classification"
-        and ev is not None
-        and bool(ev.predicted)
-        and bool(truth)
-        and len(truth) == len(ev.predicted)
+        and bool(predicted)
+        and len(_truth(r)) == len(predicted)
     )
 
 
@@ -35,7 +40,7 @@ def applies(records: list[RunRecord]) -> bool:
 
 def per_label(r: RunRecord) -> list[tuple[float | None, float]]:
     """(recall, predicted share) per label index of one run; recall None for a label absent from the test split."""
-    truth, predicted = r.task_info["test_label_ids"], r.eval_after.predicted
+    truth, predicted = _truth(r), _predicted(r)
     n_labels = max(len(r.task_info.get("labels") or []), max(truth) + 1, max(predicted) + 1)
     out = []
     for k in range(n_labels):
@@ -55,12 +60,13 @@ NOTE = (
 
 def _cell(runs: list[RunRecord], truth: list[int], k: int) -> tuple[str, str]:
     """Label ``k``'s recall over ``runs`` (seeds), and its interval with the share of examples given ``k``."""
-    share = statistics.fmean(sum(p == k for p in r.eval_after.predicted) / len(truth) for r in runs)
+    predicted = [_predicted(r) for r in runs]
+    share = statistics.fmean(sum(p == k for p in ps) / len(truth) for ps in predicted)
     of_k = [i for i, t in enumerate(truth) if t == k]
     if not of_k:
         return "—", f"({share:.0%})"
     # each of the label's examples right on how many seeds: the interval is over its examples
-    right = np.mean([[r.eval_after.predicted[i] == k for i in of_k] for r in runs], axis=0)
+    right = np.mean([[ps[i] == k for i in of_k] for ps in predicted], axis=0)
     lo, hi = wilson_over_seeds(right, len(runs))
     return f"{right.mean():.2f}", f"[{lo:.2f}, {hi:.2f}] ({share:.0%})"
 
@@ -76,7 +82,7 @@ def grids(records: list[RunRecord]) -> list[tuple[str, str, list[str], list[tupl
     out = []
     for (model, task), configs in by.items():
         first = next(iter(configs.values()))[0]
-        truth, names = first.task_info["test_label_ids"], first.task_info.get("labels") or []
+        truth, names = _truth(first), first.task_info.get("labels") or []
         n = len(per_label(first))
         label_names = [
             f"{names[k] if k < len(names) else k} ({truth.count(k)}, {truth.count(k) / len(truth):.0%})"

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from harness.cell.models import load_model, resolve_mode
 from harness.cell.run import run_cell
+from harness.records import label_ids
 from harness.schema import TaskSpec
 from harness.tasks.builtin import load_task
 from harness.tasks.prompting import (
@@ -171,8 +172,8 @@ def test_prompt_training_learns_the_label_words_and_records_forgetting(tmp_path)
     assert rec.model_info["mode"] == "prompt" and rec.model_info["architecture"] == "LlamaForCausalLM"
     assert rec.eval_before.loss > 9 and rec.eval_after.loss < 1.5  # from ~ln(30522) ≈ 10.3 to a two-word choice
     assert rec.eval_before.macro_f1 is not None and rec.task_info["label_words"] == [" negative", " positive"]
-    truth, ev = rec.task_info["test_label_ids"], rec.eval_after
-    assert [int(c) for c in ev.correct] == [int(p == t) for p, t in zip(ev.predicted, truth, strict=True)]
+    truth, predicted = label_ids(rec.task_info["test_label_ids"]), label_ids(rec.eval_after.predicted)
+    assert [int(c) for c in rec.eval_after.correct] == [int(p == t) for p, t in zip(predicted, truth, strict=True)]
     f = rec.forgetting
     assert f["task"] == "bbc_news" and f["before"]["texts"] == 4 and f["after"]["tokens"] == f["before"]["tokens"]
     assert f["after"]["lm_loss"] != f["before"]["lm_loss"]
@@ -200,8 +201,8 @@ def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
     assert rec.eval_after.accuracy_norm is not None and rec.eval_after.macro_f1 is None
     assert rec.total_params > rec.trainable_params > 0
     # each example's pick kept beside the right choice: right exactly where the paired tests say so
-    truth, ev = rec.task_info["test_label_ids"], rec.eval_after
-    assert [int(c) for c in ev.correct] == [int(p == t) for p, t in zip(ev.predicted, truth, strict=True)]
+    truth, predicted = label_ids(rec.task_info["test_label_ids"]), label_ids(rec.eval_after.predicted)
+    assert [int(c) for c in rec.eval_after.correct] == [int(p == t) for p, t in zip(predicted, truth, strict=True)]
     for e in rec.exports:
         if e.eval is not None and e.kind in ("merged", "merged_fp32", "merged_int"):
             assert e.max_abs_logit_diff < 1e-2, e

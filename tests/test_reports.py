@@ -11,7 +11,7 @@ import pytest
 
 from harness.cell.run import run_cell
 from harness.driver.cli import main
-from harness.records import read_current, read_record, write_record
+from harness.records import label_ids, read_current, read_record, write_record
 from tests.conftest import ROOT, cells
 
 
@@ -60,10 +60,11 @@ def test_markdown_csv_json(results, capsys):
     assert full["trainable_params"] == full["total_params"]
     assert all(d["peak_kind"] == "CPU live tensors" for d in data)
     for r in read_current(results)[0]:  # each prediction kept beside the right label: right where `correct` says
-        truth, ev = r.task_info["test_label_ids"], r.eval_after
-        assert [int(c) for c in ev.correct] == [int(p == t) for p, t in zip(ev.predicted, truth, strict=True)]
+        truth, predicted = label_ids(r.task_info["test_label_ids"]), label_ids(r.eval_after.predicted)
+        assert [int(c) for c in r.eval_after.correct] == [int(p == t) for p, t in zip(predicted, truth, strict=True)]
+        assert len(predicted) == r.eval_after.examples
         row = next(d for d in data if d["method"] == r.method)  # and each label's recall, by name
-        right = [sum(p == t == k for p, t in zip(ev.predicted, truth, strict=True)) for k in (0, 1)]
+        right = [sum(p == t == k for p, t in zip(predicted, truth, strict=True)) for k in (0, 1)]
         assert [row["recall_rotten"], row["recall_fresh"]] == [right[k] / truth.count(k) for k in (0, 1)]
     # pooled with rows from other suites or machines, a row still says how it trained and where
     assert {(d["steps"], d["train_dtype"], d["steps_skipped_by_loss_scaling"]) for d in data} == {(4, "float32", None)}

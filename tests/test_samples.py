@@ -105,12 +105,15 @@ def test_a_model_that_gives_every_example_one_label_is_a_warning_naming_the_labe
     from reports.terminal import tables, to_markdown
 
     truth = [1] * 53 + [0] * 47
-    info = {"kind": "classification", "labels": ["rotten", "fresh"], "test_label_ids": truth}
+    info = {"kind": "classification", "labels": ["rotten", "fresh"], "test_label_ids": ",".join(map(str, truth))}
 
     def predicting(method, seed, predicted):
         r = run(method, "".join("1" if p == t else "0" for p, t in zip(predicted, truth, strict=True)), seed=seed)
         return r.model_copy(
-            update={"task_info": info, "eval_after": r.eval_after.model_copy(update={"predicted": predicted})}
+            update={
+                "task_info": info,
+                "eval_after": r.eval_after.model_copy(update={"predicted": ",".join(map(str, predicted))}),
+            }
         )
 
     collapsed = [predicting("lora", s, [1] * 100) for s in (0, 1)]
@@ -129,7 +132,9 @@ def test_a_model_that_gives_every_example_one_label_is_a_warning_naming_the_labe
         out.print(part)
     assert "warning: " + line in out.export_text()
     mc = {**info, "kind": "multiple_choice", "labels": []}
-    picks_first = predicting("lora", 0, [0] * 100).model_copy(update={"task_info": {**mc, "test_label_ids": [1] * 100}})
+    picks_first = predicting("lora", 0, [0] * 100).model_copy(
+        update={"task_info": {**mc, "test_label_ids": ",".join(["1"] * 100)}}
+    )
     assert "predicts choice 1 for 100%" in one_label_warnings([picks_first])[0]
     assert one_label_warnings([fine, predicting("lora", 0, [1] * 60 + [0] * 40)]) == []  # 60%: not one label
 
@@ -141,11 +146,12 @@ def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_o
     from reports.stats import wilson, wilson_over_seeds
 
     truth = [0] * 4 + [1] * 4 + [2] * 2  # three topics, the last rarer
-    info = {"kind": "classification", "labels": ["sport", "tech", "<b>arts</b>"], "test_label_ids": truth}
+    info = {"kind": "classification", "labels": ["sport", "tech", "<b>arts</b>"]}
+    info["test_label_ids"] = ",".join(map(str, truth))
 
     def predicting(method, seed, predicted):
         r = run(method, "".join("1" if p == t else "0" for p, t in zip(predicted, truth, strict=True)), seed=seed)
-        ev = r.eval_after.model_copy(update={"predicted": predicted})
+        ev = r.eval_after.model_copy(update={"predicted": ",".join(map(str, predicted))})
         return r.model_copy(update={"task_info": info, "eval_after": ev})
 
     a = predicting("lora", 0, [0, 0, 0, 1, 1, 1, 1, 1, 2, 0])  # sport 3/4, tech 4/4, arts 1/2
@@ -166,8 +172,12 @@ def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_o
     many = [k % 10 for k in range(40)]  # ten labels: a row per label, a column per configuration
     wide = a.model_copy(
         update={
-            "task_info": {"kind": "classification", "labels": [f"l{k}" for k in range(10)], "test_label_ids": many},
-            "eval_after": a.eval_after.model_copy(update={"predicted": many}),
+            "task_info": {
+                "kind": "classification",
+                "labels": [f"l{k}" for k in range(10)],
+                "test_label_ids": ",".join(map(str, many)),
+            },
+            "eval_after": a.eval_after.model_copy(update={"predicted": ",".join(map(str, many))}),
         }
     )
     page = labels.render([wide])

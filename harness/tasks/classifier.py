@@ -172,7 +172,7 @@ def evaluate(
         "loss": loss_sum / len(encoded),
         "examples": len(encoded),
         "correct": "".join("1" if t == p else "0" for t, p in zip(y_true, y_pred, strict=True)),
-        "predicted": y_pred.tolist(),
+        "predicted": ",".join(str(p) for p in y_pred.tolist()),
     }
     return metrics, stacked
 

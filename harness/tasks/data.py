@@ -61,9 +61,7 @@ class TaskData:
             "split_sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
             "examples_sha256": {s: digest(getattr(self, s)) for s in ("train", "validation", "test")},
             # the right label (multiple choice: choice) of each test example in order, beside each run's predictions
-            "test_label_ids": [x.label for x in self.test]
-            if self.kind in ("classification", "multiple_choice")
-            else None,
+            "test_label_ids": ",".join(str(x.label) for x in self.test) if self.kind in KINDS[:2] else None,
         }
 
 

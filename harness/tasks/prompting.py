@@ -265,7 +265,7 @@ def evaluate_prompts(
     y_pred = table.argmax(-1).numpy()
     metrics["accuracy"] = accuracy(y_true, y_pred)
     metrics["correct"] = "".join("1" if t == p else "0" for t, p in zip(y_true, y_pred, strict=True))
-    metrics["predicted"] = y_pred.tolist()
+    metrics["predicted"] = ",".join(str(p) for p in y_pred.tolist())
     if task.kind == "classification":
         metrics["macro_f1"] = macro_f1(y_true, y_pred)
     else:
