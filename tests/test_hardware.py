@@ -247,6 +247,7 @@ def test_compare_says_when_records_come_from_different_cpus(tmp_path, capsys):
         "cpu_model": "Intel(R) Xeon(R) Platinum 8480+",
         "cpu_isa": "AVX512",
         "native_bf16": True,
+        "isa_caps": None,  # this run's own (an AVX2 cap set to test as an AVX2 CPU) is not the Xeon's
     }
     write_record(tmp_path / "new", rec.model_copy(update={"environment": other}))
     assert main(["compare", str(tmp_path), str(tmp_path / "new")]) == 0
@@ -283,6 +284,8 @@ def test_an_isa_cap_or_tf32_set_from_outside_is_another_machine_for_speed_and_is
     from reports.stats import hardware_of
     from tests.test_stats import run
 
+    for cap in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):  # a plain environment first
+        monkeypatch.delenv(cap, raising=False)
     plain = hardware.static_identity(CPU)
     assert "isa_caps" not in plain and "float32_matmul_precision" not in plain  # a plain machine keeps its key
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")

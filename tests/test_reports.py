@@ -83,7 +83,9 @@ def test_html_report_written(results, capsys):
     assert '<script src="https://cdn.plot.ly/plotly-' in cdn and len(cdn) < embedded - 3_000_000
     import torch
 
-    assert f"Hardware: <b>{rec_cpu(results)} · {torch.backends.cpu.get_cpu_capability()} · bf16 " in html
+    env = read_record(next((results / "records").glob("*.json"))).environment
+    caps = "".join(f" · {k}={v}" for k, v in (env.get("isa_caps") or {}).items())  # ISA caps set to test: named
+    assert f"Hardware: <b>{rec_cpu(results)} · {torch.backends.cpu.get_cpu_capability()}{caps} · bf16 " in html
 
 
 def test_reading_results_never_imports_torch(results):
