@@ -73,6 +73,14 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def outside_settings(ident: dict[str, Any]) -> list[str]:
+    """What was set from outside that changes matmul speed, as the hardware lines name it: ISA caps
+    ('ONEDNN_MAX_CPU_ISA=AVX2'), an fp32 matmul precision other than "highest" (TF32)."""
+    caps = [f"{k}={v}" for k, v in (ident.get("isa_caps") or {}).items()]
+    precision = ident.get("float32_matmul_precision")
+    return caps + ([f"fp32 matmul precision {precision}"] if precision else [])
+
+
 def describe(ident: dict[str, Any]) -> str:
     """One line: 'AMD EPYC family 23 model 1 · AVX2 · bf16 emulated (71× slower than fp32) · 2 threads' (here, not
     in harness/measure/hardware.py, so that a report names the machine without importing torch)."""
@@ -86,8 +94,7 @@ def describe(ident: dict[str, Any]) -> str:
     parts = [
         ident.get("gpu") or cpu,
         ident.get("cpu_isa"),
-        *(f"{k}={v}" for k, v in (ident.get("isa_caps") or {}).items()),  # an ISA cap set from outside
-        f"fp32 matmul precision {ident['float32_matmul_precision']}" if ident.get("float32_matmul_precision") else "",
+        *outside_settings(ident),
         bf16,
         f"{ident.get('torch_threads')} threads",
     ]

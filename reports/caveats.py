@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from harness.records import RunRecord, label_ids
+from harness.records import RunRecord, trained_predictions
 
 
 def skipped_step_warnings(records: Iterable[RunRecord]) -> list[str]:
@@ -45,10 +45,9 @@ def one_label_warnings(records: Iterable[RunRecord]) -> list[str]:
 
     by: dict[tuple[str, str, str], list[tuple[int, str, float, float, int]]] = defaultdict(list)
     for r in records:
-        truth = label_ids((r.task_info or {}).get("test_label_ids"))
-        predicted = label_ids(r.eval_after.predicted if r.eval_after is not None else None)
-        if r.status != "ok" or not predicted or len(truth) != len(predicted):
+        if (pair := trained_predictions(r)) is None:
             continue
+        truth, predicted = pair
         label, n = Counter(predicted).most_common(1)[0]
         share, true_share = n / len(predicted), truth.count(label) / len(truth)
         if share >= ONE_LABEL_SHARE and share - true_share >= ONE_LABEL_EXCESS:

@@ -11,26 +11,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from harness.records import RunRecord, label_ids
+from harness.records import RunRecord, trained_predictions
 from reports.stats import wilson_over_seeds
 
 
-def _truth(r: RunRecord) -> list[int]:
-    return label_ids((r.task_info or {}).get("test_label_ids"))
-
-
-def _predicted(r: RunRecord) -> list[int]:
-    return label_ids(r.eval_after.predicted if r.eval_after is not None else None)
-
-
 def _scored(r: RunRecord) -> bool:
-    predicted = _predicted(r)
-    return (
-        r.status == "ok"
-        and (r.task_info or {}).get("kind") == "classification"
-        and bool(predicted)
-        and len(_truth(r)) == len(predicted)
-    )
+    return (r.task_info or {}).get("kind") == "classification" and trained_predictions(r) is not None
 
 
 def applies(records: list[RunRecord]) -> bool:
@@ -40,7 +26,7 @@ def applies(records: list[RunRecord]) -> bool:
 
 def per_label(r: RunRecord) -> list[tuple[float | None, float]]:
     """(recall, predicted share) per label index of one run; recall None for a label absent from the test split."""
-    truth, predicted = _truth(r), _predicted(r)
+    truth, predicted = trained_predictions(r)
     n_labels = max(len(r.task_info.get("labels") or []), max(truth) + 1, max(predicted) + 1)
     out = []
     for k in range(n_labels):
@@ -60,7 +46,7 @@ NOTE = (
 
 def _cell(runs: list[RunRecord], truth: list[int], k: int) -> tuple[str, str]:
     """Label ``k``'s recall over ``runs`` (seeds), and its interval with the share of examples given ``k``."""
-    predicted = [_predicted(r) for r in runs]
+    predicted = [trained_predictions(r)[1] for r in runs]
     share = statistics.fmean(sum(p == k for p in ps) / len(truth) for ps in predicted)
     of_k = [i for i, t in enumerate(truth) if t == k]
     if not of_k:
@@ -82,7 +68,7 @@ def grids(records: list[RunRecord]) -> list[tuple[str, str, list[str], list[tupl
     out = []
     for (model, task), configs in by.items():
         first = next(iter(configs.values()))[0]
-        truth, names = _truth(first), first.task_info.get("labels") or []
+        truth, names = trained_predictions(first)[0], first.task_info.get("labels") or []
         n = len(per_label(first))
         label_names = [
             f"{names[k] if k < len(names) else k} ({truth.count(k)}, {truth.count(k) / len(truth):.0%})"

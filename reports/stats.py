@@ -235,12 +235,12 @@ def under_load(r: RunRecord) -> bool:
 
 def hardware_of(r: RunRecord) -> str:
     """One record's hardware identity as one short string (older records may lack the newer fields)."""
+    from harness.environment import outside_settings
+
     e = r.environment
     bf16 = {True: "native bf16", False: "bf16 not native"}.get(e.get("native_bf16"), "bf16 unknown")
     gpu = f"{e['gpu']} · " if e.get("gpu") else ""
-    caps = "".join(f" · {k}={v}" for k, v in (e.get("isa_caps") or {}).items())
-    if e.get("float32_matmul_precision"):
-        caps += f" · fp32 matmul precision {e['float32_matmul_precision']}"
+    caps = "".join(f" · {x}" for x in outside_settings(e))
     isa = e.get("cpu_isa") or "ISA unknown"
     return f"{gpu}{e.get('cpu_model')} · {isa}{caps} · {bf16} · {e.get('torch_threads')} threads"
 

@@ -55,7 +55,7 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
         # is a floor under any method's peak. An address-space limit also counts the process's libraries.
         loaded = sum(p.numel() for p in model.parameters()) * WEIGHT_BYTES
         need = max(e["peak_bytes"], loaded) + (PROCESS_OVERHEAD_BYTES if suite.memory_limit_mb else 0)
-        dtype = cfg.train.dtype if cfg.train.dtype in ("bfloat16", "float16") else "float32"
+        dtype = cfg.train.dtype  # resolved above: float32, bfloat16 or float16
         flops = _flops_per_step(cfg, model, e["trainable_params"]) * cfg.train.steps
         peak = peak_matmul(dtype, device)["peak_matmul_flops"]
         mfu = ASSUMED_MFU.get(device.type, 0.3)

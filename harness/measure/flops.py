@@ -68,13 +68,10 @@ def mfu_dtype(train_dtype: str, method_compute: str | None, device: torch.device
     else the training dtype (both resolved), unless ``device`` emulates it: then float32's. An emulated half dtype
     (fp16 on most CPUs, bf16 on AVX2) runs on the fp32 units, so its own "peak" is the emulation's speed, not the
     machine's: MiniLM-L6 under fp16 autocast ran at 1.9× the fp16 matmul probe on a Zen 4 EPYC (MFU 189%)."""
-    half = ("bfloat16", "float16")
-    dtype = method_compute if method_compute in ("float32", *half) and train_dtype == "float32" else train_dtype
-    if device is not None and dtype in half:
-        from harness.measure.hardware import is_emulated
+    from harness.measure.hardware import HALF, is_emulated
 
-        return "float32" if is_emulated(dtype, device) else dtype
-    return dtype
+    dtype = method_compute if method_compute in ("float32", *HALF) and train_dtype == "float32" else train_dtype
+    return "float32" if device is not None and dtype in HALF and is_emulated(dtype, device) else dtype
 
 
 def training_flops(
