@@ -305,6 +305,9 @@ class TaskIO(Protocol):
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
         """Model-input batches of the first ``n`` training examples, as training sees them."""
 
+    # Optional (the cell reads it where a TaskIO has it): ``input_lengths() -> {"train": {...}, "test": {...}}``,
+    # each split's :func:`harness.tasks.data.input_lengths`: how many inputs were cut to max_seq_len.
+
 
 class Pruned(Exception):
     """The study's pruner stopped this trial at ``step``; ``curve`` is its validation curve up to there."""

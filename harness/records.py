@@ -63,6 +63,15 @@ def trained_predictions(r: RunRecord) -> tuple[list[int], list[int]] | None:
     return truth, predicted
 
 
+class SplitInputs(BaseModel):
+    """One split's inputs as the model read them, in tokens (harness/tasks/data.py: input_lengths)."""
+
+    examples: int
+    cut: int = Field(description="examples longer than train.max_seq_len, cut to it (their text's end unread)")
+    tokens_median_uncut: float
+    tokens_max_uncut: int
+
+
 class DeploymentRecord(BaseModel):
     """One deployable form of an export (harness/cell/deploy.py): loaded from disk, evaluated, timed at batch 1."""
 
@@ -167,6 +176,9 @@ class RunRecord(BaseModel):
     environment: dict[str, Any]
     model_info: dict[str, Any] = Field(default_factory=dict)
     task_info: dict[str, Any] = Field(default_factory=dict)
+    input_lengths: dict[str, SplitInputs] = Field(
+        default_factory=dict, description="train and test: how many inputs were cut to max_seq_len (a TaskIO's own)"
+    )
     measured_only: str | None = Field(
         None, description="why this run has no accuracy (random weights, or a task with nothing to score)"
     )

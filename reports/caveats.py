@@ -1,12 +1,13 @@
 """What a reader must know before trusting a configuration's trained figures, said beside them in the summary,
 the Markdown and the HTML report: a trained model that gives nearly every example one label (its accuracy is that
-label's frequency), fp16 steps whose gradients overflowed and made no update."""
+label's frequency), fp16 steps whose gradients overflowed and made no update, inputs cut to max_seq_len."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from harness.records import RunRecord, trained_predictions
+from harness.tasks.data import cut_note
 
 
 def skipped_step_warnings(records: Iterable[RunRecord]) -> list[str]:
@@ -68,8 +69,32 @@ def one_label_warnings(records: Iterable[RunRecord]) -> list[str]:
     return out
 
 
+def cut_input_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per model, task and max_seq_len whose inputs were cut to fit (at least 1% of the train or test
+    split): every configuration read the same cut text, but what its accuracy measures is the task on that text
+    (BBC News at 128 tokens: every article read to a third of its median length). Configurations are named where
+    they differ in max_seq_len."""
+    from collections import defaultdict
+
+    by: dict[tuple[str, str, int], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.input_lengths:
+            by[(r.model, r.task, int((r.config.get("train") or {}).get("max_seq_len") or 0))].append(r)
+    out = []
+    for (model, task, max_len), runs in by.items():
+        note = cut_note({k: v.model_dump() for k, v in runs[0].input_lengths.items()}, max_len)
+        if note is None:
+            continue
+        several = sum(1 for m, t, _ in by if (m, t) == (model, task)) > 1
+        who = " · " + ", ".join(sorted({f"{r.method}/{r.variant}" for r in runs})) if several else ""
+        out.append(
+            f"{model} · {task}{who}: {note}; a model reads only what fits (raise train.max_seq_len to read more)"
+        )
+    return out
+
+
 def training_warnings(records: Iterable[RunRecord]) -> list[str]:
-    """What a reader must know before trusting a configuration's trained figures: a model that predicts one label
-    whatever the input, fp16 steps that made no update."""
+    """What a reader must know before trusting a configuration's trained figures: inputs cut to max_seq_len, a
+    model that predicts one label whatever the input, fp16 steps that made no update."""
     records = list(records)
-    return one_label_warnings(records) + skipped_step_warnings(records)
+    return cut_input_warnings(records) + one_label_warnings(records) + skipped_step_warnings(records)

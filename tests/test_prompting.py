@@ -11,6 +11,7 @@ from harness.records import label_ids
 from harness.schema import TaskSpec
 from harness.tasks.builtin import load_task
 from harness.tasks.prompting import (
+    PromptIO,
     PromptItem,
     answer_matches,
     collate_prompts,
@@ -39,9 +40,15 @@ def test_truncation_cuts_the_text_never_the_instruction_or_answer(llama):
     tok = llama.tokenizer
     items = encode_prompts(task, task.train, tok, 40)
     tail = tok("\nTopic:", add_special_tokens=False)["input_ids"]
-    for it in items:
-        assert len(it.context) + max(len(c) for c in it.choices) <= 40
+    whole = encode_prompts(task, task.train, tok, 100_000)
+    for it, w in zip(items, whole, strict=True):
+        kept = len(it.context) + max(len(c) for c in it.choices)
+        assert kept <= 40
         assert it.context[-len(tail) :] == tail  # the instruction survives; the article was cut
+        # the cut is counted: kept + cut is the whole prompt's length (a token either way where the article's
+        # re-rendered end tokenizes otherwise)
+        assert w.cut == 0 and abs(kept + it.cut - len(w.context) - max(len(c) for c in w.choices)) <= 1
+    assert PromptIO(task, tok, 40).input_lengths()["train"]["cut"] == 8
     assert len(items[0].choices) == 5 and items[0].label == task.train[0].label
 
 

@@ -363,3 +363,12 @@ def test_the_markdown_summary_keeps_its_legend_out_of_the_failures_list():
     text = to_markdown([ok, failed])
     assert "- failed: m · t · full/default · seed 0: ValueError: boom\n\n_trains: " in text
     assert "\n\n\n" not in to_markdown([ok])  # one blank line before the legend, not two
+
+
+def test_a_record_counts_its_inputs_cut_to_max_seq_len(results):
+    rec = read_record(next((results / "records").glob("*.json")))
+    sizes = rec.task_info["split_sizes"]
+    assert {s: v.examples for s, v in rec.input_lengths.items()} == {"train": sizes["train"], "test": sizes["test"]}
+    test = rec.input_lengths["test"]
+    assert 0 <= test.cut <= test.examples and test.tokens_max_uncut >= test.tokens_median_uncut > 0
+    assert (test.cut > 0) == (test.tokens_max_uncut > rec.config["train"]["max_seq_len"])  # cut: one was longer

@@ -182,3 +182,29 @@ def test_each_labels_recall_is_the_share_of_its_examples_given_that_label_mean_o
     )
     page = labels.render([wide])
     assert "<th>label</th><th>lora/default</th>" in page and page.count("<tr><td>l") == 10
+
+
+def test_inputs_cut_to_max_seq_len_are_a_warning_in_the_summary_the_markdown_and_the_report():
+    from rich.console import Console
+
+    from harness.records import SplitInputs
+    from reports.caveats import cut_input_warnings
+    from reports.terminal import tables, to_markdown
+
+    def reading(r, max_len, cut, status="ok"):
+        split = SplitInputs(examples=184, cut=cut, tokens_median_uncut=423.5, tokens_max_uncut=1639)
+        update = {"input_lengths": {"test": split}, "config": {"train": {"max_seq_len": max_len}}, "status": status}
+        return r.model_copy(update=update)
+
+    runs = [reading(run("lora", "01"), 128, 184), reading(run("full", "11"), 128, 184)]
+    line = "m · t: inputs longer than max_seq_len 128 tokens, cut to it: 184 of 184 test (median length 424)"
+    assert cut_input_warnings(runs) == [line + "; a model reads only what fits (raise train.max_seq_len to read more)"]
+    assert html.escape(line) in render(runs, "", "s") and line in to_markdown(runs)
+    out = Console(width=300, record=True)
+    for part in tables(runs):
+        out.print(part)
+    assert "warning: " + line in out.export_text()
+    longer = [runs[0], reading(run("full", "11"), 512, 0)]  # configurations that read other lengths are named
+    assert cut_input_warnings(longer)[0].startswith("m · t · lora/default: inputs longer than max_seq_len 128 ")
+    assert cut_input_warnings([reading(run("lora", "01"), 128, 1)]) == []  # under 1% of the split
+    assert cut_input_warnings([reading(run("lora", "01"), 128, 184, status="failed")]) == []

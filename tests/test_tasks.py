@@ -282,3 +282,37 @@ def test_a_tokenized_split_is_stored_once_and_read_back_equal(tmp_path, monkeypa
     assert cached_encode(counted, rt, other, 32) == encode(rt, other, 32) and len(calls) == 5
     assert cached_encode(counted, rt[:10], tok, 32) == encode(rt[:10], tok, 32) and len(calls) == 6  # small: not stored
     assert len(list((tmp_path / "cache" / "encoded").glob("*.json"))) == 5
+
+
+def test_inputs_cut_to_max_seq_len_are_counted_per_example_and_per_split():
+    """BBC News at MiniLM's 128 tokens: every test article was read to a third of its median length, and nothing
+    said so. Each encoded row counts the tokens truncation removed (pairs too); the split sums them."""
+    from harness.cell.models import load_model
+    from harness.tasks.classifier import ClassifierIO, encode
+    from harness.tasks.data import cut_note
+
+    tok = load_model("tiny-bert", 2, 0).tokenizer
+    bbc = load_task(TaskSpec(name="bbc_news", train_examples=8, eval_examples=8))
+    whole = [len(ids) for ids in tok([x.text for x in bbc.test])["input_ids"]]
+    rows = encode(bbc.test, tok, 64)
+    assert [len(r["input_ids"]) + r["cut"] for r in rows] == whole and all(r["cut"] > 0 for r in rows)
+    rt = load_task(TaskSpec(name="rotten_tomatoes", train_examples=8, eval_examples=8)).test
+    assert [r["cut"] for r in encode(rt, tok, 64)] == [0] * 8  # snippets fit
+    pairs = load_task(TaskSpec(name="boolq", train_examples=8, eval_examples=8)).test
+    rows = encode(pairs, tok, 64)
+    uncut = [len(ids) for ids in tok([x.text for x in pairs], [x.text_pair for x in pairs])["input_ids"]]
+    assert [len(r["input_ids"]) + r["cut"] for r in rows] == uncut and any(r["cut"] for r in rows)
+
+    lengths = ClassifierIO(bbc, tok, 64).input_lengths()
+    ordered = sorted(whole)
+    assert lengths["test"] == {
+        "examples": 8,
+        "cut": 8,
+        "tokens_median_uncut": (ordered[3] + ordered[4]) / 2,
+        "tokens_max_uncut": ordered[-1],
+    }
+    note = cut_note(lengths, 64)
+    assert note.startswith("inputs longer than max_seq_len 64 tokens, cut to it: 8 of 8 test (median length ")
+    assert ", 8 of 8 train" in note
+    few = {"test": {"examples": 200, "cut": 1, "tokens_median_uncut": 20, "tokens_max_uncut": 70}}
+    assert cut_note(few, 64) is None and "2 of 200 test" in cut_note({"test": {**few["test"], "cut": 2}}, 64)

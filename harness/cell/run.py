@@ -41,6 +41,7 @@ from harness.registry import build_method, get_method, load_method_file
 from harness.schema import RunConfig, TaskSpec, TrainConfig
 from harness.tasks.builtin import load_task
 from harness.tasks.classifier import ClassifierIO
+from harness.tasks.data import cut_note
 from harness.tasks.prompting import PromptIO, lm_loss
 
 TASK_IO: dict[str, type] = {"classifier": ClassifierIO, "prompt": PromptIO}  # by the model's mode
@@ -113,6 +114,9 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     # Random weights (a *-shape, init: random) or a task with nothing to score (synthetic): memory and speed only.
     # The test split is never read, nothing is exported, and the record has no accuracy to be mistaken for one.
     scored = loaded.info["weights"] != "random" and getattr(io, "scored", True)
+    rec["input_lengths"] = getattr(io, "input_lengths", dict)()  # optional in the contract: a user's TaskIO may not
+    if note := cut_note(rec["input_lengths"], cfg.train.max_seq_len):
+        progress.say(f"{task.name}: {note}")
     if not scored:
         random = loaded.info["weights"] == "random"
         why = loaded.info["weights_note"] if random else f"task {task.name}: nothing to score: memory and speed only"

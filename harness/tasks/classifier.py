@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from harness.contract import Batch
-from harness.tasks.data import Example, TaskData
+from harness.tasks.data import Example, TaskData, input_lengths
 from harness.tasks.encoded import cached_encode
 
 
@@ -38,20 +38,22 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def encode(examples: list[Example], tokenizer, max_len: int) -> list[dict]:
     """Token ids per example; pairs (e.g. question, passage) are encoded as the tokenizer's sentence pair,
     truncating the longer member first, with its segment ids where it has them (BERT's token_type_ids: 0 for
-    the first member, 1 for the second, as the model was pretrained)."""
-    if any(x.text_pair for x in examples):
-        enc = tokenizer(
-            [x.text for x in examples],
-            [x.text_pair or "" for x in examples],
-            truncation="longest_first",
-            max_length=max_len,
-        )
-        out = [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
+    the first member, 1 for the second, as the model was pretrained). ``cut``: the tokens truncation removed
+    (only rows that fill ``max_len`` are tokenized again, whole, to count them)."""
+    firsts = [x.text for x in examples]
+    pairs = [x.text_pair or "" for x in examples] if any(x.text_pair for x in examples) else None
+    args = (firsts, pairs) if pairs is not None else (firsts,)
+    enc = tokenizer(*args, truncation="longest_first" if pairs is not None else True, max_length=max_len)
+    out = [{"input_ids": ids, "label": x.label, "cut": 0} for ids, x in zip(enc["input_ids"], examples, strict=True)]
+    if pairs is not None:
         for e, types in zip(out, enc.get("token_type_ids") or [], strict=False):
             e["token_type_ids"] = types
-        return out
-    enc = tokenizer([x.text for x in examples], truncation=True, max_length=max_len)
-    return [{"input_ids": ids, "label": x.label} for ids, x in zip(enc["input_ids"], examples, strict=True)]
+    full = [i for i, e in enumerate(out) if len(e["input_ids"]) >= max_len]
+    if full:  # verbose=False: transformers' "longer than the model's maximum" warning is about the uncut ids
+        whole = tokenizer(*([a[i] for i in full] for a in args), verbose=False)["input_ids"]
+        for i, ids in zip(full, whole, strict=True):
+            out[i]["cut"] = len(ids) - len(out[i]["input_ids"])
+    return out
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -213,3 +215,9 @@ class ClassifierIO:
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
         return calibration_batches(self.train, n, self.pad_id, collate)
+
+    def input_lengths(self) -> dict[str, dict]:
+        return {
+            split: input_lengths([len(e["input_ids"]) for e in rows], [e.get("cut", 0) for e in rows])
+            for split, rows in (("train", self.train), ("test", self.test))
+        }

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from harness.contract import Batch
 from harness.tasks.classifier import accuracy, calibration_batches, eval_batches, macro_f1, train_batches
-from harness.tasks.data import Example, TaskData
+from harness.tasks.data import Example, TaskData, input_lengths
 
 
 @dataclass
@@ -39,6 +39,7 @@ class PromptItem:
     label: int  # index of the right continuation
     answer: str | None = None  # generation: the reference text
     chars: list[int] | None = None  # multiple choice: each choice's length in characters (accuracy_norm)
+    cut: int = 0  # tokens cut from the longest field text to fit max_seq_len
 
 
 def _fields(template: str) -> list[str]:
@@ -84,12 +85,14 @@ def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: 
         texts, label = _continuations(task, x)
         values = {"text": x.text, "text_pair": x.text_pair or ""}
         field_ids: dict[str, list[int]] | None = None
+        cut = 0
         while True:
             context, choices = _encode_pair(tokenizer, _render(task.prompt, values), texts)
             choices = [c + eos for c in choices]
             over = len(bos) + len(context) + max(len(c) for c in choices) - max_len
             if over <= 0:
                 break
+            cut += over
             if field_ids is None:
                 field_ids = {n: tokenizer(values[n], add_special_tokens=False)["input_ids"] for n in names}
             longest = max(names, key=lambda n: len(field_ids[n]), default=None)
@@ -100,7 +103,7 @@ def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: 
         if task.kind == "classification" and len({tuple(c) for c in choices}) < len(choices):
             raise ValueError(f"task {task.name}: label words tokenise identically: {texts}")
         chars = [len(c) for c in x.choices] if task.kind == "multiple_choice" else None
-        items.append(PromptItem(bos + context, choices, label, x.answer, chars))
+        items.append(PromptItem(bos + context, choices, label, x.answer, chars, cut))
     return items
 
 
@@ -346,3 +349,11 @@ class PromptIO:
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:  # prompt + right answer, as in training
         return calibration_batches(self.train, n, self.pad_id, collate_prompts)
+
+    def input_lengths(self) -> dict[str, dict]:  # a prompt's length: its context and its longest continuation
+        return {
+            split: input_lengths(
+                [len(it.context) + max(map(len, it.choices)) for it in items], [it.cut for it in items]
+            )
+            for split, items in (("train", self.train), ("test", self.test))
+        }
