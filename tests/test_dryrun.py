@@ -146,3 +146,17 @@ def test_the_plan_gives_long_times_in_hours_or_days_and_warns_when_a_dtype_is_em
         assert print_plan(suite, expand(suite)) == 0
         out = " ".join(capsys.readouterr().out.split())
         assert ("warning: fp16 emulated here: the times above are at that speed" in out) == (dtype == "float16")
+
+
+def test_the_dry_run_says_which_tasks_inputs_will_be_cut_to_max_seq_len(tmp_path, write_suite):
+    """BBC News at 128 tokens: every article cut, said before anything trains; Rotten Tomatoes' snippets fit."""
+    tasks = [
+        {"name": "bbc_news", "train_examples": 16, "eval_examples": 8},
+        {"name": "rotten_tomatoes", "train_examples": 16, "eval_examples": 8},
+    ]
+    suite = tiny_suite(tasks=tasks, train={"steps": 2, "batch_size": 4, "max_seq_len": 128})
+    out = run_cli("run", str(write_suite(suite)), "--dry-run", "--results", str(tmp_path / "res"))
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0, out.stderr
+    assert "warning: tiny-bert · bbc_news: inputs longer than max_seq_len 128 tokens, cut to it: 8 of 8 test" in text
+    assert "16 of 16 train" in text and "rotten_tomatoes: inputs" not in text

@@ -243,6 +243,22 @@ def skeleton(name: str, trust_remote_code: bool = False, mode: str = "classifier
         return _auto_class(mode).from_config(config, trust_remote_code=trust_remote_code)
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False, init: str = "pretrained"):
+    """The tokenizer ``load_model`` reads this model's tasks with, its pad token set: the model's own; MiniLM's for
+    the tiny test models, the ``*-shape`` aliases and a random-weights folder without tokenizer files."""
+    if name in ("tiny-bert", "tiny-llama"):
+        tok = AutoTokenizer.from_pretrained(_minilm_dir())
+    elif name in SHAPES or init == "random":
+        own = Path(_source(name))
+        has_tokenizer = any((own / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tok = AutoTokenizer.from_pretrained(own if has_tokenizer and name not in SHAPES else _minilm_dir())
+    else:
+        tok = AutoTokenizer.from_pretrained(_source(name), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
 def load_model(
     name: str,
     num_labels: int,
@@ -261,13 +277,11 @@ def load_model(
     info: dict = {"name": name, "trust_remote_code": trust_remote_code, "mode": mode, "weights": "pretrained"}
     auto = _auto_class(mode)
     if name in ("tiny-bert", "tiny-llama"):
-        tok = AutoTokenizer.from_pretrained(_minilm_dir())
+        tok = load_tokenizer(name)
         model = auto.from_config(_tiny_config(name, num_labels))
         info.update(source="random init from config", pretrained=False, weights="random (test model, scored)")
     elif name in SHAPES or init == "random":
-        own = Path(_source(name))  # a folder with only a config.json borrows MiniLM's tokenizer, as the shapes do
-        has_tokenizer = any((own / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tok = AutoTokenizer.from_pretrained(own if has_tokenizer and name not in SHAPES else _minilm_dir())
+        tok = load_tokenizer(name, init="random")  # a folder with only a config.json borrows MiniLM's, as shapes do
         config = _config(name, num_labels, trust_remote_code)
         if len(tok) > config.vocab_size:  # a borrowed tokenizer's ids would index past the embedding
             raise ConfigError(
@@ -279,7 +293,7 @@ def load_model(
     else:
         src_s = _source(name)
         try:
-            tok = AutoTokenizer.from_pretrained(src_s, trust_remote_code=trust_remote_code)
+            tok = load_tokenizer(name, trust_remote_code)
             config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
             model = auto.from_pretrained(
                 src_s,
@@ -295,8 +309,6 @@ def load_model(
         info.update(source=src_s, pretrained=True, weights_format=fmt, allow_pickle=allow_pickle)
         if name == "smollm2-135m":
             info["weights_note"] = f"dequantized from {SMOLLM2_GGUF}: the weights carry Q4_1 rounding"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     info.update(

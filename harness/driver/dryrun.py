@@ -66,6 +66,37 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
     return rows
 
 
+def input_notes(cells: list) -> list[str]:
+    """One line per model, task and max_seq_len whose inputs would be cut to fit (at least 1% of a split), as the
+    cells will tokenize them (a classifier's ids are stored for them): BBC News at 128 tokens cuts every article."""
+    from harness.cell.models import load_tokenizer, resolve_mode
+    from harness.cell.run import task_io
+    from harness.driver.runner import cell_key
+    from harness.tasks.builtin import load_task
+    from harness.tasks.data import cut_note
+
+    notes, seen, tokenizers = [], set(), {}
+    for cfg in cells:
+        m, t = cfg.model, cfg.task
+        mode = resolve_mode(m.name, m.mode, m.trust_remote_code) or "classifier"
+        key = (m.name, mode, t.model_dump_json(), cfg.train.max_seq_len)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            if (m.name, m.init) not in tokenizers:
+                tokenizers[(m.name, m.init)] = load_tokenizer(m.name, m.trust_remote_code, m.init)
+            task = load_task(t)
+            io = task_io(task, mode)(task, tokenizers[(m.name, m.init)], cfg.train.max_seq_len, t.max_new_tokens)
+            note = cut_note(io.input_lengths(), cfg.train.max_seq_len) if hasattr(io, "input_lengths") else None
+        except Exception as err:  # noqa: BLE001 - a plan line, not a failure: the cell will say it again
+            note = f"inputs not counted: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        if note:
+            model, task_name, _ = cell_key(cfg).split("/", 2)  # as the plan's tables name them
+            notes.append(f"{model} · {task_name}: {note}")
+    return notes
+
+
 def duration(seconds: float) -> str:
     """An estimated time in the unit a reader takes in at once: ~45 s, ~12 min, ~3.4 h, ~21 days."""
     if seconds < 100:
@@ -120,6 +151,8 @@ def print_plan(suite, cells: list) -> int:
     )
     for note in sorted({r["slow"] for r in rows if r.get("slow")}):
         out.print(f"[yellow]warning:[/] {escape(note)}: the times above are at that speed")
+    for note in input_notes(cells):
+        out.print(f"[yellow]warning:[/] {escape(note)}")
     over = [r["cell"] for r in rows if r.get("fits") is False]
     if over:
         out.print(f"will not fit ({len(over)}): {', '.join(over)} — each would end as an oom record")
