@@ -1,6 +1,7 @@
 """What a reader must know before trusting a configuration's trained figures, said beside them in the summary,
 the Markdown and the HTML report: a trained model that gives nearly every example one label (its accuracy is that
-label's frequency), fp16 steps whose gradients overflowed and made no update, inputs cut to max_seq_len."""
+label's frequency), fp16 steps whose gradients overflowed and made no update, inputs cut to max_seq_len, training
+budgets that differ between the configurations compared."""
 
 from __future__ import annotations
 
@@ -93,8 +94,45 @@ def cut_input_warnings(records: Iterable[RunRecord]) -> list[str]:
     return out
 
 
+def _numeric(item: tuple) -> tuple:
+    return (item[0] is None, item[0] if isinstance(item[0], int | float) else 0)
+
+
+BUDGET = ("steps", "batch_size", "grad_accum", "max_seq_len")  # what a configuration trained on, per method
+
+
+def budget_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per model and task whose configurations trained on different budgets (a method's own ``train:``
+    steps, batch_size, grad_accum or max_seq_len): their accuracies compare those configurations, not the methods
+    at equal training, and a headline verdict between them is read as such."""
+    from collections import defaultdict
+
+    by: dict[tuple[str, str], dict[str, dict[str, set]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(set)))
+    for r in records:
+        if r.status == "ok":
+            train = r.config.get("train") or {}
+            for field in BUDGET:
+                by[(r.model, r.task)][field][train.get(field)].add(f"{r.method}/{r.variant}")
+    out = []
+    for (model, task), fields in by.items():
+        differing = [
+            f"{field} "
+            + ", ".join(f"{v} ({', '.join(sorted(names))})" for v, names in sorted(values.items(), key=_numeric))
+            for field, values in fields.items()
+            if len(values) > 1
+        ]
+        if differing:
+            out.append(
+                f"{model} · {task}: configurations trained on different budgets — {'; '.join(differing)}: their "
+                "accuracies compare these configurations, not the methods at equal training"
+            )
+    return out
+
+
 def training_warnings(records: Iterable[RunRecord]) -> list[str]:
-    """What a reader must know before trusting a configuration's trained figures: inputs cut to max_seq_len, a
-    model that predicts one label whatever the input, fp16 steps that made no update."""
+    """What a reader must know before trusting a configuration's trained figures: budgets that differ between
+    configurations, inputs cut to max_seq_len, a model that predicts one label whatever the input, fp16 steps that
+    made no update."""
     records = list(records)
-    return cut_input_warnings(records) + one_label_warnings(records) + skipped_step_warnings(records)
+    caveats = budget_warnings(records) + cut_input_warnings(records)
+    return caveats + one_label_warnings(records) + skipped_step_warnings(records)

@@ -208,3 +208,28 @@ def test_inputs_cut_to_max_seq_len_are_a_warning_in_the_summary_the_markdown_and
     assert cut_input_warnings(longer)[0].startswith("m · t · lora/default: inputs longer than max_seq_len 128 ")
     assert cut_input_warnings([reading(run("lora", "01"), 128, 1)]) == []  # under 1% of the split
     assert cut_input_warnings([reading(run("lora", "01"), 128, 184, status="failed")]) == []
+
+
+def test_configurations_trained_on_different_budgets_are_a_warning():
+    """A method's own `train: {steps: 30}` beside another's 12: the headline compares configurations, not methods
+    at equal training, and says so; the same budget everywhere (other LRs) says nothing."""
+    from harness.records import RunRecord
+    from reports.caveats import budget_warnings, training_warnings
+    from reports.terminal import to_markdown
+
+    def trained(method: str, seed: int = 0, **train) -> RunRecord:
+        budget = {"steps": 12, "batch_size": 16, "grad_accum": 1, "max_seq_len": 64, "lr": 1e-3, **train}
+        return run(method, "01", seed=seed).model_copy(update={"config": {"train": budget}})
+
+    runs = [trained("full"), trained("full", seed=1), trained("lora", steps=30), trained("qlora", steps=100)]
+    line = (
+        "m · t: configurations trained on different budgets — steps 12 (full/default), 30 (lora/default), "
+        "100 (qlora/default): their accuracies compare these configurations, not the methods at equal training"
+    )
+    assert budget_warnings(runs) == [line] and line in training_warnings(runs) and line in to_markdown(runs)
+    assert html.escape(line) in render(runs, "", "s")
+    two = budget_warnings([trained("full"), trained("lora", batch_size=8, max_seq_len=128)])[0]
+    assert "batch_size 8 (lora/default), 16 (full/default); max_seq_len 64 (full/default), 128 (lora/default)" in two
+    assert budget_warnings([trained("full", lr=1e-5), trained("lora", lr=2e-3)]) == []  # learning rates: tuned
+    failed = trained("lora", steps=30).model_copy(update={"status": "failed"})
+    assert budget_warnings([trained("full"), failed]) == []
