@@ -68,6 +68,8 @@ def test_markdown_csv_json(results, capsys):
         assert [row["recall_rotten"], row["recall_fresh"]] == [right[k] / truth.count(k) for k in (0, 1)]
     # pooled with rows from other suites or machines, a row still says how it trained and where
     assert {(d["steps"], d["train_dtype"], d["steps_skipped_by_loss_scaling"]) for d in data} == {(4, "float32", None)}
+    assert {(d["batch_size"], d["grad_accum"], d["max_seq_len"]) for d in data} == {(8, 1, 32)}  # the budget
+    assert all(isinstance(d["test_inputs_cut"], int) and isinstance(d["train_inputs_cut"], int) for d in data)
     assert all(d["hardware"].startswith(data[0]["hardware"][:8]) and 0 < d["mfu"] < 1 for d in data)
 
 
