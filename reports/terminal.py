@@ -15,11 +15,10 @@ PIPE_WIDTH = 100  # columns when stdout is a file or a pipe (a log, CI)
 HEAD = ("method", "trains", "peak", "step", "accuracy [95% CI]", "gain", "vs the most accurate")
 LEGEND = (
     "trains: the share of parameters the optimizer updates · peak: CPU live tensors or CUDA allocated, as the "
-    "report names it · step: median of timed steps, ⚠ where "
-    "measured under load · gain: accuracy after − before on the same test examples, ✓ beyond noise, ≈ within "
-    "noise · vs the most accurate: paired test on the same examples, p Holm-adjusted; a tie is within noise "
-    "(seed noise: p below 0.05, but the seeds' difference is under 2 standard errors) · "
-    "every column: --wide, report.html"
+    "report names it · step: median of timed steps, ⚠ where measured under load · gain: accuracy after − before "
+    "on the same test examples, ✓ beyond noise (✗ a loss beyond noise), ≈ within noise · vs the most accurate: "
+    "paired test on the same examples, p Holm-adjusted; a tie is within noise (seed noise: p below 0.05, but the "
+    "seeds' difference is under 2 standard errors) · every column: --wide, report.html"
 )
 
 
@@ -70,7 +69,7 @@ def _row(c: headline.Config, verdict: str, spread: bool = False) -> list[str]:
         peak,
         step_text,
         _accuracy(c.acc),
-        f"{g.diff:+.3f} {'✓' if g.significant else '≈'}",
+        f"{g.diff:+.3f} {('✓' if g.diff > 0 else '✗') if g.significant else '≈'}",  # a check beside a loss misreads
         verdict,
     ]
 
