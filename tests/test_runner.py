@@ -150,3 +150,20 @@ def test_the_zygote_hears_a_cell_end_from_its_pidfd():
     assert select.select([fd], [], [], 60)[0] == [fd]  # 60 s: a guard against hanging, not a timing
     assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 3
     os.close(fd)
+
+
+def test_cells_run_a_seed_at_a_time_each_round_starting_one_configuration_later():
+    """A machine that drifts during a suite must not land on the configurations that happen to run last: within a
+    (model, task), seed 0 runs every configuration, then seed 1 starting one configuration later, and so on."""
+    methods = [{"method": "full"}, {"method": "lora"}, {"method": "lora", "variant": "r2", "config": {"r": 2}}]
+    suite = parse_suite(tiny_suite(methods=methods, seeds=[0, 1, 2, 3]), "<t>")
+    order = [(c.method + "/" + c.variant, c.seed) for c in expand(suite)]
+    full, lora, r2 = "full/default", "lora/default", "lora/r2"
+    assert order == [
+        (full, 0), (lora, 0), (r2, 0),
+        (lora, 1), (r2, 1), (full, 1),
+        (r2, 2), (full, 2), (lora, 2),
+        (full, 3), (lora, 3), (r2, 3),
+    ]  # fmt: skip
+    two_tasks = tiny_suite(tasks=[{"name": "rotten_tomatoes"}, {"name": "bbc_news"}], seeds=[0, 1])
+    assert [c.task.name for c in expand(parse_suite(two_tasks, "<t>"))] == ["rotten_tomatoes"] * 2 + ["bbc_news"] * 2
