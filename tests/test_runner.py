@@ -32,6 +32,14 @@ def test_resume_skips_recorded_cells(tmp_path, write_suite):
     assert second.returncode == 0 and "2 already recorded, 0 to run" in second.stderr
     assert {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")} == recs
     assert "lora" in second.stdout and "full" in second.stdout  # the summary still shows both
+    # a record cut short (a copy interrupted) is no record: the next run sets it aside and runs its cell again
+    cut = sorted((tmp_path / "r" / "records").glob("*.json"))[0]
+    cut.write_text(recs[cut.name][:300])
+    third = run_cli("run", str(path), "--results", str(tmp_path / "r"))
+    assert third.returncode == 0 and "unreadable record, rerunning: " in third.stderr
+    assert "1 already recorded, 1 to run" in third.stderr and read_record(cut).status == "ok"
+    (aside,) = (tmp_path / "r" / "stale").glob(f"*/{cut.name}")
+    assert aside.read_text() == recs[cut.name][:300]
 
 
 def test_resume_runs_only_missing_cells_and_retry_failed(tmp_path):

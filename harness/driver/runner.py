@@ -92,6 +92,14 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _unreadable(p: Path) -> bool:
+    try:
+        read_record(p)
+    except ValueError:
+        return True
+    return False
+
+
 def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
     """Records in ``results_dir`` that belong to no cell of this suite (a config changed since they ran, or the
     cell is gone) move to ``stale/<time>/``: kept, never mixed with this suite's. Returns what to tell the user:
@@ -101,11 +109,15 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
 
     current = {c.cell_id: c for c in cells}
     by_identity = {cell_identity(c.cell_id): c for c in cells}
-    stale = [p for p in sorted((results_dir / "records").glob("*.json")) if p.stem not in current]
+    stale = [p for p in sorted((results_dir / "records").glob("*.json")) if p.stem not in current or _unreadable(p)]
     if not stale:
         return []
     lines, kept = [], []
     for p in stale:
+        if p.stem in current:  # a cut-short copy, an edit: not a record, so the cell has none and runs again
+            c = current[p.stem]
+            lines.append(f"unreadable record, rerunning: {c.method}/{c.variant} s{c.seed} on {c.task.display_name}")
+            continue
         cell = by_identity.get(cell_identity(p.stem))
         if cell is None:
             continue
