@@ -252,6 +252,9 @@ def test_virtual_tokens_a_method_adds_count_in_the_model_flops():
     assert (prompt.positions_added(), prefix.positions_added(), MethodBase().positions_added()) == (8, 0, 0)
     res = train(model, prompt, io.batches(8, 0), tc, 0, CPU, io.objective)
     flops = {n: training_flops(model, [], res, "float32", None, CPU, n)["model_flops_per_step"] for n in (0, 8)}
-    per_token = flops_per_token(model)["total"]
+    f = flops_per_token(model)
     samples = [res.samples_per_step[i] for i in res.timed_steps]
-    assert flops[8] - flops[0] == pytest.approx(per_token * 8 * sum(samples) / len(samples))
+    # each layer on 8 more positions per row, and each row's attention over 8 more queries and keys: (w + 8)² − w²
+    widened = [16 * res.computed_tokens_per_step[i] + 64 * res.samples_per_step[i] for i in res.timed_steps]
+    added = f["total"] * 8 * sum(samples) + f["attention_per_pair"] * sum(widened)
+    assert f["attention_per_pair"] > 0 and flops[8] - flops[0] == pytest.approx(added / len(samples))

@@ -39,11 +39,15 @@ def test_adapter_methods_cost_less_than_full(method):
     from harness.contract import ModelContext
     from harness.registry import get_method
 
-    full = flops_per_token(load_model("tiny-bert", 2, 0).model)["total"]
+    full = flops_per_token(load_model("tiny-bert", 2, 0).model)
     cls = get_method(method)
     m = cls(cls.Config.model_validate({"r": 4}))
     model = m.prepare(load_model("tiny-bert", 2, 0).model, ModelContext("seq_cls", 2, "bert", ["classifier"]))
-    assert flops_per_token(model)["total"] < full
+    adapted = flops_per_token(model)
+    assert adapted["total"] < full["total"]
+    # the wrapped model's attention is the base model's, gradients passing through (to the adapters) nearly all
+    assert adapted["attention_forward_per_pair"] == full["attention_forward_per_pair"] > 0
+    assert 2.5 * adapted["attention_forward_per_pair"] < adapted["attention_per_pair"] <= full["attention_per_pair"]
 
 
 def test_each_base_matmul_counts_once_whatever_wraps_it():
@@ -96,3 +100,33 @@ def test_lm_head_is_counted_per_kept_position_not_per_token():
     assert f["total"] == 2 * 200 + 2 * 200  # forward + weight gradient; nothing trains before the body
     assert f["output_per_position"] == 3 * 2 * 2000
     assert flops_per_token(model)["total"] == f["total"] + f["output_per_position"]
+
+
+def test_attention_counts_every_query_key_pair_of_the_padded_rows_as_palm_does():
+    """PaLM's MFU (appendix B) counts attention, 12·L·d·T per token when everything trains: at MiniLM's 384 tokens
+    it is a sixth of the work, and leaving it out read a longer run as a less efficient one."""
+    from harness.cell.loop import LoopResult
+    from harness.cell.models import load_model
+    from harness.measure.flops import attention_dims, training_flops
+
+    model = load_model("tiny-bert", 2, 0).model
+    layers, width = attention_dims(model)
+    assert (layers, width) == (model.config.num_hidden_layers, model.config.hidden_size) and width > 0
+    assert attention_dims(torch.nn.Linear(2, 2)) == (0, 0)  # no config: attention not counted
+    f = flops_per_token(model)
+    assert f["attention_forward_per_pair"] == 4 * layers * width
+    assert f["attention_per_pair"] == 3 * f["attention_forward_per_pair"]  # backward: twice the forward
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier"))
+    head_only = flops_per_token(model)
+    assert head_only["attention_per_pair"] == head_only["attention_forward_per_pair"]  # no gradient passes through
+
+    # two rows of 10 and one of 30 (padded): pairs 2·10² and 30²; the prompt's 4 positions widen each row
+    res = LoopResult(step_times_s=[1.0, 1.0], timing_warmup_steps=1)
+    res.computed_tokens_per_step, res.samples_per_step = [20, 30], [2, 1]
+    res.attention_pairs_per_step, res.head_positions_per_step = [200, 900], [0, 0]
+    cpu = torch.device("cpu")
+    plain = training_flops(model, [], res, "float32", None, cpu)["model_flops_per_step"]
+    assert plain == pytest.approx(head_only["total"] * 30 + head_only["attention_per_pair"] * 900)
+    widened = training_flops(model, [], res, "float32", None, cpu, positions_added=4)["model_flops_per_step"]
+    assert widened == pytest.approx(head_only["total"] * 34 + head_only["attention_per_pair"] * 34**2)

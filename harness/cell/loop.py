@@ -50,6 +50,7 @@ class LoopResult:
     computed_tokens_per_step: list[int] = field(default_factory=list)  # batch × padded length (what costs FLOPs)
     samples_per_step: list[int] = field(default_factory=list)
     head_positions_per_step: list[int] = field(default_factory=list)  # positions the output head ran on (FLOPs)
+    attention_pairs_per_step: list[int] = field(default_factory=list)  # Σ rows × padded length²: (query, key) pairs
     optimizer: str = ""  # the optimizer that ran: the suite's by name, or the method's own by class
     optimizer_implementation: str = ""  # fused | foreach | for-loop, or the library's name
     optimizer_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
@@ -220,6 +221,7 @@ def train(
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
         res.computed_tokens_per_step.append(size)
+        res.attention_pairs_per_step.append(sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in micro))
         res.head_positions_per_step.append(sum(getattr(b, "head_positions", 0) for b in drawn))
         if on_step is not None:
             on_step(step + 1, cfg.steps, res.step_times_s[-1])

@@ -14,12 +14,16 @@ GIB = 2**30
 
 def _flops_per_step(cfg, model, trainable: float) -> float:
     """Forward 2·P, backward through the layers 2·P, weight gradients 2·T FLOPs per token (P: matmul weights,
-    the output head included; T: trainable ones), times the tokens of a step at max_seq_len."""
+    the output head included; T: trainable ones), times the tokens of a step at max_seq_len; attention's 12·L·d
+    per (query, key) pair of each max_seq_len row (harness/measure/flops.py counts the same)."""
     import torch
 
+    from harness.measure.flops import attention_dims
+
     p = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.max_seq_len
-    return (4 * p + 2 * min(trainable, p)) * tokens
+    rows, seq = cfg.train.batch_size * cfg.train.grad_accum, cfg.train.max_seq_len
+    layers, width = attention_dims(model)
+    return (4 * p + 2 * min(trainable, p)) * rows * seq + 12 * layers * width * rows * seq**2
 
 
 def plan_rows(suite, cells: list) -> list[dict[str, Any]]:

@@ -1,16 +1,21 @@
 """Model FLOPs per training step, and the machine's peak matmul rate to compare them with (MFU).
 
-Counting (matmuls of linear layers only; attention's score/value products, norms and activations are left
-out, as in the usual 6·N·T rule; embeddings are lookups, not matmuls):
+Counting (the matmuls of linear layers and of self-attention, as PaLM's MFU does, Chowdhery et al. 2022, appendix
+B; norms and activations are left out, embeddings are lookups, not matmuls):
 
   * forward: 2·n FLOPs per token for a layer with n = d_in·d_out weights;
   * backward, input gradient: 2·n per token — needed only if something trainable lies *before* the layer;
-  * backward, weight gradient: 2·n per token — only if the layer's weight trains.
+  * backward, weight gradient: 2·n per token — only if the layer's weight trains;
+  * attention: each (query, key) pair of a row costs 4·d per layer forward (scores QKᵀ and the weighted sum of
+    V, d = heads × head dim), every pair of the padded row counted (a causal mask's too, as PaLM's 12·L·H·Q·T),
+    and twice that backward where gradients pass through it (the share of the body that needs input gradients).
 
-Full fine-tuning therefore costs ≈ 6·N per token; a frozen base under adapters costs 4·N (forward +
-input-gradient backward, no weight gradients) plus 6·n for each adapter matrix; a frozen base below the only
-trainable part (a head) costs 2·N. Tokens are *computed* tokens (batch × padded length): padding costs work.
-MFU = model FLOPs per second / the peak matmul rate measured on this machine in the run's dtype.
+Full fine-tuning therefore costs ≈ 6·N per token plus 12·L·d·T for attention over T positions; a frozen base
+under adapters costs 4·N (forward + input-gradient backward, no weight gradients) plus 6·n for each adapter
+matrix; a frozen base below the only trainable part (a head) costs 2·N and attention's forward alone. Tokens are
+*computed* tokens (batch × padded length): padding costs work. MFU = model FLOPs per second / the peak matmul
+rate measured on this machine in the run's dtype. (Until 2026-12-07 attention was left out, as in the 6·N·T
+rule: for full fine-tuning of MiniLM-L6 it is 5% of the model FLOPs at 128 tokens, 14% at 384.)
 """
 
 from __future__ import annotations
@@ -53,13 +58,31 @@ def flops_per_token(model: torch.nn.Module, output_names: frozenset[str] = froze
                 fwd, bwd_in, bwd_w = fwd + cost[0], bwd_in + cost[1], bwd_w + cost[2]
         if any(p.requires_grad for p in own):
             trainable_seen = True
+    layers, width = attention_dims(model)
+    through = bwd_in / fwd if fwd else 0.0  # the share of the body that gradients pass through, attention too
     return {
         "forward": fwd,
         "backward_input": bwd_in,
         "backward_weight": bwd_w,
         "total": fwd + bwd_in + bwd_w,
         "output_per_position": out,
+        "attention_forward_per_pair": 4.0 * layers * width,
+        "attention_per_pair": 4.0 * layers * width * (1 + 2 * through),
     }
+
+
+def attention_dims(model: torch.nn.Module) -> tuple[int, int]:
+    """(layers, query width = heads × head dim) of the model's self-attention, from its config (transformers'
+    names; a peft wrapper passes its base model's on); (0, 0) where the config does not say: attention uncounted."""
+    cfg = getattr(model, "config", None)
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+    if not isinstance(layers, int) or not isinstance(heads, int) or heads < 1:
+        return 0, 0
+    head_dim = getattr(cfg, "head_dim", None)
+    if not isinstance(head_dim, int):
+        hidden = getattr(cfg, "hidden_size", None)
+        head_dim = hidden // heads if isinstance(hidden, int) else 0
+    return layers, heads * head_dim
 
 
 def mfu_dtype(train_dtype: str, method_compute: str | None, device: torch.device | None = None) -> str:
@@ -95,12 +118,21 @@ def training_flops(
     fpt = flops_per_token(model, frozenset(output_names))
     if not measured:
         return {"flops_per_token": fpt}
-    tokens = [res.computed_tokens_per_step[i] + positions_added * res.samples_per_step[i] for i in timed]
-    step_flops = [
-        fpt["total"] * t + fpt["output_per_position"] * res.head_positions_per_step[i]
-        for t, i in zip(tokens, timed, strict=True)
+    p = positions_added
+    tokens = [res.computed_tokens_per_step[i] + p * res.samples_per_step[i] for i in timed]
+    # each row's (query, key) pairs at its padded length w + p: Σ rows·w² + 2p·Σ rows·w + p²·rows
+    pairs = [
+        res.attention_pairs_per_step[i] + 2 * p * res.computed_tokens_per_step[i] + p * p * res.samples_per_step[i]
+        if i < len(res.attention_pairs_per_step)
+        else 0
+        for i in timed
     ]
-    hardware = [f + (fpt["forward"] * t if recomputed else 0.0) for f, t in zip(step_flops, tokens, strict=True)]
+    step_flops = [
+        fpt["total"] * t + fpt["attention_per_pair"] * a + fpt["output_per_position"] * res.head_positions_per_step[i]
+        for t, a, i in zip(tokens, pairs, timed, strict=True)
+    ]
+    again = [fpt["forward"] * t + fpt["attention_forward_per_pair"] * a for t, a in zip(tokens, pairs, strict=True)]
+    hardware = [f + (r if recomputed else 0.0) for f, r in zip(step_flops, again, strict=True)]
     peak = peak_flops(results_dir, dtype_name, device)
     return {
         "flops_per_token": fpt,
