@@ -33,6 +33,7 @@ def test_the_dry_run_names_the_cells_that_will_not_fit_and_writes_nothing(tmp_pa
     full = next(line for line in lines if line.strip().startswith("full/default/0"))
     lora = next(line for line in lines if line.strip().startswith("lora/default/0"))
     assert "✗" in full and "✓" in lora
+    assert "test examples" not in out.stdout  # random weights on random ids: no accuracy to size
     assert not results.exists()
 
 
@@ -151,12 +152,17 @@ def test_the_plan_gives_long_times_in_hours_or_days_and_warns_when_a_dtype_is_em
 def test_the_dry_run_says_which_tasks_inputs_will_be_cut_to_max_seq_len(tmp_path, write_suite):
     """BBC News at 128 tokens: every article cut, said before anything trains; Rotten Tomatoes' snippets fit."""
     tasks = [
-        {"name": "bbc_news", "train_examples": 16, "eval_examples": 8},
+        {"name": "bbc_news", "train_examples": 16, "eval_examples": 500},
         {"name": "rotten_tomatoes", "train_examples": 16, "eval_examples": 8},
     ]
     suite = tiny_suite(tasks=tasks, train={"steps": 2, "batch_size": 4, "max_seq_len": 128})
     out = run_cli("run", str(write_suite(suite)), "--dry-run", "--results", str(tmp_path / "res"))
     text = " ".join(out.stdout.split())
     assert out.returncode == 0, out.stderr
-    assert "warning: tiny-bert · bbc_news: inputs longer than max_seq_len 128 tokens, cut to it: 8 of 8 test" in text
+    assert (
+        "warning: tiny-bert · bbc_news: inputs longer than max_seq_len 128 tokens, cut to it: 184 of 184 test" in text
+    )
     assert "16 of 16 train" in text and "rotten_tomatoes: inputs" not in text
+    # what the test split lets an accuracy show: Wilson's interval at 0.5 (8 examples: [0.215, 0.785])
+    assert "rotten_tomatoes: 8 test examples: a 95% interval of up to ±28.5 points on an accuracy" in text
+    assert "bbc_news: 184 test examples (eval_examples 500: the split has 184): a 95% interval of up to ±7.2" in text
