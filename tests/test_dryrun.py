@@ -166,3 +166,27 @@ def test_the_dry_run_says_which_tasks_inputs_will_be_cut_to_max_seq_len(tmp_path
     # what the test split lets an accuracy show: Wilson's interval at 0.5 (8 examples: [0.215, 0.785])
     assert "rotten_tomatoes: 8 test examples: a 95% interval of up to ±28.5 points on an accuracy" in text
     assert "bbc_news: 184 test examples (eval_examples 500: the split has 184): a 95% interval of up to ±7.2" in text
+
+
+def test_the_dry_runs_time_is_of_the_tasks_own_batches_not_rows_at_max_seq_len():
+    """The demo's dry run said ~24 s for full fine-tuning that trained in 10 s: it priced every row at max_seq_len
+    64 where Rotten Tomatoes' snippets computed 26 tokens a row. The plan draws the cell's own first batches."""
+    from harness.cell.models import load_tokenizer
+    from harness.driver.dryrun import SAMPLED_BATCHES, data_plan, plan_rows
+    from harness.driver.runner import cell_key
+    from harness.driver.suite import parse_suite
+    from harness.tasks.builtin import load_task
+    from harness.tasks.classifier import ClassifierIO
+
+    train = {"steps": 10, "batch_size": 8, "max_seq_len": 64, "group_by_length": True}
+    suite = parse_suite(tiny_suite(train=train), "<t>")
+    (cell,) = expand(suite)
+    _, _, batches = data_plan([cell])
+    io = ClassifierIO(load_task(cell.task), load_tokenizer("tiny-bert"), 64)
+    drawn = io.batches(8, cell.seed, True)
+    ids = [next(drawn)["input_ids"] for _ in range(SAMPLED_BATCHES)]
+    tokens = sum(x.numel() for x in ids) / len(ids)
+    assert batches[cell_key(cell)] == (tokens, sum(x.shape[0] * x.shape[1] ** 2 for x in ids) / len(ids))
+    assert tokens < 0.7 * 8 * 64  # snippets are short: rows at max_seq_len would overprice the step
+    (own,), (at_max,) = plan_rows(suite, [cell], batches), plan_rows(suite, [cell])
+    assert own["seconds"] < 0.7 * at_max["seconds"]

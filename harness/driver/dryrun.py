@@ -12,22 +12,25 @@ from harness.measure.plan import ASSUMED_MFU, PROCESS_OVERHEAD_BYTES, WEIGHT_BYT
 GIB = 2**30
 
 
-def _flops_per_step(cfg, model, trainable: float) -> float:
+def _flops_per_step(cfg, model, trainable: float, batch: tuple[float, float] | None = None) -> float:
     """Forward 2·P, backward through the layers 2·P, weight gradients 2·T FLOPs per token (P: matmul weights,
-    the output head included; T: trainable ones), times the tokens of a step at max_seq_len; attention's 12·L·d
-    per (query, key) pair of each max_seq_len row (harness/measure/flops.py counts the same)."""
+    the output head included; T: trainable ones) and attention's 12·L·d per (query, key) pair of a row
+    (harness/measure/flops.py counts the same), over a step's micro-batches: ``batch`` (computed tokens, pairs) as
+    the task's own batches come (their padded length), else every row at max_seq_len."""
     import torch
 
     from harness.measure.flops import attention_dims
 
     p = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    rows, seq = cfg.train.batch_size * cfg.train.grad_accum, cfg.train.max_seq_len
+    rows, seq = cfg.train.batch_size, cfg.train.max_seq_len
+    tokens, pairs = batch or (rows * seq, rows * seq**2)
     layers, width = attention_dims(model)
-    return (4 * p + 2 * min(trainable, p)) * rows * seq + 12 * layers * width * rows * seq**2
+    return ((4 * p + 2 * min(trainable, p)) * tokens + 12 * layers * width * pairs) * cfg.train.grad_accum
 
 
-def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
-    """One row per cell: its key, the estimate by category, the memory it needs and has, and the time."""
+def plan_rows(suite, cells: list, batches: dict[str, tuple[float, float]] | None = None) -> list[dict[str, Any]]:
+    """One row per cell: its key, the estimate by category, the memory it needs and has, and the time (from the
+    cell's own batches where ``batches`` has them: :func:`data_plan`)."""
     from harness.cell.models import resolve_mode, skeleton
     from harness.cell.run import resolve_dtypes
     from harness.driver.runner import cell_key
@@ -60,7 +63,7 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
         loaded = sum(p.numel() for p in model.parameters()) * WEIGHT_BYTES
         need = max(e["peak_bytes"], loaded) + (PROCESS_OVERHEAD_BYTES if suite.memory_limit_mb else 0)
         dtype = cfg.train.dtype  # resolved above: float32, bfloat16 or float16
-        flops = _flops_per_step(cfg, model, e["trainable_params"]) * cfg.train.steps
+        flops = _flops_per_step(cfg, model, e["trainable_params"], (batches or {}).get(row["cell"])) * cfg.train.steps
         peak = peak_matmul(dtype, device)["peak_matmul_flops"]
         mfu = ASSUMED_MFU.get(device.type, 0.3)
         rows.append(
@@ -70,12 +73,18 @@ def plan_rows(suite, cells: list) -> list[dict[str, Any]]:
     return rows
 
 
-def data_notes(cells: list) -> tuple[list[str], list[str]]:
-    """What the data will let the suite see, before anything trains: (warnings, notes). A warning per model, task
-    and max_seq_len whose inputs would be cut to fit (at least 1% of a split), as the cells will tokenize them (a
-    classifier's ids are stored for them): BBC News at 128 tokens cuts every article. A note per task with its
-    test examples and the widest 95% interval they give an accuracy (at 0.5), so eval_examples is chosen knowing
-    what differences can show beyond noise: ±4.9 points at 400 examples, ±8.6 at 130."""
+SAMPLED_BATCHES = 16  # training batches drawn per cell shape to size a step's work
+
+
+def data_plan(cells: list) -> tuple[list[str], list[str], dict[str, tuple[float, float]]]:
+    """What the data will let the suite see, before anything trains: (warnings, notes, batches). A warning per
+    model, task and max_seq_len whose inputs would be cut to fit (at least 1% of a split), as the cells will
+    tokenize them (a classifier's ids are stored for them): BBC News at 128 tokens cuts every article. A note per
+    task with its test examples and the widest 95% interval they give an accuracy (at 0.5), so eval_examples is
+    chosen knowing what differences can show beyond noise: ±4.9 points at 400 examples, ±8.6 at 130. Per cell,
+    the mean computed tokens and attention pairs of its first training batches, as its TaskIO draws them (padded
+    to their longest row, grouped by length where asked): Rotten Tomatoes at max_seq_len 64 computes 26 tokens
+    a row, not 64."""
     from harness.cell.models import SHAPES, load_tokenizer, resolve_mode
     from harness.cell.run import task_io
     from harness.driver.runner import cell_key
@@ -83,15 +92,14 @@ def data_notes(cells: list) -> tuple[list[str], list[str]]:
     from harness.tasks.data import cut_note
     from reports.stats import wilson
 
-    warnings, notes, seen, noted, tokenizers, tasks = [], [], set(), set(), {}, {}
+    warnings, notes, noted, tokenizers, tasks, ios = [], [], set(), {}, {}, {}
+    batches: dict[str, tuple[float, float]] = {}
+    sized: dict[tuple, tuple[float, float]] = {}
     for cfg in cells:
-        m, t = cfg.model, cfg.task
+        m, t, tr = cfg.model, cfg.task, cfg.train
         model_name, task_name, _ = cell_key(cfg).split("/", 2)  # as the plan's tables name them
         mode = resolve_mode(m.name, m.mode, m.trust_remote_code) or "classifier"
-        key = (m.name, mode, t.model_dump_json(), cfg.train.max_seq_len)
-        if key in seen:
-            continue
-        seen.add(key)
+        key = (m.name, mode, t.model_dump_json(), tr.max_seq_len)
         try:
             if t.model_dump_json() not in tasks:
                 tasks[t.model_dump_json()] = load_task(t)
@@ -105,15 +113,29 @@ def data_notes(cells: list) -> tuple[list[str], list[str]]:
                     f"{task_name}: {n:,} test examples{capped}: a 95% interval of up to ±{(hi - lo) / 2 * 100:.1f} "
                     "points on an accuracy"
                 )
-            if (m.name, m.init) not in tokenizers:
-                tokenizers[(m.name, m.init)] = load_tokenizer(m.name, m.trust_remote_code, m.init)
-            io = task_io(task, mode)(task, tokenizers[(m.name, m.init)], cfg.train.max_seq_len, t.max_new_tokens)
-            note = cut_note(io.input_lengths(), cfg.train.max_seq_len) if hasattr(io, "input_lengths") else None
+            if key not in ios:
+                if (m.name, m.init) not in tokenizers:
+                    tokenizers[(m.name, m.init)] = load_tokenizer(m.name, m.trust_remote_code, m.init)
+                ios[key] = io = task_io(task, mode)(
+                    task, tokenizers[(m.name, m.init)], tr.max_seq_len, t.max_new_tokens
+                )
+                if note := cut_note(io.input_lengths(), tr.max_seq_len) if hasattr(io, "input_lengths") else None:
+                    warnings.append(f"{model_name} · {task_name}: {note}")
+            shape = (*key, tr.batch_size, tr.group_by_length, cfg.seed)
+            if shape not in sized:
+                drawn = ios[key].batches(tr.batch_size, cfg.seed, tr.group_by_length)
+                ids = [next(drawn)["input_ids"] for _ in range(SAMPLED_BATCHES)]
+                sized[shape] = (
+                    sum(x.numel() for x in ids) / len(ids),
+                    sum(x.shape[0] * x.shape[1] ** 2 for x in ids) / len(ids),
+                )
+            batches[cell_key(cfg)] = sized[shape]
         except Exception as err:  # noqa: BLE001 - a plan line, not a failure: the cell will say it again
-            note = f"inputs not counted: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        if note:
-            warnings.append(f"{model_name} · {task_name}: {note}")
-    return warnings, notes
+            if key not in ios:
+                ios[key] = None
+                why = (str(err).splitlines() or [""])[0]
+                warnings.append(f"{model_name} · {task_name}: inputs not counted: {type(err).__name__}: {why}")
+    return warnings, notes, batches
 
 
 def duration(seconds: float) -> str:
@@ -135,7 +157,8 @@ def print_plan(suite, cells: list) -> int:
 
     from reports.terminal import console
 
-    rows = plan_rows(suite, cells)
+    warnings, notes, batches = data_plan(cells)
+    rows = plan_rows(suite, cells, batches)
     out = console()
     out.print(f"ftbench run --dry-run · {escape(suite.name)} · {len(cells)} cells · nothing runs, nothing is written")
     groups: dict[str, list[dict]] = {}
@@ -165,12 +188,12 @@ def print_plan(suite, cells: list) -> int:
         f"GiB, estimated (ftbench estimate's model: float32 weights, batch × max_seq_len). needs: the peak, or the "
         f"float32 model a method starts from if larger, plus {PROCESS_OVERHEAD_BYTES / GIB:.1f} GiB of libraries "
         f"under an address-space limit; capacity {capacity / GIB:.1f} GiB ({where}). time: training steps only, "
-        f"at an assumed MFU of {rows[0].get('mfu', 0.3):.0%} of this machine's measured peak.",
+        f"of the task's own batches (padded to their longest row), at an assumed MFU of "
+        f"{rows[0].get('mfu', 0.3):.0%} of this machine's measured peak.",
         style="dim",
     )
     for note in sorted({r["slow"] for r in rows if r.get("slow")}):
         out.print(f"[yellow]warning:[/] {escape(note)}: the times above are at that speed")
-    warnings, notes = data_notes(cells)
     for note in notes:
         out.print(escape(note), highlight=False)
     for note in warnings:
