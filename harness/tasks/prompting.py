@@ -16,10 +16,13 @@ for a 49k-token vocabulary that is most of the logits' memory and a fifth of the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from harness.contract import Batch
 from harness.tasks.classifier import accuracy, calibration_batches, eval_batches, macro_f1, train_batches
 from harness.tasks.data import Example, TaskData, input_lengths
+from harness.tasks.encoded import cached_encode
 
 
 @dataclass
@@ -105,6 +109,11 @@ def encode_prompts(task: TaskData, examples: list[Example], tokenizer, max_len: 
         chars = [len(c) for c in x.choices] if task.kind == "multiple_choice" else None
         items.append(PromptItem(bos + context, choices, label, x.answer, chars, cut))
     return items
+
+
+def _prompt_rows(task: TaskData, examples: list[Example], tokenizer, max_len: int) -> list[dict]:
+    """:func:`encode_prompts` as rows of plain values, as :func:`harness.tasks.encoded.cached_encode` stores them."""
+    return [dataclasses.asdict(it) for it in encode_prompts(task, examples, tokenizer, max_len)]
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -316,9 +325,14 @@ class PromptIO:
     def __init__(self, task: TaskData, tokenizer, max_seq_len: int, max_new_tokens: int = 16) -> None:
         self.task, self.tokenizer, self.max_new_tokens = task, tokenizer, max_new_tokens
         self.pad_id = tokenizer.pad_token_id
-        self.train = encode_prompts(task, task.train, tokenizer, max_seq_len)
-        self.test = encode_prompts(task, task.test, tokenizer, max_seq_len)
-        self._validation = lambda: encode_prompts(task, task.validation, tokenizer, max_seq_len)  # when asked for
+        context = json.dumps([task.name, task.kind, task.prompt, task.label_words])  # all else a prompt reads
+
+        def encoded(examples: list[Example]) -> list[PromptItem]:  # tokenized once per suite, not per cell
+            rows = cached_encode(partial(_prompt_rows, task), examples, tokenizer, max_seq_len, context)
+            return [PromptItem(**r) for r in rows]
+
+        self.train, self.test = encoded(task.train), encoded(task.test)
+        self._validation = lambda: encoded(task.validation)  # when asked for
         self.validation: list[PromptItem] | None = None
 
     def output_names(self, model: torch.nn.Module) -> list[str]:
