@@ -325,7 +325,9 @@ class PromptIO:
     def __init__(self, task: TaskData, tokenizer, max_seq_len: int, max_new_tokens: int = 16) -> None:
         self.task, self.tokenizer, self.max_new_tokens = task, tokenizer, max_new_tokens
         self.pad_id = tokenizer.pad_token_id
-        context = json.dumps([task.name, task.kind, task.prompt, task.label_words])  # all else a prompt reads
+        # all else a prompt reads: the task's template and words, the BOS and EOS it adds (tokenizer attributes)
+        ends = [getattr(tokenizer, "add_bos_token", None), tokenizer.bos_token_id, tokenizer.eos_token_id]
+        context = json.dumps([task.name, task.kind, task.prompt, task.label_words, ends])
 
         def encoded(examples: list[Example]) -> list[PromptItem]:  # tokenized once per suite, not per cell
             rows = cached_encode(partial(_prompt_rows, task), examples, tokenizer, max_seq_len, context)
