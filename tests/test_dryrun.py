@@ -190,3 +190,21 @@ def test_the_dry_runs_time_is_of_the_tasks_own_batches_not_rows_at_max_seq_len()
     assert tokens < 0.7 * 8 * 64  # snippets are short: rows at max_seq_len would overprice the step
     (own,), (at_max,) = plan_rows(suite, [cell], batches), plan_rows(suite, [cell])
     assert own["seconds"] < 0.7 * at_max["seconds"]
+
+
+def test_attention_scores_kept_by_sdpas_math_path_on_a_cpu_with_dropout_are_estimated():
+    """MiniLM-L6 (attention dropout 0.1) full fine-tuning at 384 tokens on a CPU held 1.3 GiB of activations where
+    the estimate said 0.35: torch's SDPA takes its math path there and keeps every score (softmax's fp32 output,
+    the bf16 probabilities, dropout's mask: 6.7 bytes a score measured). On a GPU, or without dropout, it does not."""
+    from harness.cell.models import skeleton
+    from harness.measure.plan import attention_of, estimate_run
+
+    bert, llama = skeleton("tiny-bert", mode="classifier"), skeleton("tiny-llama", mode="prompt")
+    assert attention_of(bert.config, "cpu") == ("math", True) and attention_of(bert.config, "cuda") == ("sdpa", True)
+    assert attention_of(llama.config, "cpu") == ("sdpa", False)  # no dropout: SDPA's fused CPU kernel
+    train = {"steps": 2, "batch_size": 4, "max_seq_len": 64, "dtype": "bfloat16"}
+    (cfg,) = cells(methods=[{"method": "full"}], train=train)
+    cpu, gpu = (estimate_run(cfg, bert, decoder=False, device_type=d)["by_category_bytes"] for d in ("cpu", "cuda"))
+    c = bert.config
+    scores = c.num_hidden_layers * 4 * c.num_attention_heads * 64 * 64  # layers × batch × heads × s²
+    assert cpu["activations"] - gpu["activations"] == scores * (4 + 2 + 1)  # fp32 softmax, bf16 probs, the mask

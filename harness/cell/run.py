@@ -121,7 +121,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         random = loaded.info["weights"] == "random"
         why = loaded.info["weights_note"] if random else f"task {task.name}: nothing to score: memory and speed only"
         rec["measured_only"] = why
-    rec["estimate"] = estimate_run(cfg, loaded.model, io.task_type == "causal_lm")  # checked against the peak
+    rec["estimate"] = estimate_run(cfg, loaded.model, io.task_type == "causal_lm", device_type=device.type)
     clock.lap("load")
 
     def evaluate(m: torch.nn.Module) -> tuple[dict, torch.Tensor]:

@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--group-size", type=int, default=32, choices=[16, 32, 64, 128], help="qalora: group size (default 32)"
     )
-    e.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="attention kernel (default sdpa)")
+    e.add_argument(
+        "--attention", default="sdpa", choices=["sdpa", "eager", "math"], help="attention kernel (default sdpa)"
+    )
     e.set_defaults(fn=cmd_estimate)
     # internal commands (the fork server, a cell): added without help, so --help never lists them
     z = sub.add_parser("_zygote")

@@ -54,7 +54,7 @@ def plan_rows(suite, cells: list, batches: dict[str, tuple[float, float]] | None
         if model is None:
             rows.append({**row, "why": "architecture unknown offline"})
             continue
-        e = estimate_run(cfg, model, mode == "prompt")
+        e = estimate_run(cfg, model, mode == "prompt", device_type=device.type)
         if "peak_bytes" not in e:
             rows.append({**row, "why": e["not_estimated"]})
             continue

@@ -11,8 +11,9 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
   optimizer    AdamW: 8 bytes per trainable parameter (32-bit moments), 2 for 8-bit; paged optimizers keep the
                state in host memory (counted apart, as ``host``).
   activations  per layer and token, a Llama block counted tensor by tensor: (6·h + 2·kv_dim + 4·f) values
-               (GPT blocks: Korthikanti et al. 2022's 10·h + 4·f), 2 bytes each in 16-bit, 4 in fp32; with
-               eager attention, 2·a·s·2 bytes of scores and probabilities more; the loss's b·s·V logits
+               (GPT blocks: Korthikanti et al. 2022's 10·h + 4·f), 2 bytes each in 16-bit, 4 in fp32; where the
+               scores are materialized (eager attention, or SDPA's math fallback: a CPU with attention dropout),
+               a·s per token of fp32 softmax output, probabilities and dropout mask more; the loss's b·s·V logits
                three times in fp32 (logits, log-softmax, gradient) plus a 16-bit copy. Gradient
                checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
                during recompute.
@@ -166,7 +167,8 @@ class Setup:
     double_quant: bool = True
     bits: int = 4  # qalora
     group_size: int = 32  # qalora
-    attention: str = "sdpa"  # sdpa (no s² term) | eager
+    attention: str = "sdpa"  # sdpa: a fused kernel, no s² term | eager, or math (SDPA's fallback): scores kept
+    attention_dropout: bool = False  # dropout on the attention probabilities: its mask and output kept too
 
 
 class NotEstimated(ValueError):
@@ -232,8 +234,12 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
         per_layer = b * t * values * s.activation_bytes
     else:  # a GPT block: Korthikanti et al. (2022)'s count without dropout masks' separate bytes
         per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
-    if s.attention == "eager":
-        per_layer += 2 * b * a * t * t * s.activation_bytes
+    if s.attention in ("eager", "math"):  # each (query, key) score materialized, per head: softmax's output in
+        # fp32 (autocast's policy), the probabilities as the value matmul's input in the activation dtype (the
+        # same tensor in fp32 without dropout) and dropout's 1-byte mask — Korthikanti et al. (2022)'s 5·a·s² a
+        # layer in 16-bit, with a 4-byte softmax. MiniLM-L6 under bf16 on a CPU: 6.7 bytes per score measured.
+        probs = s.activation_bytes if s.activation_bytes < 4 or s.attention_dropout else 0
+        per_layer += b * a * t * t * (4 + probs + (1 if s.attention_dropout else 0))
     # The loss holds three fp32 vocabulary-sized tensors at once in backward (the logits, log-softmax's saved
     # output, and the gradient being formed: measured so by harness/measure/memory.py), plus the 16-bit logits
     # autocast produced before the loss upcast them.
