@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from harness.driver.suite import expand
 from harness.measure.plan import measured_by_category
@@ -207,4 +208,56 @@ def test_attention_scores_kept_by_sdpas_math_path_on_a_cpu_with_dropout_are_esti
     cpu, gpu = (estimate_run(cfg, bert, decoder=False, device_type=d)["by_category_bytes"] for d in ("cpu", "cuda"))
     c = bert.config
     scores = c.num_hidden_layers * 4 * c.num_attention_heads * 64 * 64  # layers × batch × heads × s²
-    assert cpu["activations"] - gpu["activations"] == scores * (4 + 2 + 1)  # fp32 softmax, bf16 probs, the mask
+    upcast = c.num_hidden_layers * 4 * 64 * 3 * c.hidden_size * 4  # the fp32 copies of q, k, v it computes in
+    assert cpu["activations"] - gpu["activations"] == scores * 12 + upcast  # fp32 softmax, mask, dropped out
+
+
+@pytest.mark.parametrize(
+    "eager, dtype, dropout",
+    [("llama", torch.float32, 0.0), ("llama", torch.bfloat16, 0.0), ("llama", torch.bfloat16, 0.1),
+     ("llama", torch.float32, 0.1), ("bert", torch.bfloat16, 0.1), ("bert", torch.float32, 0.1), ("sdpa", None, 0.1)],
+)  # fmt: skip
+def test_the_bytes_each_attention_score_keeps_are_those_autograd_saves(eager, dtype, dropout):
+    """The estimate's bytes per (query, key) score against what autograd really saves (saved-tensor hooks; two
+    sequence lengths separate the s² term from the linear one), for Llama's eager code (softmax upcast to fp32,
+    then cast), BERT's (softmax in the activations' dtype) and SDPA's math fallback on a CPU."""
+    import torch.nn.functional as F
+
+    from harness.contract import MemoryModel
+    from harness.measure.estimate import Arch, Setup, estimate
+
+    def saved(t: int) -> int:
+        q, k, v = (torch.randn(2, 4, t, 32, requires_grad=True) for _ in range(3))
+        kept: dict[int, int] = {}
+
+        def pack(x):
+            kept[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                if eager == "sdpa":
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(2, 1, 1, t), dropout_p=dropout)
+                else:
+                    w = torch.matmul(q, k.transpose(2, 3))
+                    w = F.softmax(w, dim=-1, dtype=torch.float32).to(w.dtype) if eager == "llama" else F.softmax(w, -1)
+                    torch.matmul(F.dropout(w, p=dropout, training=True), v)
+        return sum(kept.values())
+
+    measured = (saved(128) - 2 * saved(64)) / (128**2 - 2 * 64**2) / 8  # per score, 2 × 4 (batch × heads)
+    arch = Arch(
+        layers=1, hidden=128, intermediate=256, heads=4, kv_heads=4, vocab=10, mlp_matrices=3 if eager == "llama" else 2
+    )
+    act = 2 if dtype == torch.bfloat16 else 4
+
+    def acts(t: int, attention: str) -> float:
+        setup = Setup(
+            method="full", batch=1, seq_len=t, activation_bytes=act, attention=attention, attention_dropout=dropout > 0
+        )
+        return estimate(arch, setup, MemoryModel(trains="all"))["activations"]
+
+    kind = "math" if eager == "sdpa" else "eager"
+    per_score = (
+        (acts(128, kind) - acts(128, "sdpa") - 2 * (acts(64, kind) - acts(64, "sdpa"))) / (128**2 - 2 * 64**2) / 4
+    )
+    assert per_score == measured

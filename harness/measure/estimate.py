@@ -12,8 +12,8 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
                state in host memory (counted apart, as ``host``).
   activations  per layer and token, a Llama block counted tensor by tensor: (6·h + 2·kv_dim + 4·f) values
                (GPT blocks: Korthikanti et al. 2022's 10·h + 4·f), 2 bytes each in 16-bit, 4 in fp32; where the
-               scores are materialized (eager attention, or SDPA's math fallback: a CPU with attention dropout),
-               a·s per token of fp32 softmax output, probabilities and dropout mask more; the loss's b·s·V logits
+               scores are materialized, a·s per token more: eager attention's softmax output (and dropout's mask
+               and output), SDPA's math fallback (a CPU with attention dropout) 12 bytes each; the loss's b·s·V logits
                three times in fp32 (logits, log-softmax, gradient) plus a 16-bit copy. Gradient
                checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
                during recompute.
@@ -234,12 +234,16 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
         per_layer = b * t * values * s.activation_bytes
     else:  # a GPT block: Korthikanti et al. (2022)'s count without dropout masks' separate bytes
         per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
-    if s.attention in ("eager", "math"):  # each (query, key) score materialized, per head: softmax's output in
-        # fp32 (autocast's policy), the probabilities as the value matmul's input in the activation dtype (the
-        # same tensor in fp32 without dropout) and dropout's 1-byte mask — Korthikanti et al. (2022)'s 5·a·s² a
-        # layer in 16-bit, with a 4-byte softmax. MiniLM-L6 under bf16 on a CPU: 6.7 bytes per score measured.
-        probs = s.activation_bytes if s.activation_bytes < 4 or s.attention_dropout else 0
-        per_layer += b * a * t * t * (4 + probs + (1 if s.attention_dropout else 0))
+    if s.attention == "math":  # SDPA's fallback (a CPU with attention dropout) upcasts to fp32 and keeps, per
+        # (query, key) score, softmax's output, dropout's float mask and its output: 12 bytes; under 16-bit also
+        # fp32 copies of q, k and v (measured with saved-tensor hooks, torch 2.13)
+        per_layer += b * a * t * t * 12 + (b * t * 3 * h * 4 if s.activation_bytes < 4 else 0)
+    elif s.attention == "eager":  # softmax's output (fp32 where the model upcasts it, as Llama's does), then
+        # dropout's mask and output in the probabilities' dtype, or without dropout the 16-bit copy of an fp32
+        # softmax the value matmul takes (measured so for Llama- and BERT-style code, fp32 and bf16 autocast)
+        act = s.activation_bytes
+        softmax = 4 if arch.mlp_matrices == 3 else act
+        per_layer += b * a * t * t * (softmax + (2 * act if s.attention_dropout else act if softmax != act else 0))
     # The loss holds three fp32 vocabulary-sized tensors at once in backward (the logits, log-softmax's saved
     # output, and the gradient being formed: measured so by harness/measure/memory.py), plus the 16-bit logits
     # autocast produced before the loss upcast them.
