@@ -53,16 +53,6 @@ def label_ids(text: str | None) -> list[int]:
     return [int(x) for x in text.split(",")] if text else []
 
 
-def trained_predictions(r: RunRecord) -> tuple[list[int], list[int]] | None:
-    """(the right labels, the trained model's predicted labels) over the test split, in order; None where the run
-    did not finish ok or its record keeps no predictions that align with the split."""
-    truth = label_ids((r.task_info or {}).get("test_label_ids"))
-    predicted = label_ids(r.eval_after.predicted if r.eval_after is not None else None)
-    if r.status != "ok" or not predicted or len(truth) != len(predicted):
-        return None
-    return truth, predicted
-
-
 class SplitInputs(BaseModel):
     """One split's inputs as the model read them, in tokens (harness/tasks/data.py: input_lengths)."""
 

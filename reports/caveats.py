@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from harness.records import RunRecord, trained_predictions
+from harness.records import RunRecord
 from harness.tasks.data import cut_note
+from reports.labels import trained_predictions
 
 
 def skipped_step_warnings(records: Iterable[RunRecord]) -> list[str]:

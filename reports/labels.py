@@ -11,8 +11,18 @@ from collections import defaultdict
 
 import numpy as np
 
-from harness.records import RunRecord, trained_predictions
+from harness.records import RunRecord, label_ids
 from reports.stats import wilson_over_seeds
+
+
+def trained_predictions(r: RunRecord) -> tuple[list[int], list[int]] | None:
+    """(the right labels, the trained model's predicted labels) over the test split, in order; None where the run
+    did not finish ok or its record keeps no predictions that align with the split."""
+    truth = label_ids((r.task_info or {}).get("test_label_ids"))
+    predicted = label_ids(r.eval_after.predicted if r.eval_after is not None else None)
+    if r.status != "ok" or not predicted or len(truth) != len(predicted):
+        return None
+    return truth, predicted
 
 
 def _scored(r: RunRecord) -> bool:
