@@ -81,7 +81,7 @@ def data_plan(cells: list) -> tuple[list[str], list[str], dict[str, tuple[float,
     model, task and max_seq_len whose inputs would be cut to fit (at least 1% of a split), as the cells will
     tokenize them (a classifier's ids are stored for them): BBC News at 128 tokens cuts every article. A note per
     task with its test examples and the widest 95% interval they give an accuracy (at 0.5), so eval_examples is
-    chosen knowing what differences can show beyond noise: ±4.9 points at 400 examples, ±8.6 at 130. Per cell,
+    chosen knowing how precise one accuracy will be: ±4.9 points at 400 examples, ±8.6 at 130. Per cell,
     the mean computed tokens and attention pairs of its first training batches, as its TaskIO draws them (padded
     to their longest row, grouped by length where asked): Rotten Tomatoes at max_seq_len 64 computes 26 tokens
     a row, not 64."""
