@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.cell.optim import build_optimizer, implementation, lr_lambda, optimizer_state_bytes, paged_state_in_use
+from harness.measure.flops import batch_work
 from harness.measure.hardware import DTYPES
 from harness.measure.memory import MemoryTracker, NullTracker, step_roots
 from harness.measure.runstats import cuda_memory_peaks, cuda_memory_reset, step_time_stats, sync
@@ -166,7 +167,8 @@ def train(
         micro = [{k: v.to(device) for k, v in b.items()} for b in drawn]
         # Memory is tracked (by category) in the warm-up steps and in any step with a larger batch than every
         # tracked one: the peak then covers the run's largest batches, and no timed step pays for tracking.
-        size = sum(b["input_ids"].numel() for b in micro)  # batch × padded length: what costs FLOPs
+        work = [batch_work(b["input_ids"]) for b in micro]  # (batch × padded length, attention pairs): FLOPs
+        size = sum(tokens for tokens, _ in work)
         tracking = step < res.timing_warmup_steps or size > largest_tracked
         if tracking:
             largest_tracked = max(largest_tracked, size)
@@ -221,7 +223,7 @@ def train(
         res.tokens_per_step.append(sum(int(b["attention_mask"].sum()) for b in micro))
         res.samples_per_step.append(sum(len(b["input_ids"]) for b in micro))
         res.computed_tokens_per_step.append(size)
-        res.attention_pairs_per_step.append(sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in micro))
+        res.attention_pairs_per_step.append(sum(pairs for _, pairs in work))
         res.head_positions_per_step.append(sum(getattr(b, "head_positions", 0) for b in drawn))
         if on_step is not None:
             on_step(step + 1, cfg.steps, res.step_times_s[-1])

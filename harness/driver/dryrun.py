@@ -88,6 +88,7 @@ def data_plan(cells: list) -> tuple[list[str], list[str], dict[str, tuple[float,
     from harness.cell.models import SHAPES, load_tokenizer, resolve_mode
     from harness.cell.run import task_io
     from harness.driver.runner import cell_key
+    from harness.measure.flops import batch_work
     from harness.tasks.builtin import load_task
     from harness.tasks.data import cut_note
     from reports.stats import wilson
@@ -96,14 +97,15 @@ def data_plan(cells: list) -> tuple[list[str], list[str], dict[str, tuple[float,
     batches: dict[str, tuple[float, float]] = {}
     sized: dict[tuple, tuple[float, float]] = {}
     for cfg in cells:
-        m, t, tr = cfg.model, cfg.task, cfg.train
-        model_name, task_name, _ = cell_key(cfg).split("/", 2)  # as the plan's tables name them
+        m, t, tr, cell = cfg.model, cfg.task, cfg.train, cell_key(cfg)
+        model_name, task_name, _ = cell.split("/", 2)  # as the plan's tables name them
         mode = resolve_mode(m.name, m.mode, m.trust_remote_code) or "classifier"
-        key = (m.name, mode, t.model_dump_json(), tr.max_seq_len)
+        spec = t.model_dump_json()
+        key = (m.name, mode, spec, tr.max_seq_len)
         try:
-            if t.model_dump_json() not in tasks:
-                tasks[t.model_dump_json()] = load_task(t)
-            task, n = tasks[t.model_dump_json()], len(tasks[t.model_dump_json()].test)
+            if spec not in tasks:
+                tasks[spec] = load_task(t)
+            task, n = tasks[spec], len(tasks[spec].test)
             scored = m.init != "random" and m.name not in SHAPES and getattr(task_io(task, mode), "scored", True)
             if scored and n and task_name not in noted:
                 noted.add(task_name)
@@ -124,12 +126,9 @@ def data_plan(cells: list) -> tuple[list[str], list[str], dict[str, tuple[float,
             shape = (*key, tr.batch_size, tr.group_by_length, cfg.seed)
             if shape not in sized:
                 drawn = ios[key].batches(tr.batch_size, cfg.seed, tr.group_by_length)
-                ids = [next(drawn)["input_ids"] for _ in range(SAMPLED_BATCHES)]
-                sized[shape] = (
-                    sum(x.numel() for x in ids) / len(ids),
-                    sum(x.shape[0] * x.shape[1] ** 2 for x in ids) / len(ids),
-                )
-            batches[cell_key(cfg)] = sized[shape]
+                work = [batch_work(next(drawn)["input_ids"]) for _ in range(SAMPLED_BATCHES)]
+                sized[shape] = (sum(w[0] for w in work) / len(work), sum(w[1] for w in work) / len(work))
+            batches[cell] = sized[shape]
         except Exception as err:  # noqa: BLE001 - a plan line, not a failure: the cell will say it again
             if key not in ios:
                 ios[key] = None

@@ -71,6 +71,13 @@ def flops_per_token(model: torch.nn.Module, output_names: frozenset[str] = froze
     }
 
 
+def batch_work(input_ids: torch.Tensor) -> tuple[int, int]:
+    """What a batch padded to its longest row costs: (computed tokens, attention's (query, key) pairs) =
+    (rows × width, rows × width²). THE loop records both per step; the dry run prices a step from them."""
+    rows, width = input_ids.shape[0], input_ids.shape[1]
+    return rows * width, rows * width * width
+
+
 def attention_dims(model: torch.nn.Module) -> tuple[int, int]:
     """(layers, query width = heads × head dim) of the model's self-attention, from its config (transformers'
     names; a peft wrapper passes its base model's on); (0, 0) where the config does not say: attention uncounted."""
