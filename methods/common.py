@@ -175,7 +175,7 @@ def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[
     merge by design (``NotImplementedError``, e.g. Lily) makes the merge *unsupported*; a merge that fails on
     this model (BEFT on a base without biases: ``ValueError``) is that export's *error*. Either way the adapter
     and the run stand."""
-    out = [Export("adapter", out_dir / "adapter", 0)]
+    out = [Export("adapter", out_dir / "adapter", 0, notes="the trained adapter: on its base, the model as trained")]
     model.save_pretrained(out[0].path, safe_serialization=True)
     out[0].bytes_on_disk = dir_bytes(out[0].path)
     if mergeable:

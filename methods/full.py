@@ -43,4 +43,5 @@ class Full(MethodBase):
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
         path = out_dir / "model"
         model.save_pretrained(path, safe_serialization=True)
-        return [Export("full", path, dir_bytes(path), deploy=pretrained_forms(path, type(model)))]
+        notes = "the trained weights as they are: served, they score as trained"
+        return [Export("full", path, dir_bytes(path), notes=notes, deploy=pretrained_forms(path, type(model)))]

@@ -37,6 +37,11 @@ from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
 from methods.common import dir_bytes, requires_grad_parameters
 
+ADAPTER_NOTE = (
+    "ftbench's QA-LoRA adapter (the group-pooled A and B, `adapter.safetensors`, and the method's config): it applies "
+    "only to the base quantized as in training; merged_int, beside it, is the model to serve"
+)
+
 # Imported at first use, so that the config validates without torch (harness/lazy.py). The layers live in
 # methods/qalora_layer.py and methods/intquant.py, which define torch modules and so import torch themselves.
 torch = lazy_module("torch")
@@ -224,7 +229,7 @@ class QALora(MethodBase):
         (adapter_dir / "adapter_config.json").write_text(json.dumps(self.config.model_dump(), indent=1))
 
         return [
-            Export("adapter", adapter_dir, dir_bytes(adapter_dir)),
+            Export("adapter", adapter_dir, dir_bytes(adapter_dir), notes=ADAPTER_NOTE),
             attempt("merged_int", out_dir / "merged_int", lambda: self._export_merged(model, out_dir / "merged_int")),
         ]
 

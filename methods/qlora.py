@@ -300,6 +300,13 @@ class QLora(MethodBase):
         in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
         dtype = self.config.compute_dtype
         out[0].deploy = [Deployable("nf4 + adapter", dtype, model=model, note=in_memory)]
+        c = self.config
+        out[0].notes = (
+            f"trained on a {c.quant_type.upper()} 4-bit base (bitsandbytes, blocksize {c.blocksize}"
+            f"{', double quantization' if c.double_quant else ''}): on a full-precision base, as loaded above, its "
+            "scores differ from the trained model's by the base's quantization error; load the base in that 4-bit "
+            "format to serve it as trained, or serve merged_fp32"
+        )
         if self.config.export_merged_4bit:
             out.append(attempt("merged_4bit", out_dir / "merged_4bit", lambda: self._export_merged4(model, out_dir)))
         merged32 = merged_full_precision(model)

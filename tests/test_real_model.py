@@ -1,9 +1,15 @@
 """Real pretrained model, real data: MiniLM-L6 learns Rotten Tomatoes with both methods (a short run)."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from harness.cell.run import run_cell
+from harness.records import label_ids
+from harness.tasks.builtin import load_task
 from tests.conftest import cells
+from tests.test_card import served_predictions
 
 pytestmark = pytest.mark.real_model
 
@@ -33,6 +39,12 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
         assert merged.max_abs_logit_diff < 1e-3 and merged.eval.accuracy == pytest.approx(
             rec.eval_after.accuracy, abs=0.004
         )
+        # the adapter's card loads it on the base from the wheel, as a user would (fp32; it was scored under the
+        # run's dtype): its predictions are the trained model's
+        texts = [x.text for x in load_task(cfg.task).test]
+        predicted, _ = served_predictions(Path(rec.exports[0].path) / "README.md", texts)
+        same = np.mean(np.array(predicted) == np.array(label_ids(rec.eval_after.predicted)))
+        assert rec.exports[0].kind == "adapter" and same >= 0.99, same
 
 
 def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
@@ -68,6 +80,9 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     assert rec.eval_before.accuracy > 0.65, rec.eval_before  # chance: 0.5; P(≥ 42/64 | 0.5) < 0.01
     merged = next(e for e in rec.exports if e.kind == "merged_int")
     assert merged.eval.accuracy == rec.eval_after.accuracy and merged.max_abs_logit_diff < 1e-2, merged
+    card = (Path(merged.path) / "README.md").read_text()  # how the decoder reads its prompts, and loads
+    assert 'label word with the highest log-likelihood after the prompt: `" negative"`, `" positive"`' in card
+    assert 'model = load_merged("' in card and "ftbench's group-wise INT4 format" in card
     # deployed through torch's INT4 kernel (bf16 activations), the merged model still reads the prompts as well
     forms = {d.name: d for d in merged.deployments}
     kernel, dequant = forms["int4 kernel"], forms["int4 dequant"]

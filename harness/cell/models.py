@@ -268,11 +268,13 @@ def load_model(
     allow_pickle: bool = False,
     init: str = "pretrained",
     device: torch.device | None = None,
+    label_names: list[str] | None = None,
 ) -> LoadedModel:
     """Load a sequence classifier (``mode="classifier"``) or a causal LM (``mode="prompt"``). The seed fixes
     the randomly initialised parts (the classification head, or the whole tiny model), so every method of a
     cell starts from identical weights. A ``*-shape`` alias or ``init="random"`` builds the architecture with
-    seeded random weights directly on ``device``: an 8B model never passes through the CPU's memory."""
+    seeded random weights directly on ``device``: an 8B model never passes through the CPU's memory. A
+    classifier's ``label_names`` (the task's, in label order) become its config's ``id2label``/``label2id``."""
     torch.manual_seed(seed)
     info: dict = {"name": name, "trust_remote_code": trust_remote_code, "mode": mode, "weights": "pretrained"}
     auto = _auto_class(mode)
@@ -311,6 +313,10 @@ def load_model(
             info["weights_note"] = f"dequantized from {SMOLLM2_GGUF}: the weights carry Q4_1 rounding"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if mode == "classifier" and label_names and len(set(label_names)) == len(label_names) == num_labels:
+        # every export's config.json names the task's labels: a pipeline answers "fresh", not "LABEL_1"
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     info.update(
         model_type=model.config.model_type,
         architecture=type(model).__name__,

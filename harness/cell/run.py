@@ -27,7 +27,7 @@ from harness.cell.deploy import measure as measure_deployments
 from harness.cell.exports import evaluate_exports
 from harness.cell.loop import LoopResult, NonFiniteLoss, set_seed, train
 from harness.cell.models import head_module_names, load_model, resolve_mode
-from harness.contract import Export, Method, ModelContext, Pruned, TaskIO
+from harness.contract import Export, Method, ModelContext, Pruned, TaskIO, error_text
 from harness.environment import describe, git
 from harness.measure.energy import EnergyMeter
 from harness.measure.flops import mfu_dtype, training_flops
@@ -108,7 +108,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     mode = resolve_mode(cfg.model.name, cfg.model.mode, cfg.model.trust_remote_code) or "classifier"
     progress.say(f"loading {cfg.model.name}")
     m = cfg.model
-    loaded = load_model(m.name, len(task.labels), cfg.seed, m.trust_remote_code, mode, m.allow_pickle, m.init, device)
+    n = len(task.labels)
+    loaded = load_model(m.name, n, cfg.seed, m.trust_remote_code, mode, m.allow_pickle, m.init, device, task.labels)
     rec["model_info"] = loaded.info
     io: TaskIO = task_io(task, mode)(task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
     # Random weights (a *-shape, init: random) or a task with nothing to score (synthetic): memory and speed only.
@@ -362,7 +363,19 @@ def run_cell(cfg: RunConfig, results_dir: Path) -> RunRecord:
         error = f"{type(err).__name__}: {err}\n{tb}"
     record = make_record(cfg, status, error, started, time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(), **rec)
     write_record(results_dir, record)
+    _cards(record)
     return record
+
+
+def _cards(record: RunRecord) -> None:
+    """A model card in each exported folder (reports/card.py). Written after the record, from it alone; a card
+    that cannot be written costs the card, never the run."""
+    from reports.card import write_cards
+
+    try:
+        write_cards(record)
+    except Exception as err:  # noqa: BLE001 - the artifacts and the record stand without their cards
+        print(f"model cards not written: {error_text(err)}", flush=True)
 
 
 def run_cell_file(cell_file: Path, results_dir: Path) -> int:

@@ -1,0 +1,209 @@
+"""A model card (``README.md``) in each folder a run exported: what the artifact is, how it was made, how it
+scored on the test split as served, how to load it and how it reads its inputs, from the run's record alone.
+
+A card states figures with their 95% interval over the test examples, of one seed (the record's): a single run
+is no comparison, and the card says so. PEFT writes a template card into an adapter folder; this one replaces it.
+How a folder loads is read from the files in it (a PEFT adapter, a transformers model, ftbench's INT-N format),
+never from the method's name: a method whose artifact needs more says so in its export's ``notes``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.records import EvalMetrics, ExportRecord, RunRecord
+from reports.stats import wilson
+
+CARD = "README.md"
+
+
+def write_cards(record: RunRecord) -> list[Path]:
+    """A card in each exported folder of an ``ok`` record that holds files; the paths written."""
+    if record.status != "ok":
+        return []
+    written = []
+    for e in record.exports:
+        folder = Path(e.path)
+        if e.error or e.unsupported or not folder.is_dir():
+            continue
+        (folder / CARD).write_text(render_card(record, e), encoding="utf-8")
+        written.append(folder / CARD)
+    return written
+
+
+def _score(m: EvalMetrics | None) -> str:
+    if m is None:
+        return "—"
+    lo, hi = wilson(m.accuracy, m.examples)
+    return f"{m.accuracy:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _front_matter(record: RunRecord, folder: Path) -> str:
+    peft = (folder / "adapter_config.json").is_file() and "peft_type" in _json(folder / "adapter_config.json")
+    tags = ["ftbench", record.method, record.task]
+    lines = ["---", f"library_name: {'peft' if peft else 'transformers'}", "tags:", *[f"- {t}" for t in tags]]
+    return "\n".join([*lines, "---", ""])
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
+    """How this folder loads, from the files in it."""
+    folder, mode = Path(e.path), record.model_info.get("mode", "classifier")
+    auto = "AutoModelForCausalLM" if mode == "prompt" else "AutoModelForSequenceClassification"
+    tok = any(folder.glob("tokenizer*"))
+    tok_line = [f'tokenizer = AutoTokenizer.from_pretrained("{folder}")'] if tok else []
+    adapter = _json(folder / "adapter_config.json")
+    if (folder / "ftbench_quant.json").is_file():
+        bits = _json(folder / "ftbench_quant.json").get("bits", "?")
+        head = f"ftbench's group-wise INT{bits} format (`ftbench_quant.json`), read by ftbench's loader:"
+        code = ["from transformers import AutoTokenizer"] if tok else []
+        code += ["from methods.intquant import load_merged  # installed with ftbench"]
+        code += [f'model = load_merged("{folder}")', *tok_line]
+    elif adapter.get("peft_type"):
+        base = adapter.get("base_model_name_or_path") or ""
+        base_note = record.model_info.get("weights_note") or ""
+        if not base or not Path(base).expanduser().exists() and not record.model_info.get("pretrained", True):
+            return [
+                f"A PEFT adapter ({adapter['peft_type']}) on a base that was built with random weights "
+                f"(seed {record.seed}): there is no folder to load that base from."
+            ]
+        names = record.task_info.get("labels") or []
+        labels = f", id2label={dict(enumerate(names))!r}" if mode != "prompt" and names else ""
+        head = f"A PEFT adapter ({adapter['peft_type']}) on the base model ftbench loaded (`{record.model}`):"
+        code = [
+            "from peft import PeftModel",
+            f"from transformers import {auto}, AutoTokenizer",
+            f'base = {auto}.from_pretrained("{base}"{labels})',
+            f'model = PeftModel.from_pretrained(base, "{folder}")  # with the head it trained, where it has one',
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        ]
+        if base_note:
+            head += f" ({base_note})"
+    elif (folder / "config.json").is_file():
+        arch = (_json(folder / "config.json").get("architectures") or [auto])[0]
+        head = "A transformers model folder:"
+        code = [f"from transformers import {arch}, AutoTokenizer", f'model = {arch}.from_pretrained("{folder}")']
+        code += tok_line
+    else:
+        return ["No loader: ftbench writes this folder but has no reader for its format."]
+    return [head, "", "```python", *code, "```"]
+
+
+def _notes(e: ExportRecord) -> list[str]:
+    """What the method says of its artifact (how it was made, what serving it as trained needs)."""
+    return ["", f"The method's note: {e.notes}."] if e.notes else []
+
+
+def _inputs(record: RunRecord) -> list[str]:
+    """How the model reads an example, as this run trained and scored it."""
+    info, seq = record.task_info, record.config.get("train", {}).get("max_seq_len")
+    if record.model_info.get("mode", "classifier") != "prompt":
+        labels = info.get("labels") or []
+        named = ", ".join(f"{i} = `{name}`" for i, name in enumerate(labels))
+        return [
+            f"Each text (with its pair, where the task has one) tokenized with `truncation=True, max_length={seq}`, "
+            f"as trained and scored; the prediction is the label with the highest logit: {named} "
+            "(the config's `id2label`)."
+        ]
+    out = [f"Prompt template: `{json.dumps(info.get('prompt'))}`, cut to {seq} tokens."]
+    if info.get("kind") == "generation":
+        extra = record.config.get("task", {}).get("max_new_tokens")
+        out.append(f"Answers are generated greedily (at most {extra} new tokens); the first line is the answer.")
+    elif info.get("label_words"):
+        words = ", ".join(f"`{json.dumps(w)}`" for w in info["label_words"])
+        out.append(f"The prediction is the label word with the highest log-likelihood after the prompt: {words}.")
+    else:
+        out.append("The prediction is the choice with the highest summed log-likelihood after the prompt.")
+    out.append("ftbench's reader: `harness/tasks/prompting.py`.")
+    return out
+
+
+def render_card(record: RunRecord, e: ExportRecord) -> str:
+    """The card of one export of ``record``, as Markdown."""
+    cfg, folder = record.config, Path(e.path)
+    env = record.environment
+    t = cfg.get("train", {})
+    method = record.method + ("" if record.variant == "default" else f" ({record.variant})")
+    title = f"# {record.model} · {record.task} · {method} · seed {record.seed} — `{e.kind}`"
+    size = _size(e.bytes_on_disk)
+    bits = f", {e.bits_per_weight_on_disk:.2f} bits per weight" if e.bits_per_weight_on_disk else ""
+    fmt = f", {e.format}" if e.format else ""
+    budget = f"{t.get('steps')} steps × batch {t.get('batch_size')} × {t.get('grad_accum', 1)} accumulated"
+    hw = f"{env.get('cpu_model', '?')} ({env.get('cpu_family_model', '?')})"
+    if env.get("gpu"):
+        hw = str(env["gpu"].get("name", env["gpu"])) if isinstance(env["gpu"], dict) else str(env["gpu"])
+    versions = env.get("versions", {})
+    dtype = record.resolved_dtypes.get("train.dtype", {}).get("value") or t.get("dtype")
+    lines = [
+        _front_matter(record, folder),
+        title,
+        "",
+        f"Written by ftbench {versions.get('ftbench', '?')} (suite `{record.suite}`, cell `{record.cell_id}`), "
+        f"{record.started_at[:10]}, on {hw}, torch {versions.get('torch', '?')}. The run's full record: "
+        f"`records/{record.cell_id}.json` in the suite's results folder.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| this folder | `{e.kind}`{fmt}: {size} on disk{bits} |",
+        f"| base model | `{record.model}` ({record.model_info.get('architecture', '?')}, "
+        f"{record.model_info.get('source', '?')}) |",
+        f"| task | `{record.task}` ({record.task_info.get('kind', '?')}) |",
+        f"| method | `{record.method}` {_settings(cfg.get('method_config') or {})} |",
+        f"| training | {budget}, lr {t.get('lr')}, max_seq_len {t.get('max_seq_len')}, dtype {dtype}, "
+        f"seed {record.seed} |",
+        "",
+        f"## Accuracy on the test split ({_examples(record)} examples; 95% Wilson interval)",
+        "",
+        "| the model | accuracy |",
+        "|---|---|",
+        f"| untrained | {_score(record.eval_before)} |",
+        f"| as trained | {_score(record.eval_after)} |",
+        f"| this folder, as served | {_served(e)} |",
+        "",
+        "One seed: the interval is over test examples, not over training runs. To compare methods, read the "
+        "suite's report (`ftbench report`), which tests differences for noise.",
+        "",
+        "## Loading it",
+        "",
+        *_loading(record, e),
+        *_notes(e),
+        "",
+        "## Its inputs",
+        "",
+        *_inputs(record),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _settings(config: dict) -> str:
+    """The method's settings as the record keeps them, less the empty ones."""
+    kept = {k: v for k, v in config.items() if v not in (None, {}, [])}
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items())
+
+
+def _examples(record: RunRecord) -> str:
+    m = record.eval_after or record.eval_before
+    return f"{m.examples:,}" if m else "no"
+
+
+def _served(e: ExportRecord) -> str:
+    if e.eval is None:
+        return "not scored by ftbench as served"
+    flips = e.predictions_differing
+    differ = f"; {flips:.1%} of predictions differ from the trained model's" if flips is not None else ""
+    return _score(e.eval) + differ

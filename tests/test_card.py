@@ -1,0 +1,55 @@
+"""Each exported folder carries a model card (reports/card.py) whose loading code, run as written, gives back the
+model that was scored: the same predictions on the test split, the task's label names in its config."""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from harness.cell.run import _cards, run_cell
+from harness.records import label_ids
+from harness.tasks.builtin import load_task
+from tests.conftest import cells
+
+
+def served_predictions(card: Path, texts: list[str]) -> tuple[list[int], object]:
+    """Run the card's Python block as a user would, then read ``texts`` as its inputs section says."""
+    text = card.read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    max_length = int(re.search(r"truncation=True, max_length=(\d+)", text).group(1))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own code is what is under test
+    model, tok = scope["model"].eval(), scope["tokenizer"]
+    with torch.no_grad():
+        batch = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        return model(**batch).logits.argmax(-1).tolist(), model
+
+
+def test_a_cards_code_loads_the_model_that_was_scored(tmp_path):
+    cfg = cells(methods=[{"method": "lora", "config": {"r": 4}}])[0]
+    rec = run_cell(cfg, tmp_path)
+    assert rec.status == "ok", rec.error
+    by = {e.kind: Path(e.path) for e in rec.exports}
+    texts = [x.text for x in load_task(cfg.task).test]
+    predicted, model = served_predictions(by["merged"] / "README.md", texts)
+    assert predicted == label_ids(rec.eval_after.predicted)  # fp32 throughout: every prediction as scored
+    # a pipeline answers with the task's label names
+    assert model.config.id2label == {0: "rotten", 1: "fresh"}
+    assert json.loads((by["merged"] / "config.json").read_text())["label2id"] == {"rotten": 0, "fresh": 1}
+    card = (by["merged"] / "README.md").read_text()
+    assert f"| as trained | {rec.eval_after.accuracy:.3f} [" in card and "0.0% of predictions differ" in card
+    assert "0 = `rotten`, 1 = `fresh`" in card
+    adapter = (by["adapter"] / "README.md").read_text()  # PEFT's template card, replaced
+    assert "More Information Needed" not in adapter and "built with random weights (seed 0)" in adapter
+
+
+def test_a_card_that_cannot_be_written_costs_the_card_only(monkeypatch, capsys):
+    import reports.card
+
+    def broken(record):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(reports.card, "write_cards", broken)
+    _cards(object())
+    assert "model cards not written: PermissionError: read-only folder" in capsys.readouterr().out
