@@ -112,17 +112,49 @@ def _inputs(record: RunRecord) -> list[str]:
             f"as trained and scored; the prediction is the label with the highest logit: {named} "
             "(the config's `id2label`)."
         ]
-    out = [f"Prompt template: `{json.dumps(info.get('prompt'))}`, cut to {seq} tokens."]
+    out = [
+        f"Prompt template: `{json.dumps(info.get('prompt'))}`; where a prompt exceeded {seq} tokens, its longest "
+        "field was cut to fit (`predict` below cuts nothing)."
+    ]
     if info.get("kind") == "generation":
         extra = record.config.get("task", {}).get("max_new_tokens")
-        out.append(f"Answers are generated greedily (at most {extra} new tokens); the first line is the answer.")
-    elif info.get("label_words"):
-        words = ", ".join(f"`{json.dumps(w)}`" for w in info["label_words"])
-        out.append(f"The prediction is the label word with the highest log-likelihood after the prompt: {words}.")
+        return out + [f"Answers are generated greedily (at most {extra} new tokens); the first line is the answer."]
+    if info.get("label_words"):
+        names = info.get("labels") or []
+        words = ", ".join(
+            f"{i} = `{json.dumps(w)}`" + (f" ({names[i]})" if i < len(names) else "")
+            for i, w in enumerate(info["label_words"])
+        )
+        out += ["", f"The prediction is the label word with the highest log-likelihood after the prompt: {words}."]
     else:
-        out.append("The prediction is the choice with the highest summed log-likelihood after the prompt.")
-    out.append("ftbench's reader: `harness/tasks/prompting.py`.")
-    return out
+        out += ["", "The prediction is the choice (after a space) with the highest summed log-likelihood."]
+    return out + ["", "```python", *_prompt_code(info), "```"]
+
+
+def _prompt_code(info: dict) -> list[str]:
+    """A decoder's prediction for one example, as ftbench scores it (``harness/tasks/prompting.py``: the prompt's
+    trailing whitespace moves to each continuation, BOS where the tokenizer adds one, no cutting)."""
+    words = info.get("label_words")
+    choices = f"choices or {words!r}" if words else "[' ' + c for c in choices]"
+    return [
+        "import torch",
+        "",
+        "def predict(text, text_pair='', choices=None):",
+        f"    prompt = {info.get('prompt')!r}.replace('{{text}}', text).replace('{{text_pair}}', text_pair or '')",
+        "    space = prompt[len(prompt.rstrip()):]",
+        "    prompt = prompt.rstrip()  # its trailing whitespace goes with each continuation",
+        "    adds_bos = getattr(tokenizer, 'add_bos_token', False) and tokenizer.bos_token_id",
+        "    bos = [tokenizer.bos_token_id] if adds_bos else []",
+        "    context = tokenizer(prompt, add_special_tokens=False)['input_ids']",
+        "    scores = []",
+        f"    for word in {choices}:",
+        "        ids = bos + tokenizer(prompt + space + word, add_special_tokens=False)['input_ids']",
+        "        n = len(ids) - len(bos) - len(context)  # the continuation's tokens",
+        "        with torch.no_grad():",
+        "            logp = model(torch.tensor([ids])).logits[0, -n - 1 : -1].float().log_softmax(-1)",
+        "        scores.append(logp.gather(-1, torch.tensor(ids[-n:])[:, None]).sum())",
+        "    return int(torch.stack(scores).argmax())  # the label's (choice's) index",
+    ]
 
 
 def render_card(record: RunRecord, e: ExportRecord) -> str:

@@ -44,6 +44,25 @@ def test_a_cards_code_loads_the_model_that_was_scored(tmp_path):
     assert "More Information Needed" not in adapter and "built with random weights (seed 0)" in adapter
 
 
+def decoder_predictions(card: Path, examples) -> list[int]:
+    """Run the card's two Python blocks (loading, then ``predict``) and predict each example as a user would."""
+    scope: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", card.read_text(), re.S):
+        exec(code, scope)  # noqa: S102 - the card's own code is what is under test
+    scope["model"].eval()
+    return [scope["predict"](x.text, x.text_pair, list(x.choices) or None) for x in examples]
+
+
+def test_a_decoders_card_predicts_through_its_label_words_as_scored(tmp_path):
+    cfg = cells(models=["tiny-llama"], train={"steps": 4, "batch_size": 8, "lr": 1e-3, "max_seq_len": 48})[0]
+    rec = run_cell(cfg, tmp_path)
+    assert rec.status == "ok", rec.error
+    merged = next(e for e in rec.exports if e.kind == "merged")
+    predicted = decoder_predictions(Path(merged.path) / "README.md", load_task(cfg.task).test)
+    assert predicted == label_ids(rec.eval_after.predicted)
+    assert len(set(predicted)) == 2  # both label words win somewhere: the comparison is not of constants
+
+
 def test_a_card_that_cannot_be_written_costs_the_card_only(monkeypatch, capsys):
     import reports.card
 

@@ -1,6 +1,8 @@
 """Decoders through prompts, on the tiny random Llama: encoding, the answer-only objective, scoring that
 only computes the logits it needs (and must equal the full computation), generation and its metric."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from harness.tasks.prompting import (
     score_continuations,
 )
 from tests.conftest import cells
+from tests.test_card import decoder_predictions
 
 CPU = torch.device("cpu")
 
@@ -213,6 +216,9 @@ def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
     for e in rec.exports:
         if e.eval is not None and e.kind in ("merged", "merged_fp32", "merged_int"):
             assert e.max_abs_logit_diff < 1e-2, e
+    if method == "lora":  # the merged model's card picks each example's choice as the run did
+        merged = next(e for e in rec.exports if e.kind == "merged")
+        assert decoder_predictions(Path(merged.path) / "README.md", load_task(cfg.task).test) == predicted
 
 
 def _lm_eval_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
