@@ -202,6 +202,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
         "One seed: the interval is over test examples, not over training runs. To compare methods, read the "
         "suite's report (`ftbench report`), which tests differences for noise.",
         "",
+        *_deployments(record, e),
         "## Loading it",
         "",
         *_loading(record, e),
@@ -213,6 +214,27 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _deployments(record: RunRecord, e: ExportRecord) -> list[str]:
+    """Each deployable form as measured on the run's machine: load time, latency (median, quartiles), accuracy."""
+    rows = []
+    for d in e.deployments:
+        if d.skipped or d.error:
+            rows.append(f"| {d.name} | {d.dtype} | {d.skipped or d.error} | | |")
+            continue
+        load = f"{d.load_time_s:.2f} s" if d.load_time_s is not None else "— (in memory)"
+        lat = "; ".join(
+            f"{k}: {v['median_s'] * 1e3:.1f} ms [{v['q1_s'] * 1e3:.1f}, {v['q3_s'] * 1e3:.1f}]"
+            for k, v in (d.latency or {}).items()
+            if isinstance(v, dict) and "median_s" in v
+        )
+        rows.append(f"| {d.name} | {d.dtype} | {load} | {lat or '—'} | {_score(d.eval)} |")
+    if not rows:
+        return []
+    head = ["## Deployed, as measured on the run's machine (median [quartiles] of the timed repeats)", ""]
+    head += ["| form | dtype | load | latency | accuracy |", "|---|---|---|---|---|"]
+    return [*head, *rows, ""]
 
 
 def _size(n: int) -> str:

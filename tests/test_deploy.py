@@ -2,6 +2,8 @@
 (timed), evaluated as deployed and timed at batch 1; the decode really uses the KV cache one token at a time; a
 form in a dtype this machine emulates is skipped, saying why; the report and md show the table."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,6 +46,9 @@ def test_every_method_measures_its_deployable_forms_on_a_decoder(tmp_path, metho
         assert len(lat["decode_per_token"]["times_s"]) == 32 * 2 and len(lat["prefill"]["times_s"]) == 2
         assert lat["decode_per_token"]["q1_s"] <= lat["decode_per_token"]["median_s"] <= lat["decode_per_token"]["q3_s"]
         assert (d.load_time_s is None) == (name in ("nf4 + adapter", "nf4 merged"))  # bnb 4-bit: no disk loader
+        if not d.skipped:  # the export's model card lists the form with its median decode time, in ms
+            card = (Path(next(e.path for e in rec.exports if e.kind == kind)) / "README.md").read_text()
+            assert f"decode_per_token: {lat['decode_per_token']['median_s'] * 1e3:.1f} ms [" in card
     if method == "qalora":  # the kernel's form computes what the dequantizing one computes, in bf16 activations:
         # close, and evaluated on its own (the same weights, so never the float32 form's figures copied)
         a, b = seen[("merged_int", "int4 dequant")].eval, seen[("merged_int", "int4 kernel")].eval
