@@ -189,7 +189,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
         f"| task | `{record.task}` ({record.task_info.get('kind', '?')}) |",
         f"| method | `{record.method}` {_settings(cfg.get('method_config') or {})} |",
         f"| training | {budget}, lr {t.get('lr')}, max_seq_len {t.get('max_seq_len')}, dtype {dtype}, "
-        f"seed {record.seed} |",
+        f"seed {record.seed}{_selected(record)} |",
         "",
         f"## Accuracy on the test split ({_examples(record)} examples; 95% Wilson interval)",
         "",
@@ -235,6 +235,16 @@ def _deployments(record: RunRecord, e: ExportRecord) -> list[str]:
     head = ["## Deployed, as measured on the run's machine (median [quartiles] of the timed repeats)", ""]
     head += ["| form | dtype | load | latency | accuracy |", "|---|---|---|---|---|"]
     return [*head, *rows, ""]
+
+
+def _selected(record: RunRecord) -> str:
+    """Which weights the folder holds where that is not simply the last step's, and how its settings were chosen."""
+    out = ""
+    if record.selected_by and record.selected_by != "last" and record.selected_step is not None:
+        out += f"; the weights of step {record.selected_step}, best by {record.selected_by} on the validation split"
+    if record.config.get("tuning"):
+        out += "; its hyperparameters tuned on the validation split (`ftbench tune`)"
+    return out
 
 
 def _size(n: int) -> str:

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from harness.cell.run import _cards, run_cell
-from harness.records import label_ids
+from harness.records import ExportRecord, label_ids, make_record, now_iso
 from harness.tasks.builtin import load_task
+from reports.card import render_card
 from tests.conftest import cells
 
 
@@ -72,3 +73,15 @@ def test_a_card_that_cannot_be_written_costs_the_card_only(monkeypatch, capsys):
     monkeypatch.setattr(reports.card, "write_cards", broken)
     _cards(object())
     assert "model cards not written: PermissionError: read-only folder" in capsys.readouterr().out
+
+
+def test_a_card_names_the_weights_it_holds_and_how_its_settings_were_chosen(tmp_path):
+    cfg = cells()[0]
+    tuned = cfg.model_copy(update={"tuning": {"best_params": {"lr": 1e-3}, "objective": "val_accuracy"}})
+    rec = make_record(tuned, "ok", None, now_iso(), 0.1, selected_step=4, selected_by="val_loss")
+    card = render_card(rec, ExportRecord(kind="merged", path=str(tmp_path), bytes_on_disk=3 * 2**20))
+    assert "the weights of step 4, best by val_loss on the validation split" in card
+    assert "hyperparameters tuned on the validation split" in card and "3.0 MiB on disk" in card
+    plain = make_record(cfg, "ok", None, now_iso(), 0.1, selected_step=4, selected_by="last")
+    last = render_card(plain, ExportRecord(kind="merged", path=str(tmp_path), bytes_on_disk=0))
+    assert "the weights of step" not in last and "tuned" not in last
