@@ -251,10 +251,18 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     data["train"]["steps"] = 3  # lora's config changed
     edited = tmp_path / "s.yaml"
     edited.write_text(yaml.safe_dump(data))
+    old_ids = [p.stem for p in (r / "records").glob("*.json")]
+    for cell_id in old_ids:  # what each earlier run exported (this fixture exports nothing, to save time)
+        (r / "exports" / cell_id / "merged").mkdir(parents=True)
+        (r / "exports" / cell_id / "merged" / "README.md").write_text(cell_id)
     out = run_cli("run", str(edited), "--results", str(r))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "config changed, rerunning: lora/default s0 on rotten_tomatoes (train.steps 4 → 3)" in out.stderr
-    assert "2 earlier record(s) (1 of cells this suite no longer has) moved to" in out.stderr
+    msg = "2 earlier record(s) (1 of cells this suite no longer has) with 2 export folder(s) moved to"
+    assert msg in out.stderr, out.stderr
+    (aside,) = (r / "stale").iterdir()  # the artifacts went with their records: exports/ is this suite's only
+    assert sorted(p.name for p in (aside / "exports").iterdir()) == sorted(old_ids)
+    assert not set(old_ids) & {p.name for p in (r / "exports").iterdir()}
     (rec,) = (r / "records").glob("*.json")
     assert len(json.loads(rec.read_text())["training"]["losses"]) == 3
     assert len(list((r / "stale").rglob("*.json"))) == 2  # kept, not deleted

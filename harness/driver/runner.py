@@ -154,11 +154,18 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
         return lines
     dest = results_dir / "stale" / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest.mkdir(parents=True, exist_ok=True)
+    exports = 0
     for p in stale:
         shutil.move(str(p), dest / p.name)
+        if (artifacts := results_dir / "exports" / p.stem).is_dir() and p.stem not in current:
+            # the record's artifacts go with it: exports/ holds this suite's cells only
+            (dest / "exports").mkdir(exist_ok=True)
+            shutil.move(str(artifacts), dest / "exports" / p.stem)
+            exports += 1
     others = len(stale) - changed_cells
     gone = f" ({others} of cells this suite no longer has)" if others else ""
-    lines.append(f"{len(stale)} earlier record(s){gone} moved to {dest}: never mixed with this suite's")
+    and_exports = f" with {exports} export folder(s)" if exports else ""
+    lines.append(f"{len(stale)} earlier record(s){gone}{and_exports} moved to {dest}: never mixed with this suite's")
     return lines
 
 
