@@ -57,18 +57,17 @@ def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
     """How this folder loads, from the files in it."""
     folder, mode = Path(e.path), record.model_info.get("mode", "classifier")
     auto = "AutoModelForCausalLM" if mode == "prompt" else "AutoModelForSequenceClassification"
-    tok = any(folder.glob("tokenizer*"))
-    tok_line = [f'tokenizer = AutoTokenizer.from_pretrained("{folder}")'] if tok else []
+    where = f"folder = {json.dumps(str(folder))}  # this folder, where ftbench wrote it"
+    tok_line = ["tokenizer = AutoTokenizer.from_pretrained(folder)"] if any(folder.glob("tokenizer*")) else []
+    tok_import = ["from transformers import AutoTokenizer"] if tok_line else []
     adapter = _json(folder / "adapter_config.json")
     if (folder / "ftbench_quant.json").is_file():
         bits = _json(folder / "ftbench_quant.json").get("bits", "?")
         head = f"ftbench's group-wise INT{bits} format (`ftbench_quant.json`), read by ftbench's loader:"
-        code = ["from transformers import AutoTokenizer"] if tok else []
-        code += ["from methods.intquant import load_merged  # installed with ftbench"]
-        code += [f'model = load_merged("{folder}")', *tok_line]
+        code = [*tok_import, "from methods.intquant import load_merged  # installed with ftbench", "", where]
+        code += ["model = load_merged(folder)", *tok_line]
     elif adapter.get("peft_type"):
         base = adapter.get("base_model_name_or_path") or ""
-        base_note = record.model_info.get("weights_note") or ""
         if not base or not Path(base).expanduser().exists() and not record.model_info.get("pretrained", True):
             return [
                 f"A PEFT adapter ({adapter['peft_type']}) on a base that was built with random weights "
@@ -76,21 +75,19 @@ def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
             ]
         names = record.task_info.get("labels") or []
         labels = f", id2label={dict(enumerate(names))!r}" if mode != "prompt" and names else ""
-        head = f"A PEFT adapter ({adapter['peft_type']}) on the base model ftbench loaded (`{record.model}`):"
-        code = [
-            "from peft import PeftModel",
-            f"from transformers import {auto}, AutoTokenizer",
-            f'base = {auto}.from_pretrained("{base}"{labels})',
-            f'model = PeftModel.from_pretrained(base, "{folder}")  # with the head it trained, where it has one',
-            f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        head = f"A PEFT adapter ({adapter['peft_type']}) on the base model ftbench loaded (`{record.model}`)"
+        head += f" ({note}):" if (note := record.model_info.get("weights_note")) else ":"
+        code = ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "", where]
+        code += [
+            f"base = {json.dumps(base)}  # the base model's folder, as ftbench loaded it (the head: the adapter's)",
+            f"model = PeftModel.from_pretrained({auto}.from_pretrained(base{labels}), folder)",
+            "tokenizer = AutoTokenizer.from_pretrained(base)",
         ]
-        if base_note:
-            head += f" ({base_note})"
     elif (folder / "config.json").is_file():
         arch = (_json(folder / "config.json").get("architectures") or [auto])[0]
         head = "A transformers model folder:"
-        code = [f"from transformers import {arch}, AutoTokenizer", f'model = {arch}.from_pretrained("{folder}")']
-        code += tok_line
+        code = [f"from transformers import {arch}, AutoTokenizer", "", where]
+        code += [f"model = {arch}.from_pretrained(folder)", *tok_line]
     else:
         return ["No loader: ftbench writes this folder but has no reader for its format."]
     return [head, "", "```python", *code, "```"]
