@@ -273,6 +273,9 @@ def _word(metric: str, diff: float, significant: bool, evidence: str) -> str:
     return f"{'▲' if up else '▼'} {'better' if up == HIGHER_IS_BETTER[metric] else 'worse'}, {evidence}"
 
 
+EXACT_UNITS = {"peak memory": "bytes", "exports": "bytes", "trainable": "parameters"}  # counted, not timed
+
+
 def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_hw: bool, noise: tuple) -> str:
     m = BY_KEY[PIVOT[metric]]
     get = (m.get, lambda v: text(m, v))
@@ -282,8 +285,10 @@ def _cell_text(metric: str, o: RunRecord, n: RunRecord, comparable: bool, same_h
     if a is None or b is None:
         return f"{get[1](a) if a is not None else '—'} → {get[1](b) if b is not None else '—'}"
     rel = f"{b - a:+.3f}" if metric == "accuracy" else (f"{(b - a) / a * 100:+.1f}%" if a else f"{b - a:+g}")
+    if a != b and rel in ("+0.0%", "-0.0%") and metric in EXACT_UNITS:  # a change too small for a percentage
+        rel = f"{b - a:+,.0f} {EXACT_UNITS[metric]}"
     verdict = _judge(metric, o, n, comparable, same_hw, noise) if comparable else ""
-    if metric in ("peak memory", "trainable", "exports") and comparable:
+    if metric in EXACT_UNITS and comparable:
         verdict = "same" if a == b else ("▼ smaller" if b < a else "▲ larger") + " (exact, same seed and data)"
     if metric in ("step time", "tokens/s"):
         from reports.stats import under_load

@@ -317,3 +317,15 @@ def test_a_loss_beyond_noise_is_marked_as_a_loss_not_with_a_check():
         if line.split()[:1] in (["full"], ["lora"], ["qlora"])
     }
     assert "-0.400 ✗" in rows["full"] and "+0.400 ✓" in rows["lora"] and "+0.010 ≈" in rows["qlora"]
+
+
+def test_compare_gives_a_change_too_small_for_a_percentage_in_its_unit():
+    """An export 110 bytes larger (the task's label names in config.json) read "+0.0%; ▲ larger": now "+110 bytes"."""
+    from reports.compare import _cell_text
+
+    old = run("a", "1100").model_copy(update={"export_bytes": 90_000_000})
+    new = old.model_copy(update={"export_bytes": 90_000_110})
+    text = _cell_text("exports", old, new, True, True, ())
+    assert "(+110 bytes; ▲ larger (exact, same seed and data))" in text, text
+    bigger = new.model_copy(update={"export_bytes": 99_000_000})
+    assert "(+10.0%; ▲ larger" in _cell_text("exports", old, bigger, True, True, ())
