@@ -55,7 +55,8 @@ def test_resume_runs_only_missing_cells_and_retry_failed(tmp_path):
 
 def test_record_has_every_field(tmp_path, write_suite):
     path = write_suite(tiny_suite())
-    assert run_cli("run", str(path), "--results", str(tmp_path / "r")).returncode == 0
+    out = run_cli("run", str(path), "--results", str(tmp_path / "r"))
+    assert out.returncode == 0 and f"exports: {tmp_path / 'r' / 'exports'} (each folder's README.md" in out.stdout
     (p,) = (tmp_path / "r" / "records").glob("*.json")
     rec = json.loads(p.read_text())
     for key in (

@@ -152,6 +152,11 @@ def _run(args: argparse.Namespace, suite, results: Path) -> int:
 
     out = print_summary(records, f"ftbench · {suite.name}", args.wide)
     out.print(f"records: {results / 'records'}")
+    if any(e.bytes_on_disk for r in records for e in r.exports):
+        out.print(
+            f"exports: {results / 'exports'} (each folder's README.md: how to load it, its accuracy as served)",
+            soft_wrap=True,
+        )
     from reports.html import write_report
 
     with writing(str(results / "report.html")):
