@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.environment import describe
 from harness.records import EvalMetrics, ExportRecord, RunRecord
 from reports.stats import wilson
 
@@ -165,9 +166,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
     bits = f", {e.bits_per_weight_on_disk:.2f} bits per weight" if e.bits_per_weight_on_disk else ""
     fmt = f", {e.format}" if e.format else ""
     budget = f"{t.get('steps')} steps × batch {t.get('batch_size')} × {t.get('grad_accum', 1)} accumulated"
-    hw = f"{env.get('cpu_model', '?')} ({env.get('cpu_family_model', '?')})"
-    if env.get("gpu"):
-        hw = str(env["gpu"].get("name", env["gpu"])) if isinstance(env["gpu"], dict) else str(env["gpu"])
+    hw = describe(env)  # the GPU where it ran on one, else the CPU with its family and model
     versions = env.get("versions", {})
     dtype = record.resolved_dtypes.get("train.dtype", {}).get("value") or t.get("dtype")
     lines = [

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from harness.cell.run import _cards, run_cell
+from harness.environment import describe
 from harness.records import ExportRecord, label_ids, make_record, now_iso
 from harness.tasks.builtin import load_task
 from reports.card import render_card
@@ -41,6 +42,7 @@ def test_a_cards_code_loads_the_model_that_was_scored(tmp_path):
     card = (by["merged"] / "README.md").read_text()
     assert f"| as trained | {rec.eval_after.accuracy:.3f} [" in card and "0.0% of predictions differ" in card
     assert "0 = `rotten`, 1 = `fresh`" in card
+    assert f"on {describe(rec.environment)}, torch " in card  # the machine, named as every report names it
     adapter = (by["adapter"] / "README.md").read_text()  # PEFT's template card, replaced
     assert "More Information Needed" not in adapter and "built with random weights (seed 0)" in adapter
 
