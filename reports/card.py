@@ -115,8 +115,9 @@ def _inputs(record: RunRecord) -> list[str]:
         "field was cut to fit (`predict` below cuts nothing)."
     ]
     if info.get("kind") == "generation":
-        extra = record.config.get("task", {}).get("max_new_tokens")
-        return out + [f"Answers are generated greedily (at most {extra} new tokens); the first line is the answer."]
+        most = record.config.get("task", {}).get("max_new_tokens")
+        out += ["", f"Answers are generated greedily (at most {most} new tokens); the first line is the answer."]
+        return out + ["", "```python", *_generate_code(info, most), "```"]
     if info.get("label_words"):
         names = info.get("labels") or []
         words = ", ".join(
@@ -129,6 +130,36 @@ def _inputs(record: RunRecord) -> list[str]:
     return out + ["", "```python", *_prompt_code(info), "```"]
 
 
+def _context_code(info: dict) -> list[str]:
+    """The prompt's token ids, as ftbench builds them: the template filled, its trailing whitespace left to the
+    continuation, BOS where the tokenizer adds one."""
+    return [
+        f"    prompt = {info.get('prompt')!r}.replace('{{text}}', text).replace('{{text_pair}}', text_pair or '')",
+        "    space = prompt[len(prompt.rstrip()):]",
+        "    prompt = prompt.rstrip()  # its trailing whitespace goes with each continuation",
+        "    adds_bos = getattr(tokenizer, 'add_bos_token', False) and tokenizer.bos_token_id",
+        "    bos = [tokenizer.bos_token_id] if adds_bos else []",
+        "    context = tokenizer(prompt, add_special_tokens=False)['input_ids']",
+    ]
+
+
+def _generate_code(info: dict, max_new_tokens: int | None) -> list[str]:
+    """A decoder's answer to one example, generated as ftbench generates it (``generate_answers``)."""
+    return [
+        "import torch",
+        "",
+        "def answer(text, text_pair=''):",
+        *_context_code(info),
+        "    ids = torch.tensor([bos + context])",
+        "    with torch.no_grad():",
+        "        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,",
+        f"                             max_new_tokens={max_new_tokens}, pad_token_id=tokenizer.pad_token_id,",
+        "                             eos_token_id=tokenizer.eos_token_id)",
+        "    new = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)",
+        "    return new.strip().split('\\n')[0]  # the first line",
+    ]
+
+
 def _prompt_code(info: dict) -> list[str]:
     """A decoder's prediction for one example, as ftbench scores it (``harness/tasks/prompting.py``: the prompt's
     trailing whitespace moves to each continuation, BOS where the tokenizer adds one, no cutting)."""
@@ -138,12 +169,7 @@ def _prompt_code(info: dict) -> list[str]:
         "import torch",
         "",
         "def predict(text, text_pair='', choices=None):",
-        f"    prompt = {info.get('prompt')!r}.replace('{{text}}', text).replace('{{text_pair}}', text_pair or '')",
-        "    space = prompt[len(prompt.rstrip()):]",
-        "    prompt = prompt.rstrip()  # its trailing whitespace goes with each continuation",
-        "    adds_bos = getattr(tokenizer, 'add_bos_token', False) and tokenizer.bos_token_id",
-        "    bos = [tokenizer.bos_token_id] if adds_bos else []",
-        "    context = tokenizer(prompt, add_special_tokens=False)['input_ids']",
+        *_context_code(info),
         "    scores = []",
         f"    for word in {choices}:",
         "        ids = bos + tokenizer(prompt + space + word, add_special_tokens=False)['input_ids']",

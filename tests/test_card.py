@@ -13,16 +13,23 @@ from harness.records import ExportRecord, label_ids, make_record, now_iso
 from harness.tasks.builtin import load_task
 from reports.card import render_card
 from tests.conftest import cells
+from tests.test_user_tasks import GEN, write_generation
+
+
+def run_card(card: Path) -> dict:
+    """Every Python block of the card, run in order as a user would: the names they define."""
+    scope: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", card.read_text(), re.S):
+        exec(code, scope)  # noqa: S102 - the card's own code is what is under test
+    scope["model"].eval()
+    return scope
 
 
 def served_predictions(card: Path, texts: list[str]) -> tuple[list[int], object]:
-    """Run the card's Python block as a user would, then read ``texts`` as its inputs section says."""
-    text = card.read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    max_length = int(re.search(r"truncation=True, max_length=(\d+)", text).group(1))
-    scope: dict = {}
-    exec(code, scope)  # noqa: S102 - the card's own code is what is under test
-    model, tok = scope["model"].eval(), scope["tokenizer"]
+    """The card's model and tokenizer reading ``texts`` as its inputs section says."""
+    max_length = int(re.search(r"truncation=True, max_length=(\d+)", card.read_text()).group(1))
+    scope = run_card(card)
+    model, tok = scope["model"], scope["tokenizer"]
     with torch.no_grad():
         batch = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         return model(**batch).logits.argmax(-1).tolist(), model
@@ -48,12 +55,9 @@ def test_a_cards_code_loads_the_model_that_was_scored(tmp_path):
 
 
 def decoder_predictions(card: Path, examples) -> list[int]:
-    """Run the card's two Python blocks (loading, then ``predict``) and predict each example as a user would."""
-    scope: dict = {}
-    for code in re.findall(r"```python\n(.*?)```", card.read_text(), re.S):
-        exec(code, scope)  # noqa: S102 - the card's own code is what is under test
-    scope["model"].eval()
-    return [scope["predict"](x.text, x.text_pair, list(x.choices) or None) for x in examples]
+    """The card's ``predict`` on each example."""
+    predict = run_card(card)["predict"]
+    return [predict(x.text, x.text_pair, list(x.choices) or None) for x in examples]
 
 
 def test_a_decoders_card_predicts_through_its_label_words_as_scored(tmp_path):
@@ -87,3 +91,16 @@ def test_a_card_names_the_weights_it_holds_and_how_its_settings_were_chosen(tmp_
     plain = make_record(cfg, "ok", None, now_iso(), 0.1, selected_step=4, selected_by="last")
     last = render_card(plain, ExportRecord(kind="merged", path=str(tmp_path), bytes_on_disk=0))
     assert "the weights of step" not in last and "tuned" not in last
+
+
+def test_a_decoders_card_generates_the_answers_the_run_generated(tmp_path):
+    gen = write_generation(tmp_path / "gen.jsonl", n=60)
+    task = {"name": "jsonl", "path": str(gen), "eval_examples": 8, **GEN}
+    train = {"steps": 2, "batch_size": 4, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1}
+    cfg = cells(models=["tiny-llama"], tasks=[task], train=train)[0]
+    rec = run_cell(cfg, tmp_path / "r")
+    assert rec.status == "ok", rec.error
+    merged = next(e for e in rec.exports if e.kind == "merged")
+    answer, samples = run_card(Path(merged.path) / "README.md")["answer"], rec.eval_after.generated_samples
+    answers = [answer(x.text, x.text_pair) for x in load_task(cfg.task).test[: len(samples)]]
+    assert answers == [s["generated"] for s in samples] and any(answers)  # some text, as the run generated it
