@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.cell.modelnames import hub_id
 from harness.environment import describe
 from harness.records import EvalMetrics, ExportRecord, RunRecord
 from reports.stats import wilson
@@ -44,6 +45,8 @@ def _front_matter(record: RunRecord, folder: Path) -> str:
     peft = (folder / "adapter_config.json").is_file() and "peft_type" in _json(folder / "adapter_config.json")
     tags = ["ftbench", record.method, record.task]
     lines = ["---", f"library_name: {'peft' if peft else 'transformers'}", "tags:", *[f"- {t}" for t in tags]]
+    if base := hub_id(record.model):  # the hub links a published card to its base model
+        lines.append(f"base_model: {base}")
     return "\n".join([*lines, "---", ""])
 
 

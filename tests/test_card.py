@@ -104,3 +104,11 @@ def test_a_decoders_card_generates_the_answers_the_run_generated(tmp_path):
     answer, samples = run_card(Path(merged.path) / "README.md")["answer"], rec.eval_after.generated_samples
     answers = [answer(x.text, x.text_pair) for x in load_task(cfg.task).test[: len(samples)]]
     assert answers == [s["generated"] for s in samples] and any(answers)  # some text, as the run generated it
+
+
+def test_a_cards_base_model_is_a_hub_id_only_where_there_is_one(tmp_path):
+    from harness.cell.modelnames import hub_id
+
+    assert hub_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's upstream
+    assert hub_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert [hub_id(n) for n in ("tiny-bert", "llama-8b-shape", str(tmp_path), "./models/mine")] == [None] * 4

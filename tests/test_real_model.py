@@ -45,6 +45,8 @@ def test_minilm_beats_untrained_head(tmp_path, method, config, lr):
         predicted, _ = served_predictions(Path(rec.exports[0].path) / "README.md", texts)
         same = np.mean(np.array(predicted) == np.array(label_ids(rec.eval_after.predicted)))
         assert rec.exports[0].kind == "adapter" and same >= 0.99, same
+        card = (Path(rec.exports[0].path) / "README.md").read_text()  # published, the hub links it to its base
+        assert "base_model: sentence-transformers/all-MiniLM-L6-v2\n" in card and "library_name: peft" in card
 
 
 def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):

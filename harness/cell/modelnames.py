@@ -30,6 +30,18 @@ ALIASES = {
     **{name: describe(name) for name in SHAPES},
 }
 
+# Where the hub has the weights an alias stands for: a model card's `base_model` (the GGUF's source for SmolLM2)
+HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of the model a name loads: an alias's upstream, a hub id itself; None for a local folder or a
+    test model."""
+    if name in ALIASES:
+        return HUB_IDS.get(name)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    return None if looks_local or name.count("/") != 1 else name
+
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
