@@ -84,7 +84,7 @@ def test_smollm2_reads_prompts_zero_shot_and_exports_tied_weights(tmp_path):
     assert merged.eval.accuracy == rec.eval_after.accuracy and merged.max_abs_logit_diff < 1e-2, merged
     card = (Path(merged.path) / "README.md").read_text()  # how the decoder reads its prompts, and loads
     assert 'after the prompt: 0 = `" negative"` (rotten), 1 = `" positive"` (fresh)' in card
-    assert 'model = load_merged("' in card and "ftbench's group-wise INT4 format" in card
+    assert "model = load_merged(folder)" in card and "ftbench's group-wise INT4 format" in card
     # deployed through torch's INT4 kernel (bf16 activations), the merged model still reads the prompts as well
     forms = {d.name: d for d in merged.deployments}
     kernel, dequant = forms["int4 kernel"], forms["int4 dequant"]

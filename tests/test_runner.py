@@ -176,3 +176,38 @@ def test_cells_run_a_seed_at_a_time_each_round_starting_one_configuration_later(
     ]  # fmt: skip
     two_tasks = tiny_suite(tasks=[{"name": "rotten_tomatoes"}, {"name": "bbc_news"}], seeds=[0, 1])
     assert [c.task.name for c in expand(parse_suite(two_tasks, "<t>"))] == ["rotten_tomatoes"] * 2 + ["bbc_news"] * 2
+
+
+def test_the_exports_of_the_cells_left_are_projected_against_the_free_disk(tmp_path, monkeypatch):
+    """Each configuration's first finished cell says what its other seeds will write; one warning, as soon as the
+    cells left would write more than the results folder's disk has free."""
+    import shutil
+    from collections import namedtuple
+
+    from harness.driver.diskwatch import DiskWatch
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**30, 0, 10 * 2**30))  # 10 GiB free
+    cells = {f"{m}-s{s}": m for m in ("full", "lora") for s in range(3)}
+    watch = DiskWatch(cells, tmp_path)
+    assert watch.finished("lora-s0", 2**30) is None  # 2 lora seeds left: 2 GiB
+    warning = watch.finished("full-s0", 6 * 2**30)  # + 2 full seeds at 6: 14 GiB in all, over the 10 free
+    assert warning.startswith("disk: the 4 cells left would export about 14.0 GiB") and "10.0 GiB free" in warning
+    assert watch.finished("full-s1", 6 * 2**30) is None  # said once
+
+
+def test_run_warns_once_when_the_exports_left_will_not_fit(tmp_path, write_suite, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        shutil,
+        "disk_usage",
+        lambda p: namedtuple("u", "total used free")(*real(p)[:2], 1000),  # 1000 bytes free
+    )
+    train = {"steps": 1, "batch_size": 4, "max_seq_len": 16, "timing_warmup_steps": 0}
+    suite = tiny_suite(seeds=[0, 1], train=train, tasks=[{"name": "rotten_tomatoes", "eval_examples": 16}])
+    out = run_cli("run", str(write_suite(suite)), "--results", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("warning: disk: the 1 cells left would export about 0.0 GiB") == 1, out.stderr

@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.atomic import atomic_write_text
 from harness.driver import forkserver
+from harness.driver.diskwatch import DiskWatch
 from harness.driver.pools import make_pool, run_all
 from harness.driver.suite import expand
 from harness.progress import SuiteEta, interrupts_raise
@@ -278,6 +279,7 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
         # on Ray the cluster decides how many cells run at once: no ETA there rather than a wrong one
         configurations = {c.cell_id: f"{c.model.name}/{c.task.display_name}/{c.method}/{c.variant}" for c in todo}
         eta = SuiteEta(configurations, jobs if executor != "ray" else 0)
+        disk = DiskWatch(configurations, results_dir)
 
         def label(cfg: RunConfig) -> str:
             return f"{cfg.model.name} · {cfg.task.display_name} · {cfg.method}/{cfg.variant}"
@@ -297,6 +299,8 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
             mark = "[green]ok[/]" if rec.status == "ok" else f"[red]{rec.status}[/]"
             progress.console.print(f"{mark} {label(cfg)} · seed {cfg.seed} ({rec.wall_time_s:.1f} s)")
             eta.finished(cfg.cell_id, rec.wall_time_s)
+            if warning := disk.finished(cfg.cell_id, rec.export_bytes):
+                progress.console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
             progress.update(bar, advance=1, eta=eta.text())
 
         if todo:  # a resume with nothing left to run starts no pool (nor a Ray cluster)
