@@ -29,8 +29,10 @@ PIVOT = {
     "trainable": "trainable_params",
     "exports": "export_bytes",
 }
-ENV_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu", "python", "git_commit")
-HARDWARE_KEYS = ("cpu_model", "cpu_isa", "native_bf16", "torch_threads", "gpu")
+ENV_KEYS = (
+    *("cpu_model", "cpu_family_model", "cpu_isa", "native_bf16", "torch_threads", "cpu_count", "gpu"),
+    *("python", "git_commit"),
+)
 
 
 def hardware_warning(old: list[RunRecord], new: list[RunRecord]) -> str | None:

@@ -242,7 +242,9 @@ def hardware_of(r: RunRecord) -> str:
     gpu = f"{e['gpu']} · " if e.get("gpu") else ""
     caps = "".join(f" · {x}" for x in outside_settings(e))
     isa = e.get("cpu_isa") or "ISA unknown"
-    return f"{gpu}{e.get('cpu_model')} · {isa}{caps} · {bf16} · {e.get('torch_threads')} threads"
+    # the family and model tell CPUs apart that share a name: "AMD EPYC" is Zen 1 (family 23 model 1) or Zen 4
+    cpu = " ".join(str(x) for x in (e.get("cpu_model"), e.get("cpu_family_model")) if x)
+    return f"{gpu}{cpu} · {isa}{caps} · {bf16} · {e.get('torch_threads')} threads"
 
 
 def load_note(r: RunRecord) -> str:

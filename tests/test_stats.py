@@ -329,3 +329,20 @@ def test_compare_gives_a_change_too_small_for_a_percentage_in_its_unit():
     assert "(+110 bytes; ▲ larger (exact, same seed and data))" in text, text
     bigger = new.model_copy(update={"export_bytes": 99_000_000})
     assert "(+10.0%; ▲ larger" in _cell_text("exports", old, bigger, True, True, ())
+
+
+def test_two_cpus_that_share_a_name_are_two_machines():
+    """Zen 1 (family 23 model 1) and Zen 2 (family 23 model 49) are both "AMD EPYC", AVX2, bf16 emulated: their
+    step times never compare, and a row names the family and model."""
+    env = {"cpu_model": "AMD EPYC", "cpu_isa": "AVX2", "native_bf16": False, "torch_threads": 2}
+    zen1 = [
+        run("a", "1100", seed=s).model_copy(update={"environment": {**env, "cpu_family_model": "family 23 model 1"}})
+        for s in (0, 1)
+    ]
+    zen2 = [
+        run("b", "1100", seed=s).model_copy(update={"environment": {**env, "cpu_family_model": "family 23 model 49"}})
+        for s in (0, 1)
+    ]
+    assert stats.hardware_of(zen1[0]) == "AMD EPYC family 23 model 1 · AVX2 · bf16 not native · 2 threads"
+    assert stats.step_time_verdict(zen1, zen2, 0.05, 2).why == "measured on different machines: not judged"
+    assert stats.step_time_verdict(zen1, zen1, 0.05, 2).why != "measured on different machines: not judged"
