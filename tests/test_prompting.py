@@ -198,8 +198,15 @@ def test_prompt_training_learns_the_label_words_and_records_forgetting(tmp_path)
         ("peft", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}),
     ],
 )
-def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
-    """Every method runs on a decoder through prompts; mergeable ones export a model that scores the same."""
+def test_methods_on_a_multiple_choice_task(tmp_path, monkeypatch, method, config):
+    """Every method runs on a decoder through prompts; mergeable ones export a model that scores the same. Prompt
+    tuning's virtual tokens are scored on batches without padding (test_virtual_tokens_are_scored_…)."""
+    from harness.tasks.prompting import PromptIO
+
+    pad_free, real = [], PromptIO.evaluate
+    monkeypatch.setattr(
+        PromptIO, "evaluate", lambda self, *a, **k: pad_free.append(self.pad_free) or real(self, *a, **k)
+    )
     cfg = cells(
         models=["tiny-llama"],
         tasks=[{"name": "openbookqa", "train_examples": 32, "eval_examples": 16}],
@@ -208,6 +215,7 @@ def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
     )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
+    assert set(pad_free) == {config.get("peft_type") == "PROMPT_TUNING"}
     assert rec.eval_after.accuracy_norm is not None and rec.eval_after.macro_f1 is None
     assert rec.total_params > rec.trainable_params > 0
     # each example's pick kept beside the right choice: right exactly where the paired tests say so
@@ -299,3 +307,26 @@ def test_prompts_are_encoded_once_per_suite_and_read_back_equal(tmp_path, monkey
     other = PromptIO(task, llama.tokenizer, 48)
     assert calls[-2] == MIN_EXAMPLES and other.train != first.train
     assert len(list((tmp_path / "encoded").glob("*.json"))) == 2
+
+
+def test_virtual_tokens_are_scored_on_batches_without_padding(llama):
+    """PEFT's prompt tuning puts its virtual tokens before the left padding and drops position_ids: padded, a
+    row's scores depend on its batch's padding. The cell sets PromptIO.pad_free for a method that adds positions:
+    every score is then the one it has alone (batch 1)."""
+    import copy
+
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from harness.tasks.prompting import PromptIO
+
+    model = get_peft_model(
+        copy.deepcopy(llama.model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    )
+    task = load_task(TaskSpec(name="openbookqa", train_examples=8, eval_examples=16))  # multi-token choices
+    io = PromptIO(task, llama.tokenizer, 48)
+    alone = io.evaluate(model, 1, torch.float32, CPU)[1]
+    padded = io.evaluate(model, 16, torch.float32, CPU)[1]
+    io.pad_free = True
+    pad_free = io.evaluate(model, 16, torch.float32, CPU)[1]
+    moved, kept = float((padded - alone).abs().max()), float((pad_free - alone).abs().max())
+    assert moved > 1e-4 and kept < moved / 10, (moved, kept)  # the padding moved the scores; without it, rounding
