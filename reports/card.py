@@ -225,7 +225,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
         f"| this folder, as served | {_served(e)} |",
         "",
         "One seed: the interval is over test examples, not over training runs. To compare methods, read the "
-        "suite's report (`ftbench report`), which tests differences for noise.",
+        "suite's report (`ftbench report`), which tests differences for noise." + _scored_in(dtype),
         "",
         *_deployments(record, e),
         "## Loading it",
@@ -260,6 +260,16 @@ def _deployments(record: RunRecord, e: ExportRecord) -> list[str]:
     head = ["## Deployed, as measured on the run's machine (median [quartiles] of the timed repeats)", ""]
     head += ["| form | dtype | load | latency | accuracy |", "|---|---|---|---|---|"]
     return [*head, *rows, ""]
+
+
+def _scored_in(dtype: str | None) -> str:
+    """Where the run scored under autocast: the float32 code below may read a near tie the other way."""
+    if dtype in (None, "float32"):
+        return ""
+    return (
+        f" These scores ran under {dtype} autocast; the code below runs float32, where a prediction near a tie "
+        "may come out the other way."
+    )
 
 
 def _selected(record: RunRecord) -> str:

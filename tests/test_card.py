@@ -91,6 +91,10 @@ def test_a_card_names_the_weights_it_holds_and_how_its_settings_were_chosen(tmp_
     plain = make_record(cfg, "ok", None, now_iso(), 0.1, selected_step=4, selected_by="last")
     last = render_card(plain, ExportRecord(kind="merged", path=str(tmp_path), bytes_on_disk=0))
     assert "the weights of step" not in last and "tuned" not in last
+    assert "autocast" not in last  # scored in float32, as the card's code runs
+    bf16 = plain.model_copy(update={"resolved_dtypes": {"train.dtype": {"choice": "auto", "value": "bfloat16"}}})
+    card = render_card(bf16, ExportRecord(kind="merged", path=str(tmp_path), bytes_on_disk=0))
+    assert "These scores ran under bfloat16 autocast; the code below runs float32" in card
 
 
 def test_a_decoders_card_generates_the_answers_the_run_generated(tmp_path):
