@@ -35,6 +35,29 @@ if TYPE_CHECKING:
     import torch
 
 
+def positions_from_mask(base: torch.nn.Module) -> None:
+    """Prompt tuning and P-tuning put their virtual tokens before the input and drop ``position_ids`` (peft's
+    ``_adjust_prompt_learning_kwargs``), so the base model numbers positions 0, 1, … over the whole row: before a
+    left-padded row its virtual tokens sat as many positions away as the row had padding, and a row's scores
+    depended on its batch (2 of 24 SmolLM2 predictions differed from batch 1, 2026-12-07). A pre-hook numbers the
+    positions from the attention mask, as transformers' generate does: virtual tokens 0..P-1, then the row's own
+    tokens, padding or not, in training, evaluation and generation alike (the last ``n`` where a cache holds the
+    rest). A base whose forward takes no ``position_ids`` is left as it is."""
+    import inspect
+
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return
+
+    def number(module, args, kwargs):
+        mask, x = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+        x = x if x is not None else kwargs.get("input_ids")
+        if kwargs.get("position_ids") is None and mask is not None and mask.dim() == 2 and x is not None:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1] :]
+        return args, kwargs
+
+    base.register_forward_pre_hook(number, with_kwargs=True)
+
+
 @functools.cache
 def peft_types() -> list[str]:
     """Every PEFT type this peft knows (peft is imported here, when a config needs it, not with the file)."""
@@ -118,6 +141,14 @@ class PeftGeneric(MethodBase):
         # tuning's go into the attention's keys and values only (peft's PeftModel.forward), no linear layer's
         through_layers = getattr(cfg, "is_prompt_learning", False) and cfg.peft_type != "PREFIX_TUNING"
         self._positions_added = int(cfg.num_virtual_tokens) if through_layers else 0
+        if through_layers:
+            positions_from_mask(model.get_base_model())
+        if getattr(cfg, "is_prompt_learning", False):
+            # peft 0.21 looks for the KV cache under `past_key_values`, transformers 5 passes it as `cache`: in
+            # generate(), prompt tuning re-injects its virtual tokens at every cached step (the cache grew 12, 17,
+            # 22) and prefix tuning's prefix is never read (its answers were the base model's). So generate() keeps
+            # no cache, and ftbench decodes on the cache this model's forward fills (harness/tasks/decoding.py)
+            model.get_base_model().generation_config.use_cache = False
         return model
 
     def positions_added(self) -> int:

@@ -102,7 +102,7 @@ def _notes(e: ExportRecord) -> list[str]:
     return ["", f"The method's note: {e.notes}."] if e.notes else []
 
 
-def _inputs(record: RunRecord) -> list[str]:
+def _inputs(record: RunRecord, folder: Path) -> list[str]:
     """How the model reads an example, as this run trained and scored it."""
     info, seq = record.task_info, record.config.get("train", {}).get("max_seq_len")
     if record.model_info.get("mode", "classifier") != "prompt":
@@ -120,7 +120,8 @@ def _inputs(record: RunRecord) -> list[str]:
     if info.get("kind") == "generation":
         most = record.config.get("task", {}).get("max_new_tokens")
         out += ["", f"Answers are generated greedily (at most {most} new tokens); the first line is the answer."]
-        return out + ["", "```python", *_generate_code(info, most), "```"]
+        virtual = "num_virtual_tokens" in _json(Path(folder) / "adapter_config.json")
+        return out + ["", "```python", *_generate_code(info, most, virtual), "```"]
     if info.get("label_words"):
         names = info.get("labels") or []
         words = ", ".join(
@@ -146,18 +147,39 @@ def _context_code(info: dict) -> list[str]:
     ]
 
 
-def _generate_code(info: dict, max_new_tokens: int | None) -> list[str]:
-    """A decoder's answer to one example, generated as ftbench generates it (``generate_answers``)."""
+def _generate_code(info: dict, max_new_tokens: int | None, own_cache: bool) -> list[str]:
+    """A decoder's answer to one example, generated as ftbench generates it (``generate_answers``): by
+    ``generate()``, or, for a prompt-learning adapter (``num_virtual_tokens``), on the cache its own forward fills
+    (``harness/tasks/decoding.py``)."""
+    decode = [
+        "    with torch.no_grad():",
+        "        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,",
+        f"                             max_new_tokens={max_new_tokens}, pad_token_id=tokenizer.pad_token_id,",
+        "                             eos_token_id=tokenizer.eos_token_id)",
+    ]
+    if own_cache:  # peft's generate() mishandles its virtual tokens' cache (harness/tasks/decoding.py)
+        decode = [
+            "    with torch.no_grad():  # the prompt through the adapter, then a token at a time on its cache",
+            "        out = model(input_ids=ids, use_cache=True)",
+            "        kw = 'cache' if getattr(out, 'cache', None) is not None else 'past_key_values'",
+            "        mask, new = torch.ones(1, getattr(out, kw).get_seq_length(), dtype=torch.long), []",
+            f"        for _ in range({max_new_tokens}):",
+            "            new.append(out.logits[:, -1:].argmax(-1))",
+            f"            if new[-1].item() == tokenizer.eos_token_id or len(new) == {max_new_tokens}:",
+            "                break",
+            "            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)",
+            "            at = mask.sum(-1, keepdim=True) - 1  # the new token's position",
+            "            out = model.get_base_model()(input_ids=new[-1], attention_mask=mask, position_ids=at,",
+            "                                         use_cache=True, **{kw: getattr(out, kw)})",
+            "    out = torch.cat([ids, *new], 1)",
+        ]
     return [
         "import torch",
         "",
         "def answer(text, text_pair=''):",
         *_context_code(info),
         "    ids = torch.tensor([bos + context])",
-        "    with torch.no_grad():",
-        "        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,",
-        f"                             max_new_tokens={max_new_tokens}, pad_token_id=tokenizer.pad_token_id,",
-        "                             eos_token_id=tokenizer.eos_token_id)",
+        *decode,
         "    new = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)",
         "    return new.strip().split('\\n')[0]  # the first line",
     ]
@@ -235,7 +257,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
         "",
         "## Its inputs",
         "",
-        *_inputs(record),
+        *_inputs(record, folder),
         "",
     ]
     return "\n".join(lines)

@@ -198,15 +198,8 @@ def test_prompt_training_learns_the_label_words_and_records_forgetting(tmp_path)
         ("peft", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}),
     ],
 )
-def test_methods_on_a_multiple_choice_task(tmp_path, monkeypatch, method, config):
-    """Every method runs on a decoder through prompts; mergeable ones export a model that scores the same. Prompt
-    tuning's virtual tokens are scored on batches without padding (test_virtual_tokens_are_scored_…)."""
-    from harness.tasks.prompting import PromptIO
-
-    pad_free, real = [], PromptIO.evaluate
-    monkeypatch.setattr(
-        PromptIO, "evaluate", lambda self, *a, **k: pad_free.append(self.pad_free) or real(self, *a, **k)
-    )
+def test_methods_on_a_multiple_choice_task(tmp_path, method, config):
+    """Every method runs on a decoder through prompts; mergeable ones export a model that scores the same."""
     cfg = cells(
         models=["tiny-llama"],
         tasks=[{"name": "openbookqa", "train_examples": 32, "eval_examples": 16}],
@@ -215,7 +208,6 @@ def test_methods_on_a_multiple_choice_task(tmp_path, monkeypatch, method, config
     )[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
-    assert set(pad_free) == {config.get("peft_type") == "PROMPT_TUNING"}
     assert rec.eval_after.accuracy_norm is not None and rec.eval_after.macro_f1 is None
     assert rec.total_params > rec.trainable_params > 0
     # each example's pick kept beside the right choice: right exactly where the paired tests say so
@@ -309,24 +301,67 @@ def test_prompts_are_encoded_once_per_suite_and_read_back_equal(tmp_path, monkey
     assert len(list((tmp_path / "encoded").glob("*.json"))) == 2
 
 
-def test_virtual_tokens_are_scored_on_batches_without_padding(llama):
+def test_prompt_tuning_scores_a_padded_row_as_it_would_alone(llama):
     """PEFT's prompt tuning puts its virtual tokens before the left padding and drops position_ids: padded, a
-    row's scores depend on its batch's padding. The cell sets PromptIO.pad_free for a method that adds positions:
-    every score is then the one it has alone (batch 1)."""
+    row's scores depended on its batch. The built-in method numbers positions from the attention mask
+    (methods/peft_generic.py::positions_from_mask): every score in a padded batch is the one it has alone."""
     import copy
 
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
+    from harness.contract import ModelContext
+    from harness.registry import build_method
     from harness.tasks.prompting import PromptIO
 
-    model = get_peft_model(
-        copy.deepcopy(llama.model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
-    )
     task = load_task(TaskSpec(name="openbookqa", train_examples=8, eval_examples=16))  # multi-token choices
     io = PromptIO(task, llama.tokenizer, 48)
-    alone = io.evaluate(model, 1, torch.float32, CPU)[1]
-    padded = io.evaluate(model, 16, torch.float32, CPU)[1]
-    io.pad_free = True
-    pad_free = io.evaluate(model, 16, torch.float32, CPU)[1]
-    moved, kept = float((padded - alone).abs().max()), float((pad_free - alone).abs().max())
-    assert moved > 1e-4 and kept < moved / 10, (moved, kept)  # the padding moved the scores; without it, rounding
+
+    def moved(model) -> float:  # how far a padded batch moves the scores from each row's own
+        return float(
+            (io.evaluate(model, 16, torch.float32, CPU)[1] - io.evaluate(model, 1, torch.float32, CPU)[1]).abs().max()
+        )
+
+    ctx = ModelContext(task_type="causal_lm", num_labels=2, model_type="llama")
+    ours = build_method("peft", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}).prepare(
+        copy.deepcopy(llama.model), ctx
+    )
+    peft = get_peft_model(
+        copy.deepcopy(llama.model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    )
+    peft.load_state_dict(ours.state_dict())  # the same virtual tokens, run as peft runs them
+    assert moved(peft) > 1e-4 and moved(ours) < moved(peft) / 10, (moved(peft), moved(ours))
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_prompt_learning_generates_what_its_forward_predicts(llama, tmp_path, peft_type):
+    """peft 0.21's generate() under transformers 5 re-injected prompt tuning's virtual tokens at every cached step
+    and never read prefix tuning's prefix. The built-in method turns the cache off, and ftbench then decodes by
+    whole forwards: every answer, padded in a batch or alone, is the greedy continuation its forward predicts."""
+    import copy
+
+    from harness.contract import ModelContext
+    from harness.registry import build_method
+    from harness.tasks.prompting import PromptIO, generate_answers
+    from tests.test_user_tasks import GEN, write_generation
+
+    ctx = ModelContext(task_type="causal_lm", num_labels=1, model_type="llama")
+    method = build_method("peft", {"peft_type": peft_type, "num_virtual_tokens": 4})
+    model = method.prepare(copy.deepcopy(llama.model), ctx).eval()
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.mul_(3)  # virtual tokens that change the answers
+    task = load_task(TaskSpec(name="jsonl", path=str(write_generation(tmp_path / "g.jsonl")), **GEN))
+    items, tok = PromptIO(task, llama.tokenizer, 48).test, llama.tokenizer
+
+    def alone(context: list[int]) -> str:  # greedy by whole forwards, one row, no padding, no cache
+        seq = list(context)
+        with torch.no_grad():
+            for _ in range(4):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == tok.eos_token_id:
+                    break
+        return tok.decode(seq[len(context) :], skip_special_tokens=True).strip().split("\n")[0]
+
+    truth = [alone(it.context) for it in items]
+    assert generate_answers(model, items, tok, 8, 4, CPU)[0] == truth
+    assert truth != generate_answers(llama.model, items, tok, 8, 4, CPU)[0]  # the virtual tokens change them

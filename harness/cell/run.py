@@ -139,8 +139,6 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         train_steps=cfg.train.steps,
     )
     model = method.prepare(loaded.model, ctx).to(device)
-    if method.positions_added() and hasattr(io, "pad_free"):  # virtual tokens before the padding: PromptIO.pad_free
-        io.pad_free = True
     rec.update(parameter_counts(model))
 
     # The test split is read only after training and selection (never by a tuning trial, whose read_test is

@@ -80,10 +80,9 @@ EVAL_PAD_SHARE = 0.2
 EVAL_MIN_BATCH_TOKENS = 512
 
 
-def eval_batches(lengths: list[int], batch_size: int, pad_free: bool = False) -> list[list[int]]:
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices of ``lengths`` in batches of at most ``batch_size``, shortest first, each padded little: a batch
-    ends early where the next example would make over ``EVAL_PAD_SHARE`` of its padded tokens padding, or, with
-    ``pad_free``, where the next example's length differs (no padding at all)."""
+    ends early where the next example would make over ``EVAL_PAD_SHARE`` of its padded tokens padding."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -94,7 +93,7 @@ def eval_batches(lengths: list[int], batch_size: int, pad_free: bool = False) ->
         full = len(cur) == batch_size
         big_enough = bool(cur) and len(cur) * lengths[cur[-1]] >= EVAL_MIN_BATCH_TOKENS
         wasteful = big_enough and padded - real - n > EVAL_PAD_SHARE * padded
-        if full or wasteful or (pad_free and bool(cur) and lengths[cur[-1]] != n):
+        if full or wasteful:
             batches.append(cur)
             cur, real = [], 0
         cur.append(i)

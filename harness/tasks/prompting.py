@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from harness.contract import Batch
 from harness.tasks.classifier import accuracy, calibration_batches, eval_batches, macro_f1, train_batches
 from harness.tasks.data import Example, TaskData, input_lengths
+from harness.tasks.decoding import greedy_on_own_cache
 from harness.tasks.encoded import cached_encode
 
 
@@ -159,16 +160,10 @@ def continuation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 @torch.no_grad()
 def score_continuations(
-    model: torch.nn.Module,
-    items: list[PromptItem],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    pad_free: bool = False,
+    model: torch.nn.Module, items: list[PromptItem], batch_size: int, pad_id: int, device: torch.device
 ) -> tuple[list[list[float]], list[list[int]]]:
     """Summed log-likelihood of every continuation of every item (and its token count). Where every
-    continuation is one token (most label words), one forward of the context scores them all. ``pad_free``:
-    batches of rows of one length (:attr:`PromptIO.pad_free`)."""
+    continuation is one token (most label words), one forward of the context scores them all."""
     single = all(len(c) == 1 for it in items for c in it.choices)
     # requests: (item, choice or -1 for "all single-token choices at once", sequence)
     reqs = (
@@ -177,7 +172,7 @@ def score_continuations(
         else [(i, c, it.context + ch) for i, it in enumerate(items) for c, ch in enumerate(it.choices)]
     )
     scores = [[0.0] * len(it.choices) for it in items]
-    for batch_idx in eval_batches([len(r[2]) for r in reqs], batch_size, pad_free):  # by length: little padding
+    for batch_idx in eval_batches([len(r[2]) for r in reqs], batch_size):  # by length: little padding
         chunk = [reqs[r] for r in batch_idx]
         batch = {k: v.to(device) for k, v in _left_pad([r[2] for r in chunk], pad_id).items()}
         if single:
@@ -217,27 +212,24 @@ def answer_matches(generated: str, reference: str) -> bool:
 
 @torch.no_grad()
 def generate_answers(
-    model: torch.nn.Module,
-    items: list[PromptItem],
-    tokenizer,
-    batch_size: int,
-    max_new_tokens: int,
-    device,
-    pad_free: bool = False,
+    model: torch.nn.Module, items: list[PromptItem], tokenizer, batch_size: int, max_new_tokens: int, device
 ) -> tuple[list[str], list[bool]]:
     """Greedy continuations of every context, cut at the first newline, and whether each ran into
     ``max_new_tokens`` before a newline or the end of text (its answer may be cut short)."""
     out, cut = [""] * len(items), [False] * len(items)
-    for idx in eval_batches([len(it.context) for it in items], batch_size, pad_free):
-        batch = _left_pad([items[i].context for i in idx], tokenizer.pad_token_id)
-        gen = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    for idx in eval_batches([len(it.context) for it in items], batch_size):
+        batch = {k: v.to(device) for k, v in _left_pad([items[i].context for i in idx], tokenizer.pad_token_id).items()}
+        if getattr(getattr(model, "generation_config", None), "use_cache", True) is False:
+            gen = greedy_on_own_cache(model, batch, max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        else:
+            gen = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         width = batch["input_ids"].shape[1]
         for j, i in enumerate(idx):
             new = gen[j, width:]
@@ -257,16 +249,15 @@ def evaluate_prompts(
     dtype: torch.dtype,
     device: torch.device,
     max_new_tokens: int = 16,
-    pad_free: bool = False,
 ) -> tuple[dict, torch.Tensor]:
     """Metrics on ``items`` and the per-continuation scores [N, max choices] (for fidelity checks between a
     trained model and its exports: the same numbers, computed from each)."""
     was_training = model.training
     model.eval()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        scores, lengths = score_continuations(model, items, batch_size, tokenizer.pad_token_id, device, pad_free)
+        scores, lengths = score_continuations(model, items, batch_size, tokenizer.pad_token_id, device)
         generated = (
-            generate_answers(model, items, tokenizer, batch_size, max_new_tokens, device, pad_free)
+            generate_answers(model, items, tokenizer, batch_size, max_new_tokens, device)
             if task.kind == "generation"
             else None
         )
@@ -349,12 +340,6 @@ class PromptIO:
         self.train, self.test = encoded(task.train), encoded(task.test)
         self._validation = lambda: encoded(task.validation)  # when asked for
         self.validation: list[PromptItem] | None = None
-        # Evaluate on batches without padding (rows of one length each). Set by the cell for a method that puts
-        # virtual tokens before each sequence (Method.positions_added: PEFT's prompt tuning, P-tuning): they sit
-        # before the left padding, and PEFT drops position_ids for them, so padding would move every row's
-        # distance to them: 2 of 24 SmolLM2 predictions differed from batch 1 (2026-12-07). Training keeps its
-        # padded batches: the virtual tokens learn across those distances.
-        self.pad_free = False
 
     def output_names(self, model: torch.nn.Module) -> list[str]:
         from harness.cell.models import output_module_names
@@ -380,8 +365,7 @@ class PromptIO:
         if split == "validation" and self.validation is None:
             self.validation = self._validation()
         items = {"test": self.test, "validation": self.validation}[split]
-        args = (batch_size, dtype, device, self.max_new_tokens, self.pad_free)
-        return evaluate_prompts(model, self.task, items, self.tokenizer, *args)
+        return evaluate_prompts(model, self.task, items, self.tokenizer, batch_size, dtype, device, self.max_new_tokens)
 
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:  # prompt + right answer, as in training
         return calibration_batches(self.train, n, self.pad_id, collate_prompts)
