@@ -143,7 +143,7 @@ class PeftGeneric(MethodBase):
         self._positions_added = int(cfg.num_virtual_tokens) if through_layers else 0
         if through_layers:
             positions_from_mask(model.get_base_model())
-        if getattr(cfg, "is_prompt_learning", False):
+        if getattr(cfg, "is_prompt_learning", False) and hasattr(model.get_base_model(), "generation_config"):
             # peft 0.21 looks for the KV cache under `past_key_values`, transformers 5 passes it as `cache`: in
             # generate(), prompt tuning re-injects its virtual tokens at every cached step (the cache grew 12, 17,
             # 22) and prefix tuning's prefix is never read (its answers were the base model's). So generate() keeps
