@@ -18,6 +18,7 @@ from harness.records import EvalMetrics, ExportRecord, RunRecord
 from reports.stats import wilson
 
 CARD = "README.md"
+MARK = "Written by ftbench"  # how a card of ftbench's tells itself from another README
 
 
 def write_cards(record: RunRecord) -> list[Path]:
@@ -32,6 +33,25 @@ def write_cards(record: RunRecord) -> list[Path]:
         (folder / CARD).write_text(render_card(record, e), encoding="utf-8")
         written.append(folder / CARD)
     return written
+
+
+def write_missing_cards(records: list[RunRecord]) -> int:
+    """Cards for the exported folders of ``records`` that have none of ftbench's (a run recorded by an ftbench
+    before the cards, whose adapter folder holds PEFT's template): ``ftbench run`` calls it on every record it
+    keeps, resumed ones too. Returns how many records got cards."""
+    written = 0
+    for r in records:
+        folders = [Path(e.path) for e in r.exports if not e.error and not e.unsupported and Path(e.path).is_dir()]
+        if any(MARK not in _text(f / CARD) for f in folders):
+            written += bool(write_cards(r))
+    return written
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 def _score(m: EvalMetrics | None) -> str:
@@ -224,7 +244,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
         _front_matter(record, folder),
         title,
         "",
-        f"Written by ftbench {versions.get('ftbench', '?')} (suite `{record.suite}`, cell `{record.cell_id}`), "
+        f"{MARK} {versions.get('ftbench', '?')} (suite `{record.suite}`, cell `{record.cell_id}`), "
         f"{record.started_at[:10]}, on {hw}, torch {versions.get('torch', '?')}. The run's full record: "
         f"`records/{record.cell_id}.json` in the suite's results folder.",
         "",

@@ -28,8 +28,11 @@ def test_resume_skips_recorded_cells(tmp_path, write_suite):
     assert first.returncode == 0, first.stderr
     recs = {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")}
     assert len(recs) == 2
+    card = next((tmp_path / "r" / "exports").glob("*lora*/adapter/README.md"))
+    card.write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n")  # an ftbench before the cards
     second = run_cli("run", str(path), "--results", str(tmp_path / "r"))
     assert second.returncode == 0 and "2 already recorded, 0 to run" in second.stderr
+    assert "Written by ftbench" in card.read_text()  # a resumed record gets its card
     assert {p.name: p.read_text() for p in (tmp_path / "r" / "records").glob("*.json")} == recs
     assert "lora" in second.stdout and "full" in second.stdout  # the summary still shows both
     # a record cut short (a copy interrupted) is no record: the next run sets it aside and runs its cell again

@@ -321,6 +321,12 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
             except ValueError as err:
                 console.print(f"[red]unreadable record[/] {p}: {str(err).splitlines()[0]}")
     atomic_write_text(results_dir / "cells_index.json", json.dumps([c.cell_id for c in cells], indent=1))
+    from reports.card import write_missing_cards
+
+    try:  # records resumed from an ftbench before the model cards get theirs
+        write_missing_cards(records)
+    except OSError as err:
+        console.print(f"[yellow]model cards not written:[/] {err}")
     return records
 
 
