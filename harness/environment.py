@@ -81,6 +81,11 @@ def outside_settings(ident: dict[str, Any]) -> list[str]:
     return caps + ([f"fp32 matmul precision {precision}"] if precision else [])
 
 
+def cpu_name(ident: dict[str, Any]) -> str:
+    """The CPU's name with its family and model: "AMD EPYC" alone names Zen 1 and Zen 4 alike (2.5-4× apart)."""
+    return " ".join(str(x) for x in (ident.get("cpu_model"), ident.get("cpu_family_model")) if x)
+
+
 def describe(ident: dict[str, Any]) -> str:
     """One line: 'AMD EPYC family 23 model 1 · AVX2 · bf16 emulated (71× slower than fp32) · 2 threads' (here, not
     in harness/measure/hardware.py, so that a report names the machine without importing torch)."""
@@ -90,7 +95,7 @@ def describe(ident: dict[str, Any]) -> str:
         if ident.get("native_bf16")
         else (f"bf16 emulated ({1 / s:.0f}× slower than fp32)" if 0 < s < 0.5 else f"bf16 not faster ({s:.2f}× fp32)")
     )
-    cpu = " ".join(str(x) for x in (ident.get("cpu_model"), ident.get("cpu_family_model")) if x)
+    cpu = cpu_name(ident)
     parts = [
         ident.get("gpu") or cpu,
         ident.get("cpu_isa"),

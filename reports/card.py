@@ -15,6 +15,7 @@ from pathlib import Path
 from harness.cell.modelnames import hub_id
 from harness.environment import describe
 from harness.records import EvalMetrics, ExportRecord, RunRecord
+from reports.metrics import fmt_bytes
 from reports.stats import wilson
 
 CARD = "README.md"
@@ -26,13 +27,15 @@ def write_cards(record: RunRecord) -> list[Path]:
     if record.status != "ok":
         return []
     written = []
-    for e in record.exports:
-        folder = Path(e.path)
-        if e.error or e.unsupported or not folder.is_dir():
-            continue
-        (folder / CARD).write_text(render_card(record, e), encoding="utf-8")
-        written.append(folder / CARD)
+    for e in _exported(record):
+        (Path(e.path) / CARD).write_text(render_card(record, e), encoding="utf-8")
+        written.append(Path(e.path) / CARD)
     return written
+
+
+def _exported(record: RunRecord) -> list[ExportRecord]:
+    """The exports that wrote a folder: not failed, not unsupported, there on this machine."""
+    return [e for e in record.exports if not e.error and not e.unsupported and Path(e.path).is_dir()]
 
 
 def write_missing_cards(records: list[RunRecord]) -> int:
@@ -41,8 +44,7 @@ def write_missing_cards(records: list[RunRecord]) -> int:
     keeps, resumed ones too. Returns how many records got cards."""
     written = 0
     for r in records:
-        folders = [Path(e.path) for e in r.exports if not e.error and not e.unsupported and Path(e.path).is_dir()]
-        if any(MARK not in _text(f / CARD) for f in folders):
+        if any(MARK not in _text(Path(e.path) / CARD) for e in _exported(r)):
             written += bool(write_cards(r))
     return written
 
@@ -62,7 +64,7 @@ def _score(m: EvalMetrics | None) -> str:
 
 
 def _front_matter(record: RunRecord, folder: Path) -> str:
-    peft = (folder / "adapter_config.json").is_file() and "peft_type" in _json(folder / "adapter_config.json")
+    peft = "peft_type" in _json(folder / "adapter_config.json")
     tags = ["ftbench", record.method, record.task]
     lines = ["---", f"library_name: {'peft' if peft else 'transformers'}", "tags:", *[f"- {t}" for t in tags]]
     if base := hub_id(record.model):  # the hub links a published card to its base model
@@ -92,7 +94,7 @@ def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
         code += ["model = load_merged(folder)", *tok_line]
     elif adapter.get("peft_type"):
         base = adapter.get("base_model_name_or_path") or ""
-        if not base or not Path(base).expanduser().exists() and not record.model_info.get("pretrained", True):
+        if not base or (not Path(base).expanduser().exists() and not record.model_info.get("pretrained", True)):
             return [
                 f"A PEFT adapter ({adapter['peft_type']}) on a base that was built with random weights "
                 f"(seed {record.seed}): there is no folder to load that base from."
@@ -140,7 +142,7 @@ def _inputs(record: RunRecord, folder: Path) -> list[str]:
     if info.get("kind") == "generation":
         most = record.config.get("task", {}).get("max_new_tokens")
         out += ["", f"Answers are generated greedily (at most {most} new tokens); the first line is the answer."]
-        virtual = "num_virtual_tokens" in _json(Path(folder) / "adapter_config.json")
+        virtual = "num_virtual_tokens" in _json(folder / "adapter_config.json")
         return out + ["", "```python", *_generate_code(info, most, virtual), "```"]
     if info.get("label_words"):
         names = info.get("labels") or []
@@ -233,7 +235,7 @@ def render_card(record: RunRecord, e: ExportRecord) -> str:
     t = cfg.get("train", {})
     method = record.method + ("" if record.variant == "default" else f" ({record.variant})")
     title = f"# {record.model} · {record.task} · {method} · seed {record.seed} — `{e.kind}`"
-    size = _size(e.bytes_on_disk)
+    size = fmt_bytes(e.bytes_on_disk)
     bits = f", {e.bits_per_weight_on_disk:.2f} bits per weight" if e.bits_per_weight_on_disk else ""
     fmt = f", {e.format}" if e.format else ""
     budget = f"{t.get('steps')} steps × batch {t.get('batch_size')} × {t.get('grad_accum', 1)} accumulated"
@@ -322,13 +324,6 @@ def _selected(record: RunRecord) -> str:
     if record.config.get("tuning"):
         out += "; its hyperparameters tuned on the validation split (`ftbench tune`)"
     return out
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} bytes"
 
 
 def _settings(config: dict) -> str:

@@ -235,16 +235,14 @@ def under_load(r: RunRecord) -> bool:
 
 def hardware_of(r: RunRecord) -> str:
     """One record's hardware identity as one short string (older records may lack the newer fields)."""
-    from harness.environment import outside_settings
+    from harness.environment import cpu_name, outside_settings
 
     e = r.environment
     bf16 = {True: "native bf16", False: "bf16 not native"}.get(e.get("native_bf16"), "bf16 unknown")
     gpu = f"{e['gpu']} · " if e.get("gpu") else ""
     caps = "".join(f" · {x}" for x in outside_settings(e))
     isa = e.get("cpu_isa") or "ISA unknown"
-    # the family and model tell CPUs apart that share a name: "AMD EPYC" is Zen 1 (family 23 model 1) or Zen 4
-    cpu = " ".join(str(x) for x in (e.get("cpu_model"), e.get("cpu_family_model")) if x)
-    return f"{gpu}{cpu} · {isa}{caps} · {bf16} · {e.get('torch_threads')} threads"
+    return f"{gpu}{cpu_name(e)} · {isa}{caps} · {bf16} · {e.get('torch_threads')} threads"
 
 
 def load_note(r: RunRecord) -> str:
