@@ -41,6 +41,9 @@ class ModelContext:
     # calibration(n): model-input batches (CPU) of the first n training examples, for calibrated quantizers (GPTQ)
     calibration: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
     train_steps: int = 0  # optimizer steps the run will take (schedules inside a method, e.g. AdaLoRA's budget)
+    # the base model loaded again from its folder as the run first loaded it (None: random weights, no folder): for
+    # a deployable form that puts the adapter back on the base a user would load (QLoRA's, on the unquantized one)
+    load_base: Callable[[], torch.nn.Module] | None = None
 
     @property
     def peft_task_type(self) -> str:

@@ -199,6 +199,21 @@ def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[
     return out
 
 
+def adapter_on_base(name: str, path: Path, load_base, note: str = "") -> Deployable:
+    """A PEFT adapter folder put back on its base, loaded again from the base's folder, as the adapter's model
+    card loads it (float32): ``load_base`` is :attr:`ModelContext.load_base`. Skipped, saying why, where the base
+    had random weights."""
+    if load_base is None:
+        return Deployable(name, skipped="the base was built with random weights: there is no folder to load it from")
+
+    def load() -> torch.nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_base(), path)
+
+    return Deployable(name, "float32", load=load, note=note)
+
+
 def pretrained_forms(path: Path, cls: type) -> list[Deployable]:
     """A transformers model folder deployed as saved (fp32) and loaded in bfloat16 (half the memory; fast only
     where the hardware has bf16 matmuls)."""

@@ -27,6 +27,7 @@ from harness.contract import Deployable, Export, MemoryModel, MethodBase, ModelC
 from harness.lazy import lazy_module
 from harness.schema import AutoDtype
 from methods.common import (
+    adapter_on_base,
     check_peft_fits,
     dir_bytes,
     export_peft,
@@ -41,6 +42,7 @@ torch = lazy_module("torch")  # imported at first use: the config validates with
 
 
 INITS = ("gaussian", "pissa", "loftq")  # init_lora_weights' names (besides PEFT's true / false)
+ON_FLOAT_BASE = "adapter on the fp32 base"  # the deployable form of the adapter on the unquantized base
 
 
 class QLoraOptions(LoraOptions):
@@ -198,21 +200,6 @@ def merged_full_precision(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-def relative_quantization_error(original: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
-    """||dequant(W_q) − W||_F / ||W||_F over all quantized weights together."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
-    err = ref = 0.0
-    for name, mod in model.named_modules():
-        if isinstance(mod, bnb.nn.Linear4bit) and name in original:
-            w = original[name]
-            deq = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
-            err += float((deq - w).pow(2).sum())
-            ref += float(w.pow(2).sum())
-    return (err / ref) ** 0.5 if ref else float("nan")
-
-
 @register_method
 class QLora(MethodBase):
     """QLoRA (Dettmers et al. 2023): LoRA on a 4-bit NF4/FP4 base, optional double quantization."""
@@ -224,7 +211,7 @@ class QLora(MethodBase):
         self.config = config
         self._metrics: dict[str, Any] = {}
         self._quantized: list[str] = []
-        self._calibration = None
+        self._calibration = self._load_base = None
 
     def memory_model(self) -> MemoryModel:
         """4 bits per weight plus one fp32 absmax per block, or, double-quantized, an 8-bit absmax per block plus
@@ -250,7 +237,7 @@ class QLora(MethodBase):
         error = [0.0, 0.0]  # layer by layer: a copy of every float weight at once would double the load's peak
         names = quantize_linears(model, skip, self.config, error)
         self._quantized = names
-        self._calibration = ctx.calibration
+        self._calibration, self._load_base = ctx.calibration, ctx.load_base
         if not names:
             raise ValueError("qlora: no Linear layer left to quantize (check skip_modules)")
         for p in model.parameters():
@@ -299,13 +286,17 @@ class QLora(MethodBase):
         out = export_peft(model, out_dir, mergeable=False)
         in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
         dtype = self.config.compute_dtype
-        out[0].deploy = [Deployable("nf4 + adapter", dtype, model=model, note=in_memory)]
         c = self.config
+        out[0].deploy = [
+            Deployable(f"{c.quant_type} + adapter", dtype, model=model, note=in_memory),
+            self._on_the_float_base(out[0].path),
+        ]
         out[0].notes = (
             f"trained on a {c.quant_type.upper()} 4-bit base (bitsandbytes, blocksize {c.blocksize}"
             f"{', double quantization' if c.double_quant else ''}): on a full-precision base, as loaded above, its "
-            "scores differ from the trained model's by the base's quantization error; load the base in that 4-bit "
-            "format to serve it as trained, or serve merged_fp32"
+            "scores differ from the trained model's by the base's quantization error (the deployment form "
+            f"'{ON_FLOAT_BASE}' measures by how much); load the base in that 4-bit format to serve it as trained, "
+            "or serve merged_fp32"
         )
         if self.config.export_merged_4bit:
             out.append(attempt("merged_4bit", out_dir / "merged_4bit", lambda: self._export_merged4(model, out_dir)))
@@ -332,6 +323,13 @@ class QLora(MethodBase):
                 )
             )
         return out
+
+    def _on_the_float_base(self, path: Path) -> Deployable:
+        """The adapter on the unquantized base, both from disk: how an adapter is usually loaded and served."""
+        if (init := self.config.init_lora_weights) in ("pissa", "loftq"):  # made on W, the residual quantized
+            why = f"a {init} adapter belongs on the base ftbench quantized (W minus its principal part), not on W"
+            return Deployable(ON_FLOAT_BASE, skipped=why)
+        return adapter_on_base(ON_FLOAT_BASE, path, self._load_base, "the base as loaded before quantization")
 
     def _export_merged4(self, model: torch.nn.Module, out_dir: Path) -> Export:
         """Merged and requantized to the base's own 4-bit format, held in memory for evaluation."""

@@ -7,7 +7,7 @@ from harness.cell.models import load_model
 from harness.cell.run import run_cell
 from harness.contract import ModelContext
 from harness.registry import get_method
-from methods.qlora import QLoraOptions, quantize_linears, quantized_storage, relative_quantization_error
+from methods.qlora import QLoraOptions, quantize_linears, quantized_storage
 from tests.conftest import cells
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -97,6 +97,22 @@ def test_bits_per_param_match_the_paper(double_quant, expected):
     assert s["bits_per_quantized_param"] == pytest.approx(expected, abs=0.01)
 
 
+def relative_quantization_error(original: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    """||dequant(W_q) − W||_F / ||W||_F over all quantized weights together: the whole-model figure that QLoRA's
+    prepare sums layer by layer (quantize_linears' ``error``), computed here from a copy of every weight."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    err = ref = 0.0
+    for name, mod in model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and name in original:
+            w = original[name]
+            deq = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+            err += float((deq - w).pow(2).sum())
+            ref += float(w.pow(2).sum())
+    return (err / ref) ** 0.5 if ref else float("nan")
+
+
 @pytest.mark.real_model
 def test_nf4_error_below_fp4_on_trained_weights():
     errs = {}
@@ -157,6 +173,66 @@ def test_the_requantized_merge_is_left_out_on_request(tmp_path):
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
     assert [e.kind for e in rec.exports] == ["adapter", "merged_fp32"] and rec.exports[1].eval is not None
+
+
+def _saved_tiny_bert(path):
+    """tiny-bert with seeded random weights saved as a model folder (with MiniLM's tokenizer, as tiny-bert reads):
+    to ftbench, a pretrained model a user points at."""
+    from transformers import AutoModelForSequenceClassification
+
+    from harness.cell.models import _tiny_config, load_tokenizer
+
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_config(_tiny_config("tiny-bert", 2)).save_pretrained(path)
+    load_tokenizer("tiny-bert").save_pretrained(path)
+    return str(path)
+
+
+def test_the_adapter_is_served_on_the_unquantized_base_as_users_load_it(tmp_path):
+    """A QLoRA adapter is usually loaded on the base as published, not on the 4-bit base it trained on. That
+    deployable form is measured too: the base loaded again from its folder (not NF4's rounding of it) and the
+    adapter as trained, from disk, scored and timed."""
+    from peft.tuners.lora import LoraLayer
+
+    folder = _saved_tiny_bert(tmp_path / "base")
+    cfg = cells(
+        models=[folder],
+        methods=[{"method": "qlora", "config": {"r": 4, "target_modules": ["query"], "export_merged_4bit": False}}],
+        train={"steps": 3, "batch_size": 8, "lr": 1e-2, "max_seq_len": 32, "timing_warmup_steps": 1},
+        deploy={"enabled": True, "repeats": 1},
+    )[0]
+    rec = run_cell(cfg, tmp_path / "run")
+    assert rec.status == "ok", rec.error
+    forms = {d.name: d for d in rec.exports[0].deployments}
+    assert set(forms) == {"nf4 + adapter", "adapter on the fp32 base"}
+    on_base = forms["adapter on the fp32 base"]
+    assert on_base.error is None and on_base.load_time_s > 0 and on_base.latency
+    assert on_base.eval.examples == rec.eval_after.examples
+    # what that form loads: the folder's own weights under the trained adapter
+    model, ctx = load_model(folder, 2, 0).model, ModelContext("seq_cls", 2, "bert", head_names=["classifier"])
+    original = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    method = get_method("qlora")(QLoraOptions(r=4, target_modules=["query"], export_merged_4bit=False))
+    ctx.load_base = lambda: load_model(folder, 2, 0).model
+    trained = method.prepare(model, ctx)
+    layer = next(m for m in trained.modules() if isinstance(m, LoraLayer))
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # a trained adapter: B is no longer zero
+    export = method.export(trained, tmp_path / "export")[0]
+    served = next(d for d in export.deploy if d.name == "adapter on the fp32 base").load()
+    query = next(m for m in served.modules() if isinstance(m, LoraLayer))
+    assert torch.equal(query.get_base_layer().weight, original)  # not dequant(NF4(W)): W itself
+    assert torch.equal(query.lora_B["default"].weight, layer.lora_B["default"].weight)
+
+
+def test_a_pissa_adapter_is_not_put_on_the_unquantized_base(tmp_path):
+    """QPiSSA's adapter holds W's principal part and the base the quantized rest: on W itself it would count that
+    part twice, so that form is skipped, saying why."""
+    folder = _saved_tiny_bert(tmp_path / "base")
+    model, ctx = load_model(folder, 2, 0).model, ModelContext("seq_cls", 2, "bert", head_names=["classifier"])
+    ctx.load_base = lambda: load_model(folder, 2, 0).model
+    method = get_method("qlora")(QLoraOptions(r=4, target_modules=["query"], init_lora_weights="pissa"))
+    export = method.export(method.prepare(model, ctx), tmp_path / "export")[0]
+    on_base = next(d for d in export.deploy if d.name == "adapter on the fp32 base")
+    assert on_base.load is None and "pissa adapter belongs on the base ftbench quantized" in on_base.skipped
 
 
 def test_int_export_for_the_qalora_comparison(tmp_path):

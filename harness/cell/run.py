@@ -109,7 +109,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     progress.say(f"loading {cfg.model.name}")
     m = cfg.model
     n = len(task.labels)
-    loaded = load_model(m.name, n, cfg.seed, m.trust_remote_code, mode, m.allow_pickle, m.init, device, task.labels)
+    base_args = (m.name, n, cfg.seed, m.trust_remote_code, mode, m.allow_pickle, m.init, device, task.labels)
+    loaded = load_model(*base_args)
     rec["model_info"] = loaded.info
     io: TaskIO = task_io(task, mode)(task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
     # Random weights (a *-shape, init: random) or a task with nothing to score (synthetic): memory and speed only.
@@ -137,6 +138,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         output_names=io.output_names(loaded.model),
         calibration=io.calibration,
         train_steps=cfg.train.steps,
+        load_base=(lambda: load_model(*base_args).model) if loaded.info.get("pretrained") else None,
     )
     model = method.prepare(loaded.model, ctx).to(device)
     rec.update(parameter_counts(model))
