@@ -16,7 +16,7 @@ from harness.cell.modelnames import hub_id
 from harness.environment import describe
 from harness.records import EvalMetrics, ExportRecord, RunRecord
 from reports.metrics import fmt_bytes
-from reports.stats import wilson
+from reports.stats import answers_vs, wilson
 
 CARD = "README.md"
 MARK = "Written by ftbench"  # how a card of ftbench's tells itself from another README
@@ -290,7 +290,7 @@ def _deployments(record: RunRecord, e: ExportRecord) -> list[str]:
     rows = []
     for d in e.deployments:
         if d.skipped or d.error:
-            rows.append(f"| {d.name} | {d.dtype} | {d.skipped or d.error} | | |")
+            rows.append(f"| {d.name} | {d.dtype} | {d.skipped or d.error} | | | |")
             continue
         load = f"{d.load_time_s:.2f} s" if d.load_time_s is not None else "— (in memory)"
         lat = "; ".join(
@@ -298,11 +298,19 @@ def _deployments(record: RunRecord, e: ExportRecord) -> list[str]:
             for k, v in (d.latency or {}).items()
             if isinstance(v, dict) and "median_s" in v
         )
-        rows.append(f"| {d.name} | {d.dtype} | {load} | {lat or '—'} | {_score(d.eval)} |")
+        trained = [record.eval_after.correct if record.eval_after else None]
+        versus = answers_vs(trained, [d.eval.correct if d.eval else None])
+        rows.append(f"| {d.name} | {d.dtype} | {load} | {lat or '—'} | {_score(d.eval)} | {versus} |")
     if not rows:
         return []
     head = ["## Deployed, as measured on the run's machine (median [quartiles] of the timed repeats)", ""]
-    head += ["| form | dtype | load | latency | accuracy |", "|---|---|---|---|---|"]
+    head += [
+        "Vs as trained: the right answers a form loses and gains against the model as trained (scored in the run's "
+        "dtype) on the same test examples, and whether that is beyond noise (McNemar exact).",
+        "",
+        "| form | dtype | load | latency | accuracy | vs as trained |",
+        "|---|---|---|---|---|---|",
+    ]
     return [*head, *rows, ""]
 
 

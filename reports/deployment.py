@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 
 from harness.records import DeploymentRecord, RunRecord, headline_latency_s
 from reports.figures import SERIES_COLORS, _layout
-from reports.stats import wilson, wilson_over_seeds
+from reports.stats import answers_vs, wilson, wilson_over_seeds
 from reports.summary import fmt_bytes, prompt_mode
 
 
@@ -31,6 +31,7 @@ class Form:
     decoder: bool
     bytes_on_disk: list[int] = field(default_factory=list)
     runs: list[DeploymentRecord] = field(default_factory=list)
+    trained: list[str | None] = field(default_factory=list)  # each run's trained answers (eval_after.correct)
 
     def _latencies(self, block: str) -> list[float]:
         return [d.latency[block]["median_s"] for d in self.runs if d.latency and block in d.latency]
@@ -62,6 +63,7 @@ def forms(records: list[RunRecord]) -> dict[tuple[str, str], list[Form]]:
                 f = out.setdefault(k, Form(r.model, r.task, k[2], e.kind, d.name, d.dtype, decoder))
                 f.bytes_on_disk.append(e.bytes_on_disk)
                 f.runs.append(d)
+                f.trained.append(r.eval_after.correct if r.eval_after else None)
     by: dict[tuple[str, str], list[Form]] = defaultdict(list)
     for f in out.values():
         by[(f.model, f.task)].append(f)
@@ -106,7 +108,23 @@ def _accuracy(f: Form) -> str:
     return text
 
 
-COLUMNS = ("configuration", "artifact", "form", "on disk", "load", "latency", "prefill / batch 32", "test accuracy")
+def vs_trained(f: Form) -> str:
+    """The form's answers against the trained model's, over the form's seeds (:func:`answers_vs`)."""
+    served = [d.eval.correct if d.eval else None for d in f.runs]
+    return answers_vs(f.trained, served)
+
+
+COLUMNS = (
+    "configuration",
+    "artifact",
+    "form",
+    "on disk",
+    "load",
+    "latency",
+    "prefill / batch 32",
+    "test accuracy",
+    "vs as trained",
+)
 
 
 def table_rows(fs: list[Form]) -> list[list[str]]:
@@ -124,7 +142,9 @@ def table_rows(fs: list[Form]) -> list[list[str]]:
         loads = [d.load_time_s for d in f.runs if d.load_time_s is not None]
         load = _ms(loads) if loads else "— (in memory)"
         size = fmt_bytes(statistics.median(f.bytes_on_disk)) if f.bytes_on_disk else "—"
-        rows.append([f.config, f.artifact, f"{f.name} ({f.dtype})", size, load, latency, second, _accuracy(f)])
+        rows.append(
+            [f.config, f.artifact, f"{f.name} ({f.dtype})", size, load, latency, second, _accuracy(f), vs_trained(f)]
+        )
     return rows
 
 
@@ -168,7 +188,9 @@ def render(records: list[RunRecord], figure_html) -> str:
         "test split as deployed (its own dtype, no autocast), and timed at batch 1 after one warm-up: decoders "
         "prefill a prompt, then decode greedily one token at a time with the KV cache. Latency: the median "
         "over seeds of each run's median (± std over seeds), with the quartiles of the timed repeats. "
-        "Inputs are seeded token ids; the thread count is the run's.</p>"
+        "Inputs are seeded token ids; the thread count is the run's. Vs as trained: the right answers the form "
+        "loses and gains against the trained model's (scored after training, in the run's dtype) on the same "
+        "examples, McNemar exact for one seed, else a paired bootstrap.</p>"
     ]
     for k, ((model, task), fs) in enumerate(by.items()):
         parts.append(f"<h3>{html.escape(model)} · {html.escape(task)}</h3>")

@@ -144,14 +144,16 @@ def paired(a: Summary, b: Summary) -> Paired:
     pa, pb = _per_example(a.runs), _per_example(b.runs)
     if pa is None or pb is None or len(pa) != len(pb):
         return Paired(diff, None, "none", None, False, "no per-example answers on a shared test set to pair")
-    p, test = _example_test(pa, pb, a.seeds == 1 and b.seeds == 1)
+    p, test = example_test(pa, pb, a.seeds == 1 and b.seeds == 1)
     seed_se = None
     if a.seeds > 1 and b.seeds > 1:
         seed_se = (a.std**2 / a.seeds + b.std**2 / b.seeds) ** 0.5
     return _decide(Paired(diff, p, test, seed_se, False, ""))
 
 
-def _example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[float, str]:
+def example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[float, str]:
+    """Two-sided p that two answer vectors on the same test examples differ, and the test's name: McNemar exact
+    for one seed each (0/1 per example), else a paired bootstrap over the examples of the per-seed means."""
     if one_seed_each:
         only_a, only_b = int(((pa == 1) & (pb == 0)).sum()), int(((pa == 0) & (pb == 1)).sum())
         p = float(mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue) if only_a + only_b else 1.0
@@ -165,6 +167,28 @@ def _example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[
     return p, f"paired bootstrap over {len(d)} examples"
 
 
+def _bits(correct: str) -> np.ndarray:
+    return np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0")
+
+
+def answers_vs(trained: list[str | None], served: list[str | None]) -> str:
+    """A deployed form's answers against the trained model's on the same test examples, one pair of ``correct``
+    strings per seed (the trained model as scored after training, in the run's dtype): the right answers lost
+    and gained, summed over seeds, and whether the difference is beyond noise, tested as two configurations are
+    (:func:`example_test`). "—" where a seed lacks either."""
+    pairs = [(t, c) for t, c in zip(trained, served, strict=True) if t and c]
+    if not pairs or len(pairs) != len(served) or len({len(x) for pair in pairs for x in pair}) != 1:
+        return "—"
+    lost = sum(int(((_bits(t) == 1) & (_bits(c) == 0)).sum()) for t, c in pairs)
+    gained = sum(int(((_bits(t) == 0) & (_bits(c) == 1)).sum()) for t, c in pairs)
+    if not lost and not gained:
+        return "the same answers"
+    before, after = (np.mean([_bits(pair[i]) for pair in pairs], axis=0) for i in (0, 1))
+    p, _ = example_test(before, after, len(pairs) == 1)
+    n = f"{len(pairs)} × {len(pairs[0][0])}" if len(pairs) > 1 else str(len(pairs[0][0]))
+    return f"{lost} lost, {gained} gained of {n} (p = {p:.2g}, {'beyond' if p < 0.05 else 'within'} noise)"
+
+
 def gain(runs: list[RunRecord]) -> Paired:
     """After training against before, on the same test examples: is training's gain beyond noise? With two or
     more seeds, the per-seed gains must also exceed twice their standard error."""
@@ -173,7 +197,7 @@ def gain(runs: list[RunRecord]) -> Paired:
     diff = statistics.fmean(diffs) if diffs else 0.0
     if after is None or before is None or len(after) != len(before):
         return Paired(diff, None, "none", None, False, "no per-example answers before and after to pair")
-    p, test = _example_test(after, before, len(runs) == 1)
+    p, test = example_test(after, before, len(runs) == 1)
     seed_se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
     return _decide(Paired(diff, p, test, seed_se, False, ""))
 

@@ -1,5 +1,7 @@
 """QLoRA on CPU with bitsandbytes: gradients, the eval-then-train trap, bits per parameter, merge fidelity."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,6 +210,9 @@ def test_the_adapter_is_served_on_the_unquantized_base_as_users_load_it(tmp_path
     on_base = forms["adapter on the fp32 base"]
     assert on_base.error is None and on_base.load_time_s > 0 and on_base.latency
     assert on_base.eval.examples == rec.eval_after.examples
+    # the card's deployments: the in-memory form is the trained model itself, so it gives the same answers
+    card = (Path(rec.exports[0].path) / "README.md").read_text()
+    assert "| nf4 + adapter | float32 | — (in memory) |" in card and "| the same answers |" in card, card
     # what that form loads: the folder's own weights under the trained adapter
     model, ctx = load_model(folder, 2, 0).model, ModelContext("seq_cls", 2, "bert", head_names=["classifier"])
     original = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()

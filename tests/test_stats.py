@@ -168,7 +168,8 @@ def test_a_deployed_forms_accuracy_over_seeds_carries_its_interval_over_examples
         )
     (row,) = deployment.table_rows(deployment.forms(runs)[("m", "t")])
     lo, hi = stats.wilson(1.0, 60)
-    assert row[-1] == f"1.000 ± 0.000 [{lo:.3f}, {hi:.3f}]"
+    assert row[-2] == f"1.000 ± 0.000 [{lo:.3f}, {hi:.3f}]"
+    assert row[-1] == "the same answers"  # as trained: every answer right on both seeds
 
 
 def test_step_time_is_judged_against_students_t_at_the_repeats_degrees_of_freedom():
@@ -346,3 +347,15 @@ def test_two_cpus_that_share_a_name_are_two_machines():
     assert stats.hardware_of(zen1[0]) == "AMD EPYC family 23 model 1 · AVX2 · bf16 not native · 2 threads"
     assert stats.step_time_verdict(zen1, zen2, 0.05, 2).why == "measured on different machines: not judged"
     assert stats.step_time_verdict(zen1, zen1, 0.05, 2).why != "measured on different machines: not judged"
+
+
+def test_a_deployed_forms_answers_against_the_trained_models():
+    """Right answers lost and gained on the same examples, summed over seeds, with the paired test's verdict."""
+    from reports.stats import answers_vs
+
+    assert answers_vs(["1100"], ["1100"]) == "the same answers"
+    assert answers_vs(["1100"], ["1010"]) == "1 lost, 1 gained of 4 (p = 1, within noise)"
+    # 20 right answers lost, none gained: McNemar exact p = 2 · 0.5^20
+    assert answers_vs(["1" * 40], ["0" * 20 + "1" * 20]) == "20 lost, 0 gained of 40 (p = 1.9e-06, beyond noise)"
+    assert answers_vs(["10", "11"], ["01", "11"]).startswith("1 lost, 1 gained of 2 × 2 (p = ")
+    assert answers_vs(["1100"], [None]) == answers_vs([None], ["1100"]) == answers_vs(["11"], ["110"]) == "—"
