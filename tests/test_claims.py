@@ -102,3 +102,16 @@ def test_a_claims_suite_without_an_entry_a_claim_reads_is_refused_naming_it(tmp_
     out = run_cli("claims", "--suite", str(write_suite(data)), "--results", str(tmp_path / "r"), "--no-run")
     assert out.returncode == 2 and "the claims read entries this suite lacks: lora/r8 (method/variant)" in out.stderr
     assert not (tmp_path / "r" / "claims.html").exists()
+
+
+def test_claims_without_the_source_tree_says_where_its_suite_is(tmp_path, monkeypatch):
+    """Installed from a wheel, ftbench has no suites/ beside it: `ftbench claims` says so in one line (exit 2),
+    rather than "no such suite file"."""
+    import harness.driver.cli as cli
+    from tests.conftest import run_cli
+
+    monkeypatch.setattr(cli, "_shipped", lambda relative: tmp_path / relative)  # where a wheel would look
+    out = run_cli("claims", "--no-run", "--results", str(tmp_path / "r"))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "not installed with ftbench; run in a clone of ftbench, or --suite FILE" in out.stderr
+    assert not (tmp_path / "r").exists()  # nothing written

@@ -184,6 +184,8 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
     results = _results_dir(args.results, "claims")
     suite = args.suite or str(_shipped("suites/claims.yaml"))
+    if not args.suite and not Path(suite).exists():  # installed from a wheel: the suites stay in the source tree
+        raise ConfigError("suites/claims.yaml: not installed with ftbench; run in a clone of ftbench, or --suite FILE")
     try:  # stdout is the verdict table: a library's import banner (gptqmodel, through peft) goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
             load_suite(suite)  # a bad suite is one line, before anything runs
