@@ -169,15 +169,19 @@ def requires_grad_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool) -> list[Export]:
+def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool, load_base=None) -> list[Export]:
     """Adapter in PEFT format (adapter_model.safetensors + adapter_config.json); where the tuner can merge,
     also the merged full model, returned in memory so the runner can measure merge fidelity. A tuner that cannot
     merge by design (``NotImplementedError``, e.g. Lily) makes the merge *unsupported*; a merge that fails on
     this model (BEFT on a base without biases: ``ValueError``) is that export's *error*. Either way the adapter
-    and the run stand."""
+    and the run stand. With ``load_base`` (:attr:`ModelContext.load_base`), a mergeable adapter is also deployed
+    unmerged on its base, from disk: what serving several adapters on one base costs per call."""
     out = [Export("adapter", out_dir / "adapter", 0, notes="the trained adapter: on its base, the model as trained")]
     model.save_pretrained(out[0].path, safe_serialization=True)
     out[0].bytes_on_disk = dir_bytes(out[0].path)
+    if mergeable and load_base is not None:  # prompt learning is left out: its adapters change the inputs
+        note = "unmerged: the adapter's layers beside the base's, as multi-adapter serving runs them"
+        out[0].deploy = [adapter_on_base("adapter on the base (unmerged)", out[0].path, load_base, note)]
     if mergeable:
         path = out_dir / "merged"
         try:

@@ -110,6 +110,7 @@ class Lora(MethodBase):
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         from peft import get_peft_model
 
+        self._load_base = ctx.load_base  # for the adapter's unmerged deployable form
         return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -119,7 +120,7 @@ class Lora(MethodBase):
         return MemoryModel(trains="adapters", rank=self.config.r, targets=peft_targets(self.config.target_modules))
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> list[Export]:
-        return export_peft(model, out_dir, mergeable=True)
+        return export_peft(model, out_dir, mergeable=True, load_base=getattr(self, "_load_base", None))
 
     def starts_as_base(self) -> bool:
         """B = 0 adds exact zeros to every targeted layer's output. Pass-through options that change the start

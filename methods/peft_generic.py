@@ -135,6 +135,7 @@ class PeftGeneric(MethodBase):
         _no_cuda_build_without_cuda()
 
         model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
+        self._load_base = ctx.load_base  # for a mergeable adapter's unmerged deployable form
         self._ranks = [(0, _active_rank(model))]
         cfg = model.peft_config[model.active_adapter]
         # prompt tuning, P-tuning, …: virtual token embeddings joined to the input, through every layer; prefix
@@ -179,7 +180,7 @@ class PeftGeneric(MethodBase):
 
         # Prompt-learning methods (prompt/prefix tuning) have nothing to merge into the weights.
         mergeable = isinstance(model.base_model, BaseTuner) and hasattr(model.base_model, "merge_and_unload")
-        return export_peft(model, out_dir, mergeable=mergeable)
+        return export_peft(model, out_dir, mergeable=mergeable, load_base=getattr(self, "_load_base", None))
 
 
 def _no_cuda_build_without_cuda() -> None:

@@ -162,6 +162,20 @@ def cells(**over) -> list[RunConfig]:
     return expand(parse_suite(tiny_suite(**over), "<test>"))
 
 
+def saved_tiny_bert(path: Path) -> str:
+    """tiny-bert with seeded random weights saved as a model folder (with MiniLM's tokenizer, as tiny-bert reads):
+    to ftbench, a pretrained model a user points at, whose base can be loaded again from disk."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from harness.cell.models import _tiny_config, load_tokenizer
+
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_config(_tiny_config("tiny-bert", 2)).save_pretrained(path)
+    load_tokenizer("tiny-bert").save_pretrained(path)
+    return str(path)
+
+
 def ftbench(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real command line, in a subprocess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -136,3 +136,26 @@ def test_a_form_with_the_exports_weights_is_not_evaluated_again(tmp_path, monkey
     assert forms["fp32"].eval == merged.eval and forms["fp32"].load_time_s > 0
     expected = 4 if forms["bf16"].skipped is None else 3  # trained, merged export, bf16 form, untrained
     assert calls.count("test") == expected, calls
+
+
+def test_a_mergeable_adapter_is_also_served_unmerged_on_its_base_and_prompt_learning_is_not(tmp_path):
+    """An adapter kept beside its base (several adapters served on one base) costs latency a merge does not: that
+    form is loaded from disk (the base from its folder, the adapter from the export) and timed. In float32 its
+    answers are the trained model's to the last bit of the loss. Prompt tuning changes the inputs, not the
+    layers: no such form."""
+    from tests.conftest import saved_tiny_bert
+
+    folder = saved_tiny_bert(tmp_path / "base")
+    prompt_tuning = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}
+    methods = [{"method": "lora", "config": {"r": 4}}, {"method": "peft", "config": prompt_tuning}]
+    lora, prompt = (
+        run_cell(cfg, tmp_path / cfg.method)
+        for cfg in cells(models=[folder], tasks=TASK, train=TRAIN, methods=methods, deploy={"repeats": 1})
+    )
+    assert lora.status == prompt.status == "ok", (lora.error, prompt.error)
+    adapter = next(e for e in lora.exports if e.kind == "adapter")
+    (unmerged,) = adapter.deployments
+    assert unmerged.name == "adapter on the base (unmerged)" and unmerged.error is None and unmerged.load_time_s > 0
+    assert unmerged.eval.loss == lora.eval_after.loss and unmerged.eval.correct == lora.eval_after.correct
+    assert unmerged.latency["kind"] == "encoder"
+    assert not next(e for e in prompt.exports if e.kind == "adapter").deployments

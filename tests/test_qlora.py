@@ -10,7 +10,7 @@ from harness.cell.run import run_cell
 from harness.contract import ModelContext
 from harness.registry import get_method
 from methods.qlora import QLoraOptions, quantize_linears, quantized_storage
-from tests.conftest import cells
+from tests.conftest import cells, saved_tiny_bert
 
 bnb = pytest.importorskip("bitsandbytes")
 CTX = ModelContext("seq_cls", 2, "bert", ["classifier"])
@@ -177,26 +177,13 @@ def test_the_requantized_merge_is_left_out_on_request(tmp_path):
     assert [e.kind for e in rec.exports] == ["adapter", "merged_fp32"] and rec.exports[1].eval is not None
 
 
-def _saved_tiny_bert(path):
-    """tiny-bert with seeded random weights saved as a model folder (with MiniLM's tokenizer, as tiny-bert reads):
-    to ftbench, a pretrained model a user points at."""
-    from transformers import AutoModelForSequenceClassification
-
-    from harness.cell.models import _tiny_config, load_tokenizer
-
-    torch.manual_seed(1)
-    AutoModelForSequenceClassification.from_config(_tiny_config("tiny-bert", 2)).save_pretrained(path)
-    load_tokenizer("tiny-bert").save_pretrained(path)
-    return str(path)
-
-
 def test_the_adapter_is_served_on_the_unquantized_base_as_users_load_it(tmp_path):
     """A QLoRA adapter is usually loaded on the base as published, not on the 4-bit base it trained on. That
     deployable form is measured too: the base loaded again from its folder (not NF4's rounding of it) and the
     adapter as trained, from disk, scored and timed."""
     from peft.tuners.lora import LoraLayer
 
-    folder = _saved_tiny_bert(tmp_path / "base")
+    folder = saved_tiny_bert(tmp_path / "base")
     cfg = cells(
         models=[folder],
         methods=[{"method": "qlora", "config": {"r": 4, "target_modules": ["query"], "export_merged_4bit": False}}],
@@ -231,7 +218,7 @@ def test_the_adapter_is_served_on_the_unquantized_base_as_users_load_it(tmp_path
 def test_a_pissa_adapter_is_not_put_on_the_unquantized_base(tmp_path):
     """QPiSSA's adapter holds W's principal part and the base the quantized rest: on W itself it would count that
     part twice, so that form is skipped, saying why."""
-    folder = _saved_tiny_bert(tmp_path / "base")
+    folder = saved_tiny_bert(tmp_path / "base")
     model, ctx = load_model(folder, 2, 0).model, ModelContext("seq_cls", 2, "bert", head_names=["classifier"])
     ctx.load_base = lambda: load_model(folder, 2, 0).model
     method = get_method("qlora")(QLoraOptions(r=4, target_modules=["query"], init_lora_weights="pissa"))
