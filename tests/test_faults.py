@@ -139,7 +139,8 @@ def test_kill_the_runner_then_resume(tmp_path, write_suite):
     """SIGKILL the runner mid-suite: its run dies with it; a new `ftbench run` keeps every finished record
     byte for byte, reruns only the interrupted cell, and leaves no temp files or duplicates."""
     suite = write_suite(
-        tiny_suite(methods=[{"method": "full"}, {"method": "lora", "variant": "slow", "train": {"steps": 800}}])
+        # 300 steps: ~2.5 s of training on one AVX2 thread, long enough to be killed mid-run, short to run again
+        tiny_suite(methods=[{"method": "full"}, {"method": "lora", "variant": "slow", "train": {"steps": 300}}])
     )
     runner = _start(suite, tmp_path)
     _wait_for(lambda: len(_records(tmp_path)) == 1)
