@@ -171,22 +171,46 @@ def _bits(correct: str) -> np.ndarray:
     return np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0")
 
 
-def answers_vs(trained: list[str | None], served: list[str | None]) -> str:
+@dataclass
+class AnswersVs:
+    """A deployed form's answers against the trained model's: right answers lost and gained (summed over seeds),
+    the paired test's p, and over how many examples (``n``: "400", or "3 × 400" for seeds)."""
+
+    lost: int
+    gained: int
+    p: float
+    n: str
+
+    @property
+    def loses_beyond_noise(self) -> bool:
+        return self.lost > self.gained and self.p < 0.05
+
+    def __str__(self) -> str:
+        if not self.lost and not self.gained:
+            return "the same answers"
+        verdict = "beyond" if self.p < 0.05 else "within"
+        return f"{self.lost} lost, {self.gained} gained of {self.n} (p = {self.p:.2g}, {verdict} noise)"
+
+
+def answers_versus(trained: list[str | None], served: list[str | None]) -> AnswersVs | None:
     """A deployed form's answers against the trained model's on the same test examples, one pair of ``correct``
-    strings per seed (the trained model as scored after training, in the run's dtype): the right answers lost
-    and gained, summed over seeds, and whether the difference is beyond noise, tested as two configurations are
-    (:func:`example_test`). "—" where a seed lacks either."""
+    strings per seed (the trained model as scored after training, in the run's dtype), tested as two
+    configurations are (:func:`example_test`). None where a seed lacks either."""
     pairs = [(t, c) for t, c in zip(trained, served, strict=True) if t and c]
     if not pairs or len(pairs) != len(served) or len({len(x) for pair in pairs for x in pair}) != 1:
-        return "—"
+        return None
     lost = sum(int(((_bits(t) == 1) & (_bits(c) == 0)).sum()) for t, c in pairs)
     gained = sum(int(((_bits(t) == 0) & (_bits(c) == 1)).sum()) for t, c in pairs)
-    if not lost and not gained:
-        return "the same answers"
-    before, after = (np.mean([_bits(pair[i]) for pair in pairs], axis=0) for i in (0, 1))
-    p, _ = example_test(before, after, len(pairs) == 1)
     n = f"{len(pairs)} × {len(pairs[0][0])}" if len(pairs) > 1 else str(len(pairs[0][0]))
-    return f"{lost} lost, {gained} gained of {n} (p = {p:.2g}, {'beyond' if p < 0.05 else 'within'} noise)"
+    if not lost and not gained:
+        return AnswersVs(0, 0, 1.0, n)
+    before, after = (np.mean([_bits(pair[i]) for pair in pairs], axis=0) for i in (0, 1))
+    return AnswersVs(lost, gained, example_test(before, after, len(pairs) == 1)[0], n)
+
+
+def answers_vs(trained: list[str | None], served: list[str | None]) -> str:
+    """:func:`answers_versus` as the tables print it ("—" where a seed lacks either)."""
+    return str(versus) if (versus := answers_versus(trained, served)) else "—"
 
 
 def gain(runs: list[RunRecord]) -> Paired:

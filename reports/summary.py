@@ -13,8 +13,9 @@ MEANINGS = {  # the metric columns' meanings are the catalogue's (reports/metric
     "optimizer": "the optimizer, and whether paged state really was paged",
     "dtype": "the training dtype as resolved (auto: what ran here), the method's compute dtype where it differs, "
     "and fp16's steps skipped by loss scaling",
-    "fastest deployment": "the run's fastest deployable artifact at batch 1: ms per generated token (decoders) or "
-    "per example (encoders); every form in the report's Deployment section",
+    "fastest deployment": "the run's fastest deployable artifact at batch 1 among those that lose no accuracy "
+    "beyond noise against the trained model: ms per generated token (decoders) or per example (encoders); every "
+    "form in the report's Deployment section",
     "merged exports: accuracy (max Δlogit)": "accuracy of each exported model and its max |logit difference| "
     "(prompts: of a continuation's log-likelihood) vs the trained in-memory model on the test split, both in the "
     "run's dtype: under bf16 autocast rounding alone moves scores by ~0.1, so there an exact merge is 0 differing "
@@ -141,13 +142,19 @@ def mfu_label(r: RunRecord, loaded: str = "") -> str:
 
 
 def fastest_deployment(r: RunRecord) -> str:
-    """The run's fastest deployable form (harness/cell/deploy.py) and its latency at batch 1."""
+    """The run's fastest deployable form (harness/cell/deploy.py) and its latency at batch 1, among the forms
+    that lose no accuracy beyond noise against the trained model (a lossy requantized merge is often fastest)."""
     from harness.records import headline_latency_s
+    from reports.stats import answers_versus
 
+    trained = r.eval_after.correct if r.eval_after else None
     best = None
     for e in r.exports:
         for d in e.deployments:
             x = headline_latency_s(d.latency)
+            versus = answers_versus([trained], [d.eval.correct if d.eval else None])
+            if versus is not None and versus.loses_beyond_noise:
+                continue
             if x is not None and (best is None or x < best[0]):
                 best = (x, f"{e.kind} {d.name}", d.latency["kind"] == "decoder")
     if best is None:

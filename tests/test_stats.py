@@ -359,3 +359,25 @@ def test_a_deployed_forms_answers_against_the_trained_models():
     assert answers_vs(["1" * 40], ["0" * 20 + "1" * 20]) == "20 lost, 0 gained of 40 (p = 1.9e-06, beyond noise)"
     assert answers_vs(["10", "11"], ["01", "11"]).startswith("1 lost, 1 gained of 2 × 2 (p = ")
     assert answers_vs(["1100"], [None]) == answers_vs([None], ["1100"]) == answers_vs(["11"], ["110"]) == "—"
+
+
+def test_the_fastest_deployment_is_one_that_keeps_the_trained_models_accuracy():
+    """A requantized merge is often the fastest form and the one that loses accuracy: the summary's fastest
+    deployment is the fastest that loses none beyond noise, and a form that merely answers differently counts."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports.summary import fastest_deployment
+
+    def form(name: str, correct: str, ms: float) -> DeploymentRecord:
+        latency = {"kind": "encoder", "batch_1_per_example": {"median_s": ms / 1e3, "q1_s": 0, "q3_s": 0}}
+        served = EvalMetrics(accuracy=correct.count("1") / len(correct), loss=0.1, examples=40, correct=correct)
+        return DeploymentRecord(name=name, dtype="float32", eval=served, latency=latency)
+
+    trained = "1" * 40
+    lossy = form("nf4 merged", "0" * 20 + "1" * 20, 5.0)  # 20 right answers lost: p = 1.9e-06
+    shuffled = form("bf16", "0" + "1" * 39, 7.0)  # one lost: within noise
+    exports = [ExportRecord(kind="merged", path="m", bytes_on_disk=9, deployments=[lossy, shuffled])]
+    r = run("lora", trained).model_copy(update={"exports": exports})
+    assert fastest_deployment(r) == "merged bf16 7 ms/example"
+    kept = lossy.model_copy(update={"eval": shuffled.eval})
+    r = r.model_copy(update={"exports": [exports[0].model_copy(update={"deployments": [kept, shuffled]})]})
+    assert fastest_deployment(r) == "merged nf4 merged 5 ms/example"
