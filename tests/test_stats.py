@@ -381,3 +381,19 @@ def test_the_fastest_deployment_is_one_that_keeps_the_trained_models_accuracy():
     kept = lossy.model_copy(update={"eval": shuffled.eval})
     r = r.model_copy(update={"exports": [exports[0].model_copy(update={"deployments": [kept, shuffled]})]})
     assert fastest_deployment(r) == "merged nf4 merged 5 ms/example"
+
+
+def test_compare_rows_carry_each_forms_answers_lost_and_gained():
+    """`compare --format csv|json`: beside each deployed form's accuracy, the right answers it lost and gained
+    against the trained model on the same examples (empty where either side has no answers)."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports.compare import flat_rows
+
+    served = EvalMetrics(accuracy=0.5, loss=0.1, examples=4, correct="0110")
+    forms = [DeploymentRecord(name="bf16", dtype="bfloat16", eval=served), DeploymentRecord(name="x", dtype="int4")]
+    r = run("lora", "1100").model_copy(
+        update={"exports": [ExportRecord(kind="merged", path="m", bytes_on_disk=9, deployments=forms)]}
+    )
+    (row,) = flat_rows([r])
+    assert (row["deploy_merged_bf16_answers_lost"], row["deploy_merged_bf16_answers_gained"]) == (1, 1)
+    assert row["deploy_merged_x_answers_lost"] is None and row["deploy_merged_x_accuracy"] is None
