@@ -203,12 +203,10 @@ def test_a_grid_says_when_trials_leave_points_out_and_never_runs_a_point_twice(t
 
 def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(tmp_path):
     """tune.storage: Optuna's RDBStorage (SQLite here; PostgreSQL or MySQL by URL, same code path). The trials
-    run in processes of their own (the real command line) and report their validation curves to the database,
+    run in processes of their own and report their validation curves to the database,
     where the median pruner reads them: no journal file is written; a rerun runs no trial again."""
     import optuna
     import yaml
-
-    from tests.conftest import ftbench
 
     db = tmp_path / "studies.db"
     data = tiny_suite(methods=[{"method": "lora", "config": {"r": 4}}], seeds=[0])
@@ -217,7 +215,7 @@ def test_a_database_url_holds_the_studies_and_each_trial_process_reports_to_it(t
     data["tune"] = {**TUNE, "pruner": "median"}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
-    out = ftbench("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
+    out = run_cli("tune", str(path), "--results", str(tmp_path / "r"), "--storage", f"sqlite:///{db}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3/3 trials, " in out.stderr and "pruned, best val_accuracy" in out.stderr  # the study's progress
     # one lock and one machine check for the trials and the final cells together (issue 28: it was twice)
