@@ -151,7 +151,7 @@ def table_rows(fs: list[Form]) -> list[list[str]]:
 def figure(fs: list[Form]) -> go.Figure:
     """Latency at batch 1 against the form's test accuracy: each run a point, one series per configuration."""
     fig = go.Figure()
-    configs = sorted({f.config for f in fs})
+    configs, symbols = sorted({f.config for f in fs}), _symbols(fs)
     for f in fs:
         pts = [(headline_latency_s(d.latency), d.eval.accuracy) for d in f.runs if d.eval and d.latency]
         if not pts:
@@ -162,7 +162,7 @@ def figure(fs: list[Form]) -> go.Figure:
             y=[p[1] for p in pts],
             mode="markers",
             name=html.escape(f"{f.config} · {f.artifact} · {f.name}"),
-            marker=dict(size=10, color=SERIES_COLORS[i % len(SERIES_COLORS)], symbol=_symbol(f.name)),
+            marker=dict(size=10, color=SERIES_COLORS[i % len(SERIES_COLORS)], symbol=symbols[(f.artifact, f.name)]),
         )
     unit = "ms per generated token (batch 1)" if any(f.decoder for f in fs) else "ms per example (batch 1)"
     fig.update_layout(**_layout("Deployment: latency vs accuracy", unit, "test accuracy of the deployed form"))
@@ -170,8 +170,12 @@ def figure(fs: list[Form]) -> go.Figure:
     return fig
 
 
-def _symbol(name: str) -> str:
-    return {"fp32": "circle", "bf16": "diamond", "int4 kernel": "star"}.get(name, "square")
+def _symbols(fs: list[Form]) -> dict[tuple[str, str], str]:
+    """A marker per (artifact, form): the colour is the configuration's, so one configuration's forms (QLoRA's
+    adapter in memory, on the fp32 base, its NF4 merge) must differ by shape. The common forms keep theirs."""
+    fixed = {"fp32": "circle", "bf16": "diamond", "int4 kernel": "star"}
+    pool = iter(["square", "triangle-up", "x", "triangle-down", "pentagon", "hexagon", "cross", "star-diamond"])
+    return {key: fixed.get(key[1]) or next(pool, "square") for key in sorted({(f.artifact, f.name) for f in fs})}
 
 
 def render(records: list[RunRecord], figure_html) -> str:

@@ -397,3 +397,24 @@ def test_compare_rows_carry_each_forms_answers_lost_and_gained():
     (row,) = flat_rows([r])
     assert (row["deploy_merged_bf16_answers_lost"], row["deploy_merged_bf16_answers_gained"]) == (1, 1)
     assert row["deploy_merged_x_answers_lost"] is None and row["deploy_merged_x_accuracy"] is None
+
+
+def test_one_configurations_deployed_forms_differ_by_marker_in_the_latency_figure():
+    """The figure colours by configuration: QLoRA's three adapter forms were three identical blue squares."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports import deployment
+
+    served = EvalMetrics(accuracy=0.5, loss=0.1, examples=2, correct="10")
+    latency = {"kind": "encoder", "batch_1_per_example": {"median_s": 0.01, "q1_s": 0.01, "q3_s": 0.01}}
+    names = ["nf4 + adapter", "adapter on the fp32 base", "fp32"]
+    adapter = [DeploymentRecord(name=n, dtype="float32", eval=served, latency=latency) for n in names[:2]]
+    merged = [DeploymentRecord(name="fp32", dtype="float32", eval=served, latency=latency)]
+    exports = [
+        ExportRecord(kind="adapter", path="a", bytes_on_disk=1, deployments=adapter),
+        ExportRecord(kind="merged_fp32", path="m", bytes_on_disk=1, deployments=merged),
+    ]
+    r = run("qlora", "11").model_copy(update={"exports": exports})
+    fig = deployment.figure(deployment.forms([r])[("m", "t")])
+    markers = {t.name: t.marker.symbol for t in fig.data}
+    assert len(markers) == 3 and len(set(markers.values())) == 3, markers
+    assert markers["qlora/default · merged_fp32 · fp32"] == "circle"  # the common forms keep their shapes
