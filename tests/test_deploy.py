@@ -9,7 +9,9 @@ import torch
 
 from harness.cell.deploy import decoder_latency, encoder_latency
 from harness.cell.run import run_cell
+from harness.records import EvalMetrics
 from tests.conftest import cells
+from tests.test_stats import run
 
 TRAIN = {"steps": 2, "batch_size": 8, "lr": 1e-3, "max_seq_len": 32, "timing_warmup_steps": 1}
 TASK = [{"name": "rotten_tomatoes", "train_examples": 64, "eval_examples": 32}]
@@ -159,3 +161,74 @@ def test_a_mergeable_adapter_is_also_served_unmerged_on_its_base_and_prompt_lear
     assert unmerged.eval.loss == lora.eval_after.loss and unmerged.eval.correct == lora.eval_after.correct
     assert unmerged.latency["kind"] == "encoder"
     assert not next(e for e in prompt.exports if e.kind == "adapter").deployments
+
+
+def test_a_deployed_forms_answers_against_the_trained_models():
+    """Right answers lost and gained on the same examples, summed over seeds, with the paired test's verdict."""
+    from reports.stats import answers_vs
+
+    assert answers_vs(["1100"], ["1100"]) == "the same answers"
+    assert answers_vs(["1100"], ["1010"]) == "1 lost, 1 gained of 4 (p = 1, within noise)"
+    # 20 right answers lost, none gained: McNemar exact p = 2 · 0.5^20
+    assert answers_vs(["1" * 40], ["0" * 20 + "1" * 20]) == "20 lost, 0 gained of 40 (p = 1.9e-06, beyond noise)"
+    assert answers_vs(["10", "11"], ["01", "11"]).startswith("1 lost, 1 gained of 2 × 2 (p = ")
+    assert answers_vs(["1100"], [None]) == answers_vs([None], ["1100"]) == answers_vs(["11"], ["110"]) == "—"
+
+
+def test_the_fastest_deployment_is_one_that_keeps_the_trained_models_accuracy():
+    """A requantized merge is often the fastest form and the one that loses accuracy: the summary's fastest
+    deployment is the fastest that loses none beyond noise, and a form that merely answers differently counts."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports.summary import fastest_deployment
+
+    def form(name: str, correct: str, ms: float) -> DeploymentRecord:
+        latency = {"kind": "encoder", "batch_1_per_example": {"median_s": ms / 1e3, "q1_s": 0, "q3_s": 0}}
+        served = EvalMetrics(accuracy=correct.count("1") / len(correct), loss=0.1, examples=40, correct=correct)
+        return DeploymentRecord(name=name, dtype="float32", eval=served, latency=latency)
+
+    trained = "1" * 40
+    lossy = form("nf4 merged", "0" * 20 + "1" * 20, 5.0)  # 20 right answers lost: p = 1.9e-06
+    shuffled = form("bf16", "0" + "1" * 39, 7.0)  # one lost: within noise
+    exports = [ExportRecord(kind="merged", path="m", bytes_on_disk=9, deployments=[lossy, shuffled])]
+    r = run("lora", trained).model_copy(update={"exports": exports})
+    assert fastest_deployment(r) == "merged bf16 7 ms/example"
+    kept = lossy.model_copy(update={"eval": shuffled.eval})
+    r = r.model_copy(update={"exports": [exports[0].model_copy(update={"deployments": [kept, shuffled]})]})
+    assert fastest_deployment(r) == "merged nf4 merged 5 ms/example"
+
+
+def test_compare_rows_carry_each_forms_answers_lost_and_gained():
+    """`compare --format csv|json`: beside each deployed form's accuracy, the right answers it lost and gained
+    against the trained model on the same examples (empty where either side has no answers)."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports.compare import flat_rows
+
+    served = EvalMetrics(accuracy=0.5, loss=0.1, examples=4, correct="0110")
+    forms = [DeploymentRecord(name="bf16", dtype="bfloat16", eval=served), DeploymentRecord(name="x", dtype="int4")]
+    r = run("lora", "1100").model_copy(
+        update={"exports": [ExportRecord(kind="merged", path="m", bytes_on_disk=9, deployments=forms)]}
+    )
+    (row,) = flat_rows([r])
+    assert (row["deploy_merged_bf16_answers_lost"], row["deploy_merged_bf16_answers_gained"]) == (1, 1)
+    assert row["deploy_merged_x_answers_lost"] is None and row["deploy_merged_x_accuracy"] is None
+
+
+def test_one_configurations_deployed_forms_differ_by_marker_in_the_latency_figure():
+    """The figure colours by configuration: QLoRA's three adapter forms were three identical blue squares."""
+    from harness.records import DeploymentRecord, ExportRecord
+    from reports import deployment
+
+    served = EvalMetrics(accuracy=0.5, loss=0.1, examples=2, correct="10")
+    latency = {"kind": "encoder", "batch_1_per_example": {"median_s": 0.01, "q1_s": 0.01, "q3_s": 0.01}}
+    names = ["nf4 + adapter", "adapter on the fp32 base", "fp32"]
+    adapter = [DeploymentRecord(name=n, dtype="float32", eval=served, latency=latency) for n in names[:2]]
+    merged = [DeploymentRecord(name="fp32", dtype="float32", eval=served, latency=latency)]
+    exports = [
+        ExportRecord(kind="adapter", path="a", bytes_on_disk=1, deployments=adapter),
+        ExportRecord(kind="merged_fp32", path="m", bytes_on_disk=1, deployments=merged),
+    ]
+    r = run("qlora", "11").model_copy(update={"exports": exports})
+    fig = deployment.figure(deployment.forms([r])[("m", "t")])
+    markers = {t.name: t.marker.symbol for t in fig.data}
+    assert len(markers) == 3 and len(set(markers.values())) == 3, markers
+    assert markers["qlora/default · merged_fp32 · fp32"] == "circle"  # the common forms keep their shapes
