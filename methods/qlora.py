@@ -43,6 +43,7 @@ torch = lazy_module("torch")  # imported at first use: the config validates with
 
 INITS = ("gaussian", "pissa", "loftq")  # init_lora_weights' names (besides PEFT's true / false)
 ON_FLOAT_BASE = "adapter on the fp32 base"  # the deployable form of the adapter on the unquantized base
+IN_MEMORY = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
 
 
 class QLoraOptions(LoraOptions):
@@ -284,11 +285,10 @@ class QLora(MethodBase):
         """(a) adapter; (b) merged + requantized 4-bit (bitsandbytes state dict, safetensors), unless the config says
         not; (c) merged fp32; (d) merged + requantized INT-N where asked."""
         out = export_peft(model, out_dir, mergeable=False)
-        in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
         dtype = self.config.compute_dtype
         c = self.config
         out[0].deploy = [
-            Deployable(f"{c.quant_type} + adapter", dtype, model=model, note=in_memory),
+            Deployable(f"{c.quant_type} + adapter", dtype, model=model, note=IN_MEMORY),
             self._on_the_float_base(out[0].path),
         ]
         out[0].notes = (
@@ -333,7 +333,6 @@ class QLora(MethodBase):
 
     def _export_merged4(self, model: torch.nn.Module, out_dir: Path) -> Export:
         """Merged and requantized to the base's own 4-bit format, held in memory for evaluation."""
-        in_memory = "in memory: ftbench has no disk loader for bitsandbytes 4-bit weights, so load time is not measured"
         c = self.config
         merged4 = copy.deepcopy(model).merge_and_unload()  # peft: dequantize → add ΔW → requantize, per layer
         path4 = out_dir / "merged_4bit"
@@ -349,7 +348,7 @@ class QLora(MethodBase):
             notes="dequantize → add ΔW → requantize to the same 4-bit format (lossy)",
             format=f"{c.quant_type.upper()} b{c.blocksize}{' DQ' if c.double_quant else ''}",
             deploy=[
-                Deployable(f"{self.config.quant_type} merged", self.config.compute_dtype, model=merged4, note=in_memory)
+                Deployable(f"{self.config.quant_type} merged", self.config.compute_dtype, model=merged4, note=IN_MEMORY)
             ],
         )
 

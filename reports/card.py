@@ -16,7 +16,7 @@ from harness.cell.modelnames import hub_id
 from harness.environment import describe
 from harness.records import EvalMetrics, ExportRecord, RunRecord
 from reports.metrics import fmt_bytes
-from reports.stats import answers_vs, wilson
+from reports.stats import form_vs_trained, wilson
 
 CARD = "README.md"
 MARK = "Written by ftbench"  # how a card of ftbench's tells itself from another README
@@ -298,8 +298,7 @@ def _deployments(record: RunRecord, e: ExportRecord) -> list[str]:
             for k, v in (d.latency or {}).items()
             if isinstance(v, dict) and "median_s" in v
         )
-        trained = [record.eval_after.correct if record.eval_after else None]
-        versus = answers_vs(trained, [d.eval.correct if d.eval else None])
+        versus = form_vs_trained(record, d) or "—"
         rows.append(f"| {d.name} | {d.dtype} | {load} | {lat or '—'} | {_score(d.eval)} | {versus} |")
     if not rows:
         return []

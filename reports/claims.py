@@ -26,7 +26,7 @@ import numpy as np
 
 from harness.records import EvalMetrics, RunRecord
 from reports.metrics import fmt_pct
-from reports.stats import boot_means
+from reports.stats import answer_bits, boot_means
 
 MARGIN = 0.01  # one accuracy point: what the papers call parity
 TABLE1 = {4: "LLaMA-7B MMLU 5-shot: 39.4 vs 36.0", 2: "LLaMA-7B MMLU 5-shot: 27.5 vs 25.8"}  # QA-LoRA vs QLoRA+GPTQ
@@ -45,7 +45,7 @@ class Verdict:
 
 
 def _bits(ev: EvalMetrics | None) -> np.ndarray | None:
-    return None if not ev or not ev.correct else np.frombuffer(ev.correct.encode(), dtype=np.uint8) - ord("0")
+    return answer_bits(ev.correct) if ev else None
 
 
 def _matrix(evals: list[EvalMetrics | None]) -> np.ndarray | None:

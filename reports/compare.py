@@ -7,7 +7,7 @@ from typing import Any
 from harness.records import RunRecord, headline_latency_s, measured_step_times_s
 from reports import labels
 from reports.metrics import BY_KEY, peak_bytes, text
-from reports.stats import answers_versus, hardware_of
+from reports.stats import form_vs_trained, hardware_of
 
 COMPARED = (  # the catalogue's metrics compare rows carry (reports/metrics.py)
     "accuracy_after",
@@ -100,8 +100,7 @@ def flat_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
                 row[f"{key}_load_time_s"] = d.load_time_s
                 row[f"{key}_latency_s"] = headline_latency_s(d.latency)
                 row[f"{key}_accuracy"] = d.eval.accuracy if d.eval else None
-                trained, served = r.eval_after.correct if r.eval_after else None, d.eval.correct if d.eval else None
-                versus = answers_versus([trained], [served])  # against the trained model, on the same examples
+                versus = form_vs_trained(r, d)  # against the trained model, on the same examples
                 row[f"{key}_answers_lost"] = versus.lost if versus else None
                 row[f"{key}_answers_gained"] = versus.gained if versus else None
         rows.append(row)

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 
 from harness.records import DeploymentRecord, RunRecord, headline_latency_s
 from reports.figures import SERIES_COLORS, _layout
-from reports.stats import answers_vs, wilson, wilson_over_seeds
+from reports.stats import answer_bits, answers_vs, wilson, wilson_over_seeds
 from reports.summary import fmt_bytes, prompt_mode
 
 
@@ -99,7 +99,7 @@ def _accuracy(f: Form) -> str:
     text = f"{mean:.3f}" + (f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else "")
     bits = [d.eval.correct for d in f.runs if d.eval]
     if len(acc) > 1 and all(bits) and len({len(b) for b in bits}) == 1:  # the seeds' answers on the same examples
-        per_example = np.mean([np.frombuffer(b.encode(), dtype=np.uint8) - ord("0") for b in bits], axis=0)
+        per_example = np.mean([answer_bits(b) for b in bits], axis=0)
         lo, hi = wilson_over_seeds(per_example, len(acc))
         text += f" [{lo:.3f}, {hi:.3f}]"
     elif n and len(acc) == 1:

@@ -20,7 +20,7 @@ import numpy as np
 from harness.records import RunRecord, headline_latency_s
 from reports.claims import diff_interval
 from reports.markdown import md_table
-from reports.stats import boot_means
+from reports.stats import answer_bits, boot_means
 
 
 @dataclass
@@ -37,10 +37,6 @@ class Row:
     flips: float | None
     logit_diff: float | None
     latency_s: tuple[str, float] | None  # (form, seconds per example at batch 1 / per token)
-
-
-def _bits(s: str | None) -> np.ndarray | None:
-    return None if not s else np.frombuffer(s.encode(), dtype=np.uint8) - ord("0")
 
 
 def _mean(xs: list) -> float | None:
@@ -60,8 +56,8 @@ def rows(records: list[RunRecord]) -> list[Row]:
     out = []
     for (config, kind), pairs in sorted(groups.items()):
         pairs.sort(key=lambda p: p[0].seed)
-        served = [_bits(e.eval.correct) for _, e in pairs]
-        trained = [_bits(r.eval_after.correct) for r, _ in pairs]
+        served = [answer_bits(e.eval.correct) for _, e in pairs]
+        trained = [answer_bits(r.eval_after.correct) for r, _ in pairs]
         if len({len(x) for x in served + trained}) != 1:
             continue  # not the same test examples: no paired figure
         forms = [(d.name, headline_latency_s(d.latency)) for _, e in pairs for d in e.deployments if d.latency]

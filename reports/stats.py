@@ -52,10 +52,14 @@ def wilson_over_seeds(per_example: np.ndarray, seeds: int) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def answer_bits(correct: str | None) -> np.ndarray | None:
+    """An evaluation's ``correct`` string ("0110…", one character per test example) as 0/1 integers."""
+    return None if not correct else np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0")
+
+
 def _correct(r: RunRecord, which: str = "eval_after") -> np.ndarray | None:
     ev = getattr(r, which)
-    bits = ev.correct if ev else None
-    return None if not bits else np.frombuffer(bits.encode(), dtype=np.uint8) - ord("0")
+    return answer_bits(ev.correct if ev else None)
 
 
 def _per_example(runs: list[RunRecord], which: str = "eval_after") -> np.ndarray | None:
@@ -167,10 +171,6 @@ def example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[f
     return p, f"paired bootstrap over {len(d)} examples"
 
 
-def _bits(correct: str) -> np.ndarray:
-    return np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0")
-
-
 @dataclass
 class AnswersVs:
     """A deployed form's answers against the trained model's: right answers lost and gained (summed over seeds),
@@ -199,18 +199,23 @@ def answers_versus(trained: list[str | None], served: list[str | None]) -> Answe
     pairs = [(t, c) for t, c in zip(trained, served, strict=True) if t and c]
     if not pairs or len(pairs) != len(served) or len({len(x) for pair in pairs for x in pair}) != 1:
         return None
-    lost = sum(int(((_bits(t) == 1) & (_bits(c) == 0)).sum()) for t, c in pairs)
-    gained = sum(int(((_bits(t) == 0) & (_bits(c) == 1)).sum()) for t, c in pairs)
+    lost = sum(int(((answer_bits(t) == 1) & (answer_bits(c) == 0)).sum()) for t, c in pairs)
+    gained = sum(int(((answer_bits(t) == 0) & (answer_bits(c) == 1)).sum()) for t, c in pairs)
     n = f"{len(pairs)} × {len(pairs[0][0])}" if len(pairs) > 1 else str(len(pairs[0][0]))
     if not lost and not gained:
         return AnswersVs(0, 0, 1.0, n)
-    before, after = (np.mean([_bits(pair[i]) for pair in pairs], axis=0) for i in (0, 1))
+    before, after = (np.mean([answer_bits(pair[i]) for pair in pairs], axis=0) for i in (0, 1))
     return AnswersVs(lost, gained, example_test(before, after, len(pairs) == 1)[0], n)
 
 
 def answers_vs(trained: list[str | None], served: list[str | None]) -> str:
     """:func:`answers_versus` as the tables print it ("—" where a seed lacks either)."""
     return str(versus) if (versus := answers_versus(trained, served)) else "—"
+
+
+def form_vs_trained(r: RunRecord, d) -> AnswersVs | None:
+    """One run's deployed form (a ``DeploymentRecord``) against that run's trained model."""
+    return answers_versus([r.eval_after.correct if r.eval_after else None], [d.eval.correct if d.eval else None])
 
 
 def gain(runs: list[RunRecord]) -> Paired:

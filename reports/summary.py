@@ -145,14 +145,13 @@ def fastest_deployment(r: RunRecord) -> str:
     """The run's fastest deployable form (harness/cell/deploy.py) and its latency at batch 1, among the forms
     that lose no accuracy beyond noise against the trained model (a lossy requantized merge is often fastest)."""
     from harness.records import headline_latency_s
-    from reports.stats import answers_versus
+    from reports.stats import form_vs_trained
 
-    trained = r.eval_after.correct if r.eval_after else None
     best = None
     for e in r.exports:
         for d in e.deployments:
             x = headline_latency_s(d.latency)
-            versus = answers_versus([trained], [d.eval.correct if d.eval else None])
+            versus = form_vs_trained(r, d)
             if versus is not None and versus.loses_beyond_noise:
                 continue
             if x is not None and (best is None or x < best[0]):
