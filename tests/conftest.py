@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,12 +121,15 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if anything in it measured the probe or a peak twice on the session cache."""
+    """Fail the run if anything in it measured the probe or a peak twice on the session cache, then remove that
+    cache (the SmolLM2 conversion and the probes: 6 MB in the temp dir per `make test`) unless it is evidence."""
     _close_all_zygotes()
     repeated = {k: n for k, n in measurement_counts(SESSION_CACHE, per_machine=True).items() if n > 1}
     if repeated:
-        print(f"\nftbench: measured more than once in this test session: {repeated}")
+        print(f"\nftbench: measured more than once in this test session ({SESSION_CACHE}): {repeated}")
         session.exitstatus = 1
+    elif not WORKER:  # the controller, after every worker has ended
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 def measurement_counts(cache: Path, per_machine: bool = False) -> Counter:

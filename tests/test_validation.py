@@ -72,3 +72,24 @@ def test_selecting_the_best_validation_step_tests_that_steps_weights(tmp_path):
 def test_without_eval_every_nothing_reads_validation(tmp_path, splits):
     rec = _run(tmp_path)
     assert [s for s, _ in splits] == ["test", "test"] and rec.validation_curve == [] and rec.selected_step is None
+
+
+def test_the_initial_weights_kept_for_the_untrained_score_have_no_name_to_leave_behind(tmp_path, monkeypatch):
+    """Kept in an anonymous file: a cell that fails, times out or is killed between preparing and the untrained
+    score leaves nothing in the temp dir (a named one was left by each: a full fine-tune's parameters each)."""
+    import tempfile
+
+    import torch
+
+    from harness.cell.run import _InitialWeights
+    from harness.registry import build_method
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = torch.nn.Linear(4, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    initial = _InitialWeights(model, build_method("full", {}))
+    assert list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    initial.restore(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

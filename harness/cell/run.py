@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -238,25 +239,24 @@ def _read_shared(path: Path | None) -> tuple[str, EvalMetrics] | None:
 
 
 class _InitialWeights:
-    """The trainable parameters as the method prepared them, in a file that lives as long as this object."""
+    """The trainable parameters as the method prepared them, in an anonymous file in ``TMPDIR``: unlinked as it is
+    made, so it goes when this process ends, however it ends (a named one outlived each failed or killed cell)."""
 
     def __init__(self, model: torch.nn.Module, method: Method) -> None:
-        import tempfile
-
         self.method = method
-        self._dir = tempfile.TemporaryDirectory(prefix="ftbench-initial-")
-        self.path = Path(self._dir.name) / "initial.pt"
-        torch.save({n: p.detach().cpu() for n, p in method.trainable_parameters(model)}, self.path)
+        self._file = tempfile.TemporaryFile(prefix="ftbench-initial-")
+        torch.save({n: p.detach().cpu() for n, p in method.trainable_parameters(model)}, self._file)
 
     def restore(self, model: torch.nn.Module) -> None:
-        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        self._file.seek(0)
+        saved = torch.load(self._file, map_location="cpu", weights_only=True)
         with torch.no_grad():
             for n, p in self.method.trainable_parameters(model):
                 p.copy_(saved[n])
         self.discard()
 
     def discard(self) -> None:
-        self._dir.cleanup()
+        self._file.close()
 
 
 class Validation:
