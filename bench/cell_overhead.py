@@ -42,15 +42,16 @@ def main() -> None:
     args = ap.parse_args()
     from harness.driver.cli import main as ftbench
 
-    tmp = Path(tempfile.mkdtemp(prefix="ftbench-cell-overhead-"))
-    path = tmp / "suite.yaml"
-    path.write_text(yaml.safe_dump(suite(args.seeds)))
-    for name in ("warmup", "measured"):  # the first run also starts the zygote and fills the caches
-        t0 = time.perf_counter()
-        rc = ftbench(["run", str(path), "--results", str(tmp / name)])
-        run_s = time.perf_counter() - t0
-        assert rc in (0, None), f"ftbench run exited {rc}"
-    records = [json.loads(p.read_text()) for p in sorted((tmp / "measured" / "records").glob("*.json"))]
+    with tempfile.TemporaryDirectory(prefix="ftbench-cell-overhead-") as d:
+        tmp = Path(d)
+        path = tmp / "suite.yaml"
+        path.write_text(yaml.safe_dump(suite(args.seeds)))
+        for name in ("warmup", "measured"):  # the first run also starts the zygote and fills the caches
+            t0 = time.perf_counter()
+            rc = ftbench(["run", str(path), "--results", str(tmp / name)])
+            run_s = time.perf_counter() - t0
+            assert rc in (0, None), f"ftbench run exited {rc}"
+        records = [json.loads(p.read_text()) for p in sorted((tmp / "measured" / "records").glob("*.json"))]
     hw = records[0]["environment"]
     print(f"\n{len(records)} cells · {hw.get('cpu_model')} {hw.get('cpu_family_model', '')} · seconds per cell")
     stages = sorted({k for r in records for k in r["stage_seconds"]}, key=list(records[0]["stage_seconds"]).index)

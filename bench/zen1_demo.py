@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_demo(repo: Path, out: Path) -> tuple[float, dict[str, float]]:
     """One `ftbench run suites/quick.yaml` of ``repo``'s venv on AVX2 kernels with an empty cache: wall seconds
     and each method's test accuracy."""
-    env = {**os.environ, **AVX2, "FTBENCH_CACHE_DIR": tempfile.mkdtemp(prefix="zen1-demo-cache-")}
+    env = {**os.environ, **AVX2, "FTBENCH_CACHE_DIR": str(out.parent / f"{out.name}-cache")}  # empty, removed after
     own = repo / ".venv/bin/python"
     python = str(own) if own.exists() else sys.executable  # `-m harness` in cwd: the checkout's own code
     t0 = time.perf_counter()
