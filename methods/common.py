@@ -203,17 +203,19 @@ def export_peft(model: torch.nn.Module, out_dir: Path, mergeable: bool, load_bas
     return out
 
 
-def adapter_on_base(name: str, path: Path, load_base, note: str = "") -> Deployable:
+def adapter_on_base(name: str, path: Path, load_base, note: str = "", then=None) -> Deployable:
     """A PEFT adapter folder put back on its base, loaded again from the base's folder, as the adapter's model
-    card loads it (float32): ``load_base`` is :attr:`ModelContext.load_base`. Skipped, saying why, where the base
-    had random weights."""
+    card loads it (float32): ``load_base`` is :attr:`ModelContext.load_base`; ``then``, what the method did to
+    the model it trained beyond PEFT's own loading (part of the load). Skipped, saying why, where the base had
+    random weights."""
     if load_base is None:
         return Deployable(name, skipped="the base was built with random weights: there is no folder to load it from")
 
     def load() -> torch.nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_base(), path)
+        model = PeftModel.from_pretrained(load_base(), path)
+        return then(model) if then is not None else model
 
     return Deployable(name, "float32", load=load, note=note)
 

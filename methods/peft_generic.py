@@ -26,6 +26,7 @@ from harness.contract import Export, MethodBase, ModelContext, register_method
 from methods.common import (
     PEFT_RESERVED,
     PeftOptions,
+    adapter_on_base,
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
@@ -56,6 +57,23 @@ def positions_from_mask(base: torch.nn.Module) -> None:
         return args, kwargs
 
     base.register_forward_pre_hook(number, with_kwargs=True)
+
+
+def as_trained(model: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT model as ftbench trains, scores and serves it: for prompt learning, positions from the mask
+    (:func:`positions_from_mask`, where the virtual tokens go through the layers) and no generation cache."""
+    cfg = model.peft_config[model.active_adapter]
+    if not getattr(cfg, "is_prompt_learning", False):
+        return model
+    if cfg.peft_type != "PREFIX_TUNING":
+        positions_from_mask(model.get_base_model())
+    if hasattr(model.get_base_model(), "generation_config"):
+        # peft 0.21 looks for the KV cache under `past_key_values`, transformers 5 passes it as `cache`: in
+        # generate(), prompt tuning re-injects its virtual tokens at every cached step (the cache grew 12, 17,
+        # 22) and prefix tuning's prefix is never read (its answers were the base model's). So generate() keeps
+        # no cache, and ftbench decodes on the cache this model's forward fills (harness/tasks/decoding.py)
+        model.get_base_model().generation_config.use_cache = False
+    return model
 
 
 @functools.cache
@@ -142,15 +160,7 @@ class PeftGeneric(MethodBase):
         # tuning's go into the attention's keys and values only (peft's PeftModel.forward), no linear layer's
         through_layers = getattr(cfg, "is_prompt_learning", False) and cfg.peft_type != "PREFIX_TUNING"
         self._positions_added = int(cfg.num_virtual_tokens) if through_layers else 0
-        if through_layers:
-            positions_from_mask(model.get_base_model())
-        if getattr(cfg, "is_prompt_learning", False) and hasattr(model.get_base_model(), "generation_config"):
-            # peft 0.21 looks for the KV cache under `past_key_values`, transformers 5 passes it as `cache`: in
-            # generate(), prompt tuning re-injects its virtual tokens at every cached step (the cache grew 12, 17,
-            # 22) and prefix tuning's prefix is never read (its answers were the base model's). So generate() keeps
-            # no cache, and ftbench decodes on the cache this model's forward fills (harness/tasks/decoding.py)
-            model.get_base_model().generation_config.use_cache = False
-        return model
+        return as_trained(model)
 
     def positions_added(self) -> int:
         return getattr(self, "_positions_added", 0)
@@ -180,7 +190,13 @@ class PeftGeneric(MethodBase):
 
         # Prompt-learning methods (prompt/prefix tuning) have nothing to merge into the weights.
         mergeable = isinstance(model.base_model, BaseTuner) and hasattr(model.base_model, "merge_and_unload")
-        return export_peft(model, out_dir, mergeable=mergeable, load_base=getattr(self, "_load_base", None))
+        load_base = getattr(self, "_load_base", None)
+        out = export_peft(model, out_dir, mergeable=mergeable, load_base=load_base)
+        cfg = model.peft_config[model.active_adapter]
+        if getattr(cfg, "is_prompt_learning", False):  # served as trained: its virtual tokens in every call
+            note = f"{cfg.num_virtual_tokens} virtual tokens in every call: nothing to merge"
+            out[0].deploy = [adapter_on_base("adapter on the base", out[0].path, load_base, note, then=as_trained)]
+        return out
 
 
 def _no_cuda_build_without_cuda() -> None:

@@ -140,27 +140,55 @@ def test_a_form_with_the_exports_weights_is_not_evaluated_again(tmp_path, monkey
     assert calls.count("test") == expected, calls
 
 
-def test_a_mergeable_adapter_is_also_served_unmerged_on_its_base_and_prompt_learning_is_not(tmp_path):
+def test_an_adapter_is_served_on_its_base_unmerged_and_prompt_tuning_with_its_virtual_tokens(tmp_path):
     """An adapter kept beside its base (several adapters served on one base) costs latency a merge does not: that
-    form is loaded from disk (the base from its folder, the adapter from the export) and timed. In float32 its
-    answers are the trained model's to the last bit of the loss. Prompt tuning changes the inputs, not the
-    layers: no such form."""
+    form is loaded from disk (the base from its folder, the adapter from the export) and timed. Prompt tuning has
+    nothing to merge: its only form is the adapter on the base, its virtual tokens in every call. In float32 each
+    form's answers are the trained model's to the last bit of the loss."""
     from tests.conftest import saved_tiny_bert
 
     folder = saved_tiny_bert(tmp_path / "base")
     prompt_tuning = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}
     methods = [{"method": "lora", "config": {"r": 4}}, {"method": "peft", "config": prompt_tuning}]
-    lora, prompt = (
+    runs = [
         run_cell(cfg, tmp_path / cfg.method)
         for cfg in cells(models=[folder], tasks=TASK, train=TRAIN, methods=methods, deploy={"repeats": 1})
+    ]
+    forms = {"lora": "adapter on the base (unmerged)", "peft": "adapter on the base"}
+    for rec in runs:
+        assert rec.status == "ok", rec.error
+        (form,) = next(e for e in rec.exports if e.kind == "adapter").deployments
+        assert form.name == forms[rec.method] and form.error is None and form.load_time_s > 0
+        assert form.eval.loss == rec.eval_after.loss and form.eval.correct == rec.eval_after.correct
+        assert form.latency["kind"] == "encoder"
+    assert "4 virtual tokens in every call" in form.note
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_a_prompt_learning_decoder_is_timed_as_it_decodes_its_virtual_tokens_once(peft_type):
+    """As scored (harness/tasks/decoding.py): the prompt through the PEFT model, which puts the virtual tokens in
+    (prompt tuning: ahead of the input; prefix tuning: a 4-token cache), then each new token through the base on
+    that cache. Through the PEFT model, each token would have had the virtual tokens put in again."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from harness.cell.models import load_model
+    from methods.peft_generic import as_trained
+
+    base = load_model("tiny-llama", 2, 0, mode="prompt").model.eval()
+    seen = []
+
+    def hook(module, args, kwargs):
+        past, ids = kwargs.get("cache", kwargs.get("past_key_values")), kwargs.get("input_ids")
+        tokens = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        seen.append((tokens, 0 if past is None else past.get_seq_length()))
+
+    base.register_forward_pre_hook(hook, with_kwargs=True)
+    config = (PromptTuningConfig if peft_type == "PROMPT_TUNING" else PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=4
     )
-    assert lora.status == prompt.status == "ok", (lora.error, prompt.error)
-    adapter = next(e for e in lora.exports if e.kind == "adapter")
-    (unmerged,) = adapter.deployments
-    assert unmerged.name == "adapter on the base (unmerged)" and unmerged.error is None and unmerged.load_time_s > 0
-    assert unmerged.eval.loss == lora.eval_after.loss and unmerged.eval.correct == lora.eval_after.correct
-    assert unmerged.latency["kind"] == "encoder"
-    assert not next(e for e in prompt.exports if e.kind == "adapter").deployments
+    decoder_latency(as_trained(get_peft_model(base, config)), torch.device("cpu"), 16, new_tokens=3, repeats=1)
+    prefill = (20, 0) if peft_type == "PROMPT_TUNING" else (16, 4)
+    assert seen == [prefill, (1, 20), (1, 21), (1, 22)] * 2  # warm-up and one timed generation
 
 
 def test_a_deployed_forms_answers_against_the_trained_models():

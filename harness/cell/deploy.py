@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from harness.measure.runstats import sync
+from harness.tasks.decoding import decodes_on_own_cache
 
 
 def _quartiles(xs: list[float]) -> dict[str, float]:
@@ -50,18 +51,24 @@ def _timed(device, model: torch.nn.Module, **inputs):
 def decoder_latency(
     model: torch.nn.Module, device, prompt_tokens: int = 64, new_tokens: int = 32, repeats: int = 3, seed: int = 0
 ) -> dict[str, Any]:
-    """Prefill and per-token greedy decode at batch 1 with the KV cache (a warm-up generation first)."""
+    """Prefill and per-token greedy decode at batch 1 with the KV cache (a warm-up generation first). A model
+    that decodes on its own cache (PEFT's prompt learning: harness/tasks/decoding.py) is timed as ftbench scores
+    it: the prompt through its forward (the virtual tokens or prefix go in there), each new token through its
+    base on that cache."""
     vocab = model.get_input_embeddings().num_embeddings
     prompt = _ids(vocab, (1, prompt_tokens), seed, device)
+    step = model.get_base_model() if decodes_on_own_cache(model) else model
 
     def generate() -> tuple[float, list[float]]:
-        prefill, out = _timed(device, model, input_ids=prompt, use_cache=True)
+        prefill, out = _timed(device, model, input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
         # transformers 5.2x names the KV cache `cache` (`past_key_values` before, now deprecated)
         kw = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+        mask = prompt.new_ones(1, getattr(out, kw).get_seq_length())  # the virtual tokens' too, where there are
         times = []
         for _ in range(new_tokens):
             nxt = out.logits[:, -1:].argmax(-1)
-            t, out = _timed(device, model, input_ids=nxt, use_cache=True, **{kw: getattr(out, kw)})
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            t, out = _timed(device, step, input_ids=nxt, attention_mask=mask, use_cache=True, **{kw: getattr(out, kw)})
             times.append(t)
         return prefill, times
 

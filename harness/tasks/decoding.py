@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def decodes_on_own_cache(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s method turned its generation cache off (``generation_config.use_cache`` false): then
+    ftbench decodes it on the cache its own forward fills, a token at a time through its base model."""
+    return getattr(getattr(model, "generation_config", None), "use_cache", True) is False
+
+
 @torch.no_grad()
 def greedy_on_own_cache(model: torch.nn.Module, batch: dict, max_new_tokens: int, pad_id: int, eos_id) -> torch.Tensor:
     """Greedy decoding for a model whose generate() keeps no cache (``generation_config.use_cache`` false: PEFT's

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from harness.contract import Batch
 from harness.tasks.classifier import accuracy, calibration_batches, eval_batches, macro_f1, train_batches
 from harness.tasks.data import Example, TaskData, input_lengths
-from harness.tasks.decoding import greedy_on_own_cache
+from harness.tasks.decoding import decodes_on_own_cache, greedy_on_own_cache
 from harness.tasks.encoded import cached_encode
 
 
@@ -219,7 +219,7 @@ def generate_answers(
     out, cut = [""] * len(items), [False] * len(items)
     for idx in eval_batches([len(it.context) for it in items], batch_size):
         batch = {k: v.to(device) for k, v in _left_pad([items[i].context for i in idx], tokenizer.pad_token_id).items()}
-        if getattr(getattr(model, "generation_config", None), "use_cache", True) is False:
+        if decodes_on_own_cache(model):
             gen = greedy_on_own_cache(model, batch, max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id)
         else:
             gen = model.generate(
