@@ -345,8 +345,9 @@ def _examples(record: RunRecord) -> str:
 
 
 def _served(e: ExportRecord) -> str:
-    if e.eval is None:
-        return "not scored by ftbench as served"
+    if e.eval is None:  # an adapter: scored where a form loaded this folder from disk in float32, as shown below
+        d = next((d for d in e.deployments if d.load_time_s is not None and d.dtype == "float32" and d.eval), None)
+        return f"{_score(d.eval)} (deployed as `{d.name}`, below)" if d else "not scored by ftbench as served"
     flips = e.predictions_differing
     differ = f"; {flips:.1%} of predictions differ from the trained model's" if flips is not None else ""
     return _score(e.eval) + differ

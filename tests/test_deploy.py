@@ -157,10 +157,13 @@ def test_an_adapter_is_served_on_its_base_unmerged_and_prompt_tuning_with_its_vi
     forms = {"lora": "adapter on the base (unmerged)", "peft": "adapter on the base"}
     for rec in runs:
         assert rec.status == "ok", rec.error
-        (form,) = next(e for e in rec.exports if e.kind == "adapter").deployments
+        adapter = next(e for e in rec.exports if e.kind == "adapter")
+        (form,) = adapter.deployments
         assert form.name == forms[rec.method] and form.error is None and form.load_time_s > 0
         assert form.eval.loss == rec.eval_after.loss and form.eval.correct == rec.eval_after.correct
         assert form.latency["kind"] == "encoder"
+        card = (Path(adapter.path) / "README.md").read_text()  # the folder as its card loads it: that form
+        assert f"| this folder, as served | {form.eval.accuracy:.3f} [" in card and f"as `{form.name}`, below" in card
     assert "4 virtual tokens in every call" in form.note
 
 
