@@ -172,6 +172,12 @@ class Method(Protocol):
         """Positions the method puts before every sequence that each layer then computes (prompt tuning's
         virtual tokens): the model FLOPs behind MFU count them. 0 (the default): the batch's own positions."""
 
+    def trains_inputs(self) -> bool:
+        """True where trainable parameters feed the body at its start or in every layer while the model registers
+        them after it (prompt tuning's virtual tokens, prefix tuning's keys and values: peft's ``prompt_encoder``
+        comes last): gradients then pass back through every layer, and the model FLOPs behind MFU count that
+        backward. False (the default): the modules' order says which layers gradients pass through."""
+
     def starts_as_base(self) -> bool:
         """True where the prepared model computes exactly what the model it was given computes (full
         fine-tuning; LoRA, whose B starts at zero): its untrained score is then the base model's, so the cells
@@ -232,6 +238,9 @@ class MethodBase:
 
     def positions_added(self) -> int:
         return 0
+
+    def trains_inputs(self) -> bool:
+        return False
 
     def starts_as_base(self) -> bool:
         return False

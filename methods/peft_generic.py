@@ -160,10 +160,14 @@ class PeftGeneric(MethodBase):
         # tuning's go into the attention's keys and values only (peft's PeftModel.forward), no linear layer's
         through_layers = getattr(cfg, "is_prompt_learning", False) and cfg.peft_type != "PREFIX_TUNING"
         self._positions_added = int(cfg.num_virtual_tokens) if through_layers else 0
+        self._trains_inputs = getattr(cfg, "is_prompt_learning", False)  # its prompt_encoder is registered last
         return as_trained(model)
 
     def positions_added(self) -> int:
         return getattr(self, "_positions_added", 0)
+
+    def trains_inputs(self) -> bool:
+        return getattr(self, "_trains_inputs", False)
 
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         tuner = model.base_model

@@ -160,8 +160,8 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     validation.restore_selected(model, method)  # select: val_* puts the best step's weights back
     rec.update(validation.fields())
     compute = mfu_dtype(cfg.train.dtype, method.compute_dtype(), device)
-    positions, recomputed = method.positions_added(), cfg.train.grad_checkpointing
-    rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device, positions, recomputed))
+    shape = method.positions_added(), cfg.train.grad_checkpointing, method.trains_inputs()
+    rec.update(training_flops(model, ctx.output_names, res, compute, results_dir, device, *shape))
     rec["memory_methods"] = memory_methods(device.type)
     clock.lap("train")
 

@@ -39,11 +39,15 @@ def _weight_shape(mod: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def flops_per_token(model: torch.nn.Module, output_names: frozenset[str] = frozenset()) -> dict[str, float]:
+def flops_per_token(
+    model: torch.nn.Module, output_names: frozenset[str] = frozenset(), inputs_train: bool = False
+) -> dict[str, float]:
     """Per-token matmul FLOPs of a training step. Modules named in ``output_names`` (a decoder's LM head,
-    which prompts run on a few positions per row only) are counted apart, per position: ``output_per_position``."""
+    which prompts run on a few positions per row only) are counted apart, per position: ``output_per_position``.
+    Whether a layer passes gradients back follows the modules' order, or every layer does with ``inputs_train``
+    (``Method.trains_inputs``: trainable parameters registered after the layers they feed)."""
     fwd = bwd_in = bwd_w = out = 0.0
-    trainable_seen = False
+    trainable_seen = inputs_train
     for name, mod in model.named_modules():
         own = list(mod.parameters(recurse=False))
         shape = _weight_shape(mod)
@@ -113,6 +117,7 @@ def training_flops(
     device: torch.device,
     positions_added: int = 0,
     recomputed: bool = False,
+    inputs_train: bool = False,
 ) -> dict:
     """The record's FLOPs and MFU fields for a finished loop (``res``: a :class:`harness.cell.loop.LoopResult`).
     Every layer runs on every computed token, and on the ``positions_added`` a method puts before each sequence
@@ -120,9 +125,9 @@ def training_flops(
     (prompts: the answer's), per optimizer step; MFU = model FLOPs per measured second / the suite's peak in
     ``dtype_name``. Model FLOPs leave out what gradient checkpointing recomputes (PaLM's MFU, Chowdhery et al.
     2022, appendix B): with ``recomputed``, HFU adds one more forward of the body per token, the work the
-    hardware did; without it HFU equals MFU."""
+    hardware did; without it HFU equals MFU. ``inputs_train``: see :func:`flops_per_token`."""
     timed, measured = res.timed_steps, res.measured_step_times_s
-    fpt = flops_per_token(model, frozenset(output_names))
+    fpt = flops_per_token(model, frozenset(output_names), inputs_train)
     if not measured:
         return {"flops_per_token": fpt}
     p = positions_added
