@@ -222,6 +222,7 @@ class RunRecord(BaseModel):
         description="the cell whose measurement of the untrained model this run shares: both methods start as the "
         "base model (full fine-tuning, LoRA), with the same model, task, seed, dtype and evaluation settings",
     )
+    starts_as_base: bool | None = Field(None, description="Method.starts_as_base: eval_before is the base model's")
     eval_after: EvalMetrics | None = None
     validation_curve: list[dict[str, Any]] = Field(
         default_factory=list, description="every eval_every steps: {step, loss, accuracy, ..., examples, seconds}"

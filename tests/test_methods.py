@@ -153,6 +153,7 @@ def test_methods_that_start_as_the_base_model_share_one_untrained_score(tmp_path
     assert [r.status for r in (full, lora, qlora)] == ["ok"] * 3, (full.error, lora.error, qlora.error)
     assert full.eval_before_from is None and lora.eval_before_from == full.cell_id
     assert qlora.eval_before_from is None and qlora.eval_before.correct
+    assert (full.starts_as_base, lora.starts_as_base, qlora.starts_as_base) == (True, True, False)  # for the reports
     alone = run_cell(lora_cfg, tmp_path / "alone")
     assert alone.eval_before_from is None and alone.eval_before == lora.eval_before
     assert alone.eval_before.correct and lora.eval_after != lora.eval_before  # a real score, and training moved it

@@ -233,3 +233,27 @@ def test_configurations_trained_on_different_budgets_are_a_warning():
     assert budget_warnings([trained("full", lr=1e-5), trained("lora", lr=2e-3)]) == []  # learning rates: tuned
     failed = trained("lora", steps=30).model_copy(update={"status": "failed"})
     assert budget_warnings([trained("full"), failed]) == []
+
+
+def test_an_untrained_start_away_from_the_base_models_is_a_warning_saying_where_training_left_it():
+    """Prefix tuning's random prefix starts SmolLM2 at 0.450 where the base reads 0.790 zero-shot: a gain over that
+    start is no gain over the base. A start within noise of the base (a quantized base) says nothing, nor does a
+    suite without a configuration that starts as the base, nor a record from before ``starts_as_base``."""
+    from reports.caveats import start_warnings, training_warnings
+    from reports.terminal import to_markdown
+    from tests.test_stats import bits
+
+    def rec(method: str, before: int, after: int, starts: bool | None, seed: int = 0):
+        untrained = EvalMetrics(accuracy=before / 100, loss=0.5, examples=100, correct=bits(100, set(range(before))))
+        r = run(method, bits(100, set(range(after))), seed=seed)
+        return r.model_copy(update={"eval_before": untrained, "starts_as_base": starts})
+
+    lora, prefix, quantized = rec("lora", 79, 83, True), rec("prefix", 45, 53, False), rec("qlora", 78, 81, False)
+    (line,) = start_warnings([lora, prefix, quantized])
+    assert line.startswith("m · t · prefix/default: starts at 0.450 untrained, as its method prepared the model, ")
+    assert "against the base model's 0.790 (lora/default untrained; 34 lost, 0 gained of 100 (p = " in line
+    assert "beyond noise)): its gain is over its own start; trained, 0.530 against the base's 0.790: 26 lost" in line
+    assert line in training_warnings([lora, prefix]) and line in to_markdown([lora, prefix])
+    assert start_warnings([prefix, quantized]) == []  # no base to compare with
+    assert start_warnings([lora.model_copy(update={"starts_as_base": None}), prefix]) == []
+    assert start_warnings([lora, prefix, rec("prefix", 45, 53, False, seed=1)]) == []  # seed 1 has no base score

@@ -142,7 +142,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         load_base=(lambda: load_model(*base_args).model) if loaded.info.get("pretrained") else None,
     )
     model = method.prepare(loaded.model, ctx).to(device)
-    rec.update(parameter_counts(model))
+    rec.update(parameter_counts(model), starts_as_base=method.starts_as_base())
 
     # The test split is read only after training and selection (never by a tuning trial, whose read_test is
     # false). The untrained model's score (a decoder's zero-shot accuracy, as the method prepared it, e.g.
