@@ -78,6 +78,10 @@ def test_the_decode_feeds_one_token_at_a_time_onto_a_growing_cache():
     one = [(16, 0)] + [(1, 16 + i) for i in range(5)]  # prefill, then each new token on the cache so far
     assert seen == one * 3  # warm-up and two timed generations
     assert len(lat["decode_per_token"]["times_s"]) == 10 and all(t > 0 for t in lat["decode_per_token"]["times_s"])
+    model.generation_config.use_cache = False  # as some checkpoints ship: no PEFT base to step through, itself
+    seen.clear()
+    decoder_latency(model, torch.device("cpu"), prompt_tokens=16, new_tokens=5, repeats=2)
+    assert seen == one * 3
 
 
 def test_encoders_are_timed_per_example_at_batch_1_and_32():

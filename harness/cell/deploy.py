@@ -57,7 +57,7 @@ def decoder_latency(
     base on that cache."""
     vocab = model.get_input_embeddings().num_embeddings
     prompt = _ids(vocab, (1, prompt_tokens), seed, device)
-    step = model.get_base_model() if decodes_on_own_cache(model) else model
+    step = model.get_base_model() if decodes_on_own_cache(model) and hasattr(model, "get_base_model") else model
 
     def generate() -> tuple[float, list[float]]:
         prefill, out = _timed(device, model, input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
