@@ -76,3 +76,35 @@ def test_contention_counts_other_processes_not_our_own_work():
     for b in burners:
         b.join()
     assert loaded["other_processes_cores"] > 1.0 and loaded["loaded"]
+
+
+@pytest.mark.alone
+def test_a_burst_of_load_in_a_few_steps_flags_the_run_though_its_average_stays_low(monkeypatch):
+    """One busy neighbour for 0.3 s of a second: 0.3 cores over the run, under the half core; but its windows
+    took a whole core, and a fifth of the run or more is beyond the tenth allowed. Without it nothing is flagged."""
+    import multiprocessing as mp
+    import time
+
+    from harness.measure.runstats import Contention
+
+    monkeypatch.setattr(Contention, "WINDOW_S", 0.2)  # 10 ms ticks: 5% of a window at most
+
+    def steps(c: Contention, n: int) -> None:
+        for _ in range(n):
+            time.sleep(0.1)
+            c.step()
+
+    quiet = Contention()
+    steps(quiet, 4)
+    assert quiet.result()["loaded_share"] == 0 and not quiet.result()["loaded"]
+    c = Contention()
+    steps(c, 4)
+    burner = mp.get_context("fork").Process(target=_burn, args=(0.3,))
+    burner.start()
+    steps(c, 3)
+    burner.join()
+    steps(c, 3)
+    r = c.result()
+    assert r["other_processes_cores"] < Contention.LOADED_CORES < r["other_processes_cores_worst_window"], r
+    assert r["loaded_share"] > Contention.LOADED_SHARE and r["loaded"]
+    assert f"in {r['loaded_share']:.0%} of it): its step times and MFU are flagged" in Contention.note(r)

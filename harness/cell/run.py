@@ -311,6 +311,7 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
     batches = io.batches(cfg.train.batch_size, cfg.seed, cfg.train.group_by_length)
 
     def on_step(done: int, total: int, step_time_s: float) -> None:
+        contention.step()
         progress.step(done, total, step_time_s)
         validation.after_step(model, method, done, total)
 
@@ -324,16 +325,8 @@ def _train(model, method: Method, io: TaskIO, cfg: RunConfig, device, progress, 
         raise
     rec["energy"] = energy.stop(sum(res.tokens_per_step))
     rec["contention"] = contention.result()
-    if rec["contention"]["concurrent_cells"] > 1:
-        progress.say(
-            f"note: {rec['contention']['concurrent_cells']} cells ran side by side (--jobs): this run's step times "
-            "and MFU are flagged as measured under load"
-        )
-    elif rec["contention"]["loaded"]:
-        progress.say(
-            f"warning: other processes took {rec['contention']['other_processes_cores']} cores while this "
-            "run trained: its step times and MFU are flagged as measured under load"
-        )
+    if note := Contention.note(rec["contention"]):
+        progress.say(note)
     nvml = nvml_process_bytes() if device.type == "cuda" else None
     rec["training"] = res.record(train_time_s=time.perf_counter() - t0, nvml_bytes=nvml)
     return res
