@@ -86,8 +86,12 @@ _ALONE_LOCK = SESSION_CACHE / ".alone.lock"
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``alone`` first: a worker waits for the other's current test to end before it runs one, and
-    at the start that test is a short one, not SmolLM2's."""
-    items.sort(key=lambda item: item.get_closest_marker("alone") is None)  # stable: the rest keep their order
+    at the start that test is a short one, not SmolLM2's. Then the ``real_model`` ones, the longest (SmolLM2's
+    63 s on one AVX2 core, MiniLM's two of 20 s): under ``--dist worksteal`` they start early, and the other
+    worker's share and what it steals at the end are short tests, so neither waits long on the other's last."""
+    items.sort(
+        key=lambda item: (item.get_closest_marker("alone") is None, item.get_closest_marker("real_model") is None)
+    )
 
 
 @pytest.fixture(autouse=True)
