@@ -153,7 +153,7 @@ class PeftGeneric(MethodBase):
         _no_cuda_build_without_cuda()
 
         model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
-        self._load_base = ctx.load_base  # for a mergeable adapter's unmerged deployable form
+        self._load_base = ctx.load_base  # the adapter's deployable form: unmerged, or prompt learning's only one
         self._ranks = [(0, _active_rank(model))]
         cfg = model.peft_config[model.active_adapter]
         # prompt tuning, P-tuning, …: virtual token embeddings joined to the input, through every layer; prefix

@@ -138,8 +138,9 @@ def start_warnings(records: Iterable[RunRecord]) -> list[str]:
     tuning on SmolLM2 started at 0.450 against the base's zero-shot 0.790, its gain read +0.080, within noise,
     for a model below the base)."""
     from collections import defaultdict
+    from statistics import fmean
 
-    from reports.stats import answers_versus
+    from reports.stats import answers_versus, answers_vs
 
     base: dict[tuple, RunRecord] = {}
     by: dict[tuple, list[RunRecord]] = defaultdict(list)
@@ -159,20 +160,16 @@ def start_warnings(records: Iterable[RunRecord]) -> list[str]:
         start = answers_versus(bases, [r.eval_before.correct for _, r in pairs])
         if start is None or start.p >= 0.05:
             continue
-        after = answers_versus(bases, [r.eval_after.correct for _, r in pairs])
-        b0 = _mean([b.eval_before.accuracy for b, _ in pairs])
-        s0, t1 = _mean([r.eval_before.accuracy for _, r in pairs]), _mean([r.eval_after.accuracy for _, r in pairs])
+        after = answers_vs(bases, [r.eval_after.correct for _, r in pairs])
+        b0 = fmean([b.eval_before.accuracy for b, _ in pairs])
+        s0, t1 = fmean([r.eval_before.accuracy for _, r in pairs]), fmean([r.eval_after.accuracy for _, r in pairs])
         names = ", ".join(sorted({f"{b.method}/{b.variant}" for b, _ in pairs}))
         out.append(
             f"{model} · {task} · {config}: starts at {s0:.3f} untrained, as its method prepared the model, against "
             f"the base model's {b0:.3f} ({names} untrained; {start}): its gain is over its own start; trained, "
-            f"{t1:.3f} against the base's {b0:.3f}: {after or '—'}"
+            f"{t1:.3f} against the base's {b0:.3f}: {after}"
         )
     return out
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def _inputs(r: RunRecord) -> tuple:

@@ -173,8 +173,9 @@ def example_test(pa: np.ndarray, pb: np.ndarray, one_seed_each: bool) -> tuple[f
 
 @dataclass
 class AnswersVs:
-    """A deployed form's answers against the trained model's: right answers lost and gained (summed over seeds),
-    the paired test's p, and over how many examples (``n``: "400", or "3 × 400" for seeds)."""
+    """One model's answers against a reference's (a deployed form against the trained model; a method's untrained
+    start against the base model's): right answers lost and gained (summed over seeds), the paired test's p, and
+    over how many examples (``n``: "400", or "3 × 400" for seeds)."""
 
     lost: int
     gained: int
@@ -193,9 +194,9 @@ class AnswersVs:
 
 
 def answers_versus(trained: list[str | None], served: list[str | None]) -> AnswersVs | None:
-    """A deployed form's answers against the trained model's on the same test examples, one pair of ``correct``
-    strings per seed (the trained model as scored after training, in the run's dtype), tested as two
-    configurations are (:func:`example_test`). None where a seed lacks either."""
+    """``served``'s answers against ``trained``'s on the same test examples (a deployed form against the trained
+    model as scored after training, in the run's dtype; or any reference), one pair of ``correct`` strings per
+    seed, tested as two configurations are (:func:`example_test`). None where a seed lacks either."""
     pairs = [(t, c) for t, c in zip(trained, served, strict=True) if t and c]
     if not pairs or len(pairs) != len(served) or len({len(x) for pair in pairs for x in pair}) != 1:
         return None
