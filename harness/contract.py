@@ -80,6 +80,9 @@ class MemoryModel:
     adapter_in_divisor: int = 1
     targets: tuple[str, ...] | Literal["peft-default"] | None = None  # adapted linears; None: every one
     saves_linear_inputs: bool = True  # False where frozen matmuls keep no input for backward (QA-LoRA's)
+    # False where the adapted linears recompute their weight in backward (QAT-LoRA's straight-through matmul), so
+    # autocast's 16-bit copy of a float weight is not kept for backward (harness/measure/estimate.py)
+    saves_weight_copies: bool = True
 
 
 @dataclass

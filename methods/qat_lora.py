@@ -136,9 +136,11 @@ class QatLora(MethodBase):
         self._metrics: dict[str, Any] = {}
 
     def memory_model(self) -> MemoryModel:
-        """LoRA's: a float base, fp32 adapters r·(d_in + d_out) per targeted linear, the inputs saved."""
+        """LoRA's: a float base, fp32 adapters r·(d_in + d_out) per targeted linear, the inputs saved; the
+        adapted weights recomputed in backward, not kept."""
         c = self.config
-        return MemoryModel("adapters", c.r, None, 1, tuple(c.target_modules) if c.target_modules else None)
+        targets = tuple(c.target_modules) if c.target_modules else None
+        return MemoryModel("adapters", c.r, None, 1, targets, saves_weight_copies=False)
 
     def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:
         c = self.config

@@ -166,10 +166,12 @@ def train(
         drawn = [next(batches) for _ in range(cfg.grad_accum)]
         micro = [{k: v.to(device) for k, v in b.items()} for b in drawn]
         # Memory is tracked (by category) in the warm-up steps and in any step with a larger batch than every
-        # tracked one: the peak then covers the run's largest batches, and no timed step pays for tracking.
+        # tracked one: the peak then covers the run's largest batches, and no timed step pays for tracking. Step 1
+        # too, where a later step is left to time: it is the first whose forward and backward run beside the
+        # optimizer's state (made by step 0's update), which sets full fine-tuning's peak at long sequences.
         work = [batch_work(b["input_ids"]) for b in micro]  # (batch × padded length, attention pairs): FLOPs
         size = sum(tokens for tokens, _ in work)
-        tracking = step < res.timing_warmup_steps or size > largest_tracked
+        tracking = step < res.timing_warmup_steps or size > largest_tracked or (step == 1 and cfg.steps > 2)
         if tracking:
             largest_tracked = max(largest_tracked, size)
             res.memory_tracked_steps.append(step)

@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--attention", default="sdpa", choices=["sdpa", "eager", "math"], help="attention kernel (default sdpa)"
     )
+    e.add_argument(
+        "--weights", default="bf16", choices=["bf16", "fp32"], help="the weights' dtype (default bf16, as the papers "
+        "train; fp32 under bf16 autocast is how ftbench runs train: ftbench run SUITE --dry-run has each cell's)",
+    )  # fmt: skip
     e.set_defaults(fn=cmd_estimate)
     # internal commands (the fork server, a cell): added without help, so --help never lists them
     z = sub.add_parser("_zygote")

@@ -16,7 +16,8 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
                and output), SDPA's math fallback (a CPU with attention dropout) 12 bytes each; the loss's b·s·V logits
                three times in fp32 (logits, log-softmax, gradient) plus a 16-bit copy. Gradient
                checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
-               during recompute.
+               during recompute. Autocast over fp32 weights adds the 16-bit weight copies autograd keeps
+               (:func:`cast_weight_copies`).
   peak         weights (adapters included) + optimizer state + max(activations + the output head's gradients
                where it trains, gradients + optimizer temporaries). torch's fused Adam/AdamW (the default)
                has none; an optimizer that loops over tensors holds two scratch buffers (sqrt(v) + eps, and
@@ -253,13 +254,18 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
         acts = arch.layers * b * t * h * s.activation_bytes + per_layer + logits + model_level
     else:
         acts = arch.layers * per_layer + logits + model_level
+    acts += cast_weight_copies(arch, s, mm, blocks)
     # torch's fused Adam/AdamW (ftbench's default, harness/cell/optim.py) updates in place; a loop over tensors
     # (the other torch optimizers) holds two scratch tensors the size of the largest one
     temporaries = 0 if s.optimizer_fused and s.optimizer in FUSED_BY_DEFAULT else 2 * largest * train_bytes
     # Backward frees each layer's activations as it forms that layer's gradients, so the two never peak
     # together: the backward peak is all activations plus the first gradients formed (the output head's, where
-    # it trains), the optimizer step's is all gradients plus AdamW's scratch.
+    # it trains), the optimizer step's is all gradients plus AdamW's scratch. A trained embedding tied to the
+    # head ends backward with all gradients beside its second contribution and their sum (SmolLM2-135M, fp32
+    # weights: 216 MiB, twice the table; an untied embedding's gradient needs no sum).
     head_grads = arch.vocab * arch.hidden * train_bytes if mm.trains == "all" and arch.lm_head else 0
+    if arch.tied_embeddings:
+        temporaries = max(temporaries, 2 * head_grads)
     peak = weights + gpu_state + max(acts + head_grads, grads + temporaries)
     return {
         "weights": weights,
@@ -270,6 +276,26 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
         "activations": acts,
         "peak": peak,
     }
+
+
+def cast_weight_copies(arch: Arch, s: Setup, mm, adapted: list[tuple[str, int, int]]) -> float:
+    """Bytes of the 16-bit weight copies autocast makes over wider weights and autograd keeps for backward.
+
+    F.linear under autocast casts its fp32 weight to the activations' dtype, and that copy is saved wherever the
+    layer's input needs a gradient (∂x = ∂y · W): the output head's (its input always does), and every block
+    linear computed by a plain matmul (full fine-tuning; LoRA's frozen base). SmolLM2-135M, LoRA, bf16: 211
+    copies, 256 MiB, beside 315 MiB of activations (saved-tensor hooks). With gradient checkpointing a frozen
+    base's copies live one layer at a time (the recompute); trained weights stay in autocast's cache of
+    trainable leaves until the forward ends. Quantized bases dequantize in autograd functions that save no weight
+    (bitsandbytes' MatMul4Bit; QA-LoRA's DequantMatmul), as do ``adapted`` linears whose method says
+    ``saves_weight_copies=False`` (QAT-LoRA's)."""
+    if s.weight_dtype_bytes <= s.activation_bytes:  # no autocast, or weights already in the activations' dtype
+        return 0.0
+    head = arch.vocab * arch.hidden if arch.lm_head else 0
+    skipped = {n for n, _, _ in adapted} if mm.trains != "all" and not mm.saves_weight_copies else set()
+    per_layer = 0 if mm.linear_bits is not None else sum(i * o for n, i, o in arch.linear_shapes() if n not in skipped)
+    layers = 1 if s.grad_checkpointing and mm.trains != "all" else arch.layers
+    return (head + per_layer * layers) * s.activation_bytes
 
 
 COLUMNS = ("weights GB", "trainable", "grads GB", "optimizer GB", "activations GB", "peak GB")
@@ -340,6 +366,7 @@ def print_table(args) -> None:
         bits=args.bits,
         group_size=args.group_size,
         attention=args.attention,
+        weight_dtype_bytes=4 if args.weights == "fp32" else 2,
     )
     rows = table(names, methods, base)
     cols = list(rows[0])
@@ -348,5 +375,7 @@ def print_table(args) -> None:
         print("| " + " | ".join(row[c] for c in cols) + " |")
     print(
         f"(estimates in GB = 1e9 bytes; batch {args.batch}, seq {args.seq_len}, r {args.r}, adapters on every "
-        f"linear, optimizer {args.optimizer}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'})"
-    )
+        f"linear, optimizer {args.optimizer}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'}, "
+        + ("weights fp32 under bf16 autocast, their bf16 copies kept for backward)" if args.weights == "fp32" else
+           "weights and activations bf16; ftbench's runs: --weights fp32)")
+    )  # fmt: skip
