@@ -17,7 +17,7 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
                three times in fp32 (logits, log-softmax, gradient) plus a 16-bit copy. Gradient
                checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
                during recompute. Autocast over fp32 weights adds the 16-bit weight copies autograd keeps
-               (:func:`cast_weight_copies`).
+               (:func:`cast_weight_copies`), and keeps quantized linears' outputs in fp32 (their MLP's 3·f).
   peak         weights (adapters included) + optimizer state + max(activations + the output head's gradients
                where it trains, gradients + optimizer temporaries). torch's fused Adam/AdamW (the default)
                has none; an optimizer that loops over tensors holds two scratch buffers (sqrt(v) + eps, and
@@ -233,6 +233,11 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
         if not mm.saves_linear_inputs:  # the two norms' outputs and down_proj's input are not kept
             values -= 2 * h + f
         per_layer = b * t * values * s.activation_bytes
+        if mm.linear_bits is not None and s.weight_dtype_bytes > s.activation_bytes:
+            # quantized linears return their input's dtype, the fp32 residual stream's under autocast
+            # (bitsandbytes' Linear4bit, QA-LoRA's): gate, up and SiLU's outputs are kept in fp32 (saved-tensor
+            # hooks, SmolLM2-135M shape, bf16: 3·f fp32 values per token and layer)
+            per_layer += b * t * 3 * f * (4 - s.activation_bytes)
     else:  # a GPT block: Korthikanti et al. (2022)'s count without dropout masks' separate bytes
         per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
     if s.attention == "math":  # SDPA's fallback (a CPU with attention dropout) upcasts to fp32 and keeps, per
