@@ -114,7 +114,8 @@ class TrainingRecord(BaseModel):
     step_times_s: list[float] = Field(default_factory=list, description="every step, warm-up included")
     timing_warmup_steps: int = 0
     memory_tracked_steps: list[int] = Field(
-        default_factory=list, description="steps whose memory was tracked (warm-up + each new largest batch): not timed"
+        default_factory=list,
+        description="steps whose memory was tracked (warm-up, step 1, each new largest batch): not timed",
     )
     step_time_stats: dict[str, float | int | None] = Field(default_factory=dict, description="measured steps only")
     final_loss: float | None = None

@@ -56,7 +56,7 @@ class LoopResult:
     optimizer_implementation: str = ""  # fused | foreach | for-loop, or the library's name
     optimizer_groups: list[dict] = field(default_factory=list)  # name, parameters, elements and options of each group
     timing_warmup_steps: int = 0
-    memory_tracked_steps: list[int] = field(default_factory=list)  # warm-up + each new largest batch; not timed
+    memory_tracked_steps: list[int] = field(default_factory=list)  # warm-up, step 1, each new largest batch; not timed
     peak_live_tensor_bytes: int | None = None  # from the tensors themselves, over the tracked steps
     memory_at_peak_bytes: dict = field(default_factory=dict)  # category -> bytes at that peak
     memory_category_max_bytes: dict = field(default_factory=dict)  # category -> its own maximum

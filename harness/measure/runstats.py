@@ -103,7 +103,8 @@ def memory_methods(device_type: str) -> dict[str, str]:
     """How each memory figure of a record was measured (the record says it beside the numbers)."""
     out = {
         "peak_live_tensor_bytes": "live tensor storages (TorchDispatchMode + weakrefs) over the tracked steps: the "
-        "timing warm-up and each step with a larger batch than every tracked one (memory_tracked_steps; never timed)",
+        "timing warm-up, step 1 (the first beside the optimizer state) where a later step is left to time, and each "
+        "step with a larger batch than every tracked one (memory_tracked_steps; never timed)",
         "memory_at_peak_bytes": "same, by category; categories settled at step end (harness/measure/memory.py)",
         "peak_rss_bytes": "getrusage(RUSAGE_SELF).ru_maxrss of the run process (whole run, incl. loading/eval)",
         "optimizer_state_bytes": "sum of optimizer state tensor storages after training",
