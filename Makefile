@@ -77,7 +77,7 @@ gpu-check: setup
 	$(BIN)/python -m pip install -q nvidia-ml-py
 	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
 	$(BIN)/ftbench run suites/gpu.yaml --results results/gpu
-	$(BIN)/ftbench estimate --model llama-7b --batch 8 --seq-len 256
+	$(BIN)/ftbench estimate --model llama-7b --batch 8 --seq-len 256 --weights fp32
 
 bench: setup
 	$(BIN)/python bench/overhead.py
