@@ -71,7 +71,8 @@ def test_a_runner_bug_inside_a_pool_is_raised_not_swallowed():
 
 
 def test_a_schema_1_record_is_read_into_the_typed_training_sub_record(tmp_path):
-    """Records written before the loop's figures were nested (schema 1, e.g. docs/results/scale) still read."""
+    """Records written before the loop's figures were nested (schema 1: docs/results/scale until 2026-12-08)
+    still read."""
     flat = {
         "schema_version": 1,
         "cell_id": "m__t__lora-default__s0__abc",
