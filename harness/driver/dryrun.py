@@ -184,7 +184,8 @@ def print_plan(suite, cells: list) -> int:
             out.print(line, highlight=False)
     capacity, where = (rows[0]["capacity"], rows[0]["where"]) if rows else (0, "")
     out.print(
-        f"GiB, estimated (ftbench estimate's model: float32 weights, batch × max_seq_len). needs: the peak, or the "
+        f"GiB, estimated (ftbench estimate's model: float32 weights, batch × max_seq_len; under 16-bit autocast "
+        f"activ holds the 16-bit copy of each float weight that backward keeps). needs: the peak, or the "
         f"float32 model a method starts from if larger, plus {PROCESS_OVERHEAD_BYTES / GIB:.1f} GiB of libraries "
         f"under an address-space limit; capacity {capacity / GIB:.1f} GiB ({where}). time: training steps only, "
         f"of the task's own batches (padded to their longest row), at an assumed MFU of "
