@@ -9,6 +9,7 @@ beside the cell's name, so a slow cell is never a frozen bar.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -65,6 +66,24 @@ def interrupted_before_work(signum, frame) -> None:
 
     print("ftbench: interrupted", file=sys.stderr, flush=True)
     os._exit(130)
+
+
+@contextlib.contextmanager
+def interrupts_raise_here():
+    """Ctrl-C raises KeyboardInterrupt inside the block, where no library import can swallow it, so the block's
+    own cleanup runs (its temporary folder is removed) before the one line; the handler before comes back after."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    swap = before is interrupted_before_work and threading.current_thread() is threading.main_thread()
+    if swap:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if swap:
+            signal.signal(signal.SIGINT, before)
 
 
 def interrupts_raise() -> None:

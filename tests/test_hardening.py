@@ -134,14 +134,18 @@ def test_validation_of_a_cached_hub_id_makes_no_network_connection(tmp_path):
     "reach the child's handler reliably; the behaviour is checked wherever pytest runs in the foreground",
 )
 def test_ctrl_c_while_python_starts_is_one_line(tmp_path):
-    suite = tmp_path / "s.yaml"
+    """... and leaves no folder behind: at 1.5 s the suite's checks usually run in the zygote, whose request
+    folder (ftbench-call-*) was left in the temporary directory by every such Ctrl-C."""
+    suite, tmp = tmp_path / "s.yaml", tmp_path / "tmp"
     suite.write_text(json.dumps(tiny_suite()))
+    tmp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", str(suite), "--results", str(tmp_path / "r")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     time.sleep(1.5)  # importing torch, transformers and peft for validation takes several seconds
     proc.send_signal(signal.SIGINT)
@@ -149,3 +153,4 @@ def test_ctrl_c_while_python_starts_is_one_line(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], err
     assert proc.returncode == 130, (proc.returncode, err)
+    assert not list(tmp.glob("ftbench-call-*"))

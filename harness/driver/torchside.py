@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.driver import forkserver
+from harness.progress import interrupts_raise_here
 
 
 def call(target: str, allow_network: bool, **kwargs: Any) -> Any:
@@ -26,7 +27,8 @@ def call(target: str, allow_network: bool, **kwargs: Any) -> Any:
     setting if there is one and torch is not imported here, else in this process."""
     server = _zygote(allow_network) if "torch" not in sys.modules else None
     if server is not None:
-        with tempfile.TemporaryDirectory(prefix="ftbench-call-") as workdir:
+        # Ctrl-C here (the suite's checks, before any work) raises, so the folder goes with it
+        with interrupts_raise_here(), tempfile.TemporaryDirectory(prefix="ftbench-call-") as workdir:
             try:
                 return server.call(target, kwargs, Path(workdir))
             except RuntimeError as err:
