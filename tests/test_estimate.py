@@ -91,7 +91,8 @@ def test_estimate_command_prints_the_table(capsys):
 
 def test_estimate_command_states_the_weights_dtype(capsys):
     """The papers' bf16 weights by default; --weights fp32 is ftbench's runs: fp32 weights, and under bf16
-    autocast a bf16 copy of each for backward (llama-7b, LoRA: 13.5 → 27.0 GB of weights, +13.2 of copies)."""
+    autocast a bf16 copy of each for backward (llama-7b, LoRA: 13.5 → 27.0 GB of weights, +13.2 of copies)
+    and the norms' fp32 inputs."""
     rows = {}
     for weights in ("bf16", "fp32"):
         assert main(["estimate", "--model", "llama-7b", "--method", "lora", "--weights", weights]) == 0
@@ -101,7 +102,10 @@ def test_estimate_command_states_the_weights_dtype(capsys):
     assert rows["fp32"][0] == pytest.approx(2 * rows["bf16"][0], rel=0.02)  # weights GB
     a = ARCHS["llama-7b"]
     copies = (a.params()["linear"] + a.vocab * a.hidden) * 2 / GB  # every block linear and the head, in bf16
-    assert rows["fp32"][3] - rows["bf16"][3] == pytest.approx(copies, abs=0.1)  # activations GB
+    # per token and layer: the norms' fp32 inputs (2·h · 4 bytes) and the five bf16 casts of their outputs kept
+    # by q, k, v, gate and up (5·h · 2), where bf16 weights keep the norms' inputs and outputs (4·h · 2)
+    block = 512 * a.layers * (2 * a.hidden * 4 + 5 * a.hidden * 2 - 4 * a.hidden * 2) / GB
+    assert rows["fp32"][3] - rows["bf16"][3] == pytest.approx(copies + block, abs=0.1)  # activations GB
 
 
 def test_a_small_models_estimate_keeps_two_significant_figures(capsys):

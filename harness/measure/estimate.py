@@ -14,10 +14,11 @@ Weights (by format), adapter parameters, gradients, optimizer state and activati
                (GPT blocks: Korthikanti et al. 2022's 10·h + 4·f), 2 bytes each in 16-bit, 4 in fp32; where the
                scores are materialized, a·s per token more: eager attention's softmax output (and dropout's mask
                and output), SDPA's math fallback (a CPU with attention dropout) 12 bytes each; the loss's b·s·V logits
-               three times in fp32 (logits, log-softmax, gradient) plus a 16-bit copy. Gradient
-               checkpointing keeps only each layer's input (2·h bytes per token) plus one layer's activations
-               during recompute. Autocast over fp32 weights adds the 16-bit weight copies autograd keeps
-               (:func:`cast_weight_copies`), and keeps quantized linears' outputs in fp32 (their MLP's 3·f).
+               three times in fp32 (logits, log-softmax, gradient). Gradient checkpointing keeps only each
+               layer's input (2·h bytes per token) plus one layer's activations during recompute. Autocast over
+               fp32 weights keeps the norms' inputs in fp32 and one 16-bit cast of a norm's output per linear that
+               keeps its input, adds the 16-bit weight copies autograd keeps (:func:`cast_weight_copies`), and
+               keeps quantized linears' outputs in fp32 (their MLP's 3·f).
   peak         weights (adapters included) + optimizer state + max(activations + the output head's gradients
                where it trains, gradients + optimizer temporaries). torch's fused Adam/AdamW (the default)
                has none; an optimizer that loops over tensors holds two scratch buffers (sqrt(v) + eps, and
@@ -228,11 +229,19 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
     gpu_state = state - host
     b, t, h, f, a = s.batch, s.seq_len, arch.hidden, arch.intermediate, arch.heads
     if arch.mlp_matrices == 3:  # a Llama block, counted: norm in/out ×2, q k v, attention out, SwiGLU's four
-        kv_dim = h // a * arch.kv_heads
-        values = 6 * h + 2 * kv_dim + 4 * f
-        if not mm.saves_linear_inputs:  # the two norms' outputs and down_proj's input are not kept
-            values -= 2 * h + f
-        per_layer = b * t * values * s.activation_bytes
+        kv_dim, act, keeps = h // a * arch.kv_heads, s.activation_bytes, mm.saves_linear_inputs
+        if s.weight_dtype_bytes > act:
+            # autocast over fp32 weights (saved-tensor hooks, SmolLM2-135M shape, bf16): the norms' inputs are the
+            # fp32 residual stream, and so are their outputs where the norms' weights train; each linear that keeps
+            # its input keeps its own 16-bit cast of the norm's output (q, k, v; gate, up; an adapter's linear only
+            # where the base is frozen)
+            readers = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+            casts = len(readers if mm.trains == "all" else readers & {n for n, _, _ in blocks}) if keeps else 0
+            norms = 2 * h * 4 + (2 * h * 4 if mm.trains == "all" else 0) + casts * h * act
+        else:  # the two norms' inputs and outputs (no output where no linear keeps its input)
+            norms = (4 * h if keeps else 2 * h) * act
+        # q and the attention's output, k and v, SwiGLU's four (down_proj's input only where it is kept)
+        per_layer = b * t * (norms + (2 * h + 2 * kv_dim + (4 if keeps else 3) * f) * act)
         if mm.linear_bits is not None and s.weight_dtype_bytes > s.activation_bytes:
             # quantized linears return their input's dtype, the fp32 residual stream's under autocast
             # (bitsandbytes' Linear4bit, QA-LoRA's): gate, up and SiLU's outputs are kept in fp32 (saved-tensor
@@ -251,9 +260,9 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
         softmax = 4 if arch.mlp_matrices == 3 else act
         per_layer += b * a * t * t * (softmax + (2 * act if s.attention_dropout else act if softmax != act else 0))
     # The loss holds three fp32 vocabulary-sized tensors at once in backward (the logits, log-softmax's saved
-    # output, and the gradient being formed: measured so by harness/measure/memory.py), plus the 16-bit logits
-    # autocast produced before the loss upcast them.
-    logits = b * t * arch.vocab * (12 + (s.activation_bytes if s.activation_bytes < 4 else 0)) if arch.lm_head else 0
+    # output, and the gradient being formed: measured so by harness/measure/memory.py); the 16-bit logits autocast
+    # produced are gone by then (transformers 5: SmolLM2-135M shape, bf16, 1 × 1024 tokens).
+    logits = b * t * arch.vocab * 12 if arch.lm_head else 0
     model_level = 3 * b * t * h * s.activation_bytes  # the embedding's output, the final norm's input and output
     if s.grad_checkpointing:
         acts = arch.layers * b * t * h * s.activation_bytes + per_layer + logits + model_level
