@@ -75,14 +75,13 @@ def interrupts_raise_here():
     import signal
     import threading
 
-    before = signal.getsignal(signal.SIGINT)
-    swap = before is interrupted_before_work and threading.current_thread() is threading.main_thread()
-    if swap:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    main, before = threading.current_thread() is threading.main_thread(), signal.getsignal(signal.SIGINT)
+    if main:  # only the main thread may set a handler
+        interrupts_raise()
     try:
         yield
     finally:
-        if swap:
+        if main:
             signal.signal(signal.SIGINT, before)
 
 

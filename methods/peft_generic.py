@@ -59,13 +59,19 @@ def positions_from_mask(base: torch.nn.Module) -> None:
     base.register_forward_pre_hook(number, with_kwargs=True)
 
 
+def through_layers(cfg) -> bool:
+    """Prompt learning whose virtual token embeddings join the input and go through every layer (prompt tuning,
+    P-tuning, …); prefix tuning's go into the attention's keys and values only (peft's PeftModel.forward)."""
+    return getattr(cfg, "is_prompt_learning", False) and cfg.peft_type != "PREFIX_TUNING"
+
+
 def as_trained(model: torch.nn.Module) -> torch.nn.Module:
     """A PEFT model as ftbench trains, scores and serves it: for prompt learning, positions from the mask
     (:func:`positions_from_mask`, where the virtual tokens go through the layers) and no generation cache."""
     cfg = model.peft_config[model.active_adapter]
     if not getattr(cfg, "is_prompt_learning", False):
         return model
-    if cfg.peft_type != "PREFIX_TUNING":
+    if through_layers(cfg):
         positions_from_mask(model.get_base_model())
     if hasattr(model.get_base_model(), "generation_config"):
         # peft 0.21 looks for the KV cache under `past_key_values`, transformers 5 passes it as `cache`: in
@@ -156,10 +162,7 @@ class PeftGeneric(MethodBase):
         self._load_base = ctx.load_base  # the adapter's deployable form: unmerged, or prompt learning's only one
         self._ranks = [(0, _active_rank(model))]
         cfg = model.peft_config[model.active_adapter]
-        # prompt tuning, P-tuning, …: virtual token embeddings joined to the input, through every layer; prefix
-        # tuning's go into the attention's keys and values only (peft's PeftModel.forward), no linear layer's
-        through_layers = getattr(cfg, "is_prompt_learning", False) and cfg.peft_type != "PREFIX_TUNING"
-        self._positions_added = int(cfg.num_virtual_tokens) if through_layers else 0
+        self._positions_added = int(cfg.num_virtual_tokens) if through_layers(cfg) else 0
         self._trains_inputs = getattr(cfg, "is_prompt_learning", False)  # its prompt_encoder is registered last
         return as_trained(model)
 

@@ -141,13 +141,13 @@ def test_fused_adamw_holds_no_scratch_and_the_estimate_follows_both_implementati
     assert peaks["for-loop"] - peaks["fused"] == pytest.approx(scratch, rel=0.05), peaks
 
 
-def _wide_llama(tied: bool, intermediate: int = 704, hidden: int = 256):
+def _wide_llama(tied: bool, intermediate: int = 704, hidden: int = 256, vocab: int = 4000):
     """A Llama whose block linears outweigh its activations, as at real sizes (vocabulary 4000: the head counts)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=4000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, tie_word_embeddings=tied,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tied,
     )  # fmt: skip
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
@@ -219,12 +219,7 @@ def test_the_blocks_bytes_per_token_under_autocast_are_those_autograd_saves(meth
     """Per token (two sequence lengths: what does not grow with them drops out), bf16 autocast over fp32 weights:
     the norms' inputs are fp32 and each adapted q, k, v, gate and up keeps its own bf16 cast of the norm's output.
     Counted as bf16 weights would keep them, LoRA's and QLoRA's estimates were about 20% under what autograd saves."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=16, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = _wide_llama(False, intermediate=352, hidden=128, vocab=16)
     arch = arch_from_config(model.config)
     cls = get_method(method)
     m = cls(cls.Config.model_validate(config))

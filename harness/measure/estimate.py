@@ -238,15 +238,13 @@ def estimate(arch: Arch, s: Setup, mm=None) -> dict[str, float]:
             readers = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
             casts = len(readers if mm.trains == "all" else readers & {n for n, _, _ in blocks}) if keeps else 0
             norms = 2 * h * 4 + (2 * h * 4 if mm.trains == "all" else 0) + casts * h * act
+            # quantized linears return their input's dtype, the fp32 stream's (bitsandbytes' Linear4bit,
+            # QA-LoRA's): gate, up and SiLU's outputs are kept in fp32
+            mlp_fp32 = 3 * f * (4 - act) if mm.linear_bits is not None else 0
         else:  # the two norms' inputs and outputs (no output where no linear keeps its input)
-            norms = (4 * h if keeps else 2 * h) * act
+            norms, mlp_fp32 = (4 * h if keeps else 2 * h) * act, 0
         # q and the attention's output, k and v, SwiGLU's four (down_proj's input only where it is kept)
-        per_layer = b * t * (norms + (2 * h + 2 * kv_dim + (4 if keeps else 3) * f) * act)
-        if mm.linear_bits is not None and s.weight_dtype_bytes > s.activation_bytes:
-            # quantized linears return their input's dtype, the fp32 residual stream's under autocast
-            # (bitsandbytes' Linear4bit, QA-LoRA's): gate, up and SiLU's outputs are kept in fp32 (saved-tensor
-            # hooks, SmolLM2-135M shape, bf16: 3·f fp32 values per token and layer)
-            per_layer += b * t * 3 * f * (4 - s.activation_bytes)
+        per_layer = b * t * (norms + (2 * h + 2 * kv_dim + (4 if keeps else 3) * f) * act + mlp_fp32)
     else:  # a GPT block: Korthikanti et al. (2022)'s count without dropout masks' separate bytes
         per_layer = b * t * (10 * h + 4 * f) * s.activation_bytes
     if s.attention == "math":  # SDPA's fallback (a CPU with attention dropout) upcasts to fp32 and keeps, per
