@@ -18,13 +18,17 @@ def test_a_merge_that_raises_value_error_leaves_the_run_ok(tmp_path):
     layer has no bias, cannot merge bias adapter"). The run stays ok; the adapter is exported, the merge is an
     entry with the error."""
     method = {"method": "peft", "variant": "beft", "config": {"peft_type": "BEFT", "target_modules": ["q_proj"]}}
-    cfg = cells(models=["tiny-llama"], methods=[method], train=TRAIN, deploy={"enabled": False})[0]
+    train = {**TRAIN, "dtype": "auto"}
+    cfg = cells(models=["tiny-llama"], methods=[method], train=train, deploy={"enabled": False})[0]
     rec = run_cell(cfg, tmp_path)
     assert rec.status == "ok", rec.error
     by = {e.kind: e for e in rec.exports}
     assert by["adapter"].error is None and by["adapter"].bytes_on_disk > 0
     assert by["merged"].error.startswith("ValueError: ") and "bias" in by["merged"].error
     assert by["merged"].eval is None and not Path(by["merged"].path).exists()
+    # exports/<cell id>/, the record's id: `ftbench run` moves a changed cell's exports aside by it. The suite's
+    # dtypes are `auto`, which the cell resolves; the id is the config as the suite wrote it.
+    assert rec.config["train"]["dtype"] == "auto" and Path(by["adapter"].path).parent.name == rec.cell_id
 
 
 def test_a_method_whose_export_raises_still_finishes_ok(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from harness.records import load_records, read_record
+from harness.records import cell_identity, load_records, read_record
 from tests.conftest import ROOT, run_cli, tiny_suite
 from tests.test_runner import broken_model
 
@@ -252,18 +252,24 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     data["train"]["steps"] = 3  # lora's config changed
     edited = tmp_path / "s.yaml"
     edited.write_text(yaml.safe_dump(data))
-    old_ids = [p.stem for p in (r / "records").glob("*.json")]
-    for cell_id in old_ids:  # what each earlier run exported (this fixture exports nothing, to save time)
-        (r / "exports" / cell_id / "merged").mkdir(parents=True)
-        (r / "exports" / cell_id / "merged" / "README.md").write_text(cell_id)
+    old_ids = sorted(p.stem for p in (r / "records").glob("*.json"))
+    # what each earlier run exported (this fixture exports nothing, to save time): one folder under the record's
+    # id, one as an earlier ftbench named it (by the config with `auto` dtypes resolved), found from the record
+    folders = [old_ids[0], cell_identity(old_ids[1]) + "__0123456789"]
+    for cell_id, folder in zip(old_ids, folders, strict=True):
+        (r / "exports" / folder / "merged").mkdir(parents=True)
+        (r / "exports" / folder / "merged" / "README.md").write_text(cell_id)
+        data = json.loads((r / "records" / f"{cell_id}.json").read_text())
+        data["exports"] = [{"kind": "merged", "path": str(r / "exports" / folder / "merged"), "bytes_on_disk": 1}]
+        (r / "records" / f"{cell_id}.json").write_text(json.dumps(data))
     out = run_cli("run", str(edited), "--results", str(r))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "config changed, rerunning: lora/default s0 on rotten_tomatoes (train.steps 4 → 3)" in out.stderr
     msg = "2 earlier record(s) (1 of cells this suite no longer has) with 2 export folder(s) moved to"
     assert msg in out.stderr, out.stderr
     (aside,) = (r / "stale").iterdir()  # the artifacts went with their records: exports/ is this suite's only
-    assert sorted(p.name for p in (aside / "exports").iterdir()) == sorted(old_ids)
-    assert not set(old_ids) & {p.name for p in (r / "exports").iterdir()}
+    assert sorted(p.name for p in (aside / "exports").iterdir()) == sorted(folders)
+    assert not set(folders) & {p.name for p in (r / "exports").iterdir()}
     (rec,) = (r / "records").glob("*.json")
     assert len(json.loads(rec.read_text())["training"]["losses"]) == 3
     assert len(list((r / "stale").rglob("*.json"))) == 2  # kept, not deleted

@@ -10,7 +10,7 @@ from harness.cell.models import load_model
 from harness.cell.run import run_cell
 from harness.contract import ModelContext
 from harness.registry import get_method
-from tests.conftest import cells
+from tests.conftest import cells, tiny_suite
 
 
 def _prepared(method: str, config: dict, model_name: str = "tiny-bert"):
@@ -147,7 +147,8 @@ def test_methods_that_start_as_the_base_model_share_one_untrained_score(tmp_path
     one LoRA measures alone, example by example and to the last bit of the loss; QLoRA (quantized from the
     start) measures its own."""
     full_cfg, lora_cfg, qlora_cfg = cells(
-        methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}, {"method": "qlora", "config": {"r": 4}}]
+        methods=[{"method": "full"}, {"method": "lora", "config": {"r": 4}}, {"method": "qlora", "config": {"r": 4}}],
+        train={**tiny_suite()["train"], "dtype": "auto"},  # resolved in the cell; a record's id is the suite's
     )
     full, lora, qlora = (run_cell(c, tmp_path / "suite") for c in (full_cfg, lora_cfg, qlora_cfg))
     assert [r.status for r in (full, lora, qlora)] == ["ok"] * 3, (full.error, lora.error, qlora.error)

@@ -97,6 +97,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     device = default_device(cfg.device)
     if device.index is not None:  # cuda:N: the allocator's peak counters and NVML read the current device
         torch.cuda.set_device(device)
+    cell_id = cfg.cell_id  # the record's: the config as the suite wrote it, `auto` dtypes unresolved
     cfg, rec["resolved_dtypes"] = resolve_dtypes(cfg, device)
     dtype = DTYPES[cfg.train.dtype]
     progress = CellProgress(cfg, rec["resolved_dtypes"], device)
@@ -188,7 +189,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
                 clock.lap("deploy")
                 return forms
 
-        out_dir = results_dir / "exports" / cfg.cell_id
+        out_dir = results_dir / "exports" / cell_id
         tok = loaded.tokenizer
         rec.update(
             evaluate_exports(method, model, out_dir, evaluate, scores, progress, device, deployments, known, tok)
@@ -207,7 +208,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         rec["eval_before"] = EvalMetrics(**evaluate(model)[0])
         if shared is not None:
             shared.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(shared, json.dumps({"cell_id": cfg.cell_id, "metrics": rec["eval_before"].model_dump()}))
+            atomic_write_text(shared, json.dumps({"cell_id": cell_id, "metrics": rec["eval_before"].model_dump()}))
     if forgetting:
         rec["forgetting"]["before"] = forgetting(model)
     clock.lap("evaluate_before")

@@ -101,6 +101,17 @@ def _unreadable(p: Path) -> bool:
     return False
 
 
+def _export_folders(p: Path) -> set[str]:
+    """The folders under exports/ that hold record ``p``'s artifacts: its id's, and those its exports name (an
+    earlier ftbench named them by the config with its `auto` dtypes resolved; a record kept under a new id keeps
+    its folder). Only folders of the same cell identity: a record never moves another cell's artifacts."""
+    try:
+        folders = {Path(e.get("path") or "").parent.name for e in json.loads(p.read_text()).get("exports") or []}
+    except (OSError, ValueError, AttributeError):
+        folders = set()
+    return {p.stem} | {n for n in folders if n and cell_identity(n) == cell_identity(p.stem)}
+
+
 def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
     """Records in ``results_dir`` that belong to no cell of this suite (a config changed since they ran, or the
     cell is gone) move to ``stale/<time>/``: kept, never mixed with this suite's. Returns what to tell the user:
@@ -157,12 +168,13 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     exports = 0
     for p in stale:
+        folders = _export_folders(p) - current.keys()
         shutil.move(str(p), dest / p.name)
-        if (artifacts := results_dir / "exports" / p.stem).is_dir() and p.stem not in current:
-            # the record's artifacts go with it: exports/ holds this suite's cells only
-            (dest / "exports").mkdir(exist_ok=True)
-            shutil.move(str(artifacts), dest / "exports" / p.stem)
-            exports += 1
+        for name in sorted(folders):  # the record's artifacts go with it: exports/ holds this suite's cells only
+            if (artifacts := results_dir / "exports" / name).is_dir():
+                (dest / "exports").mkdir(exist_ok=True)
+                shutil.move(str(artifacts), dest / "exports" / name)
+                exports += 1
     others = len(stale) - changed_cells
     gone = f" ({others} of cells this suite no longer has)" if others else ""
     and_exports = f" with {exports} export folder(s)" if exports else ""
