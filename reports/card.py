@@ -40,13 +40,19 @@ def _exported(record: RunRecord) -> list[ExportRecord]:
 
 def write_missing_cards(records: list[RunRecord]) -> int:
     """Cards for the exported folders of ``records`` that have none of ftbench's (a run recorded by an ftbench
-    before the cards, whose adapter folder holds PEFT's template): ``ftbench run`` calls it on every record it
-    keeps, resumed ones too. Returns how many records got cards."""
+    before the cards, whose adapter folder holds PEFT's template) or one that names another record (a record
+    ``ftbench run`` kept under a new cell id): it calls this on every record it keeps, resumed ones too. Returns
+    how many records got cards."""
     written = 0
     for r in records:
-        if any(MARK not in _text(Path(e.path) / CARD) for e in _exported(r)):
+        if any(not _names(_text(Path(e.path) / CARD), r) for e in _exported(r)):
             written += bool(write_cards(r))
     return written
+
+
+def _names(card: str, record: RunRecord) -> bool:
+    """Whether ``card`` is ftbench's card of ``record``."""
+    return MARK in card and f"`records/{record.cell_id}.json`" in card
 
 
 def _text(path: Path) -> str:

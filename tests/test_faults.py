@@ -296,6 +296,10 @@ def test_raising_the_timeout_reruns_nothing_and_a_record_under_an_older_id_is_ke
     lora = next(p for p in (r / "records").glob("*.json") if "lora" in p.name)
     older = json.loads(lora.read_text())
     older["cell_id"] = lora.stem.rsplit("__", 1)[0] + "__0123456789"  # the id as a run-settings hash made it
+    folder = r / "exports" / older["cell_id"] / "merged"  # what it exported (the fixture exports nothing), carded
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text(f"Written by ftbench: `records/{older['cell_id']}.json`")
+    older["exports"] = [{"kind": "merged", "path": str(folder), "bytes_on_disk": 1}]
     (r / "records" / f"{older['cell_id']}.json").write_text(json.dumps(older))
     lora.unlink()
     data = yaml.safe_load(suite.read_text())
@@ -309,6 +313,7 @@ def test_raising_the_timeout_reruns_nothing_and_a_record_under_an_older_id_is_ke
     records = sorted((r / "records").glob("*.json"))
     assert len(records) == 2 and all(json.loads(p.read_text())["cell_id"] == p.stem for p in records)
     assert lora in records  # the older record now sits under the current id
+    assert f"`records/{lora.stem}.json`" in (folder / "README.md").read_text()  # and its export's card says so
 
 
 def test_a_full_disk_is_one_line_and_another_output_still_works(two_cells, tmp_path, monkeypatch):
