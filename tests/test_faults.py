@@ -288,6 +288,21 @@ def test_a_changed_config_reruns_its_cells_and_never_mixes_them(two_cells, tmp_p
     assert len(df) == len(res.records) and sorted(df["cell_id"]) == sorted(x.cell_id for x in res.records)
 
 
+def test_a_changed_cell_left_out_by_only_is_not_said_to_rerun(two_cells, tmp_path):
+    from harness.driver.runner import set_aside_stale
+    from harness.driver.suite import expand, parse_suite
+
+    suite, results = two_cells
+    data = yaml.safe_load(suite.read_text())
+    data["train"]["steps"] = 3  # both cells changed; `--only lora` runs one
+    cells = expand(parse_suite(data, "<test>"))
+    lines = set_aside_stale(cells, _copy(results, tmp_path / "r"), {c.cell_id for c in cells if c.method == "lora"})
+    assert sorted(line.split(" s0 ")[0] for line in lines[:2]) == [
+        "config changed, not rerun now (left out by --only): full/default",
+        "config changed, rerunning: lora/default",
+    ], lines
+
+
 def test_raising_the_timeout_reruns_nothing_and_a_record_under_an_older_id_is_kept(two_cells, tmp_path):
     """How a cell runs (timeout_s, retries, num_cpus, memory_limit_mb) is not part of its id (issue 28): an edit
     of those reran every cell. A record whose id an older ftbench computed with them is kept under the new id."""

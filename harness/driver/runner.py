@@ -112,10 +112,11 @@ def _export_folders(p: Path) -> set[str]:
     return {p.stem} | {n for n in folders if n and cell_identity(n) == cell_identity(p.stem)}
 
 
-def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
+def set_aside_stale(cells: list[RunConfig], results_dir: Path, selected: set[str] | None = None) -> list[str]:
     """Records in ``results_dir`` that belong to no cell of this suite (a config changed since they ran, or the
     cell is gone) move to ``stale/<time>/``: kept, never mixed with this suite's. Returns what to tell the user:
-    one line per changed cell with what changed, and where the records went."""
+    one line per changed cell with what changed, and where the records went; a changed cell outside ``selected``
+    (the ids this run runs: --only) is said to wait for a later run."""
     import datetime
     import shutil
 
@@ -151,8 +152,9 @@ def set_aside_stale(cells: list[RunConfig], results_dir: Path) -> list[str]:
                 continue
         changed = [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys]
         what = "; ".join(changed[:3]) + (" …" if len(changed) > 3 else "") if old else "its old record is unreadable"
+        verb = "rerunning" if selected is None or cell.cell_id in selected else "not rerun now (left out by --only)"
         lines.append(
-            f"config changed, rerunning: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.display_name} ({what})"
+            f"config changed, {verb}: {cell.method}/{cell.variant} s{cell.seed} on {cell.task.display_name} ({what})"
         )
     changed_cells = len(lines)
     if kept:
@@ -266,9 +268,9 @@ def _run_locked(suite, suite_text, results_dir, retry_failed, quiet, executor, a
         base = [c for c in cells if c.seed == suite.seeds[0]]
         _before_cells(base, results_dir, console)
         cells = _tuned(suite, cells, base, results_dir, console, executor, address)
-    for line in set_aside_stale(cells, results_dir):
-        console.print(f"[yellow]{line}[/]", soft_wrap=True)
     selected = select_cells(cells, only) if only else cells
+    for line in set_aside_stale(cells, results_dir, {c.cell_id for c in selected}):
+        console.print(f"[yellow]{line}[/]", soft_wrap=True)
     todo = pending_cells(selected, results_dir, retry_failed)
     if todo and suite.tune is None:  # a tuned suite measured this machine before its trials
         _before_cells(todo, results_dir, console)
