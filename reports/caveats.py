@@ -172,14 +172,37 @@ def start_warnings(records: Iterable[RunRecord]) -> list[str]:
     return out
 
 
+def edge_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per tuned configuration whose chosen number is the largest or smallest of the 3 or more values its
+    study tried: its best may lie beyond the range searched, and the comparison may hold that method back."""
+    from harness.studies import fmt_param
+
+    out, seen = [], set()
+    for r in records:
+        t, name = r.config.get("tuning") or {}, f"{r.method}/{r.variant}"
+        if r.status != "ok" or not t or (r.model, r.task, name) in seen:
+            continue
+        seen.add((r.model, r.task, name))
+        for k, v in (t.get("best_params") or {}).items():
+            tried = {h["params"][k] for h in t.get("history") or [] if isinstance(h["params"].get(k), (int, float))}
+            if len(tried) >= 3 and v in (min(tried), max(tried)):
+                end = "largest" if v == max(tried) else "smallest"
+                out.append(
+                    f"{r.model} · {r.task} · {name}: its tuned {k}, {fmt_param(v)}, is the {end} of the {len(tried)} "
+                    "values its study tried: its best may lie beyond the range searched (tune.space widens it)"
+                )
+    return out
+
+
 def _inputs(r: RunRecord) -> tuple:
     return (r.model, r.task, r.seed, (r.config.get("train") or {}).get("max_seq_len"))
 
 
 def training_warnings(records: Iterable[RunRecord]) -> list[str]:
     """What a reader must know before trusting a configuration's trained figures: budgets that differ between
-    configurations, inputs cut to max_seq_len, an untrained start away from the base model's, a model that predicts
-    one label whatever the input, fp16 steps that made no update."""
+    configurations, a tuned value at the edge of what its study tried, inputs cut to max_seq_len, an untrained
+    start away from the base model's, a model that predicts one label whatever the input, fp16 steps that made no
+    update."""
     records = list(records)
-    caveats = budget_warnings(records) + cut_input_warnings(records) + start_warnings(records)
+    caveats = budget_warnings(records) + edge_warnings(records) + cut_input_warnings(records) + start_warnings(records)
     return caveats + one_label_warnings(records) + skipped_step_warnings(records)

@@ -147,44 +147,87 @@ def optuna_figures(results_dir: Path | None, studies: dict[str, dict], prefix: s
     return out
 
 
+HAND_SET = (
+    "Every configuration ran at hand-set hyperparameters (the suite has no `tune:` block): a difference between "
+    "methods may be nothing more than a better-guessed learning rate."
+)
+
+
+def notes(records: list[RunRecord], studies: dict[str, dict]) -> list[tuple[str, str]]:
+    """What to say of one (model, task)'s studies, as (``note`` or ``warn``, text), for the HTML section and the
+    Markdown alike: the budget, trials that all scored the same, ties at the best, the learning rates' ratio."""
+    budgets = {t["trials"] for t in studies.values()}
+    same = "the same budget for every method" if len(budgets) == 1 else "budgets differ between methods"
+    out = [
+        (
+            "note",
+            f"{', '.join(map(str, sorted(budgets)))} trials per method ({same}), selected on the validation split; "
+            "the test split was read only by the final runs.",
+        )
+    ]
+    flat = [n for n, t in studies.items() if len({h["value"] for h in t["history"] if h["value"] is not None}) == 1]
+    if flat:
+        by_loss = all(studies[n].get("tied_at_best") for n in flat)  # records since ties are broken by loss
+        chosen = "has the lowest validation loss" if by_loss else "is simply the first"
+        out.append(
+            (
+                "warn",
+                f"Every trial of {', '.join(flat)} scored the same on validation: the chosen one {chosen}, and says "
+                "little about which configuration is better (a larger validation set, more steps or the loss as the "
+                "objective may tell them apart).",
+            )
+        )
+    for n, t in studies.items():
+        if n not in flat and t.get("tied_at_best", 1) > 1:
+            tie = f"{n}: {t['tied_at_best']} trials tied at the best validation value; the one with the lowest "
+            out.append(("note", tie + "validation loss was chosen."))
+    everything = [r for r in records if r.total_params and r.trainable_params == r.total_params]
+    return out + [("", line) for line in lr_ratio(studies, {f"{r.method}/{r.variant}" for r in everything})]
+
+
+def to_markdown(records: list[RunRecord]) -> str:
+    """How each configuration's hyperparameters were chosen, for ``report --format md``: per (model, task) the
+    chosen values, the best validation value, the trials and the notes; one line where nothing was tuned."""
+    from reports.markdown import md, md_table
+
+    by = tuned([r for r in records if r.status == "ok"])
+    if not by:
+        return f"_{md(HAND_SET)}_" if any(r.status == "ok" for r in records) else ""
+    lines: list[str] = []
+    for (model, task), studies in by.items():
+        lines += [f"**Hyperparameters, tuned on the validation split · {md(model)} · {md(task)}**", ""]
+        rows = [
+            [
+                name,
+                ", ".join(f"{k} {_fmt(v)}" for k, v in t["best_params"].items()),
+                f"{t['objective']} {_fmt(t['best_value'])}",
+                f"{t['trials']} ({t.get('trials_pruned', 0)} pruned, {t.get('trials_failed', 0)} failed)",
+                t.get("sampler", "—"),
+            ]
+            for name, t in studies.items()
+        ]
+        lines += md_table(["configuration", "chosen", "best on validation", "trials", "sampler"], rows) + [""]
+        lines += [
+            f"> **warning:** {md(text)}\n" if kind == "warn" else md(text) + "\n"
+            for kind, text in notes(records, studies)
+        ]
+    return "\n".join(lines)
+
+
 def render(records: list[RunRecord], results_dir: Path | None, figure_html) -> str:
     """The section's HTML; ``figure_html(fig, id)`` embeds a figure the way the rest of the report does."""
     by = tuned(records)
     if not by:
-        return (
-            '<p class="note">Every configuration ran at <b>hand-set hyperparameters</b> (the suite has no '
-            "<code>tune:</code> block): a difference between methods may be nothing more than a better-guessed "
-            "learning rate.</p>"
-        )
+        text = html.escape(HAND_SET).replace("`tune:`", "<code>tune:</code>")
+        return f'<p class="note">{text.replace("hand-set hyperparameters", "<b>hand-set hyperparameters</b>")}</p>'
     parts = []
     for k, ((model, task), studies) in enumerate(by.items()):
-        parts.append(f"<h3>{html.escape(model)} · {html.escape(task)}</h3>")
-        budgets = {t["trials"] for t in studies.values()}
-        same = "the same budget for every method" if len(budgets) == 1 else "budgets differ between methods"
-        parts.append(
-            f'<p class="note">{html.escape(", ".join(map(str, sorted(budgets))))} trials per method '
-            f"({same}), selected on the validation split; the test split was read only by the final runs.</p>"
+        budget, *rest = (
+            f'<p class="{c}">{html.escape(t)}</p>' if c else f"<p>{html.escape(t)}</p>"
+            for c, t in notes(records, studies)
         )
-        parts.append(figure_html(lr_figure(studies), f"fig-tune-lr-{k}"))
-        flat = [n for n, t in studies.items() if len({h["value"] for h in t["history"] if h["value"] is not None}) == 1]
-        if flat:
-            by_loss = all(studies[n].get("tied_at_best") for n in flat)  # records since ties are broken by loss
-            chosen = "has the lowest validation loss" if by_loss else "is simply the first"
-            parts.append(
-                f'<p class="warn">Every trial of {html.escape(", ".join(flat))} scored the same on validation: the '
-                f"chosen one {chosen}, and says little about which configuration is better (a larger validation "
-                "set, more steps or the loss as the objective may tell them apart).</p>"
-            )
-        for n, t in studies.items():
-            if n not in flat and t.get("tied_at_best", 1) > 1:
-                parts.append(
-                    f'<p class="note">{html.escape(n)}: {t["tied_at_best"]} trials tied at the best validation '
-                    "value; the one with the lowest validation loss was chosen.</p>"
-                )
-        everything = [r for r in records if r.total_params and r.trainable_params == r.total_params]
-        trains_all = {f"{r.method}/{r.variant}" for r in everything}
-        parts += [f"<p>{html.escape(line)}</p>" for line in lr_ratio(studies, trains_all)]
-        parts.append(_table(studies))
+        parts += [f"<h3>{html.escape(model)} · {html.escape(task)}</h3>", budget]
+        parts += [figure_html(lr_figure(studies), f"fig-tune-lr-{k}"), *rest, _table(studies)]
         for j, (title, fig) in enumerate(optuna_figures(results_dir, studies, f"{model}|{task}")):
             parts.append(f"<h4>{html.escape(title)}</h4>" + figure_html(fig, f"fig-tune-optuna-{k}-{j}"))
     return "".join(parts)

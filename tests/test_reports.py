@@ -45,6 +45,8 @@ def test_markdown_csv_json(results, capsys):
     while legend.startswith("> **warning:** "):  # 4 steps of a tiny model: it may give every example one label
         legend, _, md = md.partition("\n\n")
     assert legend.startswith("_trains: the share of parameters")
+    tuning, _, md = md.partition("\n\n")  # how the hyperparameters were chosen: by hand here
+    assert tuning.startswith("_Every configuration ran at hand-set hyperparameters (the suite has no \\`tune:\\`")
     head, _, table = md.partition("\n\n")
     table, _, after = table.partition("\n\n")
     assert head.startswith("model: **tiny-bert** · task: **rotten_tomatoes** · seed: **0** · status: **ok**")

@@ -7,6 +7,7 @@ import pytest
 from harness.cell.run import run_cell
 from harness.driver.suite import expand, parse_suite
 from harness.driver.tune import tune_cells, with_params
+from harness.records import RunRecord
 from tests.conftest import run_cli, tiny_suite
 
 TUNE = {
@@ -275,6 +276,43 @@ def test_the_lr_ratio_compares_any_adapter_method_with_what_trains_everything():
     assert [line.split(":")[0] for line in lines] == ["bitfit/default", "lora/r8"]
     assert "best learning rate ×10 everything/default's" in lines[0] and "×100" in lines[1]
     assert lr_ratio(studies, trains_all=set()) == []  # nothing trains everything: no ratio to state
+
+
+def test_the_markdown_report_names_each_tuned_value_and_warns_where_one_is_at_the_edge_of_its_range():
+    """`report --format md` had no word of tuning: a published comparison hid the learning rates it chose. Now a
+    table per model and task, and a warning (terminal, Markdown, HTML) where the chosen value is the largest or
+    smallest its study tried: that method's best may lie beyond the range, and the comparison may hold it back."""
+    from harness.driver.cli_results import _tabular
+    from reports.caveats import training_warnings
+    from tests.test_stats import run
+
+    def tuned(method: str, best: float) -> RunRecord:
+        history = [
+            {"number": i, "params": {"lr": lr}, "value": 0.6 + 0.1 * (lr == best), "state": "COMPLETE"}
+            for i, lr in enumerate((1e-5, 3e-4, 1e-2))
+        ]
+        t = {
+            "best_params": {"lr": best},
+            "best_value": 0.7,
+            "history": history,
+            "objective": "val_accuracy",
+            "trials": 3,
+            "trials_pruned": 1,
+            "trials_failed": 0,
+            "sampler": "grid",
+        }
+        return run(method, "0110" * 5).model_copy(update={"config": {"tuning": t}})
+
+    records = [tuned("full", 3e-4), tuned("lora", 1e-2)]
+    text = _tabular(records, "md")
+    assert "**Hyperparameters, tuned on the validation split · m · t**" in text
+    assert "| full/default | lr 0.0003 | val_accuracy 0.7 | 3 (1 pruned, 0 failed) | grid |" in text
+    edge = "m · t · lora/default: its tuned lr, 0.01, is the largest of the 3 values its study tried"
+    assert [w for w in training_warnings(records) if "tuned" in w] == [
+        edge + ": its best may lie beyond the range searched (tune.space widens it)"
+    ]
+    assert text.count(edge) == 1  # once, among the headline's warnings
+    assert "hand-set" not in text and "hand-set hyperparameters" in _tabular([run("full", "0110")], "md")
 
 
 def test_a_failed_trial_says_why_on_its_line(tmp_path):

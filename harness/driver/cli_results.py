@@ -74,8 +74,10 @@ def _tabular(records, fmt: str) -> str:
         from reports.deployment import to_markdown as deployment_markdown
         from reports.league import to_markdown as league_markdown
         from reports.terminal import to_markdown as headline_markdown
+        from reports.tuning import to_markdown as tuning_markdown
 
-        parts = (headline_markdown(records), to_markdown(records), deployment_markdown(records))
+        parts = (headline_markdown(records), tuning_markdown(records), to_markdown(records))
+        parts += (deployment_markdown(records),)
         parts += (league_markdown(records), labels.to_markdown(records))
         return "\n\n".join(x for x in parts if x)
     rows = flat_rows(records)
