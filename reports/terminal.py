@@ -136,6 +136,8 @@ def tables(records: list[RunRecord], title: str = "") -> list:
         for c in ranked:
             table.add_row(*(escape(x) for x in _row(c, verdicts[c.name])))
         out.append(table)
+        if chosen := tuned_line([r for c in ranked for r in c.runs]):
+            out.append(Text(chosen))
     out += measured_only_tables(records, title)
     from reports.caveats import training_warnings
     from reports.samples import cut_warnings
@@ -192,6 +194,18 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
         lines.append("")  # a blank line: the legend must not read as part of the last failure's list item
     lines += [f"> **warning:** {md(w)}\n" for w in cut_warnings(records) + training_warnings(records)]
     return "\n".join(lines + ([f"_{md(LEGEND)}_"] if lines else []))
+
+
+def tuned_line(runs: list[RunRecord]) -> str:
+    """What tuning chose for each configuration of one table, on one line ('' where nothing was tuned)."""
+    from harness.studies import fmt_param
+
+    chosen: dict[str, str] = {}
+    for r in runs:
+        if (t := r.config.get("tuning")) and r.status == "ok":
+            params = ", ".join(f"{k} {fmt_param(v)}" for k, v in t["best_params"].items())
+            chosen.setdefault(f"{r.method}/{r.variant}", f"{params} ({t['trials']} trials)")
+    return "tuned on the validation split: " + " · ".join(f"{k} {v}" for k, v in chosen.items()) if chosen else ""
 
 
 MEASURED_HEAD = ("method", "seed", "trainable", "peak", "estimate", "step", "tokens/s", "MFU")

@@ -284,6 +284,7 @@ def test_the_markdown_report_names_each_tuned_value_and_warns_where_one_is_at_th
     smallest its study tried: that method's best may lie beyond the range, and the comparison may hold it back."""
     from harness.driver.cli_results import _tabular
     from reports.caveats import training_warnings
+    from reports.terminal import tuned_line
     from tests.test_stats import run
 
     def tuned(method: str, best: float) -> RunRecord:
@@ -313,6 +314,8 @@ def test_the_markdown_report_names_each_tuned_value_and_warns_where_one_is_at_th
     ]
     assert text.count(edge) == 1  # once, among the headline's warnings
     assert "hand-set" not in text and "hand-set hyperparameters" in _tabular([run("full", "0110")], "md")
+    line = "tuned on the validation split: full/default lr 0.0003 (3 trials) · lora/default lr 0.01 (3 trials)"
+    assert tuned_line(records) == line and tuned_line([run("full", "0110")]) == ""  # under the terminal's table
 
 
 def test_a_failed_trial_says_why_on_its_line(tmp_path):
