@@ -25,7 +25,8 @@ import torch
 
 from harness.cell.deploy import decoder_latency
 from harness.cell.models import load_model
-from harness.measure.hardware import describe, identity
+from harness.environment import describe
+from harness.measure.hardware import identity
 from methods.intquant import QuantLinear, set_module
 
 

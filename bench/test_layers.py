@@ -59,7 +59,8 @@ def test_linear_forward_backward(benchmark, kind, d):
     def step():
         layer(x).float().sum().backward()
 
-    from harness.measure.hardware import describe, identity, slow_note
+    from harness.environment import describe
+    from harness.measure.hardware import identity, slow_note
 
     slow = slow_note("bfloat16") if "bf16" in kind else None
     benchmark.group = f"linear {d}"

@@ -169,3 +169,44 @@ def test_every_public_function_and_class_says_what_it_is():
                 if named and ast.get_docstring(node) is None:
                     missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not missing, missing
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """What a module defines or imports at its top level (inside ``if`` and ``try`` blocks too)."""
+    names: set[str] = set()
+    todo = list(ast.parse(path.read_text(), str(path)).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "finalbody", [])
+            todo += [s for h in getattr(node, "handlers", []) for s in h.body]
+    return names
+
+
+def test_every_name_imported_from_ftbench_exists_in_the_benchmarks_and_deferred_imports_too():
+    """`make bench` broke unseen: bench/decode.py imported `describe` from where it no longer lived, and no test
+    imports bench/ (never part of `make test`). Every `from <ftbench module> import name`, at the top or deferred
+    inside a function, in the packages, bench/, examples/, gpu/ and tests/, names something that module defines,
+    read from its source (nothing is imported)."""
+    mods = _modules()
+    files = [p for d in (*PACKAGES, "bench", "examples", "gpu", "tests") for p in sorted((ROOT / d).rglob("*.py"))]
+    defined: dict[str, set[str]] = {}
+    missing = []
+    for path in files:
+        if path.name == "broken.py":  # a method file with a syntax error, on purpose
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods):
+                continue
+            names = defined.setdefault(node.module, _top_level_names(mods[node.module]))
+            for a in node.names:
+                if a.name != "*" and a.name not in names and f"{node.module}.{a.name}" not in mods:
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {a.name} from {node.module}")
+    assert not missing, missing
