@@ -55,3 +55,39 @@ def test_no_source_file_is_over_400_lines():
         if (n := len(p.read_text().splitlines())) > 400
     ]
     assert not long, long
+
+
+def test_every_ftbench_command_and_option_the_docs_name_exists():
+    """A doc that names `ftbench report --format md` or `make bench` tells a reader to type it: each ftbench
+    command that starts a code span or a line of a code block, each option after it, and each `make` target
+    must exist."""
+    import argparse
+
+    from harness.driver.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
+    targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    unknown, commands = [], 0
+    for doc in DOCS:
+        text = doc.read_text()
+        blocks = re.findall(r"```.*?```", text, re.S)
+        spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for line in [x for b in blocks for x in b.splitlines()] + spans:
+            if m := re.match(r"\s*(?:\$\s*)?(?:\S*/)?ftbench ([a-z]+)(.*)", line):
+                command, rest = m.groups()
+                commands += 1
+                if command not in options:
+                    unknown.append(f"{doc.name}: {line.strip()}")
+                    continue
+                rest = rest.split("#")[0]  # a comment after the command is prose
+                unknown += [
+                    f"{doc.name}: {line.strip()}"
+                    for o in re.findall(r"(?<!\S)--[a-z][\w-]*", rest)
+                    if o not in options[command]
+                ]
+            unknown += [
+                f"{doc.name}: make {t}" for t in re.findall(r"^\s*make ([a-z][\w-]*)", line) if t not in targets
+            ]
+    assert not unknown, unknown
+    assert commands > 20  # the check reads the docs' commands
