@@ -100,3 +100,16 @@ print(json.dumps(heavy))
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {name: [2, []] for name in CHEAP}, got
+
+
+def test_every_shipped_suite_passes_the_checks_that_need_no_torch():
+    """suites/ is what a reader runs first: each file's schema, names, method configs, data and tuning space hold
+    (the model-fit phase is left to the tests that run them: it parses SmolLM2's GGUF file, seconds each)."""
+    import yaml
+
+    from harness.driver.suite import check_cheap
+
+    shipped = sorted((Path(__file__).parents[1] / "suites").glob("*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        check_cheap(yaml.safe_load(path.read_text()), str(path))
