@@ -158,3 +158,12 @@ def test_validating_a_smollm2_suite_before_its_conversion_parses_the_gguf_file_o
     finally:
         models._smollm2_gguf_config.cache_clear()
     assert not (tmp_path / "ftbench").exists()  # validated without converting
+
+
+def test_loading_a_pretrained_model_draws_no_progress_bar(capfd):
+    """transformers draws a "Loading weights" bar per load: in a cell's log that is noise, and `ftbench claims`
+    loads its models in the driver, where the bars reached the user's terminal between ftbench's own lines."""
+    from harness.cell.models import load_model
+
+    assert load_model("minilm-l6", 2, 0).info["pretrained"]
+    assert "Loading weights" not in capfd.readouterr().err

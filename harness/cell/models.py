@@ -294,6 +294,9 @@ def load_model(
         info.update(source="random init from config", pretrained=False, weights="random", weights_note=RANDOM_NOTE)
     else:
         src_s = _source(name)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load: noise in a cell's log and in `ftbench claims`' output
         try:
             tok = load_tokenizer(name, trust_remote_code)
             config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
