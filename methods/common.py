@@ -112,7 +112,12 @@ def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
         with torch.device("meta"):
             injected = get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
     except ValueError as err:
-        raise FieldError("", f"PEFT rejects it for this model: {str(err).splitlines()[0]}") from None
+        why = str(err).splitlines()[0]
+        if not target and "target_modules" in why:  # PEFT knows no default targets for this architecture
+            norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__}  # what LN tuning targets
+            names = ", ".join(sorted({n.split(".")[-1] for n in {*layers, *norms} if n}))
+            raise FieldError("target_modules", f"PEFT has no default for this model; it has: {names}") from None
+        raise FieldError("", f"PEFT rejects it for this model: {why}") from None
     except Exception:  # noqa: BLE001 - a meta-device limitation, not a verdict on the config
         return
     r = getattr(config, "r", None)

@@ -55,7 +55,9 @@ class QLoraOptions(LoraOptions):
     compute_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], AutoDtype()] = Field(
         "float32", description="dequantize to this; auto: a half-precision train.dtype, else bf16 where native"
     )
-    skip_modules: list[str] = Field(default_factory=list, description="Linear names kept unquantized (+ the head)")
+    skip_modules: list[str] = Field(
+        default_factory=list, description="Linear names (or top-level modules) kept unquantized (+ the head)"
+    )
     init_lora_weights: bool | str = Field(
         True,
         description="the adapter's init: PEFT's (true: kaiming A, zero B; false: random B; gaussian), or from the "
@@ -96,7 +98,8 @@ class QLoraOptions(LoraOptions):
 def quantize_linears(
     model: torch.nn.Module, skip: set[str], cfg: QLoraOptions, error: list[float] | None = None
 ) -> list[str]:
-    """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component or the full path) by
+    """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component, the full path or the
+    top-level module the layer is in: a head such as RoBERTa's ``classifier`` holds Linears of its own) by
     a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names. With
     ``error`` (a list [sum of squared errors, sum of squares]), each layer's quantization error is added to it
     as the layer is quantized, so no copy of the float weights outlives its own layer."""
@@ -109,7 +112,7 @@ def quantize_linears(
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             path = f"{parent_name}.{name}" if parent_name else name
-            if not isinstance(child, torch.nn.Linear) or name in skip or path in skip:
+            if not isinstance(child, torch.nn.Linear) or {name, path, path.split(".")[0]} & skip:
                 continue
             q = bnb.nn.Linear4bit(
                 child.in_features,

@@ -174,3 +174,33 @@ def test_methods_that_start_as_the_base_model_share_one_untrained_score(tmp_path
 def test_which_configurations_start_as_the_base_model(method, config, same):
     cls = get_method(method)
     assert cls(cls.Config.model_validate(config)).starts_as_base() is same
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "roberta"])
+def test_every_method_trains_the_whole_head_of_an_encoder_whose_head_is_not_one_linear(arch):
+    """DistilBERT's head is a new `pre_classifier` and `classifier`; RoBERTa's `classifier` holds two Linears of
+    its own. QLoRA quantized them and PEFT then failed to train them ("only Tensors of floating point dtype can
+    require gradients"); QA-LoRA and QAT-LoRA quantized DistilBERT's new `pre_classifier` and left it random.
+    Each method now trains every head parameter in full, as PEFT does for LoRA."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from harness.cell.models import head_module_names
+
+    sizes = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128}
+    if arch == "distilbert":
+        sizes = {"dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128}
+    config = AutoConfig.for_model(arch, vocab_size=100, num_labels=2, **sizes)
+    heads = head_module_names(AutoModelForSequenceClassification.from_config(config))
+    assert heads == (["classifier", "pre_classifier"] if arch == "distilbert" else ["classifier"])
+    targets = ["q_lin", "v_lin"] if arch == "distilbert" else ["query", "value"]
+    for name, extra in (("lora", {}), ("qlora", {}), ("qalora", {"group_size": 32}), ("qat_lora", {"group_size": 32})):
+        cls = get_method(name)
+        method = cls(cls.Config(r=4, target_modules=targets, **extra))
+        model = AutoModelForSequenceClassification.from_config(config)
+        model = method.prepare(model, ModelContext("seq_cls", 2, arch, heads))
+        model(input_ids=torch.randint(0, 100, (2, 8)), labels=torch.tensor([0, 1])).loss.backward()
+        head = {  # PEFT keeps a frozen copy of a trained head beside it (original_module)
+            n: p for n, p in model.named_parameters() if set(n.split(".")) & set(heads) and "original_module" not in n
+        }
+        assert len(head) >= 4 and all(p.requires_grad and p.is_floating_point() for p in head.values()), name
+        assert all(p.grad is not None for p in head.values()), name

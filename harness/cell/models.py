@@ -355,9 +355,10 @@ def built_for_loading(auto, config, **kwargs) -> torch.nn.Module:
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:
-    """Names of the classification head modules (trained by every method, as PEFT does for SEQ_CLS)."""
-    names = {"classifier", "score"}
-    return sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in names})
+    """Names of the classification head modules (trained by every method, as PEFT does for SEQ_CLS): those whose
+    path ends in ``classifier`` or ``score``, as PEFT matches its ``modules_to_save`` (DistilBERT's new
+    ``pre_classifier`` with its ``classifier``; RoBERTa's ``classifier`` holds two Linears)."""
+    return sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.endswith(("classifier", "score"))})
 
 
 def output_module_names(model: torch.nn.Module) -> list[str]:
