@@ -6,6 +6,7 @@ import copy
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,22 @@ def _adaptable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
 
 
+def conv1d_note(model: torch.nn.Module) -> str:
+    """Where ``model``'s layers are transformers' ``Conv1D`` (GPT-2's), a note saying so: the INT-N and 4-bit
+    quantizers take ``nn.Linear`` only; '' otherwise."""
+    n = sum(type(m).__name__ == "Conv1D" for m in model.modules())
+    return f"; this model's {n} layers are transformers' Conv1D (GPT-2's), which it does not quantize" if n else ""
+
+
+def need_linears(model: torch.nn.Module, skip: set[str], method: str) -> None:
+    """Raise ``ValueError`` where ``model`` has no ``nn.Linear`` outside ``skip`` (a layer's last name, its path
+    or its top-level module) for ``method`` to quantize: at validation, not after loading the weights."""
+    parts = lambda n: {n.rsplit(".", 1)[-1], n, n.split(".")[0]}  # noqa: E731
+    if not any(isinstance(m, torch.nn.Linear) and not parts(n) & skip for n, m in model.named_modules()):
+        why = conv1d_note(model) or " (check skip_modules)"
+        raise ValueError(f"{method}: no Linear layer left to quantize{why}")
+
+
 PROMPT_SIZES = (("token_dim", "hidden_size"), ("num_layers", "num_hidden_layers"), ("num_attention_heads",) * 2)
 
 
@@ -109,7 +126,10 @@ def check_peft_fits(model: torch.nn.Module, config: Any) -> None:
         if bad:
             raise FieldError("layers_to_transform", f"layer {bad[0]} is out of range: this model has {depth} layers")
     try:
-        with torch.device("meta"):
+        # PEFT's warnings about a config it adjusts (fan_in_fan_out on GPT-2's Conv1D) belong to the run's log,
+        # where it injects the config again: here they would land among ftbench's own lines
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             injected = get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
     except ValueError as err:
         why = str(err).splitlines()[0]

@@ -35,7 +35,7 @@ from harness.contract import Export, MemoryModel, MethodBase, ModelContext, atte
 from harness.lazy import lazy_module
 from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
-from methods.common import dir_bytes, requires_grad_parameters
+from methods.common import conv1d_note, dir_bytes, requires_grad_parameters
 
 ADAPTER_NOTE = (
     "ftbench's QA-LoRA adapter (the group-pooled A and B, `adapter.safetensors`, and the method's config): it applies "
@@ -136,7 +136,7 @@ class QALora(MethodBase):
         c = self.config
         targets = linear_targets(model, heads, c.target_modules, c.skip_modules)
         if not targets:
-            raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}")
+            raise ValueError(f"qalora: no Linear layer matches target_modules={c.target_modules}{conv1d_note(model)}")
         names = {n for path, _ in model.named_modules() for n in (path, path.split(".")[-1])}
         unknown = [s for s in c.skip_modules if s not in names]
         if unknown:

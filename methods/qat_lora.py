@@ -32,7 +32,7 @@ from pydantic import Field
 from harness.contract import Export, MemoryModel, MethodBase, ModelContext, attempt, register_method
 from harness.lazy import lazy_module
 from harness.schema import Strict
-from methods.common import dir_bytes, requires_grad_parameters
+from methods.common import conv1d_note, dir_bytes, requires_grad_parameters
 from methods.qalora import linear_targets
 
 torch = lazy_module("torch")  # imported at first use: the config validates without it (harness/lazy.py)
@@ -147,7 +147,7 @@ class QatLora(MethodBase):
         heads = set(ctx.head_names) | set(ctx.output_names)
         targets = linear_targets(model, heads, c.target_modules, c.skip_modules)
         if not targets:
-            raise ValueError(f"qat_lora: no Linear layer matches target_modules={c.target_modules}")
+            raise ValueError(f"qat_lora: no Linear layer matches target_modules={c.target_modules}{conv1d_note(model)}")
         for path, lin in targets:
             if lin.in_features % c.group_size:
                 raise ValueError(

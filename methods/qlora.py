@@ -31,6 +31,7 @@ from methods.common import (
     check_peft_fits,
     dir_bytes,
     export_peft,
+    need_linears,
     pretrained_forms,
     requires_grad_parameters,
     save_state_dict,
@@ -226,6 +227,7 @@ class QLora(MethodBase):
         return MemoryModel(trains="adapters", rank=self.config.r, linear_bits=4 + constants, targets=targets)
 
     def check_model(self, model: torch.nn.Module, ctx: ModelContext) -> None:  # the adapters' fit; 4 bits fit any
+        need_linears(model, set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules), "qlora")
         check_peft_fits(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:

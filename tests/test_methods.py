@@ -204,3 +204,23 @@ def test_every_method_trains_the_whole_head_of_an_encoder_whose_head_is_not_one_
         }
         assert len(head) >= 4 and all(p.requires_grad and p.is_floating_point() for p in head.values()), name
         assert all(p.grad is not None for p in head.values()), name
+
+
+def test_a_model_of_conv1d_layers_is_refused_by_the_quantizing_methods_at_validation_saying_why():
+    """GPT-2's layers are transformers' Conv1D, not nn.Linear. QLoRA failed after loading the weights ("no Linear
+    layer left to quantize (check skip_modules)": there was nothing to skip); now every quantizing method refuses
+    it at validation and names Conv1D. LoRA fits it, without PEFT's fan_in_fan_out warning among ftbench's lines."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # as validation sees it: the skeleton
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=2))
+    ctx = ModelContext("causal_lm", 0, "gpt2", output_names=["lm_head"])
+    for name, extra in (("qlora", {}), ("qalora", {"group_size": 32}), ("qat_lora", {"group_size": 32})):
+        cls = get_method(name)
+        with pytest.raises(ValueError, match=f"^{name}: no Linear .*; this model's 4 layers are transformers' Conv1D"):
+            cls(cls.Config(r=4, **extra)).check_model(model, ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_method("lora")(get_method("lora").Config(r=4)).check_model(model, ctx)
