@@ -36,7 +36,9 @@ class ModelContext:
     task_type: str  # "seq_cls" (a classifier head) or "causal_lm" (a decoder scoring prompts)
     num_labels: int
     model_type: str  # transformers' config.model_type, e.g. "bert", "llama"
-    head_names: list[str] = field(default_factory=list)  # classifier modules that must stay trainable
+    # the head, trained in full by every method: modules named like a classifier head (classifier, score), and,
+    # loaded from a checkpoint, each module it had no weights for (a path: DeBERTa's pooler.dense)
+    head_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)  # a decoder's LM head: never quantized or adapted
     # calibration(n): model-input batches (CPU) of the first n training examples, for calibrated quantizers (GPTQ)
     calibration: Callable[[int], list[dict[str, torch.Tensor]]] | None = None
@@ -50,6 +52,13 @@ class ModelContext:
         from peft import TaskType
 
         return TaskType.CAUSAL_LM if self.task_type == "causal_lm" else TaskType.SEQ_CLS
+
+
+def within(path: str, names: set[str] | list[str]) -> bool:
+    """Whether module ``path`` is one of ``names`` or inside one: a name is a module's last part, or its path,
+    or the path of a module it is in (``classifier`` holds RoBERTa's ``classifier.dense``)."""
+    parts = path.split(".")
+    return parts[-1] in names or any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from harness.contract import Deployable, Export, attempt, error_text
+from harness.contract import Deployable, Export, attempt, error_text, within
 from harness.lazy import lazy_module
 from harness.schema import Strict
 
@@ -82,10 +82,23 @@ def conv1d_note(model: torch.nn.Module) -> str:
 def need_linears(model: torch.nn.Module, skip: set[str], method: str) -> None:
     """Raise ``ValueError`` where ``model`` has no ``nn.Linear`` outside ``skip`` (a layer's last name, its path
     or its top-level module) for ``method`` to quantize: at validation, not after loading the weights."""
-    parts = lambda n: {n.rsplit(".", 1)[-1], n, n.split(".")[0]}  # noqa: E731
-    if not any(isinstance(m, torch.nn.Linear) and not parts(n) & skip for n, m in model.named_modules()):
+    if not any(isinstance(m, torch.nn.Linear) and not within(n, skip) for n, m in model.named_modules()):
         why = conv1d_note(model) or " (check skip_modules)"
         raise ValueError(f"{method}: no Linear layer left to quantize{why}")
+
+
+def with_heads(config: Any, ctx: Any) -> Any:
+    """``config`` (a PEFT config) training the whole head in full: PEFT adds a classifier's ``classifier`` and
+    ``score`` to ``modules_to_save`` itself; any other head module (``ModelContext.head_names``: DeBERTa's new
+    ``pooler.dense``, which PEFT leaves random and frozen, peft#2171) joins them, beside the user's own."""
+    import dataclasses
+
+    named = [h for h in ctx.head_names if h.endswith(("classifier", "score"))]  # what PEFT wraps itself
+    extra = [h for h in ctx.head_names if not within(h, named)]
+    if ctx.task_type != "seq_cls" or not extra or "modules_to_save" not in {f.name for f in dataclasses.fields(config)}:
+        return config
+    config.modules_to_save = sorted({*(config.modules_to_save or []), *extra})
+    return config
 
 
 PROMPT_SIZES = (("token_dim", "hidden_size"), ("num_layers", "num_hidden_layers"), ("num_attention_heads",) * 2)

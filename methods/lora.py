@@ -23,6 +23,7 @@ from methods.common import (
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
+    with_heads,
 )
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class Lora(MethodBase):
         from peft import get_peft_model
 
         self._load_base = ctx.load_base  # for the adapter's unmerged deployable form
-        return get_peft_model(model, self.config.lora_config(task_type=ctx.peft_task_type))
+        return get_peft_model(model, with_heads(self.config.lora_config(task_type=ctx.peft_task_type), ctx))
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return requires_grad_parameters(model)

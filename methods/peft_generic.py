@@ -30,6 +30,7 @@ from methods.common import (
     check_peft_fits,
     export_peft,
     requires_grad_parameters,
+    with_heads,
 )
 
 if TYPE_CHECKING:
@@ -158,7 +159,9 @@ class PeftGeneric(MethodBase):
 
         _no_cuda_build_without_cuda()
 
-        model = get_peft_model(model, self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None))
+        model = get_peft_model(
+            model, with_heads(self.config.peft_config(ctx.peft_task_type, ctx.train_steps or None), ctx)
+        )
         self._load_base = ctx.load_base  # the adapter's deployable form: unmerged, or prompt learning's only one
         self._ranks = [(0, _active_rank(model))]
         cfg = model.peft_config[model.active_adapter]

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from harness.contract import Export, MemoryModel, MethodBase, ModelContext, attempt, register_method
+from harness.contract import Export, MemoryModel, MethodBase, ModelContext, attempt, register_method, within
 from harness.lazy import lazy_module
 from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
@@ -100,7 +100,7 @@ def linear_targets(
     out = []
     for path, mod in model.named_modules():
         last = path.split(".")[-1]
-        if not isinstance(mod, torch.nn.Linear) or path.split(".")[0] in ctx_heads or last in ctx_heads:
+        if not isinstance(mod, torch.nn.Linear) or within(path, ctx_heads):  # a head trains in full, unquantized
             continue
         if (names is None or last in names or path in names) and not (last in skip or path in skip):
             out.append((path, mod))

@@ -35,6 +35,7 @@ from methods.common import (
     pretrained_forms,
     requires_grad_parameters,
     save_state_dict,
+    with_heads,
 )
 from methods.lora import LoraOptions, peft_targets
 
@@ -99,21 +100,22 @@ class QLoraOptions(LoraOptions):
 def quantize_linears(
     model: torch.nn.Module, skip: set[str], cfg: QLoraOptions, error: list[float] | None = None
 ) -> list[str]:
-    """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component, the full path or the
-    top-level module the layer is in: a head such as RoBERTa's ``classifier`` holds Linears of its own) by
+    """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component, the full path or a
+    module the layer is in: a head such as RoBERTa's ``classifier`` holds Linears of its own) by
     a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names. With
     ``error`` (a list [sum of squared errors, sum of squares]), each layer's quantization error is added to it
     as the layer is quantized, so no copy of the float weights outlives its own layer."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
+    from harness.contract import within
     from harness.measure.hardware import torch_dtype
 
     done = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             path = f"{parent_name}.{name}" if parent_name else name
-            if not isinstance(child, torch.nn.Linear) or {name, path, path.split(".")[0]} & skip:
+            if not isinstance(child, torch.nn.Linear) or within(path, skip):
                 continue
             q = bnb.nn.Linear4bit(
                 child.in_features,
@@ -263,7 +265,7 @@ class QLora(MethodBase):
 
         plain = True if init in ("pissa", "loftq") else init  # pissa / loftq: replaced below by the float-made adapters
         peft_model = get_peft_model(
-            model, self.config.lora_config(task_type=ctx.peft_task_type, init_lora_weights=plain)
+            model, with_heads(self.config.lora_config(task_type=ctx.peft_task_type, init_lora_weights=plain), ctx)
         )
         if adapters:
             self._metrics["init_relative_error"] = lora_init.put_adapters(peft_model, adapters, originals)

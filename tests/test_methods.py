@@ -1,6 +1,7 @@
 """Methods through the real cell pipeline: analytic parameter counts, frozen bases, PEFT configs, exports."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from safetensors.torch import load_file
 from harness.cell.models import load_model
 from harness.cell.run import run_cell
 from harness.contract import ModelContext
+from harness.records import label_ids
 from harness.registry import get_method
+from harness.tasks.builtin import load_task
 from tests.conftest import cells, tiny_suite
 
 
@@ -224,3 +227,34 @@ def test_a_model_of_conv1d_layers_is_refused_by_the_quantizing_methods_at_valida
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_method("lora")(get_method("lora").Config(r=4)).check_model(model, ctx)
+
+
+def test_a_head_the_checkpoint_lacks_trains_in_full_in_every_method(tmp_path):
+    """DeBERTa-v3's checkpoint has no pooler: loading a classifier initializes `pooler.dense` at random beside the
+    classifier. PEFT trains only `classifier` (peft#2171), and QLoRA, QA-LoRA and QAT-LoRA quantized the random
+    pooler and froze it, so every adapter method read its inputs through random weights while full fine-tuning
+    trained them. The modules the checkpoint lacked now train in full in every method, and the adapter's export
+    carries them: its card's code gives back the run's predictions."""
+    from transformers import AutoConfig, AutoModel
+
+    from harness.cell.models import load_tokenizer
+    from tests.test_card import served_predictions
+
+    tok, folder = load_tokenizer("tiny-bert"), tmp_path / "deberta"
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128}
+    config = AutoConfig.for_model("deberta-v2", vocab_size=len(tok), pad_token_id=tok.pad_token_id, **sizes)
+    AutoModel.from_config(config).save_pretrained(folder)  # the encoder alone, as a pretrained checkpoint is
+    tok.save_pretrained(folder)
+    assert load_model(str(folder), 2, 0).info["new_modules"] == ["classifier", "pooler.dense"]
+    methods = [{"method": "lora", "config": {"r": 4}}, {"method": "qlora", "config": {"r": 4}}]
+    methods += [{"method": m, "config": {"r": 4, "group_size": 32}} for m in ("qalora", "qat_lora")]
+    pooler = 64 * 64 + 64
+    for cfg in cells(models=[str(folder)], methods=methods):
+        rec = run_cell(cfg, tmp_path / "r")
+        assert rec.status == "ok", rec.error
+        assert rec.trainable_params > pooler + 130, (cfg.method, rec.trainable_params)  # the pooler and classifier
+        if cfg.method == "lora":
+            texts = [x.text for x in load_task(cfg.task).test]
+            predicted, _ = served_predictions(Path(rec.exports[0].path) / "README.md", texts)
+            assert predicted == label_ids(rec.eval_after.predicted)

@@ -300,18 +300,21 @@ def load_model(
         try:
             tok = load_tokenizer(name, trust_remote_code)
             config = AutoConfig.from_pretrained(src_s, num_labels=num_labels, trust_remote_code=trust_remote_code)
-            model = auto.from_pretrained(
+            model, loading = auto.from_pretrained(
                 src_s,
                 config=config,
                 trust_remote_code=trust_remote_code,
                 dtype=torch.float32,
                 use_safetensors=None if allow_pickle else True,  # a pickle runs code when loaded: opt in only
+                output_loading_info=True,
             )
         except OSError as err:
             hint = "" if allow_pickle else " (safetensors only: `allow_pickle: true` accepts pickle weights)"
             raise ConfigError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}{hint}") from None
         fmt = weights_format(Path(src_s)) or ("pickle allowed" if allow_pickle else "safetensors")
         info.update(source=src_s, pretrained=True, weights_format=fmt, allow_pickle=allow_pickle)
+        if mode == "classifier":  # a head the checkpoint lacks: every method trains it (ModelContext.head_names)
+            info["new_modules"] = new_modules(loading.get("missing_keys") or [])
         if name == "smollm2-135m":
             info["weights_note"] = f"dequantized from {SMOLLM2_GGUF}: the weights carry Q4_1 rounding"
     if model.config.pad_token_id is None:
@@ -352,6 +355,13 @@ def built_for_loading(auto, config, **kwargs) -> torch.nn.Module:
         model = auto.from_config(config, **kwargs)
     model.tie_weights()
     return model
+
+
+def new_modules(missing: list[str]) -> list[str]:
+    """The modules that own a parameter the checkpoint had no weights for: DeBERTa-v3's ``pooler.dense`` beside
+    its ``classifier`` (PEFT trains the classifier only, leaving the pooler random and frozen: peft#2171), a BERT
+    checkpoint's ``bert.pooler.dense`` where it has none."""
+    return sorted({key.rsplit(".", 1)[0] for key in missing if "." in key})
 
 
 def head_module_names(model: torch.nn.Module) -> list[str]:

@@ -136,7 +136,7 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
         task_type=io.task_type,
         num_labels=len(task.labels),
         model_type=loaded.info["model_type"],
-        head_names=head_module_names(loaded.model),
+        head_names=sorted({*head_module_names(loaded.model), *loaded.info.get("new_modules", [])}),
         output_names=io.output_names(loaded.model),
         calibration=io.calibration,
         train_steps=cfg.train.steps,
