@@ -258,3 +258,20 @@ def test_a_head_the_checkpoint_lacks_trains_in_full_in_every_method(tmp_path):
             texts = [x.text for x in load_task(cfg.task).test]
             predicted, _ = served_predictions(Path(rec.exports[0].path) / "README.md", texts)
             assert predicted == label_ids(rec.eval_after.predicted)
+
+
+def test_a_checkpoints_head_of_another_size_is_replaced_by_a_new_one_that_trains(tmp_path):
+    """A fine-tuned 2-label classifier on a 5-label task failed its run ("You set `ignore_mismatched_sizes` to
+    `False` ... look at the above report", a report only the cell's log had): its head is now a new one."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from harness.cell.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-bert")
+    sizes = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128}
+    config = AutoConfig.for_model("bert", vocab_size=len(tok), num_labels=2, **sizes)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "sst2")
+    tok.save_pretrained(tmp_path / "sst2")
+    loaded = load_model(str(tmp_path / "sst2"), 5, 0)
+    assert loaded.info["new_modules"] == ["classifier"] and loaded.model.classifier.out_features == 5
+    assert load_model(str(tmp_path / "sst2"), 2, 0).info["new_modules"] == []  # the same size: kept as trained

@@ -307,6 +307,7 @@ def load_model(
                 dtype=torch.float32,
                 use_safetensors=None if allow_pickle else True,  # a pickle runs code when loaded: opt in only
                 output_loading_info=True,
+                ignore_mismatched_sizes=True,  # a checkpoint's 2-label head on a 5-label task: a new head (below)
             )
         except OSError as err:
             hint = "" if allow_pickle else " (safetensors only: `allow_pickle: true` accepts pickle weights)"
@@ -314,7 +315,8 @@ def load_model(
         fmt = weights_format(Path(src_s)) or ("pickle allowed" if allow_pickle else "safetensors")
         info.update(source=src_s, pretrained=True, weights_format=fmt, allow_pickle=allow_pickle)
         if mode == "classifier":  # a head the checkpoint lacks: every method trains it (ModelContext.head_names)
-            info["new_modules"] = new_modules(loading.get("missing_keys") or [])
+            mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in loading.get("mismatched_keys") or []]
+            info["new_modules"] = new_modules([*(loading.get("missing_keys") or []), *mismatched])
         if name == "smollm2-135m":
             info["weights_note"] = f"dequantized from {SMOLLM2_GGUF}: the weights carry Q4_1 rounding"
     if model.config.pad_token_id is None:

@@ -114,6 +114,10 @@ def _stages(cfg: RunConfig, results_dir: Path, rec: dict[str, Any]) -> None:
     base_args = (m.name, n, cfg.seed, m.trust_remote_code, mode, m.allow_pickle, m.init, device, task.labels)
     loaded = load_model(*base_args)
     rec["model_info"] = loaded.info
+    if new := loaded.info.get("new_modules"):
+        progress.say(
+            f"not in the checkpoint, initialized at random and trained in full by every method: {', '.join(new)}"
+        )
     io: TaskIO = task_io(task, mode)(task, loaded.tokenizer, cfg.train.max_seq_len, cfg.task.max_new_tokens)
     # Random weights (a *-shape, init: random) or a task with nothing to score (synthetic): memory and speed only.
     # The test split is never read, nothing is exported, and the record has no accuracy to be mistaken for one.
