@@ -79,9 +79,18 @@ def conv1d_note(model: torch.nn.Module) -> str:
     return f"; this model's {n} layers are transformers' Conv1D (GPT-2's), which it does not quantize" if n else ""
 
 
+def kept_float(model: torch.nn.Module) -> set[str]:
+    """The modules transformers keeps in float when it loads a model quantized (``_keep_in_fp32_modules``): T5's
+    ``wo``, whose forward casts its input to that weight's dtype (a 4-bit one: uint8). No quantizer here takes
+    them either."""
+    names = [*(getattr(model, "_keep_in_fp32_modules", None) or [])]
+    return {*names, *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])}
+
+
 def need_linears(model: torch.nn.Module, skip: set[str], method: str) -> None:
     """Raise ``ValueError`` where ``model`` has no ``nn.Linear`` outside ``skip`` (a layer's last name, its path
     or its top-level module) for ``method`` to quantize: at validation, not after loading the weights."""
+    skip = skip | kept_float(model)
     if not any(isinstance(m, torch.nn.Linear) and not within(n, skip) for n, m in model.named_modules()):
         why = conv1d_note(model) or " (check skip_modules)"
         raise ValueError(f"{method}: no Linear layer left to quantize{why}")

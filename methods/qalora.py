@@ -35,7 +35,7 @@ from harness.contract import Export, MemoryModel, MethodBase, ModelContext, atte
 from harness.lazy import lazy_module
 from harness.libs import gptqmodel_installed
 from harness.schema import AutoDtype, Strict
-from methods.common import conv1d_note, dir_bytes, requires_grad_parameters
+from methods.common import conv1d_note, dir_bytes, kept_float, requires_grad_parameters
 
 ADAPTER_NOTE = (
     "ftbench's QA-LoRA adapter (the group-pooled A and B, `adapter.safetensors`, and the method's config): it applies "
@@ -97,10 +97,10 @@ def linear_targets(
     model: torch.nn.Module, ctx_heads: set[str], names: list[str] | None, skip: list[str] = ()
 ) -> list[tuple[str, torch.nn.Linear]]:
     """(path, Linear) of every layer ``names`` picks (None: all), except the heads and ``skip`` (last name or path)."""
-    out = []
+    out, heads = [], {*ctx_heads, *kept_float(model)}  # a head trains in full; T5's `wo` stays float
     for path, mod in model.named_modules():
         last = path.split(".")[-1]
-        if not isinstance(mod, torch.nn.Linear) or within(path, ctx_heads):  # a head trains in full, unquantized
+        if not isinstance(mod, torch.nn.Linear) or within(path, heads):
             continue
         if (names is None or last in names or path in names) and not (last in skip or path in skip):
             out.append((path, mod))
@@ -245,6 +245,9 @@ class QALora(MethodBase):
         same_ints = all(layers.digest(reloaded.get_submodule(p)) == self._quantized[p] for p in self._layers)
         vocab = min(2000, getattr(model.config, "vocab_size", 2000))
         ids = torch.randint(vocab // 2, vocab, (8, 64), device=device)
+        if isinstance(eos := getattr(model.config, "eos_token_id", None), int):  # BART's and T5's heads read it
+            ids[ids == eos] = vocab - 1 if eos != vocab - 1 else vocab - 2
+            ids[:, -1] = eos  # once per row, last
         batch = {"input_ids": ids, "attention_mask": torch.ones(8, 64, dtype=torch.long, device=device)}
         model.eval()
         with torch.no_grad():

@@ -31,6 +31,7 @@ from methods.common import (
     check_peft_fits,
     dir_bytes,
     export_peft,
+    kept_float,
     need_linears,
     pretrained_forms,
     requires_grad_parameters,
@@ -100,11 +101,10 @@ class QLoraOptions(LoraOptions):
 def quantize_linears(
     model: torch.nn.Module, skip: set[str], cfg: QLoraOptions, error: list[float] | None = None
 ) -> list[str]:
-    """Replace every ``nn.Linear`` (except ``skip``, matched on the last name component, the full path or a
-    module the layer is in: a head such as RoBERTa's ``classifier`` holds Linears of its own) by
-    a bitsandbytes ``Linear4bit`` quantized from its current weights. Returns the quantized module names. With
-    ``error`` (a list [sum of squared errors, sum of squares]), each layer's quantization error is added to it
-    as the layer is quantized, so no copy of the float weights outlives its own layer."""
+    """Replace every ``nn.Linear`` (except ``skip``: a layer's last name, its path or a module it is in, such as
+    RoBERTa's two-Linear ``classifier``) by a bitsandbytes ``Linear4bit`` quantized from its current weights.
+    Returns the quantized module names. With ``error`` (a list [sum of squared errors, sum of squares]), each
+    layer's quantization error is added to it as it is quantized: no copy of the float weights outlives it."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
@@ -233,7 +233,7 @@ class QLora(MethodBase):
         check_peft_fits(model, self.config.lora_config(task_type=ctx.peft_task_type))
 
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
-        skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules)
+        skip = set(ctx.head_names) | set(ctx.output_names) | set(self.config.skip_modules) | kept_float(model)
         init = self.config.init_lora_weights
         adapters: dict = {}
         if init == "pissa":  # made on the float weights; the residual left behind is what gets quantized

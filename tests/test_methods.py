@@ -275,3 +275,29 @@ def test_a_checkpoints_head_of_another_size_is_replaced_by_a_new_one_that_trains
     loaded = load_model(str(tmp_path / "sst2"), 5, 0)
     assert loaded.info["new_modules"] == ["classifier"] and loaded.model.classifier.out_features == 5
     assert load_model(str(tmp_path / "sst2"), 2, 0).info["new_modules"] == []  # the same size: kept as trained
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_classifiers_quantize_and_export(tmp_path, arch):
+    """T5's feed-forward casts its input to `wo`'s weight dtype: quantized to 4 bits, uint8 ("result type Float
+    can't be cast to ... Byte"), or gone in QA-LoRA's layer. `wo` now stays float, as transformers keeps it
+    (`_keep_in_fp32_modules`). BART's and T5's heads read the last <eos> token: QA-LoRA's check of its merged
+    export fed random ids without one ("Each example must contain at least one <eos> token")."""
+    from transformers import AutoConfig, AutoModel
+
+    from harness.cell.models import load_tokenizer
+
+    tok, folder = load_tokenizer("tiny-bert"), tmp_path / arch
+    sizes = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_layers": 1, "num_heads": 2}
+    if arch == "bart":
+        sizes = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 128}
+        sizes |= {"decoder_ffn_dim": 128, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.sep_token_id, "bos_token_id": tok.cls_token_id}
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), decoder_start_token_id=tok.pad_token_id, **ids, **sizes)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    methods = [{"method": "qlora", "config": {"r": 4}}, {"method": "qalora", "config": {"r": 4, "group_size": 32}}]
+    for cfg in cells(models=[str(folder)], methods=methods):
+        rec = run_cell(cfg, tmp_path / "r")
+        assert rec.status == "ok", rec.error
+        assert [e.error for e in rec.exports if e.error] == [], rec.exports
