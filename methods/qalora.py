@@ -243,11 +243,9 @@ class QALora(MethodBase):
         reloaded = intquant.load_merged(path).to(device)
         # the exported integers and scales, read back from disk, against those quantized before training
         same_ints = all(layers.digest(reloaded.get_submodule(p)) == self._quantized[p] for p in self._layers)
-        vocab = min(2000, getattr(model.config, "vocab_size", 2000))
-        ids = torch.randint(vocab // 2, vocab, (8, 64), device=device)
-        if isinstance(eos := getattr(model.config, "eos_token_id", None), int):  # BART's and T5's heads read it
-            ids[ids == eos] = vocab - 1 if eos != vocab - 1 else vocab - 2
-            ids[:, -1] = eos  # once per row, last
+        from harness.cell.models import probe_ids
+
+        ids = probe_ids(model, (8, 64), 0, device)
         batch = {"input_ids": ids, "attention_mask": torch.ones(8, 64, dtype=torch.long, device=device)}
         model.eval()
         with torch.no_grad():

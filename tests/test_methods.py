@@ -282,7 +282,8 @@ def test_encoder_decoder_classifiers_quantize_and_export(tmp_path, arch):
     """T5's feed-forward casts its input to `wo`'s weight dtype: quantized to 4 bits, uint8 ("result type Float
     can't be cast to ... Byte"), or gone in QA-LoRA's layer. `wo` now stays float, as transformers keeps it
     (`_keep_in_fp32_modules`). BART's and T5's heads read the last <eos> token: QA-LoRA's check of its merged
-    export fed random ids without one ("Each example must contain at least one <eos> token")."""
+    export and the deployment timer fed random ids without one ("Each example must contain at least one <eos>
+    token")."""
     from transformers import AutoConfig, AutoModel
 
     from harness.cell.models import load_tokenizer
@@ -297,7 +298,8 @@ def test_encoder_decoder_classifiers_quantize_and_export(tmp_path, arch):
     AutoModel.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     methods = [{"method": "qlora", "config": {"r": 4}}, {"method": "qalora", "config": {"r": 4, "group_size": 32}}]
-    for cfg in cells(models=[str(folder)], methods=methods):
+    for cfg in cells(models=[str(folder)], methods=methods, deploy={"repeats": 1}):  # timed as deployed too
         rec = run_cell(cfg, tmp_path / "r")
         assert rec.status == "ok", rec.error
-        assert [e.error for e in rec.exports if e.error] == [], rec.exports
+        forms = [d for e in rec.exports for d in e.deployments]
+        assert forms and [e.error for e in rec.exports if e.error] + [d.error for d in forms if d.error] == []

@@ -93,10 +93,11 @@ def encoder_latency(
     model: torch.nn.Module, device, seq_len: int, batches: tuple[int, ...] = (1, 32), repeats: int = 5, seed: int = 0
 ) -> dict[str, Any]:
     """Per-example forward time at each batch size (a warm-up forward first, per batch size)."""
-    vocab = model.get_input_embeddings().num_embeddings
+    from harness.cell.models import probe_ids
+
     out: dict[str, Any] = {"kind": "encoder", "seq_len": seq_len, "repeats": repeats}
     for b in batches:
-        ids = _ids(vocab, (b, seq_len), seed, device)
+        ids = probe_ids(model, (b, seq_len), seed, device)
         mask = torch.ones_like(ids)
         model(input_ids=ids, attention_mask=mask)  # warm-up
         times = [_timed(device, model, input_ids=ids, attention_mask=mask)[0] / b for _ in range(repeats)]
