@@ -194,6 +194,22 @@ def edge_warnings(records: Iterable[RunRecord]) -> list[str]:
     return out
 
 
+def new_module_warnings(records: Iterable[RunRecord]) -> list[str]:
+    """One line per model whose checkpoint had no weights for modules besides a classifier head (DeBERTa-v3's
+    ``pooler.dense``; a body layer of a checkpoint that does not match its config): every method trained them
+    from random in full, which its figures include."""
+    new: dict[str, set[str]] = {}
+    for r in records:
+        names = [n for n in r.model_info.get("new_modules") or [] if not n.endswith(("classifier", "score"))]
+        if r.status == "ok" and names:
+            new.setdefault(r.model, set()).update(names)
+    return [
+        f"{model}: the checkpoint has no weights for {', '.join(sorted(names))}: initialized at random and trained "
+        "in full by every method"
+        for model, names in new.items()
+    ]
+
+
 def _inputs(r: RunRecord) -> tuple:
     return (r.model, r.task, r.seed, (r.config.get("train") or {}).get("max_seq_len"))
 
@@ -205,4 +221,4 @@ def training_warnings(records: Iterable[RunRecord]) -> list[str]:
     update."""
     records = list(records)
     caveats = budget_warnings(records) + edge_warnings(records) + cut_input_warnings(records) + start_warnings(records)
-    return caveats + one_label_warnings(records) + skipped_step_warnings(records)
+    return caveats + new_module_warnings(records) + one_label_warnings(records) + skipped_step_warnings(records)

@@ -238,6 +238,7 @@ def test_a_head_the_checkpoint_lacks_trains_in_full_in_every_method(tmp_path):
     from transformers import AutoConfig, AutoModel
 
     from harness.cell.models import load_tokenizer
+    from reports.caveats import training_warnings
     from tests.test_card import served_predictions
 
     tok, folder = load_tokenizer("tiny-bert"), tmp_path / "deberta"
@@ -249,15 +250,17 @@ def test_a_head_the_checkpoint_lacks_trains_in_full_in_every_method(tmp_path):
     assert load_model(str(folder), 2, 0).info["new_modules"] == ["classifier", "pooler.dense"]
     methods = [{"method": "lora", "config": {"r": 4}}, {"method": "qlora", "config": {"r": 4}}]
     methods += [{"method": m, "config": {"r": 4, "group_size": 32}} for m in ("qalora", "qat_lora")]
-    pooler = 64 * 64 + 64
+    pooler, records = 64 * 64 + 64, []
     for cfg in cells(models=[str(folder)], methods=methods):
-        rec = run_cell(cfg, tmp_path / "r")
+        records.append(rec := run_cell(cfg, tmp_path / "r"))
         assert rec.status == "ok", rec.error
         assert rec.trainable_params > pooler + 130, (cfg.method, rec.trainable_params)  # the pooler and classifier
         if cfg.method == "lora":
             texts = [x.text for x in load_task(cfg.task).test]
             predicted, _ = served_predictions(Path(rec.exports[0].path) / "README.md", texts)
             assert predicted == label_ids(rec.eval_after.predicted)
+    said = f"{folder}: the checkpoint has no weights for pooler.dense: initialized at random and trained in full"
+    assert [w for w in training_warnings(records) if "no weights" in w] == [said + " by every method"]
 
 
 def test_a_checkpoints_head_of_another_size_is_replaced_by_a_new_one_that_trains(tmp_path):
