@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from harness.contract import Deployable, Export, attempt, error_text, within
+from harness.contract import Deployable, Export, ModelContext, attempt, error_text, within
 from harness.lazy import lazy_module
 from harness.schema import Strict
 
@@ -83,20 +83,20 @@ def kept_float(model: torch.nn.Module) -> set[str]:
     """The modules transformers keeps in float when it loads a model quantized (``_keep_in_fp32_modules``): T5's
     ``wo``, whose forward casts its input to that weight's dtype (a 4-bit one: uint8). No quantizer here takes
     them either."""
-    names = [*(getattr(model, "_keep_in_fp32_modules", None) or [])]
-    return {*names, *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])}
+    kept = getattr(model, "_keep_in_fp32_modules", None) or []
+    return {*kept, *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])}
 
 
 def need_linears(model: torch.nn.Module, skip: set[str], method: str) -> None:
     """Raise ``ValueError`` where ``model`` has no ``nn.Linear`` outside ``skip`` (a layer's last name, its path
-    or its top-level module) for ``method`` to quantize: at validation, not after loading the weights."""
+    or a module it is in) for ``method`` to quantize: at validation, not after loading the weights."""
     skip = skip | kept_float(model)
     if not any(isinstance(m, torch.nn.Linear) and not within(n, skip) for n, m in model.named_modules()):
         why = conv1d_note(model) or " (check skip_modules)"
         raise ValueError(f"{method}: no Linear layer left to quantize{why}")
 
 
-def with_heads(config: Any, ctx: Any) -> Any:
+def with_heads(config: Any, ctx: ModelContext) -> Any:
     """``config`` (a PEFT config) training the whole head in full: PEFT adds a classifier's ``classifier`` and
     ``score`` to ``modules_to_save`` itself; any other head module (``ModelContext.head_names``: DeBERTa's new
     ``pooler.dense``, which PEFT leaves random and frozen, peft#2171) joins them, beside the user's own."""
