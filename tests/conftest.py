@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -32,6 +33,10 @@ if WORKER and os.environ.get("FTBENCH_TEST_SESSION_CACHE"):
 else:
     SESSION_CACHE = Path(tempfile.mkdtemp(prefix="ftbench-test-cache-"))
     os.environ["FTBENCH_TEST_SESSION_CACHE"] = str(SESSION_CACHE)  # inherited by the workers started after this
+    # removed at exit unless pytest_sessionfinish keeps it as evidence: a script that imports these helpers
+    # (bench/validation.py) left one behind per run
+    atexit.register(lambda: EVIDENCE or shutil.rmtree(SESSION_CACHE, ignore_errors=True))
+EVIDENCE: list[Path] = []
 os.environ["FTBENCH_CACHE_DIR"] = str(SESSION_CACHE)
 os.environ["FTBENCH_KEEP_LOADED_PEAK"] = "1"  # a figure measured under load is kept (flagged), not re-measured
 if WORKER:
@@ -132,6 +137,7 @@ def pytest_sessionfinish(session, exitstatus):
     if repeated:
         print(f"\nftbench: measured more than once in this test session ({SESSION_CACHE}): {repeated}")
         session.exitstatus = 1
+        EVIDENCE.append(SESSION_CACHE)
     elif not WORKER:  # the controller, after every worker has ended
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 

@@ -313,3 +313,13 @@ def test_the_claims_suite_is_found_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "suites").mkdir()
     (tmp_path / "suites" / "claims.yaml").write_text("name: mine\n")
     assert _shipped("suites/claims.yaml") == Path("suites/claims.yaml")  # this folder's own comes first
+
+
+def test_a_script_that_imports_the_test_helpers_leaves_no_cache_behind(tmp_path):
+    """bench/validation.py imports tiny_suite from here: each `make bench` left a session cache in the temp dir,
+    which only pytest's session end removed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FTBENCH_TEST_SESSION_CACHE", "PYTEST_XDIST_WORKER")}
+    code = "import tests.conftest as c; print(c.SESSION_CACHE.parent)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "TMPDIR": str(tmp_path)}, text=True,
+                         capture_output=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == str(tmp_path) and not list(tmp_path.iterdir())
