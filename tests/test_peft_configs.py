@@ -118,3 +118,19 @@ def test_boft_on_a_machine_without_cuda_builds_no_cuda_extension(tmp_path, monke
     model = method.prepare(load_model("tiny-bert", 2, 0, False).model, ctx)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert not (tmp_path / "ext").exists()  # no build was attempted
+
+
+def test_an_adalora_adapter_on_its_base_scores_what_it_scored_in_training(tmp_path):
+    """Loaded for inference, peft's AdaLoRA fails any forward given labels (its loss adds an orthogonality term of
+    the trainable adapter it has not got): the adapter's unmerged form on a pretrained base failed to score. The
+    evaluation now takes its loss from the logits, the same for every method, so the term is out of AdaLoRA's
+    figures too."""
+    from tests.conftest import saved_tiny_bert
+
+    method = {"method": "peft", "variant": "adalora", "config": {"peft_type": "ADALORA"}}
+    cfg = cells(models=[saved_tiny_bert(tmp_path / "base")], methods=[method], deploy={"repeats": 1})[0]
+    rec = run_cell(cfg, tmp_path / "r")
+    assert rec.status == "ok", rec.error
+    (form,) = [d for e in rec.exports if e.kind == "adapter" for d in e.deployments]
+    assert form.error is None and form.eval.correct == rec.eval_after.correct, form
+    assert abs(form.eval.loss - rec.eval_after.loss) < 1e-5

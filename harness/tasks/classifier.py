@@ -159,9 +159,12 @@ def evaluate(
     loss_sum = 0.0
     for idx in eval_batches([len(e["input_ids"]) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(**batch)
-        loss_sum += float(out.loss.float()) * len(idx)
+        # the loss from the logits, the same for every method: a model's own may add its method's regulariser
+        # (AdaLoRA's orthogonality term) or, loaded for inference, fail (peft's AdaLoRA without a trainable adapter)
+        loss_sum += float(torch.nn.functional.cross_entropy(out.logits.float(), labels)) * len(idx)
         for j, i in enumerate(idx):
             logits[i] = out.logits[j].float().cpu()
     model.train(was_training)
