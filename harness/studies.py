@@ -10,6 +10,11 @@ def fmt_param(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def fmt_params(params: dict) -> str:
+    """Hyperparameters as text, ``lr 0.0003, config.r 8``."""
+    return ", ".join(f"{k} {fmt_param(v)}" for k, v in params.items())
+
+
 def pruner(name: str, first_point: int = 0):
     """Pruners that act on small budgets: the median one once 2 trials finished. None prunes at a trial's first
     validation point (``first_point``, the step of it): early in a run every learning rate still scores the

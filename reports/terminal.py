@@ -198,12 +198,12 @@ def to_markdown(records: list[RunRecord], title: str = "") -> str:
 
 def tuned_line(runs: list[RunRecord]) -> str:
     """What tuning chose for each configuration of one table, on one line ('' where nothing was tuned)."""
-    from harness.studies import fmt_param
+    from harness.studies import fmt_params
 
     chosen: dict[str, str] = {}
     for r in runs:
         if (t := r.config.get("tuning")) and r.status == "ok":
-            params = ", ".join(f"{k} {fmt_param(v)}" for k, v in t["best_params"].items())
+            params = fmt_params(t["best_params"])
             chosen.setdefault(f"{r.method}/{r.variant}", f"{params} ({t['trials']} trials)")
     return "tuned on the validation split: " + " · ".join(f"{k} {v}" for k, v in chosen.items()) if chosen else ""
 

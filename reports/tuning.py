@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 
 from harness.records import RunRecord
 from harness.studies import fmt_param as _fmt
+from harness.studies import fmt_params
 from reports.figures import SERIES_COLORS, _layout
 
 
@@ -31,7 +32,7 @@ def label(r: RunRecord) -> str:
     t = r.config.get("tuning")
     if not t:
         return "hand-set"
-    params = ", ".join(f"{k} {_fmt(v)}" for k, v in t["best_params"].items())
+    params = fmt_params(t["best_params"])
     return f"tuned: {t['trials']} trials on {t['objective']} ({params})"
 
 
@@ -101,7 +102,7 @@ def _table(studies: dict[str, dict]) -> str:
                 if h["value"] is None or (isinstance(h["value"], float) and math.isnan(h["value"]))
                 else f"{h['value']:.4f}"
             )
-            params = ", ".join(f"{k} {_fmt(v)}" for k, v in h["params"].items())
+            params = fmt_params(h["params"])
             loss = f"{h['val_loss']:.4f}" if isinstance(h.get("val_loss"), float) else "—"
             cells = [name, str(h["number"]), params, value + chosen, loss, h["state"].lower()]
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -199,7 +200,7 @@ def to_markdown(records: list[RunRecord]) -> str:
         rows = [
             [
                 name,
-                ", ".join(f"{k} {_fmt(v)}" for k, v in t["best_params"].items()),
+                fmt_params(t["best_params"]),
                 f"{t['objective']} {_fmt(t['best_value'])}",
                 f"{t['trials']} ({t.get('trials_pruned', 0)} pruned, {t.get('trials_failed', 0)} failed)",
                 t.get("sampler", "—"),

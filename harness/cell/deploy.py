@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from harness.cell.models import probe_ids
 from harness.measure.runstats import sync
 from harness.tasks.decoding import decodes_on_own_cache
 
@@ -30,12 +31,6 @@ def _quartiles(xs: list[float]) -> dict[str, float]:
         return {"median_s": xs[0], "q1_s": xs[0], "q3_s": xs[0]}
     q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     return {"median_s": med, "q1_s": q1, "q3_s": q3}
-
-
-def _ids(vocab: int, shape: tuple[int, int], seed: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    lo = min(1000, vocab // 4)  # away from special tokens at the start of most vocabularies
-    return torch.randint(lo, vocab, shape, generator=g).to(device)
 
 
 def _timed(device, model: torch.nn.Module, **inputs):
@@ -55,8 +50,7 @@ def decoder_latency(
     that decodes on its own cache (PEFT's prompt learning: harness/tasks/decoding.py) is timed as ftbench scores
     it: the prompt through its forward (the virtual tokens or prefix go in there), each new token through its
     base on that cache."""
-    vocab = model.get_input_embeddings().num_embeddings
-    prompt = _ids(vocab, (1, prompt_tokens), seed, device)
+    prompt = probe_ids(model, (1, prompt_tokens), seed, device, eos=False)
     step = model.get_base_model() if decodes_on_own_cache(model) and hasattr(model, "get_base_model") else model
 
     def generate() -> tuple[float, list[float]]:
@@ -93,8 +87,6 @@ def encoder_latency(
     model: torch.nn.Module, device, seq_len: int, batches: tuple[int, ...] = (1, 32), repeats: int = 5, seed: int = 0
 ) -> dict[str, Any]:
     """Per-example forward time at each batch size (a warm-up forward first, per batch size)."""
-    from harness.cell.models import probe_ids
-
     out: dict[str, Any] = {"kind": "encoder", "seq_len": seq_len, "repeats": repeats}
     for b in batches:
         ids = probe_ids(model, (b, seq_len), seed, device)

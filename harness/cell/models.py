@@ -366,14 +366,15 @@ def new_modules(missing: list[str]) -> list[str]:
     return sorted({key.rsplit(".", 1)[0] for key in missing if "." in key})
 
 
-def probe_ids(model: torch.nn.Module, shape: tuple[int, int], seed: int, device) -> torch.Tensor:
+def probe_ids(model: torch.nn.Module, shape: tuple[int, int], seed: int, device, eos: bool = True) -> torch.Tensor:
     """Random token ids for timing and checks, away from the special tokens at the start of most vocabularies;
-    where the config names one ``eos_token_id``, each row ends with it, once: BART's and T5's classification
-    heads read the last <eos> and refuse a row without one."""
+    with ``eos``, where the config names one ``eos_token_id``, each row ends with it, once: BART's and T5's
+    classification heads read the last <eos> and refuse a row without one (a decoder's prompt wants none)."""
     vocab = model.get_input_embeddings().num_embeddings
     lo = min(1000, vocab // 4)
     ids = torch.randint(lo, vocab, shape, generator=torch.Generator().manual_seed(seed))
-    if isinstance(eos := getattr(model.config, "eos_token_id", None), int) and 0 <= eos < vocab:
+    eos = getattr(model.config, "eos_token_id", None) if eos else None
+    if isinstance(eos, int) and 0 <= eos < vocab:
         ids[ids == eos] = lo + (eos == lo)
         ids[:, -1] = eos
     return ids.to(device)

@@ -23,7 +23,7 @@ from typing import Any
 from harness.driver.pools import CellPool, Execute, LocalPool
 from harness.records import RunRecord
 from harness.schema import DEFAULT_SPACE, RunConfig, SearchRange, Suite, TrainConfig, Tune
-from harness.studies import fmt_param, pruner, public_url, storage
+from harness.studies import fmt_params, pruner, public_url, storage
 
 
 class StorageUnreachable(Exception):
@@ -235,7 +235,7 @@ def tune_cells(
             info = {"storage": spec, "study": st["key"], "number": trial.number}
             info.update(objective=tune.objective, pruner=tune.pruner, first_point=st["cfg"].train.eval_every)
             cfg = with_params(st["cfg"], trial.params, read_test=False, export=False, trial=info)
-            params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
+            params = fmt_params(trial.params)
 
             def show(line: str, st=st, params=params) -> None:
                 text = f"{_summary(st, tune)} · trial: {params} · {line}"
@@ -263,7 +263,7 @@ def tune_cells(
         if rec.status not in ("ok", "pruned") and rec.error:  # why, in one line: the record has the traceback
             result += f": {rec.error.strip().splitlines()[0][:160]}"
         done = len(_counted(study))
-        params = ", ".join(f"{k} {fmt_param(v)}" for k, v in trial.params.items())
+        params = fmt_params(trial.params)
         say(f"tune {st['key']}: trial {done}/{st['budget']} ({params}) → {result}; {_summary(st, tune)}")
         status(st["key"], _summary(st, tune), done, st["budget"])
     return [_final(st, tune, spec, say) for st in studies]
@@ -324,7 +324,7 @@ def _final(st: dict, tune: Tune, spec: str, say: Callable[[str], None]) -> RunCo
     if tied > 1:
         say(
             f"tune {st['key']}: {tied} trials tied at {tune.objective} {best.value:.4g}; the one with the lowest"
-            f" validation loss is taken ({', '.join(f'{k} {fmt_param(v)}' for k, v in best.params.items())})"
+            f" validation loss is taken ({fmt_params(best.params)})"
         )
     tuning = {
         "selected_on": f"validation split ({tune.objective})",
